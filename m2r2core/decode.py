@@ -1,0 +1,141 @@
+"""The engine's own decoding loop: it walks the decoder blocks itself, layer by layer, over a KV
+cache, so that later slices can exit early, run a second residual stream and verify drafts.
+
+Greedy output is token-identical to transformers' `generate(do_sample=False)` (tests prove it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from m2r2core import hf_compat
+from m2r2core.config import DecodeConfig
+from m2r2core.hf_compat import DecoderParts
+from m2r2core.lens import lens_logits, trajectory_stats
+from m2r2core.sampling import make_generator, sample_next
+from m2r2core.trace import TokenStep
+
+
+@dataclass(frozen=True)
+class ForwardOutput:
+    """What one forward pass over new positions returns."""
+
+    logits: torch.Tensor
+    """(V,) float32 logits of the last new position."""
+    states: torch.Tensor | None
+    """(N+1, H) residual states h_0..h_N of the last new position, when asked for."""
+    all_logits: torch.Tensor | None
+    """(N+1, V) logit lens of those states, when the head was fused (see lens.py)."""
+
+
+@dataclass
+class DecodeState:
+    """Per-run mutable state: the KV cache and the sampling generator. Never shared."""
+
+    cache: object
+    generator: torch.Generator
+    position: int = 0
+    """Absolute position of the next token to feed."""
+
+
+def forward(parts: DecoderParts, ids: torch.Tensor, state: DecodeState, keep_states: bool,
+            fused_head: bool = False) -> ForwardOutput:
+    """Run new positions through every block, appending their keys/values to the cache.
+
+    Args:
+        ids: (1, T) token ids of the new positions.
+        keep_states: also return the last position's residual after every block.
+        fused_head: with keep_states, apply the LM head to all N+1 states in one call (only
+            where `lens.fused_head_is_exact` proved the last row bit-identical).
+    """
+    with torch.inference_mode():
+        hidden = parts.embed_tokens(ids)  # (1, T, H)
+        positions = torch.arange(state.position, state.position + ids.shape[1],
+                                  device=ids.device)[None]  # (1, T)
+        masks = hf_compat.attention_masks(parts, hidden, state.cache, positions)
+        rotary = parts.rotary_emb(hidden, positions)
+        states = [hidden[0, -1]] if keep_states else None
+        for index in range(parts.n_layers):
+            mask = masks[parts.layer_types[index]]
+            hidden = hf_compat.call_layer(parts, index, hidden, mask, rotary, positions, state.cache)
+            if keep_states:
+                states.append(hidden[0, -1])
+        stacked = torch.stack(states) if keep_states else None  # (N+1, H)
+        all_logits = lens_logits(parts, stacked) if keep_states and fused_head else None
+        if all_logits is not None:
+            logits = all_logits[-1].float()  # (V,)
+        else:
+            logits = parts.lm_head(parts.norm(hidden[:, -1:]))[0, -1].float()  # (V,)
+    state.position += ids.shape[1]
+    return ForwardOutput(logits, stacked, all_logits)
+
+
+class TokenLoop:
+    """Autoregressive decoding over a prompt; iterate it to receive TokenStep records.
+
+    After iteration: `stop_reason`, `prefill_ms`, `decode_ms` and `capture_rows` are set.
+    """
+
+    def __init__(self, parts: DecoderParts, prompt_ids: list[int], cfg: DecodeConfig,
+                 eos_ids: frozenset[int], token_text, lock, device: torch.device,
+                 fused_head: bool = False) -> None:
+        """Prepare a run; nothing is computed until iteration."""
+        self.parts, self.cfg, self.eos_ids, self.fused_head = parts, cfg, eos_ids, fused_head
+        self.token_text, self.lock, self.device = token_text, lock, device
+        self.prompt = torch.tensor([prompt_ids], device=device)
+        self.stop_reason = "stopped"
+        self.prefill_ms = 0.0
+        self.decode_ms = 0.0
+        self.capture_rows: list[np.ndarray] = []
+
+    def __iter__(self) -> Iterator[TokenStep]:
+        """Prefill, then yield one TokenStep per generated token until EOS or the budget."""
+        cfg = self.cfg
+        state = DecodeState(hf_compat.new_cache(self.parts),
+                            make_generator(cfg.sampling, self.device))
+        start = time.perf_counter()
+        out = self._forward(self.prompt, state)
+        self.prefill_ms = (time.perf_counter() - start) * 1000.0
+        forward_ms = self.prefill_ms
+        for position in range(cfg.max_new_tokens):
+            step_start = time.perf_counter()
+            token_id = sample_next(out.logits, cfg.sampling, state.generator)
+            step = self._record(position, token_id, out, forward_ms)
+            yield dataclasses.replace(
+                step, latency_ms=forward_ms + (time.perf_counter() - step_start) * 1000.0)
+            if token_id in self.eos_ids or position + 1 == cfg.max_new_tokens:
+                self.stop_reason = "eos" if token_id in self.eos_ids else "max_new_tokens"
+                break
+            forward_start = time.perf_counter()
+            out = self._forward(torch.tensor([[token_id]], device=self.device), state)
+            forward_ms = (time.perf_counter() - forward_start) * 1000.0
+        self.decode_ms = (time.perf_counter() - start) * 1000.0 - self.prefill_ms
+
+    def _forward(self, ids: torch.Tensor, state: DecodeState) -> ForwardOutput:
+        with self.lock:  # one forward at a time: sessions share the model and two cores
+            return forward(self.parts, ids, state, self.cfg.trace, self.fused_head)
+
+    def _record(self, position: int, token_id: int, out: ForwardOutput, forward_ms: float
+                ) -> TokenStep:
+        trace_start = time.perf_counter()
+        fields = {}
+        if out.states is not None:
+            stats = trajectory_stats(self.parts, out.states, out.logits, self.cfg.lens_top_k,
+                                     out.all_logits)
+            fields = vars(stats) | {"lens_top_tokens": tuple(
+                tuple(self.token_text(i) for i in row) for row in stats.lens_top_ids)}
+            if self.cfg.capture_residuals:
+                self.capture_rows.append(out.states.float().cpu().numpy())
+        trace_ms = (time.perf_counter() - trace_start) * 1000.0
+        token_prob = float(torch.softmax(out.logits, -1)[token_id])
+        return TokenStep(
+            position=position, token_id=token_id, text=self.token_text(token_id),
+            token_prob=token_prob, exit_layer=self.parts.n_layers, source="full",
+            latency_ms=0.0, forward_ms=forward_ms, trace_ms=trace_ms, **fields,
+        )

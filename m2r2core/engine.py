@@ -1,0 +1,156 @@
+"""The Engine: a loaded model, read-only after loading, that runs traced generations.
+
+`Engine.generate(...)` returns a Generation to iterate (records stream as they happen);
+`Engine.run(...)` collects one into a RunTrace and its ResidualCapture.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import numpy as np
+import torch
+import transformers
+
+from m2r2core import hf_compat, lens, prompt
+from m2r2core.config import DecodeConfig, EngineConfig
+from m2r2core.decode import TokenLoop
+from m2r2core.model import LoadedModel, ModelInfo, load
+from m2r2core.trace import ResidualCapture, RunTrace, TokenStep
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """A finished generation: its trace, and the raw residuals when they were captured."""
+
+    trace: RunTrace
+    capture: ResidualCapture | None
+
+
+class Engine:
+    """A model with its tokenizer and walkable parts. Safe to share across threads: per-run state
+    lives in the run, and forward passes are serialised by a lock."""
+
+    def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
+        """Wrap an already loaded model."""
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.info: ModelInfo = loaded.info
+        self.config = config
+        self.parts = hf_compat.decoder_parts(self.model)
+        self.device = next(self.model.parameters()).device
+        self.eos_ids = _eos_ids(self.model, self.tokenizer)
+        self.fused_head = lens.fused_head_is_exact(self.parts, self.model.dtype, self.device)
+        self._lock = threading.Lock()
+        self._texts: dict[int, str] = {}
+
+    @classmethod
+    def load(cls, config: EngineConfig = EngineConfig()) -> Engine:
+        """Load the model named by the config (the packaged default unless told otherwise)."""
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        return cls(load(config), config)
+
+    def token_text(self, token_id: int) -> str:
+        """The text of one token id (memoised; the vocabulary is fixed)."""
+        text = self._texts.get(token_id)
+        if text is None:
+            text = self.tokenizer.decode([token_id])
+            self._texts[token_id] = text
+        return text
+
+    def encode(self, text: str | bytes, cfg: DecodeConfig) -> list[int]:
+        """Validate the prompt, apply the chat template and check it fits with the budget."""
+        clean = prompt.validate_text(text)
+        ids = prompt.encode(self.tokenizer, clean, cfg.use_chat_template, cfg.system_prompt)
+        prompt.check_fits(len(ids), cfg.max_new_tokens, self.info.context_length)
+        return ids
+
+    def generate(self, text: str | bytes, cfg: DecodeConfig = DecodeConfig()) -> Generation:
+        """Start a generation; iterate the result to receive TokenStep records as they happen."""
+        ids = self.encode(text, cfg)
+        loop = TokenLoop(self.parts, ids, cfg, self.eos_ids, self.token_text, self._lock,
+                         self.device, self.fused_head)
+        return Generation(self, prompt.validate_text(text), ids, cfg, loop)
+
+    def run(self, text: str | bytes, cfg: DecodeConfig = DecodeConfig()) -> RunResult:
+        """Generate to the end and return the trace."""
+        generation = self.generate(text, cfg)
+        for _ in generation:
+            pass
+        return generation.result
+
+
+class Generation:
+    """One generation in progress. Iterate it; afterwards `result` holds the RunResult."""
+
+    def __init__(self, engine: Engine, text: str, ids: list[int], cfg: DecodeConfig,
+                 loop: TokenLoop) -> None:
+        """Bind a prepared loop to its engine and request."""
+        self.engine, self.text, self.prompt_ids, self.cfg, self.loop = engine, text, ids, cfg, loop
+        self.run_id = uuid.uuid4().hex[:12]
+        self.steps: list[TokenStep] = []
+        self._result: RunResult | None = None
+
+    def __iter__(self) -> Iterator[TokenStep]:
+        """Yield records as they are produced."""
+        for step in self.loop:
+            self.steps.append(step)
+            yield step
+        self._result = self._finish()
+
+    @property
+    def result(self) -> RunResult:
+        """The finished RunResult (raises if iteration has not ended)."""
+        if self._result is None:
+            raise RuntimeError("the generation has not finished; iterate it first")
+        return self._result
+
+    def _finish(self) -> RunResult:
+        engine, loop = self.engine, self.loop
+        trace = RunTrace(
+            run_id=self.run_id,
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            mode="baseline",
+            prompt=self.text,
+            prompt_token_count=len(self.prompt_ids),
+            model=dataclasses.asdict(engine.info),
+            config=dataclasses.asdict(self.cfg),
+            environment=environment(),
+            steps=tuple(self.steps),
+            stop_reason=loop.stop_reason,
+            prefill_ms=loop.prefill_ms,
+            decode_ms=loop.decode_ms,
+            n_layers=engine.parts.n_layers,
+            completion=engine.tokenizer.decode(
+                [s.token_id for s in self.steps], skip_special_tokens=True),
+        )
+        capture = None
+        if loop.capture_rows:
+            capture = ResidualCapture(self.run_id, np.stack(loop.capture_rows))
+        return RunResult(trace, capture)
+
+
+def environment() -> dict:
+    """Versions and threads, for reproducibility bundles and benchmark reports."""
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+    }
+
+
+def _eos_ids(model: torch.nn.Module, tokenizer: object) -> frozenset[int]:
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    ids = eos if isinstance(eos, list) else [eos]
+    return frozenset(int(i) for i in ids if i is not None)

@@ -1,0 +1,86 @@
+"""Per-layer statistics of one position's residual trajectory: norms, relative speed, alignment
+to the final state, and the logit lens p_l = softmax(W_U LN_f(h_l)) (nostalgebraist 2020)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from m2r2core.hf_compat import DecoderParts
+
+
+@dataclass(frozen=True)
+class TrajectoryStats:
+    """The statistics of `m2r2core.trace.TokenStep`, as plain Python values."""
+
+    residual_norm: tuple[float, ...]
+    relative_speed: tuple[float, ...]
+    cosine_to_final: tuple[float, ...]
+    lens_entropy: tuple[float, ...]
+    lens_top_ids: tuple[tuple[int, ...], ...]
+    lens_top_probs: tuple[tuple[float, ...], ...]
+    lens_agrees: tuple[bool, ...]
+
+
+def lens_logits(parts: DecoderParts, states: torch.Tensor) -> torch.Tensor:
+    """Logit lens of a stack of residual states.
+
+    Args:
+        states: (L, H) residual states in the model's dtype.
+
+    Returns:
+        (L, V) logits W_U LN_f(h) in the model's dtype.
+    """
+    return parts.lm_head(parts.norm(states))
+
+
+@torch.inference_mode()
+def fused_head_is_exact(parts: DecoderParts, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the LM head of a (N+1)-row stack gives bit-identical last-row logits to the
+    single-row call the decoder makes.
+
+    When it does, a traced step reads W_U once for the lens and the model's own logits together
+    (the head is memory-bound: a second read costs as much as the first). When it does not (fp32
+    GEMM and GEMV kernels accumulate in different orders), tracing computes the lens separately,
+    so that tracing can never change which token is chosen. Kernel choice depends on shapes and
+    dtype, not on values, so one probe of the real shapes decides.
+    """
+    gen = torch.Generator().manual_seed(0)
+    states = torch.randn(parts.n_layers + 1, parts.lm_head.weight.shape[1], generator=gen)
+    states = states.to(device, dtype)
+    single = parts.lm_head(parts.norm(states[None, -1:]))[0, -1]
+    return torch.equal(lens_logits(parts, states)[-1], single)
+
+
+@torch.inference_mode()
+def trajectory_stats(parts: DecoderParts, states: torch.Tensor, final_logits: torch.Tensor,
+                     top_k: int, all_logits: torch.Tensor | None = None) -> TrajectoryStats:
+    """Statistics of one trajectory h_0..h_N.
+
+    Args:
+        states: (N+1, H) residual states, layer 0 the embedding, layer N the last block's output.
+        final_logits: (V,) float32, the model's own logits for this position (the lens at N).
+        top_k: how many logit-lens tokens to keep per layer.
+        all_logits: (N+1, V) lens logits of every layer when the decoder already computed them.
+    """
+    if all_logits is None:
+        all_logits = torch.cat([lens_logits(parts, states[:-1]), final_logits[None].to(states.dtype)])
+    logprobs = torch.log_softmax(all_logits.float(), dim=-1)  # (N+1, V)
+    logprobs[-1] = torch.log_softmax(final_logits, dim=-1)  # exactly the model's distribution
+    entropy = -(logprobs.exp() * logprobs).sum(-1)  # (N+1,) nats
+    top_logprobs, top_ids = torch.topk(logprobs, top_k, dim=-1)  # (N+1, k)
+    agrees = top_ids[:, 0] == top_ids[-1, 0]
+    h = states.float()
+    norms = h.norm(dim=-1)  # (N+1,)
+    speed = (h[1:] - h[:-1]).norm(dim=-1) / norms[:-1].clamp_min(1e-12)  # (N,)
+    cosine = torch.nn.functional.cosine_similarity(h, h[-1:], dim=-1)  # (N+1,)
+    return TrajectoryStats(
+        residual_norm=tuple(norms.tolist()),
+        relative_speed=tuple(speed.tolist()),
+        cosine_to_final=tuple(cosine.tolist()),
+        lens_entropy=tuple(entropy.tolist()),
+        lens_top_ids=tuple(map(tuple, top_ids.tolist())),
+        lens_top_probs=tuple(map(tuple, top_logprobs.exp().tolist())),
+        lens_agrees=tuple(agrees.tolist()),
+    )

@@ -1,0 +1,147 @@
+"""Typed records the engine emits and the UI renders: one TokenStep per generated token, one
+RunTrace per generation, and a ResidualCapture holding the raw hidden states (numpy) for views
+that need vectors (projections). Records hold only Python scalars, strings and tuples so that they
+serialise to JSON, download from the UI and diff in tests.
+
+Layer axis convention: index 0 is the embedding output h_0, index l the output of block l, index N
+the last block's output (before the final norm). The statistics of a generated token describe the
+residual trajectory *that produced it*: the stream at the position before the token, whose final
+state the LM head read to choose it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TokenStep:
+    """One generated token and the per-layer statistics of the residual stream that produced it.
+
+    Per-layer tuples are empty when the run was not traced.
+    """
+
+    position: int
+    """Index in the continuation (0 = first generated token)."""
+    token_id: int
+    text: str
+    token_prob: float
+    """Probability of this token under the model's final distribution (temperature 1)."""
+    exit_layer: int
+    """Layer the token was emitted from; N means the full model (no early exit)."""
+    source: str
+    """'full' for a plain decoding step."""
+    latency_ms: float
+    """Wall-clock time of this token: forward pass, sampling and tracing."""
+    forward_ms: float
+    trace_ms: float
+    residual_norm: tuple[float, ...] = ()
+    """(N+1,) ‖h_l‖."""
+    relative_speed: tuple[float, ...] = ()
+    """(N,) ‖h_l − h_{l−1}‖ / ‖h_{l−1}‖ for l = 1..N."""
+    cosine_to_final: tuple[float, ...] = ()
+    """(N+1,) cos(h_l, h_N)."""
+    lens_entropy: tuple[float, ...] = ()
+    """(N+1,) entropy of the logit lens softmax(W_U LN_f(h_l)) in nats."""
+    lens_top_ids: tuple[tuple[int, ...], ...] = ()
+    """(N+1, k) logit-lens top-k token ids, most probable first."""
+    lens_top_tokens: tuple[tuple[str, ...], ...] = ()
+    """(N+1, k) their text."""
+    lens_top_probs: tuple[tuple[float, ...], ...] = ()
+    """(N+1, k) their probabilities."""
+    lens_agrees: tuple[bool, ...] = ()
+    """(N+1,) logit-lens top-1 at layer l equals the final top-1."""
+
+    @property
+    def traced(self) -> bool:
+        """True when the per-layer statistics were recorded."""
+        return bool(self.residual_norm)
+
+
+@dataclass(frozen=True)
+class RunTrace:
+    """Everything one generation did, in a form that serialises to JSON and re-opens for replay."""
+
+    run_id: str
+    created: str
+    mode: str
+    prompt: str
+    """The user's text."""
+    prompt_token_count: int
+    model: dict
+    """ModelInfo as a dict (name, sizes, dtype, device, fingerprint)."""
+    config: dict
+    """DecodeConfig as a dict, seed included."""
+    environment: dict
+    """Versions of python, torch and transformers; torch threads."""
+    steps: tuple[TokenStep, ...]
+    stop_reason: str
+    """'eos', 'max_new_tokens' or 'stopped'."""
+    prefill_ms: float
+    decode_ms: float
+    n_layers: int
+    completion: str
+    """The continuation decoded as a whole, special tokens skipped."""
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def token_ids(self) -> tuple[int, ...]:
+        """Generated token ids in order."""
+        return tuple(step.token_id for step in self.steps)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Generated tokens per second of decoding wall-clock, prefill included."""
+        total = (self.prefill_ms + self.decode_ms) / 1000.0
+        return len(self.steps) / total if total > 0 else 0.0
+
+    def to_json(self) -> str:
+        """Serialise to a JSON string."""
+        return json.dumps(dataclasses.asdict(self), ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> RunTrace:
+        """Rebuild a RunTrace from `to_json` output."""
+        data = json.loads(text)
+        if data.get("schema_version") != SCHEMA_VERSION:
+            raise ValueError(
+                f"trace schema {data.get('schema_version')} is not {SCHEMA_VERSION}; "
+                "re-run the generation with this version of the app"
+            )
+        data["steps"] = tuple(_step_from_dict(step) for step in data["steps"])
+        return cls(**data)
+
+
+def _step_from_dict(data: dict) -> TokenStep:
+    nested = ("lens_top_ids", "lens_top_tokens", "lens_top_probs")
+    for key, value in data.items():
+        if isinstance(value, list):
+            data[key] = tuple(tuple(row) for row in value) if key in nested else tuple(value)
+    return TokenStep(**data)
+
+
+@dataclass(frozen=True)
+class ResidualCapture:
+    """Raw residual states of the generated tokens, linked to a RunTrace by run id."""
+
+    run_id: str
+    hidden: np.ndarray = field(repr=False)
+    """(T, N+1, H) float32: h_0..h_N of the position that produced each generated token."""
+
+    def __post_init__(self) -> None:
+        """Check the array's rank and dtype."""
+        if self.hidden.ndim != 3:
+            raise ValueError(f"hidden must be (T, N+1, H); got shape {self.hidden.shape}")
+        if self.hidden.dtype != np.float32:
+            raise ValueError(f"hidden must be float32; got {self.hidden.dtype}")
+
+    @property
+    def n_tokens(self) -> int:
+        """T, the number of generated tokens captured."""
+        return int(self.hidden.shape[0])

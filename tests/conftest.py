@@ -1,0 +1,81 @@
+"""Shared fixtures: seeded tiny random models of each supported family, saved with the real
+SmolLM2 tokenizer so text in and out is realistic, and the real model behind the `slow` marker."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from m2r2core.config import DecodeConfig, EngineConfig
+from m2r2core.engine import Engine
+from m2r2core.model import prepare_default_model
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+FAMILIES = ("llama", "mistral", "qwen2", "mixtral")
+
+
+def tiny_config(family: str) -> AutoConfig:
+    """A 4-layer model of the family with SmolLM2's vocabulary and special token ids."""
+    extra = {
+        "llama": {},
+        "mistral": {"sliding_window": 8},
+        "qwen2": {},
+        "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    }[family]
+    return AutoConfig.for_model(
+        family, vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True, **extra,
+    )
+
+
+@pytest.fixture(scope="session")
+def real_model_dir() -> Path:
+    """The prepared SmolLM2 folder (converted once per cache; about 20 s the first time)."""
+    return prepare_default_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory, real_model_dir) -> dict[str, Path]:
+    """Folder per family: a seeded random tiny model plus the real tokenizer files."""
+    dirs = {}
+    for family in FAMILIES:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(tiny_config(family), dtype=torch.float32)
+        folder = tmp_path_factory.mktemp(f"tiny-{family}")
+        model.generation_config.eos_token_id = 2
+        model.generation_config.pad_token_id = 2
+        model.save_pretrained(folder)
+        for name in TOKENIZER_FILES:
+            if (real_model_dir / name).exists():
+                shutil.copy(real_model_dir / name, folder / name)
+        dirs[family] = folder
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_model_dirs) -> Path:
+    """The tiny Llama folder, the app tests' stand-in for the real model."""
+    return tiny_model_dirs["llama"]
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_model_dir) -> Engine:
+    """An fp32 engine on the tiny Llama."""
+    return Engine.load(EngineConfig(model=str(tiny_model_dir), dtype="float32"))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_engine):
+    """One traced greedy run of the tiny engine."""
+    return tiny_engine.run("The capital of France is", DecodeConfig(max_new_tokens=12))
+
+
+@pytest.fixture(scope="session")
+def real_engine_fp32(real_model_dir) -> Engine:
+    """The real SmolLM2 in fp32 (slow tests only)."""
+    return Engine.load(EngineConfig(dtype="float32", threads=2))
