@@ -48,7 +48,9 @@ class Engine:
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
         self.fused_head = lens.fused_head_is_exact(self.parts, self.model.dtype, self.device)
         self._lock = threading.Lock()
-        self._texts: dict[int, str] = {}
+        # Decoding ids one by one costs ~50 us each and a traced token shows (N+1)*k of them:
+        # decode the whole vocabulary once, in one batched call (~0.3 s).
+        self._texts: list[str] = self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))])
 
     @classmethod
     def load(cls, config: EngineConfig = EngineConfig()) -> Engine:
@@ -58,12 +60,10 @@ class Engine:
         return cls(load(config), config)
 
     def token_text(self, token_id: int) -> str:
-        """The text of one token id (memoised; the vocabulary is fixed)."""
-        text = self._texts.get(token_id)
-        if text is None:
-            text = self.tokenizer.decode([token_id])
-            self._texts[token_id] = text
-        return text
+        """The text of one token id."""
+        if 0 <= token_id < len(self._texts):
+            return self._texts[token_id]
+        return self.tokenizer.decode([token_id])  # ids past the tokenizer (padded vocabularies)
 
     def encode(self, text: str | bytes, cfg: DecodeConfig) -> list[int]:
         """Validate the prompt, apply the chat template and check it fits with the budget."""
