@@ -42,6 +42,8 @@ class LayerProfile:
     median: tuple[float, ...]
     q25: tuple[float, ...]
     q75: tuple[float, ...]
+    mean: tuple[float, ...]
+    """For 0/1 quantities such as agreement, the fraction of tokens."""
 
 
 def traced_steps(trace: RunTrace) -> tuple[TokenStep, ...]:
@@ -74,9 +76,10 @@ def layer_profile(trace: RunTrace, quantity: str) -> LayerProfile:
     """Median and quartiles per layer of a quantity over the traced tokens."""
     matrix = layer_matrix(trace, quantity)
     if not matrix.values.size:
-        return LayerProfile(quantity, (), (), (), ())
+        return LayerProfile(quantity, (), (), (), (), ())
     q25, median, q75 = np.percentile(matrix.values, [25, 50, 75], axis=0)
-    return LayerProfile(quantity, matrix.layers, tuple(median), tuple(q25), tuple(q75))
+    return LayerProfile(quantity, matrix.layers, tuple(median), tuple(q25), tuple(q75),
+                        tuple(matrix.values.mean(axis=0)))
 
 
 def lock_in_layer(step: TokenStep) -> int:

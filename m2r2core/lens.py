@@ -66,10 +66,15 @@ def trajectory_stats(parts: DecoderParts, states: torch.Tensor, final_logits: to
     """
     if all_logits is None:
         all_logits = torch.cat([lens_logits(parts, states[:-1]), final_logits[None].to(states.dtype)])
-    logprobs = torch.log_softmax(all_logits.float(), dim=-1)  # (N+1, V)
-    logprobs[-1] = torch.log_softmax(final_logits, dim=-1)  # exactly the model's distribution
-    entropy = -(logprobs.exp() * logprobs).sum(-1)  # (N+1,) nats
-    top_logprobs, top_ids = torch.topk(logprobs, top_k, dim=-1)  # (N+1, k)
+    # Row N equals the model's own logits exactly (fused head, or the same values re-stacked).
+    logits = all_logits.float()  # (N+1, V)
+    # H = lse - sum_v p_v z_v: one exp pass, and the sum as a batched dot product; this is about
+    # half the memory traffic of log_softmax -> exp -> multiply -> sum on CPU.
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (N+1, 1)
+    probs = (logits - lse).exp_()  # (N+1, V)
+    entropy = lse[:, 0] - torch.bmm(probs[:, None, :], logits[:, :, None]).view(-1)  # (N+1,)
+    top_logits, top_ids = torch.topk(logits, top_k, dim=-1)  # (N+1, k)
+    top_probs = (top_logits - lse).exp()
     agrees = top_ids[:, 0] == top_ids[-1, 0]
     h = states.float()
     norms = h.norm(dim=-1)  # (N+1,)
@@ -79,8 +84,8 @@ def trajectory_stats(parts: DecoderParts, states: torch.Tensor, final_logits: to
         residual_norm=tuple(norms.tolist()),
         relative_speed=tuple(speed.tolist()),
         cosine_to_final=tuple(cosine.tolist()),
-        lens_entropy=tuple(entropy.tolist()),
+        lens_entropy=tuple(entropy.clamp_min(0.0).tolist()),
         lens_top_ids=tuple(map(tuple, top_ids.tolist())),
-        lens_top_probs=tuple(map(tuple, top_logprobs.exp().tolist())),
+        lens_top_probs=tuple(map(tuple, top_probs.tolist())),
         lens_agrees=tuple(agrees.tolist()),
     )

@@ -1,0 +1,249 @@
+"""Residual Dynamics: watch each generated token's residual stream move through the layers."""
+
+from __future__ import annotations
+
+import pandas as pd
+import plotly.io
+import streamlit as st
+
+from analysis import velocity
+from app import charts, resources, state
+from app.components import controls
+from app.components.tokens import token_strip_html
+from m2r2core.errors import M2R2Error
+from m2r2core.trace import RunTrace
+
+INTRO = """
+A transformer keeps one vector per token, the **residual stream**, and every layer *adds* an
+update to it. The LM head reads only the last state. Projecting an intermediate state through the
+same head (the **logit lens**) shows what the model "would say" if it stopped at that layer.
+How fast the stream still moves (its **velocity**) and how close it already points to its final
+direction (its **alignment**) tell when a token's answer is settled, which is what early exit
+and M2R2's accelerated residuals exploit.
+"""
+
+EXPLAIN = {
+    "relative_speed": "How much each layer changes the state, relative to its size. Bright cells "
+                      "are layers that still rewrite the token; dark ones barely touch it.",
+    "cosine_to_final": "How closely the state after layer l already points where the last layer "
+                       "ends up (1 = same direction). Red rising to the right is the stream "
+                       "converging.",
+    "lens_agrees": "Green where the logit lens at layer l already picks the token the full model "
+                   "chose. The first green cell of an unbroken run is where the token locks in.",
+    "lens_entropy": "Uncertainty of the logit lens in nats: high means the layer has not yet "
+                    "committed to any token.",
+}
+
+
+def render() -> None:
+    st.title("Residual Dynamics")
+    st.markdown(INTRO)
+    engine = _engine_or_error()
+    _generation_form(engine)
+    _trace_upload()
+    run = state.result()
+    if run is None:
+        st.info("Generate a continuation (or open a saved trace) to see its residual dynamics.")
+        return
+    _results(run)
+
+
+def _engine_or_error():
+    model = st.session_state.get(state.MODEL) or resources.default_model()
+    dtype = st.session_state.get(state.DTYPE) or "bfloat16"
+    try:
+        return resources.get_engine(model, dtype)
+    except M2R2Error as exc:
+        st.error(f"The model could not be loaded. {exc}")
+    except Exception as exc:  # noqa: BLE001 — a traceback must never reach the page
+        st.error(f"The model could not be loaded: {type(exc).__name__}: {exc}")
+    return None
+
+
+def _generation_form(engine) -> None:
+    seed = int(st.session_state.get(state.SEED, 0))
+    try:
+        text, cfg = controls.decode_controls(seed)
+    except M2R2Error as exc:
+        st.error(str(exc))
+        st.button("Generate", key=state.GENERATE, type="primary", disabled=True)
+        return
+    if st.button("Generate", key=state.GENERATE, type="primary", disabled=engine is None):
+        _generate(engine, text, cfg)
+
+
+def _generate(engine, text, cfg) -> None:
+    try:
+        generation = engine.generate(text, cfg)
+    except M2R2Error as exc:
+        st.error(str(exc))
+        return
+    progress = st.progress(0.0, text="Prefilling the prompt…")
+    strip = st.empty()
+    try:
+        for step in generation:
+            progress.progress((step.position + 1) / cfg.max_new_tokens,
+                              text=f"token {step.position + 1}/{cfg.max_new_tokens} · "
+                                   f"{step.latency_ms:.0f} ms")
+            strip.markdown(token_strip_html(generation.steps, engine.parts.n_layers),
+                           unsafe_allow_html=True)
+    except Exception as exc:  # noqa: BLE001
+        st.error(f"Generation failed: {type(exc).__name__}: {exc}. Earlier results are kept.")
+        return
+    finally:
+        progress.empty()
+    strip.empty()
+    state.store_result(generation.result)
+
+
+def _trace_upload() -> None:
+    with st.expander("Open a saved trace (JSON)"):
+        upload = st.file_uploader("Trace file", type=["json"], key=state.TRACE_UPLOAD)
+        if upload is None:
+            return
+        try:
+            trace = RunTrace.from_json(upload.getvalue().decode("utf-8"))
+        except (ValueError, TypeError, KeyError, UnicodeDecodeError) as exc:
+            st.error(f"{upload.name} is not a trace this app can open: {exc}")
+            return
+        current = state.result()
+        if current is None or current.trace.run_id != trace.run_id:
+            from m2r2core.engine import RunResult
+            state.store_result(RunResult(trace, None))
+        st.success(f"Opened run {trace.run_id} ({len(trace.steps)} tokens).")
+
+
+def _results(run) -> None:
+    trace = run.trace
+    n = trace.n_layers
+    st.subheader("Generated continuation")
+    cols = st.columns(5)
+    cols[0].metric("Tokens", len(trace.steps))
+    cols[1].metric("Tokens/s", f"{trace.tokens_per_s:.1f}")
+    cols[2].metric("Prefill", f"{trace.prefill_ms:.0f} ms")
+    cols[3].metric("Stopped by", trace.stop_reason)
+    cols[4].metric("Model", f"{trace.model['model_type']} · {trace.model['dtype']}")
+    st.caption("Each token is coloured by the layer where the logit lens locked in on it "
+               "(dark = early, yellow = only at the end). Hover a token for details.")
+    st.markdown(token_strip_html(trace.steps, n), unsafe_allow_html=True)
+    if not velocity.traced_steps(trace):
+        st.warning("This run was not traced, so there are no per-layer statistics to show.")
+        return
+    _heatmaps(trace)
+    _profiles(trace)
+    _token_inspector(trace)
+    _projection(run)
+    _downloads(trace)
+
+
+def _heatmaps(trace: RunTrace) -> None:
+    st.subheader("Tokens × layers")
+    quantity = st.radio("Quantity", list(charts.HEATMAP_STYLE), horizontal=True,
+                        format_func=lambda q: velocity.QUANTITIES[q], key=state.HEATMAP_QUANTITY)
+    st.caption(EXPLAIN[quantity] + " Click a cell to inspect that token below.")
+    fig = charts.token_layer_heatmap(velocity.layer_matrix(trace, quantity))
+    event = st.plotly_chart(fig, key="heatmap", on_select="rerun", selection_mode="points",
+                            alt=f"Heat map of {velocity.QUANTITIES[quantity]}")
+    points = getattr(getattr(event, "selection", None), "points", None) or []
+    if points and isinstance(points[0].get("y"), str):
+        st.session_state[state.SELECTED_TOKEN] = int(points[0]["y"].split()[0])
+
+
+def _profiles(trace: RunTrace) -> None:
+    st.subheader("Per-layer curves over all generated tokens")
+    st.caption("The line is the median token, the band holds the middle half of the tokens. "
+               "Speed usually spikes in the first and last layers; alignment climbs late.")
+    speed = velocity.layer_profile(trace, "relative_speed")
+    align = velocity.layer_profile(trace, "cosine_to_final")
+    agree = velocity.layer_profile(trace, "lens_agrees")
+    left, right = st.columns(2)
+    left.plotly_chart(charts.layer_profile_figure(
+        speed, "Residual velocity by layer", "relative speed (ratio, log)", log_y=True),
+        key="profile_speed", alt="Median relative speed per layer")
+    right.plotly_chart(charts.layer_profile_figure(
+        align, "Alignment with the final state by layer", "cos(h_l, h_N)"),
+        key="profile_alignment", alt="Median cosine to final per layer")
+    first = next((layer for layer, share in zip(agree.layers, agree.mean) if share >= 0.5), None)
+    st.caption(f"The logit lens agrees with the final token for half of the tokens from layer "
+               f"{first} on." if first is not None else "")
+
+
+def _token_inspector(trace: RunTrace) -> None:
+    st.subheader("One token across depth")
+    steps = velocity.traced_steps(trace)
+    labels = charts.token_labels(tuple(s.text for s in steps))
+    index = st.selectbox("Token", range(len(steps)), format_func=lambda i: labels[i],
+                         key=state.SELECTED_TOKEN)
+    step = steps[index]
+    rows = velocity.lens_table(step)
+    st.caption(f"What the model would say if it stopped after each layer, for token "
+               f"{charts.visible(step.text)}. It locks in at layer {velocity.lock_in_layer(step)}.")
+    left, right = st.columns([3, 2])
+    left.dataframe(pd.DataFrame([{
+        "layer": r.layer,
+        "lens top-5": " · ".join(f"{charts.visible(t)} {p:.2f}"
+                                 for t, p in zip(r.top_tokens, r.top_probs)),
+        "entropy (nats)": round(r.entropy, 3),
+        "agrees": "✔" if r.agrees else "",
+        "cos to final": round(r.cosine_to_final, 3),
+        "rel. speed": None if r.relative_speed is None else round(r.relative_speed, 4),
+    } for r in rows]), hide_index=True, height=420, key="lens_table")
+    right.plotly_chart(charts.lens_trajectory_figure(rows, step.text), key="lens_trajectory",
+                       alt="Lens top-1 probability and cosine across layers for one token")
+
+
+def _projection(run) -> None:
+    st.subheader("Trajectories in two dimensions")
+    if run.capture is None:
+        st.info("Projections need the residual vectors, which a saved trace does not hold; "
+                "generate to see them.")
+        return
+    trace = run.trace
+    labels = charts.token_labels(tuple(s.text for s in trace.steps))
+    chosen = st.multiselect("Tokens to draw", range(len(trace.steps)),
+                            default=list(range(min(6, len(trace.steps)))),
+                            format_func=lambda i: labels[i], key=state.PROJECTION_TOKENS)
+    method = st.radio("Method", ["umap", "pca"], horizontal=True, key=state.PROJECTION_METHOD,
+                      help="UMAP (seeded by the sidebar seed) keeps local neighbourhoods; PCA is "
+                           "linear and instant.")
+    st.caption("Every state of the chosen tokens, from the embedding (dark) to the last layer "
+               "(yellow), is embedded together; each line follows one token through depth. "
+               "Paths that start apart and converge show layers pulling tokens to their answer.")
+    if not chosen:
+        return
+    seed = int(st.session_state.get(state.SEED, 0))
+    try:
+        proj = resources.projection(trace.run_id, run.capture, tuple(chosen), method, seed)
+    except ValueError as exc:
+        st.error(str(exc))
+        return
+    st.plotly_chart(charts.projection_figure(proj, tuple(s.text for s in trace.steps)),
+                    key="projection", alt="2-D projection of residual trajectories")
+
+
+def _downloads(trace: RunTrace) -> None:
+    st.subheader("Download")
+    left, right = st.columns(2)
+    left.download_button("Trace (JSON)", data=trace.to_json, key="download_trace",
+                         file_name=f"m2r2-trace-{trace.run_id}.json", mime="application/json")
+    right.download_button("Charts (HTML)", data=lambda: _charts_html(trace), key="download_charts",
+                          file_name=f"m2r2-charts-{trace.run_id}.html", mime="text/html",
+                          help="Every heat map and curve in one offline HTML file. For a PNG, "
+                               "use the camera icon on any chart.")
+
+
+def _charts_html(trace: RunTrace) -> str:
+    figures = [charts.token_layer_heatmap(velocity.layer_matrix(trace, q))
+               for q in charts.HEATMAP_STYLE]
+    figures.append(charts.layer_profile_figure(velocity.layer_profile(trace, "relative_speed"),
+                                               "Residual velocity by layer", "relative speed",
+                                               log_y=True))
+    figures.append(charts.layer_profile_figure(velocity.layer_profile(trace, "cosine_to_final"),
+                                               "Alignment by layer", "cos(h_l, h_N)"))
+    parts = [plotly.io.to_html(fig, full_html=False, include_plotlyjs=i == 0)
+             for i, fig in enumerate(figures)]
+    return (f"<html><head><meta charset='utf-8'><title>M2R2 trace {trace.run_id}</title></head>"
+            f"<body><h1>{trace.prompt[:80]}</h1>{''.join(parts)}</body></html>")
+
+
+render()

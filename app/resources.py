@@ -1,0 +1,31 @@
+"""Cached resources: one engine per process (shared, read-only), derived tables per run."""
+
+from __future__ import annotations
+
+import os
+
+import streamlit as st
+
+from analysis.projection import TrajectoryProjection, project_trajectories
+from m2r2core.config import DEFAULT_MODEL, EngineConfig
+from m2r2core.engine import Engine
+from m2r2core.trace import ResidualCapture
+
+
+def default_model() -> str:
+    """The model the sidebar starts with: $M2R2_MODEL_DIR, else the packaged SmolLM2."""
+    return os.environ.get("M2R2_MODEL_DIR", DEFAULT_MODEL)
+
+
+@st.cache_resource(max_entries=1, show_spinner="Loading model… (the first start converts "
+                   "the packaged SmolLM2, about 30 s)")
+def get_engine(model: str, dtype: str) -> Engine:
+    """The engine for a model and dtype; read-only after this call, shared by all sessions."""
+    return Engine.load(EngineConfig(model=model, dtype=dtype))
+
+
+@st.cache_data(max_entries=16, show_spinner="Projecting trajectories…")
+def projection(run_id: str, _capture: ResidualCapture, token_indices: tuple[int, ...],
+               method: str, seed: int) -> TrajectoryProjection:
+    """Seeded 2-D projection of the selected tokens' trajectories, cached per run and choice."""
+    return project_trajectories(_capture, list(token_indices), method=method, seed=seed)

@@ -1,0 +1,14 @@
+"""M2R2 Studio: entry point. Shared sidebar, then one page per view."""
+
+import streamlit as st
+
+from app.components.controls import sidebar_settings
+
+st.set_page_config(page_title="M2R2 Studio", page_icon="🧭", layout="wide")
+sidebar_settings()
+st.sidebar.caption("M2R2: Mixture of Multi-Rate Residuals (arXiv 2502.02040). Batch size 1, "
+                   "CPU-first.")
+page = st.navigation([
+    st.Page("app/pages/residuals.py", title="Residual Dynamics", icon="🌊", default=True),
+])
+page.run()

@@ -1,0 +1,10 @@
+"""Streamlit's internal test ids in one place: they change between Streamlit versions."""
+
+APP = "[data-testid='stApp']"
+APP_IDLE = "[data-testid='stApp'][data-test-script-state='notRunning']"
+PLOTLY_CHART = "stPlotlyChart"
+EXCEPTION = "stException"
+ERROR = "stAlertContentError"
+TEXT_AREA = "stTextArea"
+NUMBER_INPUT = "stNumberInput"
+TOKEN_STRIP = "m2r2-token-strip"  # our own component

@@ -1,0 +1,95 @@
+"""End to end in a real browser: `streamlit run` serves the app, Playwright drives Debian's
+chromium (never a downloaded browser), a prompt goes in, the heat map comes out."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from . import streamlit_ids as ids
+
+pytestmark = pytest.mark.browser
+CHROMIUM = "/usr/bin/chromium"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def streamlit_url(tiny_model_dir, tmp_path_factory):
+    if not Path(CHROMIUM).exists():
+        pytest.fail("Debian's chromium is missing: apt-get install -y chromium chromium-driver")
+    port = _free_port()
+    log = tmp_path_factory.mktemp("streamlit") / "server.log"
+    env = dict(os.environ, M2R2_MODEL_DIR=str(tiny_model_dir))
+    with log.open("w") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.headless",
+             "true", "--server.port", str(port), "--server.address", "127.0.0.1",
+             "--browser.gatherUsageStats", "false"], cwd=ROOT, env=env, stdout=out,
+            stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, server, log)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+
+
+def _wait_healthy(url: str, server: subprocess.Popen, log: Path, timeout: float = 90) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if server.poll() is not None:
+            pytest.fail(f"streamlit exited early:\n{log.read_text()}")
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as answer:
+                if answer.read().decode().strip() == "ok":
+                    return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"streamlit did not become healthy:\n{log.read_text()}")
+
+
+def test_generate_in_browser(streamlit_url, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    shot_dir = Path(os.environ.get("M2R2_SCREENSHOT_DIR", tmp_path))
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        try:
+            page.goto(streamlit_url)
+            prompt = page.get_by_test_id(ids.TEXT_AREA).locator("textarea")
+            prompt.wait_for(timeout=60_000)
+            prompt.fill("Why is the sky blue?")
+            prompt.press("Control+Enter")
+            page.get_by_role("button", name="Generate").click()
+            expect(page.get_by_test_id(ids.PLOTLY_CHART).first).to_be_visible(timeout=90_000)
+            page.locator(ids.APP_IDLE).wait_for(timeout=90_000)
+            expect(page.get_by_test_id(ids.TOKEN_STRIP).first).to_be_visible()
+            expect(page.get_by_test_id(ids.EXCEPTION)).to_have_count(0)
+            assert page.get_by_test_id(ids.PLOTLY_CHART).count() >= 3
+            # bad input in the real page: an empty prompt gives a message, not a traceback
+            prompt.fill("")
+            prompt.press("Control+Enter")
+            page.get_by_role("button", name="Generate").click()
+            expect(page.get_by_test_id(ids.ERROR).first).to_contain_text("empty", timeout=30_000)
+            expect(page.get_by_test_id(ids.PLOTLY_CHART).first).to_be_visible()
+            expect(page.get_by_test_id(ids.EXCEPTION)).to_have_count(0)
+        finally:
+            page.screenshot(path=str(shot_dir / "residual_dynamics.png"), full_page=True)
+            browser.close()
