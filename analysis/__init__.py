@@ -1,0 +1,1 @@
+"""Analysis over traces: residual dynamics, projections, prompt sets, benchmarks."""

@@ -1,5 +1,6 @@
 """2-D projections of residual trajectories: every layer state of the chosen tokens is embedded
-together (UMAP with a fixed random_state, or PCA), so each token draws a path from layer 0 to N."""
+together (UMAP with a fixed random_state, or PCA), so each token draws a path from layer 0 to N.
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """Real prompt sets, read from the packaged files: MT-Bench first turns, the AlpacaEval slices
 (Koala, Self-Instruct, Vicuna, ...), or any JSONL file with a `prompt` field (MT-Bench's `turns`
-format is accepted too)."""
+format is accepted too).
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """Residual dynamics over a trace: tokens × layers matrices and per-layer summaries (median and
-spread) of relative speed, alignment to the final state and logit-lens agreement."""
+spread) of relative speed, alignment to the final state and logit-lens agreement.
+"""
 
 from __future__ import annotations
 
@@ -84,7 +85,8 @@ def layer_profile(trace: RunTrace, quantity: str) -> LayerProfile:
 
 def lock_in_layer(step: TokenStep) -> int:
     """The first layer from which the logit lens agrees with the final top-1 at every deeper
-    layer: where the token's prediction 'locks in' (N when only the last layer agrees)."""
+    layer: where the token's prediction 'locks in' (N when only the last layer agrees).
+    """
     layer = len(step.lens_agrees) - 1
     while layer > 0 and step.lens_agrees[layer - 1]:
         layer -= 1

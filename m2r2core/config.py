@@ -52,7 +52,8 @@ class DecodeConfig:
     def __post_init__(self) -> None:
         """Validate the ranges."""
         require(
-            isinstance(self.max_new_tokens, int) and 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT,
+            isinstance(self.max_new_tokens, int)
+            and 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT,
             "max_new_tokens", self.max_new_tokens, f"1 to {MAX_NEW_TOKENS_LIMIT}",
         )
         require(1 <= self.lens_top_k <= 20, "lens_top_k", self.lens_top_k, "1 to 20")

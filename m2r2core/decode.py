@@ -63,7 +63,8 @@ def forward(parts: DecoderParts, ids: torch.Tensor, state: DecodeState, keep_sta
         states = [hidden[0, -1]] if keep_states else None
         for index in range(parts.n_layers):
             mask = masks[parts.layer_types[index]]
-            hidden = hf_compat.call_layer(parts, index, hidden, mask, rotary, positions, state.cache)
+            hidden = hf_compat.call_layer(parts, index, hidden, mask, rotary, positions,
+                                          state.cache)
             if keep_states:
                 states.append(hidden[0, -1])
         stacked = torch.stack(states) if keep_states else None  # (N+1, H)
@@ -80,6 +81,8 @@ class TokenLoop:
     """Autoregressive decoding over a prompt; iterate it to receive TokenStep records.
 
     After iteration: `stop_reason`, `prefill_ms`, `decode_ms` and `capture_rows` are set.
+    Timings count the loop's own work (forward passes, sampling, tracing), not the time a
+    consumer spends between records, so a slow page does not make the engine look slow.
     """
 
     def __init__(self, parts: DecoderParts, prompt_ids: list[int], cfg: DecodeConfig,
@@ -103,19 +106,21 @@ class TokenLoop:
         out = self._forward(self.prompt, state)
         self.prefill_ms = (time.perf_counter() - start) * 1000.0
         forward_ms = self.prefill_ms
+        busy_ms = 0.0  # time spent in this loop, not in the consumer between yields
         for position in range(cfg.max_new_tokens):
             step_start = time.perf_counter()
             token_id = sample_next(out.logits, cfg.sampling, state.generator)
             step = self._record(position, token_id, out, forward_ms)
-            yield dataclasses.replace(
-                step, latency_ms=forward_ms + (time.perf_counter() - step_start) * 1000.0)
+            latency_ms = forward_ms + (time.perf_counter() - step_start) * 1000.0
+            busy_ms += latency_ms
+            self.decode_ms = busy_ms - self.prefill_ms
+            yield dataclasses.replace(step, latency_ms=latency_ms)
             if token_id in self.eos_ids or position + 1 == cfg.max_new_tokens:
                 self.stop_reason = "eos" if token_id in self.eos_ids else "max_new_tokens"
                 break
             forward_start = time.perf_counter()
             out = self._forward(torch.tensor([[token_id]], device=self.device), state)
             forward_ms = (time.perf_counter() - forward_start) * 1000.0
-        self.decode_ms = (time.perf_counter() - start) * 1000.0 - self.prefill_ms
 
     def _forward(self, ids: torch.Tensor, state: DecodeState) -> ForwardOutput:
         with self.lock:  # one forward at a time: sessions share the model and two cores

@@ -35,7 +35,8 @@ class RunResult:
 
 class Engine:
     """A model with its tokenizer and walkable parts. Safe to share across threads: per-run state
-    lives in the run, and forward passes are serialised by a lock."""
+    lives in the run, and forward passes are serialised by a lock.
+    """
 
     def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
         """Wrap an already loaded model."""
@@ -50,7 +51,8 @@ class Engine:
         self._lock = threading.Lock()
         # Decoding ids one by one costs ~50 us each and a traced token shows (N+1)*k of them:
         # decode the whole vocabulary once, in one batched call (~0.3 s).
-        self._texts: list[str] = self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))])
+        vocab = range(len(self.tokenizer))
+        self._texts: list[str] = self.tokenizer.batch_decode([[i] for i in vocab])
 
     @classmethod
     def load(cls, config: EngineConfig = EngineConfig()) -> Engine:

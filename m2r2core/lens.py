@@ -1,5 +1,6 @@
 """Per-layer statistics of one position's residual trajectory: norms, relative speed, alignment
-to the final state, and the logit lens p_l = softmax(W_U LN_f(h_l)) (nostalgebraist 2020)."""
+to the final state, and the logit lens p_l = softmax(W_U LN_f(h_l)) (nostalgebraist 2020).
+"""
 
 from __future__ import annotations
 
@@ -65,7 +66,8 @@ def trajectory_stats(parts: DecoderParts, states: torch.Tensor, final_logits: to
         all_logits: (N+1, V) lens logits of every layer when the decoder already computed them.
     """
     if all_logits is None:
-        all_logits = torch.cat([lens_logits(parts, states[:-1]), final_logits[None].to(states.dtype)])
+        final = final_logits[None].to(states.dtype)
+        all_logits = torch.cat([lens_logits(parts, states[:-1]), final])
     # Row N equals the model's own logits exactly (fused head, or the same values re-stacked).
     logits = all_logits.float()  # (N+1, V)
     # H = lse - sum_v p_v z_v: one exp pass, and the sum as a batched dot product; this is about

@@ -114,7 +114,8 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     log.info("De-quantising %s (about 15 s)", gguf_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name,
+                                                          dtype=torch.float32)
     except Exception as exc:  # the gguf reader raises many types on a damaged file
         raise AssetMissing(
             f"Could not read {gguf_path}: {exc}. Fix: {assets.SMOLLM2_GGUF.fix_command}"
@@ -157,11 +158,12 @@ def resolve_model_dir(name: str) -> str:
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ModelNotFound(f"{path} is a folder but has no config.json: it is not an HF model.")
+            raise ModelNotFound(f"{path} is a folder but has no config.json: not an HF model.")
         return str(path)
     if path.suffix or os.sep in name and not path.exists():
         raise ModelNotFound(f"No model folder at {path}. Give an existing HF folder, "
-                            f"'{DEFAULT_MODEL}', or a hub name such as 'HuggingFaceTB/SmolLM2-135M'.")
+                            f"'{DEFAULT_MODEL}', or a hub name such as "
+                            "'HuggingFaceTB/SmolLM2-135M'.")
     return name
 
 
@@ -181,10 +183,11 @@ def load(cfg: EngineConfig) -> LoadedModel:
     dtype = getattr(torch, cfg.dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype,
+                                                     attn_implementation="sdpa")
     except OSError as exc:
         raise ModelNotFound(_not_found_message(cfg.model, source, exc)) from exc
-    except (ValueError, KeyError, RuntimeError) as exc:
+    except Exception as exc:  # safetensors, json and torch each raise their own types
         raise AssetMissing(
             f"The model files at {source} could not be loaded ({exc}). If this is the prepared "
             f"default, rebuild it: python -m m2r2core.model prepare --force"
@@ -223,7 +226,8 @@ def fingerprint(model: torch.nn.Module) -> str:
     config = model.config
     head = model.get_output_embeddings().weight[:64].detach()
     rows = head.to("cpu", torch.bfloat16).float().numpy().tobytes()
-    shape = f"{config.model_type}:{config.num_hidden_layers}:{config.hidden_size}:{config.vocab_size}"
+    shape = (f"{config.model_type}:{config.num_hidden_layers}:{config.hidden_size}:"
+             f"{config.vocab_size}")
     return hashlib.sha256(shape.encode() + rows).hexdigest()[:16]
 
 

@@ -1,5 +1,6 @@
 """Turning a user's text into model input: validation with clear messages, the chat template,
-and the context-length check."""
+and the context-length check.
+"""
 
 from __future__ import annotations
 

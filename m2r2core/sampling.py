@@ -1,5 +1,6 @@
 """Choosing the next token: greedy, or temperature / top-k / top-p sampling with an explicit
-torch.Generator, so that one session's seed never changes another's draws."""
+torch.Generator, so that one session's seed never changes another's draws.
+"""
 
 from __future__ import annotations
 

@@ -40,7 +40,7 @@ def test_generate_stores_a_real_trace_and_draws_charts(app):
     assert len(trace.steps[0].lens_top_ids) == trace.n_layers + 1
     assert at.session_state[state.RESULT].capture is not None
     assert at.metric[0].value == "6"
-    assert len(at.get("plotly_chart")) >= 4  # heat map, two profiles, lens trajectory (+ projection)
+    assert len(at.get("plotly_chart")) >= 4  # heat map, 2 profiles, lens trajectory, projection
 
 
 def test_empty_prompt_is_refused_and_keeps_earlier_results(app):

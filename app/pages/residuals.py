@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pandas as pd
 import plotly.io
 import streamlit as st
@@ -21,6 +23,8 @@ How fast the stream still moves (its **velocity**) and how close it already poin
 direction (its **alignment**) tell when a token's answer is settled, which is what early exit
 and M2R2's accelerated residuals exploit.
 """
+
+STOP_REASONS = {"eos": "end of answer", "max_new_tokens": "token budget"}
 
 EXPLAIN = {
     "relative_speed": "How much each layer changes the state, relative to its size. Bright cells "
@@ -80,8 +84,12 @@ def _generate(engine, text, cfg) -> None:
         return
     progress = st.progress(0.0, text="Prefilling the prompt…")
     strip = st.empty()
+    shown = 0.0
     try:
         for step in generation:
+            if time.monotonic() - shown < 0.5:  # redraw twice a second: the browser shares the CPU
+                continue
+            shown = time.monotonic()
             progress.progress((step.position + 1) / cfg.max_new_tokens,
                               text=f"token {step.position + 1}/{cfg.max_new_tokens} · "
                                    f"{step.latency_ms:.0f} ms")
@@ -117,12 +125,18 @@ def _results(run) -> None:
     trace = run.trace
     n = trace.n_layers
     st.subheader("Generated continuation")
-    cols = st.columns(5)
+    cols = st.columns(4)
     cols[0].metric("Tokens", len(trace.steps))
-    cols[1].metric("Tokens/s", f"{trace.tokens_per_s:.1f}")
-    cols[2].metric("Prefill", f"{trace.prefill_ms:.0f} ms")
-    cols[3].metric("Stopped by", trace.stop_reason)
-    cols[4].metric("Model", f"{trace.model['model_type']} · {trace.model['dtype']}")
+    cols[1].metric("Tokens/s", f"{trace.tokens_per_s:.1f}",
+                   help="Engine time only (forward passes, sampling, tracing), prefill included.")
+    cols[2].metric("Prefill", f"{trace.prefill_ms:.0f} ms",
+                   help=f"{trace.prompt_token_count} prompt tokens, chat template included.")
+    cols[3].metric("Stopped by", STOP_REASONS.get(trace.stop_reason, trace.stop_reason))
+    st.caption(f"Model {trace.model['name']} ({trace.model['model_type']}, {trace.n_layers} "
+               f"layers, {trace.model['dtype']}, fingerprint {trace.model['fingerprint']}) · "
+               f"torch {trace.environment['torch']} · transformers "
+               f"{trace.environment['transformers']} · {trace.environment['threads']} threads · "
+               f"run {trace.run_id}")
     st.caption("Each token is coloured by the layer where the logit lens locked in on it "
                "(dark = early, yellow = only at the end). Hover a token for details.")
     st.markdown(token_strip_html(trace.steps, n), unsafe_allow_html=True)
