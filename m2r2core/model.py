@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,11 +161,34 @@ def resolve_model_dir(name: str) -> str:
         if not (path / "config.json").is_file():
             raise ModelNotFound(f"{path} is a folder but has no config.json: not an HF model.")
         return str(path)
-    if path.suffix or os.sep in name and not path.exists():
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1:  # a path, not org/name
         raise ModelNotFound(f"No model folder at {path}. Give an existing HF folder, "
                             f"'{DEFAULT_MODEL}', or a hub name such as "
                             "'HuggingFaceTB/SmolLM2-135M'.")
+    if not hub_reachable():
+        raise ModelNotFound(
+            f"Unknown model '{name}': it is not '{DEFAULT_MODEL}', not a local folder, and the "
+            "model hub cannot be reached from this machine to look it up."
+        )
     return name
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the model hub answers a TCP connection quickly (offline machines fail at once,
+    instead of after the hub client's minute of retries).
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def pick_device(requested: str) -> torch.device:

@@ -69,3 +69,9 @@ def test_engine_fingerprint_is_stable_across_dtypes(tiny_model_dir):
     b = model.load(EngineConfig(model=str(tiny_model_dir), dtype="bfloat16")).info
     assert a.fingerprint == b.fingerprint
     assert a.n_layers == 4 and a.context_length == 512
+
+
+def test_unknown_hub_name_fails_fast_when_offline(monkeypatch):
+    monkeypatch.setattr(model, "hub_reachable", lambda timeout=3.0: False)
+    with pytest.raises(ModelNotFound, match="cannot be reached"):
+        model.load(EngineConfig(model="some-org/some-model"))

@@ -159,8 +159,10 @@ def _heatmaps(trace: RunTrace) -> None:
     event = st.plotly_chart(fig, key="heatmap", on_select="rerun", selection_mode="points",
                             alt=f"Heat map of {velocity.QUANTITIES[quantity]}")
     points = getattr(getattr(event, "selection", None), "points", None) or []
-    if points and isinstance(points[0].get("y"), str):
-        st.session_state[state.SELECTED_TOKEN] = int(points[0]["y"].split()[0])
+    clicked = points[0].get("y") if points else None
+    if isinstance(clicked, str) and clicked != st.session_state.get(state.HEATMAP_CLICK):
+        st.session_state[state.HEATMAP_CLICK] = clicked  # apply a click once, not every rerun
+        st.session_state[state.SELECTED_TOKEN] = int(clicked.split()[0])
 
 
 def _profiles(trace: RunTrace) -> None:
