@@ -9,6 +9,7 @@ and prints a table. Example:
 
 from __future__ import annotations
 
+import gc
 import json
 import statistics
 import sys
@@ -58,7 +59,7 @@ def run_method(engine: Engine, method: str, text: str, max_new_tokens: int
 
 
 def bench(args: BenchArgs) -> dict:
-    """Run every method on every prompt, interleaved, `repeats` times."""
+    """Run every method on every prompt, interleaved in rotating order, `repeats` times."""
     engine = Engine.load(EngineConfig(model=args.model, dtype=args.dtype, threads=args.threads))
     prompts = load_prompts(args.prompts, args.limit)
     run_method(engine, "engine_traced", prompts[0].text, 8)  # warm-up: kernels, caches
@@ -66,8 +67,11 @@ def bench(args: BenchArgs) -> dict:
     for index, prompt in enumerate(prompts):
         timings = {m: [] for m in METHODS}
         outputs = {}
-        for _ in range(args.repeats):
-            for method in METHODS:
+        for repeat in range(args.repeats):
+            # rotate the order each repeat so no method always runs first (or after another)
+            order = METHODS[repeat % len(METHODS):] + METHODS[:repeat % len(METHODS)]
+            for method in order:
+                gc.collect()  # start every timed run with the same collector state
                 seconds, ids = run_method(engine, method, prompt.text, args.max_new_tokens)
                 timings[method].append(seconds)
                 outputs[method] = ids

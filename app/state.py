@@ -25,8 +25,6 @@ GENERATE = "generate"
 TRACE_UPLOAD = "trace_upload"
 HEATMAP_QUANTITY = "heatmap_quantity"
 SELECTED_TOKEN = "selected_token"
-HEATMAP_CLICK = "heatmap_click"
-"""The heat-map cell last applied to the token selector."""
 PROJECTION_TOKENS = "projection_tokens"
 PROJECTION_METHOD = "projection_method"
 
@@ -41,5 +39,4 @@ def store_result(run: RunResult) -> None:
     st.session_state[RESULT] = run
     st.session_state[TRACE] = run.trace
     st.session_state.pop(SELECTED_TOKEN, None)
-    st.session_state.pop(HEATMAP_CLICK, None)
     st.session_state.pop(PROJECTION_TOKENS, None)

@@ -128,7 +128,8 @@ def _results(run) -> None:
     cols = st.columns(4)
     cols[0].metric("Tokens", len(trace.steps))
     cols[1].metric("Tokens/s", f"{trace.tokens_per_s:.1f}",
-                   help="Engine time only (forward passes, sampling, tracing), prefill included.")
+                   help="Engine time only (forward passes, sampling, tracing), prefill included. "
+                        "On a 2-core machine a browser on the same box takes CPU from it.")
     cols[2].metric("Prefill", f"{trace.prefill_ms:.0f} ms",
                    help=f"{trace.prompt_token_count} prompt tokens, chat template included.")
     cols[3].metric("Stopped by", STOP_REASONS.get(trace.stop_reason, trace.stop_reason))
@@ -154,15 +155,10 @@ def _heatmaps(trace: RunTrace) -> None:
     st.subheader("Tokens × layers")
     quantity = st.radio("Quantity", list(charts.HEATMAP_STYLE), horizontal=True,
                         format_func=lambda q: velocity.QUANTITIES[q], key=state.HEATMAP_QUANTITY)
-    st.caption(EXPLAIN[quantity] + " Click a cell to inspect that token below.")
+    st.caption(EXPLAIN[quantity] + " Hover a cell for the lens's top tokens; pick a token "
+               "below to see its whole table.")
     fig = charts.token_layer_heatmap(velocity.layer_matrix(trace, quantity))
-    event = st.plotly_chart(fig, key="heatmap", on_select="rerun", selection_mode="points",
-                            alt=f"Heat map of {velocity.QUANTITIES[quantity]}")
-    points = getattr(getattr(event, "selection", None), "points", None) or []
-    clicked = points[0].get("y") if points else None
-    if isinstance(clicked, str) and clicked != st.session_state.get(state.HEATMAP_CLICK):
-        st.session_state[state.HEATMAP_CLICK] = clicked  # apply a click once, not every rerun
-        st.session_state[state.SELECTED_TOKEN] = int(clicked.split()[0])
+    st.plotly_chart(fig, key="heatmap", alt=f"Heat map of {velocity.QUANTITIES[quantity]}")
 
 
 def _profiles(trace: RunTrace) -> None:
