@@ -19,9 +19,15 @@ def default_model() -> str:
 
 @st.cache_resource(max_entries=1, show_spinner="Loading model… (the first start converts "
                    "the packaged SmolLM2, about 30 s)")
-def get_engine(model: str, dtype: str) -> Engine:
-    """The engine for a model and dtype; read-only after this call, shared by all sessions."""
-    return Engine.load(EngineConfig(model=model, dtype=dtype))
+def get_engine(model: str, dtype: str, threads: int) -> Engine:
+    """The engine for a model, dtype and thread count; read-only after this call, shared by all
+    sessions (torch's thread count is process-wide, like the engine)."""
+    return Engine.load(EngineConfig(model=model, dtype=dtype, threads=threads))
+
+
+def cpu_cores() -> int:
+    """Cores this process may use: the default and the maximum of the threads control."""
+    return max(1, len(os.sched_getaffinity(0)))
 
 
 @st.cache_data(max_entries=16, show_spinner="Projecting trajectories…")

@@ -16,6 +16,7 @@ TRACE = "trace"
 # widget keys
 MODEL = "model"
 DTYPE = "dtype"
+THREADS = "threads"
 SEED = "seed"
 PROMPT = "prompt"
 MAX_NEW_TOKENS = "max_new_tokens"

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 from streamlit.testing.v1 import AppTest
 
 from app import state
@@ -86,3 +87,14 @@ def test_selecting_a_token_shows_its_lens(app):
     assert not at.exception
     assert at.session_state[state.SELECTED_TOKEN] == 3
     assert len(at.dataframe) >= 1
+
+
+def test_threads_control_reaches_the_engine(app):
+    before = torch.get_num_threads()
+    try:
+        app.number_input(key=state.THREADS).set_value(1).run()
+        at = generate(app, "Hello", budget=3)
+        assert not at.exception
+        assert at.session_state[state.TRACE].environment["threads"] == 1
+    finally:
+        torch.set_num_threads(before)  # the setting is process-wide

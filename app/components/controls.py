@@ -5,7 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from app import state
-from app.resources import default_model
+from app.resources import cpu_cores, default_model
 from m2r2core.config import DTYPES, DecodeConfig, SamplingConfig
 
 
@@ -18,6 +18,11 @@ def sidebar_settings() -> tuple[str, str, int]:
     dtype = st.sidebar.selectbox(
         "Precision", DTYPES, key=state.DTYPE,
         help="bfloat16 is about 2x faster on this CPU; float32 is exact.")
+    cores = cpu_cores()
+    st.sidebar.number_input(
+        "CPU threads", min_value=1, max_value=cores, value=cores, step=1, key=state.THREADS,
+        help="torch threads, shared by every session of this server (the setting is "
+             "process-wide). Benchmarks in BENCHMARKS.md use 2.")
     seed = st.sidebar.number_input("Seed", value=0, step=1, key=state.SEED,
                                    help="Used when sampling (temperature > 0).")
     return model.strip(), dtype, int(seed)

@@ -70,8 +70,9 @@ def render() -> None:
 def _engine_or_error():
     model = st.session_state.get(state.MODEL) or resources.default_model()
     dtype = st.session_state.get(state.DTYPE) or "bfloat16"
+    threads = int(st.session_state.get(state.THREADS) or resources.cpu_cores())
     try:
-        return resources.get_engine(model, dtype)
+        return resources.get_engine(model, dtype, threads)
     except M2R2Error as exc:
         st.error(f"The model could not be loaded. {exc}")
     except Exception as exc:  # noqa: BLE001 — a traceback must never reach the page
@@ -143,8 +144,8 @@ def _results(run) -> None:
     cols = st.columns(4)
     cols[0].metric("Tokens", len(trace.steps))
     cols[1].metric("Tokens/s", f"{trace.tokens_per_s:.1f}",
-                   help="Engine time only (forward passes, sampling, tracing), prefill included. "
-                        "On a 2-core machine a browser on the same box takes CPU from it.")
+                   help="Engine time only (forward passes, sampling, tracing), prefill included; "
+                        "not the time the page spends drawing.")
     cols[2].metric("Prefill", f"{trace.prefill_ms:.0f} ms",
                    help=f"{trace.prompt_token_count} prompt tokens, chat template included.")
     cols[3].metric("Stopped by", STOP_REASONS.get(trace.stop_reason, trace.stop_reason))
