@@ -69,17 +69,20 @@ class Engine:
 
     def encode(self, text: str | bytes, cfg: DecodeConfig) -> list[int]:
         """Validate the prompt, apply the chat template and check it fits with the budget."""
-        clean = prompt.validate_text(text)
+        return self._encode_clean(prompt.validate_text(text), cfg)
+
+    def _encode_clean(self, clean: str, cfg: DecodeConfig) -> list[int]:
         ids = prompt.encode(self.tokenizer, clean, cfg.use_chat_template, cfg.system_prompt)
         prompt.check_fits(len(ids), cfg.max_new_tokens, self.info.context_length)
         return ids
 
     def generate(self, text: str | bytes, cfg: DecodeConfig = DecodeConfig()) -> Generation:
         """Start a generation; iterate the result to receive TokenStep records as they happen."""
-        ids = self.encode(text, cfg)
+        clean = prompt.validate_text(text)
+        ids = self._encode_clean(clean, cfg)
         loop = TokenLoop(self.parts, ids, cfg, self.eos_ids, self.token_text, self._lock,
                          self.device, self.fused_head)
-        return Generation(self, prompt.validate_text(text), ids, cfg, loop)
+        return Generation(self, clean, ids, cfg, loop)
 
     def run(self, text: str | bytes, cfg: DecodeConfig = DecodeConfig()) -> RunResult:
         """Generate to the end and return the trace."""

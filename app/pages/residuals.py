@@ -12,6 +12,7 @@ from analysis import velocity
 from app import charts, resources, state
 from app.components import controls
 from app.components.tokens import token_strip_html
+from m2r2core.engine import RunResult
 from m2r2core.errors import M2R2Error
 from m2r2core.trace import RunTrace
 
@@ -132,7 +133,6 @@ def _trace_upload() -> None:
             return
         current = state.result()
         if current is None or current.trace.run_id != trace.run_id:
-            from m2r2core.engine import RunResult
             state.store_result(RunResult(trace, None))
         st.success(f"Opened run {trace.run_id} ({len(trace.steps)} tokens).")
 
