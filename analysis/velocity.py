@@ -52,20 +52,23 @@ def traced_steps(trace: RunTrace) -> tuple[TokenStep, ...]:
     return tuple(step for step in trace.steps if step.traced)
 
 
-def layer_matrix(trace: RunTrace, quantity: str) -> LayerMatrix:
-    """Stack one per-layer quantity of every traced token into a (T, L) matrix."""
+def _values(trace: RunTrace, quantity: str) -> tuple[np.ndarray, tuple[int, ...]]:
+    """(T, L) values of one quantity over the traced tokens, and the layer of each column."""
     if quantity not in QUANTITIES:
         raise ValueError(f"unknown quantity {quantity!r}; choose from {sorted(QUANTITIES)}")
     steps = traced_steps(trace)
     values = np.array([getattr(step, quantity) for step in steps], dtype=float)
     offset = 1 if quantity == "relative_speed" else 0
     n_cols = values.shape[1] if values.size else 0
-    layers = tuple(range(offset, offset + n_cols))
-    lens_top = tuple(
-        tuple(_format_top(step, layer) for layer in layers) for step in steps
-    )
-    return LayerMatrix(quantity, values.reshape(len(steps), n_cols), layers,
-                       tuple(step.text for step in steps), lens_top)
+    return values.reshape(len(steps), n_cols), tuple(range(offset, offset + n_cols))
+
+
+def layer_matrix(trace: RunTrace, quantity: str) -> LayerMatrix:
+    """Stack one per-layer quantity of every traced token into a (T, L) matrix, with hover text."""
+    values, layers = _values(trace, quantity)
+    steps = traced_steps(trace)
+    lens_top = tuple(tuple(_format_top(step, layer) for layer in layers) for step in steps)
+    return LayerMatrix(quantity, values, layers, tuple(step.text for step in steps), lens_top)
 
 
 def _format_top(step: TokenStep, layer: int, k: int = 3) -> str:
@@ -75,12 +78,12 @@ def _format_top(step: TokenStep, layer: int, k: int = 3) -> str:
 
 def layer_profile(trace: RunTrace, quantity: str) -> LayerProfile:
     """Median and quartiles per layer of a quantity over the traced tokens."""
-    matrix = layer_matrix(trace, quantity)
-    if not matrix.values.size:
+    values, layers = _values(trace, quantity)  # no hover text: profiles do not show it
+    if not values.size:
         return LayerProfile(quantity, (), (), (), (), ())
-    q25, median, q75 = np.percentile(matrix.values, [25, 50, 75], axis=0)
-    return LayerProfile(quantity, matrix.layers, tuple(median), tuple(q25), tuple(q75),
-                        tuple(matrix.values.mean(axis=0)))
+    q25, median, q75 = np.percentile(values, [25, 50, 75], axis=0)
+    return LayerProfile(quantity, layers, tuple(median), tuple(q25), tuple(q75),
+                        tuple(values.mean(axis=0)))
 
 
 def lock_in_layer(step: TokenStep) -> int:

@@ -181,19 +181,24 @@ def _profiles(trace: RunTrace) -> None:
     st.subheader("Per-layer curves over all generated tokens")
     st.caption("The line is the median token, the band holds the middle half of the tokens. "
                "Speed usually spikes in the first and last layers; alignment climbs late.")
-    speed = velocity.layer_profile(trace, "relative_speed")
-    align = velocity.layer_profile(trace, "cosine_to_final")
+    speed_fig, align_fig = _profile_figures(trace)
     agree = velocity.layer_profile(trace, "lens_agrees")
     left, right = st.columns(2)
-    left.plotly_chart(charts.layer_profile_figure(
-        speed, "Residual velocity by layer", "relative speed (ratio, log)", log_y=True),
-        key="profile_speed", alt="Median relative speed per layer")
-    right.plotly_chart(charts.layer_profile_figure(
-        align, "Alignment with the final state by layer", "cos(h_l, h_N)"),
-        key="profile_alignment", alt="Median cosine to final per layer")
+    left.plotly_chart(speed_fig, key="profile_speed", alt="Median relative speed per layer")
+    right.plotly_chart(align_fig, key="profile_alignment", alt="Median cosine to final per layer")
     first = next((layer for layer, share in zip(agree.layers, agree.mean) if share >= 0.5), None)
     st.caption(f"The logit lens agrees with the final token for half of the tokens from layer "
                f"{first} on." if first is not None else "")
+
+
+def _profile_figures(trace: RunTrace) -> tuple:
+    """The speed and alignment profiles, shared by the page and the HTML download."""
+    speed = velocity.layer_profile(trace, "relative_speed")
+    align = velocity.layer_profile(trace, "cosine_to_final")
+    return (charts.layer_profile_figure(speed, "Residual velocity by layer",
+                                        "relative speed (ratio, log)", log_y=True),
+            charts.layer_profile_figure(align, "Alignment with the final state by layer",
+                                        "cos(h_l, h_N)"))
 
 
 def _token_inspector(trace: RunTrace) -> None:
@@ -263,11 +268,7 @@ def _downloads(trace: RunTrace) -> None:
 def _charts_html(trace: RunTrace) -> str:
     figures = [charts.token_layer_heatmap(velocity.layer_matrix(trace, q))
                for q in charts.HEATMAP_STYLE]
-    figures.append(charts.layer_profile_figure(velocity.layer_profile(trace, "relative_speed"),
-                                               "Residual velocity by layer", "relative speed",
-                                               log_y=True))
-    figures.append(charts.layer_profile_figure(velocity.layer_profile(trace, "cosine_to_final"),
-                                               "Alignment by layer", "cos(h_l, h_N)"))
+    figures.extend(_profile_figures(trace))
     parts = [plotly.io.to_html(fig, full_html=False, include_plotlyjs=i == 0)
              for i, fig in enumerate(figures)]
     return (f"<html><head><meta charset='utf-8'><title>M2R2 trace {trace.run_id}</title></head>"
