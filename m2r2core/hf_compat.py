@@ -133,3 +133,69 @@ def call_layer(
         **{parts.cache_kwarg: cache},
     )
     return out[0] if isinstance(out, tuple) else out  # 4.x returned a tuple
+
+
+@dataclass(frozen=True)
+class BlockParts:
+    """One Llama-family block taken apart, for the engine's own block math (m2r2core/accel.py):
+    the fast stream swaps the attention's keys/values and adds adapter deltas to projections.
+    """
+
+    input_norm: torch.nn.Module
+    q_proj: torch.nn.Linear
+    k_proj: torch.nn.Linear
+    v_proj: torch.nn.Linear
+    o_proj: torch.nn.Linear
+    post_norm: torch.nn.Module
+    mlp: torch.nn.Module
+    mlp_proj: tuple[torch.nn.Linear, torch.nn.Linear, torch.nn.Linear] | None
+    """(gate, up, down) of a dense gated MLP; None for a sparse MoE block (called as a whole)."""
+    act_fn: object
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    scaling: float
+    sliding_window: int | None
+    """Keys at positions j with q - window < j <= q are visible; None means all earlier ones."""
+
+
+def block_parts(parts: DecoderParts, index: int) -> BlockParts:
+    """The projections, norms and attention geometry of decoder block `index`."""
+    layer = parts.layers[index]
+    attn, mlp, config = layer.self_attn, layer.mlp, parts.config
+    dense = all(hasattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj"))
+    head_dim = attn.head_dim
+    sliding = parts.layer_types[index] == "sliding_attention"
+    return BlockParts(
+        input_norm=layer.input_layernorm, q_proj=attn.q_proj, k_proj=attn.k_proj,
+        v_proj=attn.v_proj, o_proj=attn.o_proj, post_norm=layer.post_attention_layernorm,
+        mlp=mlp, mlp_proj=(mlp.gate_proj, mlp.up_proj, mlp.down_proj) if dense else None,
+        act_fn=getattr(mlp, "act_fn", None),
+        n_heads=config.num_attention_heads, n_kv_heads=config.num_key_value_heads,
+        head_dim=head_dim, scaling=attn.scaling,
+        sliding_window=getattr(config, "sliding_window", None) if sliding else None,
+    )
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding of (B, heads, T, D) queries or keys, as the Llama family does."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+def cached_keys_values(cache: DynamicCache, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer `index`'s cached (1, kv_heads, T, D) keys and values, or (None, None) when empty.
+
+    A sliding-window layer holds only its newest window-1 positions.
+    """
+    if index >= len(cache.layers) or not getattr(cache.layers[index], "is_initialized", True):
+        return None, None
+    layer = cache.layers[index]
+    return layer.keys, layer.values
+
+
+def append_keys_values(cache: DynamicCache, index: int, keys: torch.Tensor,
+                       values: torch.Tensor) -> None:
+    """Append (1, kv_heads, T, D) keys/values to layer `index` of the cache."""
+    cache.update(keys, values, index)

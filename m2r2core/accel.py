@@ -1,0 +1,322 @@
+"""The accelerated (fast) residual stream: low-rank accelerator adapters on the first blocks, and
+the block math that runs fast rows beside slow rows while sharing the slow stream's KV cache.
+
+Fast depth d (1-based) has applied blocks b..d-1 with adapters on, starting from the slow state
+h^s_b at the branch layer b. It is trained so that h^f_d ~ h^s_tau(d), tau(d) = min(N, b +
+ceil(r (d - b))). A fast query at block i sees the slow keys/values of block i for earlier
+positions plus its own key/value for the current position; it never writes the slow cache.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from m2r2core import hf_compat
+from m2r2core.errors import AssetMissing, ConfigError, require
+from m2r2core.hf_compat import BlockParts, DecoderParts
+
+PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+TARGETS = ("rate", "final")
+CARD_NAME = "card.json"
+WEIGHTS_NAME = "adapters.safetensors"
+
+
+class AdapterError(AssetMissing):
+    """An adapter or router file is missing, corrupt, or was trained for another model."""
+
+
+@dataclass(frozen=True)
+class AccelConfig:
+    """Shape of the accelerated stream. Every field is a choice our reading of the method made."""
+
+    rate: float = 2.0
+    """r: fast depth d should look like slow depth r*d."""
+    rank: int = 16
+    alpha: float = 32.0
+    margin: int = 2
+    """Adapted blocks beyond ceil((N-b)/r), where the fast stream already targets h^s_N."""
+    branch_layer: int = 0
+    """b: the fast stream starts from the slow state after b blocks (0 = the embedding)."""
+    target: str = "rate"
+    """'rate': h^f_d ~ h^s_tau(d); 'final': every fast depth targets h^s_N."""
+    projections: tuple[str, ...] = PROJECTIONS
+
+    def validate(self, n_layers: int) -> None:
+        """Raise ConfigError unless this shape makes sense for a model of n_layers blocks."""
+        require(self.target in TARGETS, "target", self.target, f"one of {TARGETS}")
+        require(0 <= self.branch_layer < n_layers, "branch_layer", self.branch_layer,
+                f"0..{n_layers - 1} for a {n_layers}-layer model")
+        span = n_layers - self.branch_layer
+        require(1.0 < self.rate <= span / 2, "rate", self.rate,
+                f"above 1 and at most {span / 2:g}, so that at least two adapted blocks reach "
+                f"the final state of a {n_layers}-layer model branching at layer "
+                f"{self.branch_layer}")
+        require(1 <= self.rank <= 256, "rank", self.rank, "1..256")
+        require(self.margin >= 0, "margin", self.margin, "0 or more")
+        unknown = set(self.projections) - set(PROJECTIONS)
+        require(not unknown and bool(self.projections), "projections", self.projections,
+                f"a non-empty subset of {PROJECTIONS}")
+
+    def fast_layers(self, n_layers: int) -> int:
+        """How many blocks the fast stream runs (and carries adapters): ceil((N-b)/r)+margin."""
+        span = n_layers - self.branch_layer
+        return min(span, math.ceil(span / self.rate) + self.margin)
+
+    def target_depth(self, depth: int, n_layers: int) -> int:
+        """tau(d): the slow depth fast depth d is trained to match."""
+        if self.target == "final":
+            return n_layers
+        b = self.branch_layer
+        return min(n_layers, b + math.ceil(self.rate * (depth - b) - 1e-9))
+
+
+class LowRank(nn.Module):
+    """delta(x) = (alpha / rank) * B A x, with B zero-initialised (LoRA, Hu et al. 2021)."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float,
+                 generator: torch.Generator | None = None) -> None:
+        """A fresh adapter whose delta is exactly zero."""
+        super().__init__()
+        bound = 1.0 / math.sqrt(in_features)
+        a = torch.empty(rank, in_features).uniform_(-bound, bound, generator=generator)
+        self.A = nn.Parameter(a)
+        self.B = nn.Parameter(torch.zeros(out_features, rank))
+        self.scale = alpha / rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The delta for (..., in) inputs, computed in the input's dtype."""
+        return F.linear(F.linear(x, self.A.to(x.dtype)), self.B.to(x.dtype)) * self.scale
+
+
+@dataclass
+class AdapterCard:
+    """What the JSON card beside the adapters says: shape, model, training data and metrics."""
+
+    config: dict
+    model_name: str
+    model_fingerprint: str
+    n_layers: int
+    hidden_size: int
+    training: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+
+
+class Accelerator(nn.Module):
+    """The accelerator adapters of one model: a LowRank per adapted block and projection."""
+
+    def __init__(self, parts: DecoderParts, config: AccelConfig, seed: int = 0) -> None:
+        """Fresh (zero-delta) adapters sized for the model behind `parts`."""
+        super().__init__()
+        config.validate(parts.n_layers)
+        self.config = config
+        self.n_layers = parts.n_layers
+        self.n_fast = config.fast_layers(parts.n_layers)
+        self.first = config.branch_layer
+        gen = torch.Generator().manual_seed(seed)
+        self.blocks = nn.ModuleList()
+        for index in range(self.first, self.first + self.n_fast):
+            bp = hf_compat.block_parts(parts, index)
+            linears = {"q": bp.q_proj, "k": bp.k_proj, "v": bp.v_proj, "o": bp.o_proj}
+            if bp.mlp_proj is not None:
+                linears |= dict(zip(("gate", "up", "down"), bp.mlp_proj, strict=True))
+            self.blocks.append(nn.ModuleDict({
+                name: LowRank(lin.in_features, lin.out_features, config.rank, config.alpha, gen)
+                for name, lin in linears.items() if name in config.projections
+            }))
+
+    def block(self, index: int) -> nn.ModuleDict | None:
+        """The adapters of decoder block `index`, or None where the fast stream does not run."""
+        offset = index - self.first
+        return self.blocks[offset] if 0 <= offset < self.n_fast else None
+
+    @property
+    def depths(self) -> range:
+        """Fast depths d = b+1 .. b+n_fast, in the slow stream's layer numbering."""
+        return range(self.first + 1, self.first + self.n_fast + 1)
+
+    def save(self, folder: Path, card: AdapterCard) -> None:
+        """Write adapters.safetensors and card.json into folder, atomically (temp, then rename)."""
+        from safetensors.torch import save_file
+
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().to(torch.bfloat16).contiguous()
+                   for k, v in self.state_dict().items()}
+        tmp_weights = folder / (WEIGHTS_NAME + ".tmp")
+        tmp_card = folder / (CARD_NAME + ".tmp")
+        save_file(tensors, str(tmp_weights))
+        tmp_card.write_text(json.dumps(asdict(card), indent=2) + "\n")
+        tmp_weights.replace(folder / WEIGHTS_NAME)
+        tmp_card.replace(folder / CARD_NAME)
+
+
+def read_card(folder: Path) -> AdapterCard:
+    """The card of an adapter folder, or AdapterError naming what is wrong."""
+    path = Path(folder) / CARD_NAME
+    if not path.is_file():
+        raise AdapterError(f"No adapter card at {path}. Train adapters with "
+                           "`python -m m2r2core.train adapters` or pick another folder.")
+    try:
+        return AdapterCard(**json.loads(path.read_text()))
+    except (json.JSONDecodeError, TypeError) as err:
+        raise AdapterError(f"The adapter card {path} is corrupt ({err}); retrain or restore "
+                           "it.") from err
+
+
+def load_accelerator(folder: Path, parts: DecoderParts, model_name: str,
+                     model_fingerprint: str) -> tuple[Accelerator, AdapterCard]:
+    """Load adapters trained for this model, refusing those of another model or a corrupt file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    card = read_card(folder)
+    if card.model_fingerprint != model_fingerprint or card.n_layers != parts.n_layers:
+        raise AdapterError(
+            f"The adapters in {folder} were trained for '{card.model_name}' "
+            f"({card.n_layers} layers, fingerprint {card.model_fingerprint}); the loaded model is "
+            f"'{model_name}' ({parts.n_layers} layers, fingerprint {model_fingerprint}). "
+            "Load the model they were trained for, or train adapters for this one.")
+    try:
+        config = AccelConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                for k, v in card.config.items()})
+        accel = Accelerator(parts, config)
+        state = load_file(str(folder / WEIGHTS_NAME))
+        accel.load_state_dict({k: v.float() for k, v in state.items()})
+    except (SafetensorError, FileNotFoundError, OSError, RuntimeError, TypeError,
+            ConfigError) as err:
+        raise AdapterError(f"The adapter weights in {folder} could not be loaded ({err}); "
+                           "retrain or restore them.") from err
+    return accel.eval(), card
+
+
+def _project(linear: nn.Linear, adapter: LowRank | None, x: torch.Tensor, n_fast: int
+             ) -> torch.Tensor:
+    """linear(x), plus the adapter's delta on the last n_fast rows of x (B, R, in)."""
+    y = linear(x)
+    if adapter is None or n_fast == 0:
+        return y
+    if n_fast == x.shape[1]:
+        return y + adapter(x)
+    head, tail = y[:, :-n_fast], y[:, -n_fast:] + adapter(x[:, -n_fast:])
+    return torch.cat([head, tail], dim=1)
+
+
+def block_rows(bp: BlockParts, adapters: nn.ModuleDict | None, hidden: torch.Tensor,
+               cos: torch.Tensor, sin: torch.Tensor, past_keys: torch.Tensor | None,
+               past_values: torch.Tensor | None, mask: torch.Tensor, n_fast: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One decoder block over a set of rows, the last n_fast of which are fast rows.
+
+    Args:
+        hidden: (B, R, H) input residuals of the rows.
+        cos, sin: (B, R, D) rotary tables at each row's position.
+        past_keys, past_values: (B, kv, P, D) keys/values already cached, or None (P = 0).
+        mask: (R, P + R) bool, True where row q may attend to key k; keys are the P past ones
+            followed by the rows' own keys.
+        n_fast: how many trailing rows get the adapters.
+
+    Returns:
+        The (B, R, H) outputs, and the rows' own (B, kv, R, D) rotated keys and values (for the
+        caller to cache the slow rows').
+    """
+    def adapter(name: str) -> LowRank | None:
+        return adapters[name] if adapters is not None and name in adapters else None
+
+    batch, rows, _ = hidden.shape
+    x = bp.input_norm(hidden)
+    shape = (batch, rows, -1, bp.head_dim)
+    q = _project(bp.q_proj, adapter("q"), x, n_fast).view(shape).transpose(1, 2)
+    k = _project(bp.k_proj, adapter("k"), x, n_fast).view(shape).transpose(1, 2)
+    v = _project(bp.v_proj, adapter("v"), x, n_fast).view(shape).transpose(1, 2)
+    q, k = hf_compat.rotate(q, cos, sin), hf_compat.rotate(k, cos, sin)
+    keys = k if past_keys is None else torch.cat([past_keys, k], dim=2)
+    values = v if past_values is None else torch.cat([past_values, v], dim=2)
+    attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=bp.scaling,
+                                          enable_gqa=bp.n_heads != bp.n_kv_heads)
+    attn = attn.transpose(1, 2).reshape(batch, rows, -1)
+    hidden = hidden + _project(bp.o_proj, adapter("o"), attn, n_fast)
+    x = bp.post_norm(hidden)
+    if bp.mlp_proj is None:
+        return hidden + bp.mlp(x), k, v
+    gate, up, down = bp.mlp_proj
+    inner = bp.act_fn(_project(gate, adapter("gate"), x, n_fast)) * _project(
+        up, adapter("up"), x, n_fast)
+    return hidden + _project(down, adapter("down"), inner, n_fast), k, v
+
+
+def visible(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int | None,
+            strict: bool = False) -> torch.Tensor:
+    """(Q, K) bool: key positions at or before (strictly before) each query, within a window."""
+    diff = query_pos[:, None] - key_pos[None, :]
+    ok = diff > 0 if strict else diff >= 0
+    if window is not None:
+        ok &= diff < window
+    return ok
+
+
+def train_fast_states(parts: DecoderParts, accel: Accelerator, slow: list[torch.Tensor],
+                      rotary: tuple[torch.Tensor, torch.Tensor]) -> list[torch.Tensor]:
+    """Fast states of every position in parallel, with the inference attention pattern.
+
+    Args:
+        slow: h^s_0..h^s_N, each (B, T, H), computed without gradients.
+        rotary: (cos, sin), each (B, T, D), for positions 0..T-1.
+
+    Returns:
+        h^f at depths b+1..b+n_fast, each (B, T, H), differentiable w.r.t. the adapters.
+    """
+    cos, sin = rotary
+    steps = slow[0].shape[1]
+    pos = torch.arange(steps, device=slow[0].device)
+    states, hidden = [], slow[accel.first]
+    for index in range(accel.first, accel.first + accel.n_fast):
+        bp = hf_compat.block_parts(parts, index)
+        with torch.no_grad():
+            x = bp.input_norm(slow[index])
+            shape = (x.shape[0], steps, -1, bp.head_dim)
+            past_k = hf_compat.rotate(bp.k_proj(x).view(shape).transpose(1, 2), cos, sin)
+            past_v = bp.v_proj(x).view(shape).transpose(1, 2)
+        # Fast query t: slow keys of positions < t, and its own key (the diagonal of the rows).
+        mask = torch.cat([visible(pos, pos, bp.sliding_window, strict=True),
+                          torch.eye(steps, dtype=torch.bool, device=pos.device)], dim=1)
+        hidden, _, _ = block_rows(bp, accel.block(index), hidden, cos, sin, past_k, past_v,
+                                  mask, n_fast=steps)
+        states.append(hidden)
+    return states
+
+
+def fast_trajectory(parts: DecoderParts, accel: Accelerator, start: torch.Tensor, cache,
+                    position: int) -> list[torch.Tensor]:
+    """The fast stream of one position over the slow cache of the positions before it.
+
+    Args:
+        start: (1, 1, H) the slow state h^s_b of this position at the branch layer.
+        cache: the slow KV cache; the fast blocks' layers must hold positions < `position` only
+            (call this before the slow stream appends this position to those layers).
+        position: the absolute position of this token.
+
+    Returns:
+        h^f at depths b+1..b+n_fast, each (1, 1, H).
+    """
+    positions = torch.tensor([[position]], device=start.device)
+    cos, sin = parts.rotary_emb(start, positions)
+    hidden, states = start, []
+    for index in range(accel.first, accel.first + accel.n_fast):
+        bp = hf_compat.block_parts(parts, index)
+        keys, values = hf_compat.cached_keys_values(cache, index)
+        stored = 0 if keys is None else keys.shape[2]
+        # A sliding-window layer keeps only its last window-1 entries: the newest ones.
+        key_pos = torch.arange(position - stored, position, device=start.device)
+        mask = torch.cat([visible(positions[0], key_pos, bp.sliding_window),
+                          torch.ones(1, 1, dtype=torch.bool, device=start.device)], dim=1)
+        hidden, _, _ = block_rows(bp, accel.block(index), hidden, cos, sin, keys, values, mask,
+                                  n_fast=1)
+        states.append(hidden)
+    return states

@@ -1,0 +1,292 @@
+"""Exit rules behind one interface: ARLA (an attentive router over the residual's layer
+trajectory plus logit-lens features) and its baselines — softmax confidence (CALM-style),
+entropy, hidden-state saturation, a static exit layer, and an MLP on the current state.
+
+Every rule scores a token's state at depth d in [0, 1]; a token exits at the first depth
+d >= min_layer whose score reaches the threshold. Every rule works on either stream.
+
+Lens features come from a check head: the LM head restricted to the most frequent tokens of the
+training answers (`check_vocab`, a parameter; 0 = the full vocabulary). On this CPU the full head
+costs about three blocks, so checking every layer with it would eat the savings; the emitted token
+always comes from the full head.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from m2r2core.accel import AdapterError
+from m2r2core.errors import require
+from m2r2core.hf_compat import DecoderParts
+
+RULES = ("arla", "mlp", "confidence", "entropy", "saturation", "static")
+LEARNED = ("arla", "mlp")
+STREAMS = ("fast", "slow")
+RULE_LABELS = {
+    "arla": "ARLA (attentive router over the layer trajectory)",
+    "mlp": "MLP on the current state",
+    "confidence": "softmax confidence (CALM-style)",
+    "entropy": "low entropy",
+    "saturation": "hidden-state saturation (cos of consecutive layers)",
+    "static": "static exit layer (threshold x depth)",
+}
+N_LENS_FEATURES = 3
+ROUTER_FILE = "routers.safetensors"
+ROUTER_CARD = "routers.json"
+
+
+@dataclass(frozen=True)
+class ExitRule:
+    """When a token may leave: rule, stream, threshold and the earliest depth allowed."""
+
+    rule: str = "arla"
+    stream: str = "fast"
+    threshold: float = 0.9
+    min_layer: int = 4
+
+    def validate(self, max_depth: int) -> None:
+        """Raise ConfigError unless every field is in range for a stream of max_depth layers."""
+        require(self.rule in RULES, "rule", self.rule, f"one of {RULES}")
+        require(self.stream in STREAMS, "stream", self.stream, f"one of {STREAMS}")
+        require(isinstance(self.threshold, (int, float)) and 0.0 <= self.threshold <= 1.0,
+                "threshold", self.threshold, "0 to 1 (scores are probabilities or cosines)")
+        require(1 <= self.min_layer <= max_depth, "min_layer", self.min_layer,
+                f"1..{max_depth}")
+
+
+class CheckHead(nn.Module):
+    """Logit-lens features from a sub-vocabulary head: top-1 prob, normalised entropy, margin."""
+
+    def __init__(self, parts: DecoderParts, token_ids: torch.Tensor | None) -> None:
+        """token_ids: the sub-vocabulary (None: the full head)."""
+        super().__init__()
+        self.norm = parts.norm
+        weight = parts.lm_head.weight
+        self.register_buffer("token_ids", token_ids if token_ids is not None else
+                             torch.arange(weight.shape[0]), persistent=False)
+        self.weight = weight if token_ids is None else weight[token_ids].clone()
+        self.log_size = math.log(self.weight.shape[0])
+
+    def features(self, normed: torch.Tensor) -> torch.Tensor:
+        """(..., 3) float features of (..., H) normed states."""
+        logits = F.linear(normed, self.weight).float()
+        logp = F.log_softmax(logits, dim=-1)
+        top2 = logp.topk(2, dim=-1).values.exp()
+        entropy = -(logp.exp() * logp).sum(-1) / self.log_size
+        return torch.stack([top2[..., 0], 1.0 - entropy, top2[..., 0] - top2[..., 1]], dim=-1)
+
+
+class RouterNet(nn.Module):
+    """A learned exit router. kind='arla': each state up to depth d is projected to a latent plus
+    a depth embedding; the newest attends over the earlier ones; the context, the newest latent
+    and the lens features go through an MLP to P(exit at d is correct). kind='mlp': an MLP on the
+    newest state only.
+    """
+
+    def __init__(self, kind: str, hidden: int, max_depth: int, latent: int = 64) -> None:
+        """An untrained router for states of width `hidden`, depths 1..max_depth."""
+        super().__init__()
+        self.kind, self.max_depth = kind, max_depth
+        self.proj = nn.Linear(hidden, latent)
+        if kind == "arla":
+            self.depth_embed = nn.Embedding(max_depth + 1, latent)
+            self.query = nn.Linear(latent, latent, bias=False)
+            self.key = nn.Linear(latent, latent, bias=False)
+            self.value = nn.Linear(latent, latent, bias=False)
+            width = 2 * latent + N_LENS_FEATURES
+        else:
+            width = latent
+        self.head = nn.Sequential(nn.Linear(width, latent), nn.GELU(), nn.Linear(latent, 1))
+
+    def forward(self, normed: torch.Tensor, lens: torch.Tensor, depths: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits for every depth of a batch of trajectories, and ARLA's attention weights.
+
+        Args:
+            normed: (P, D, H) normed states at depths `depths`.
+            lens: (P, D, 3) lens features.
+            depths: (D,) the depth of each column.
+
+        Returns:
+            (P, D) logits; (P, D, D) attention over earlier depths (None for the MLP).
+        """
+        z = self.proj(normed.float())
+        if self.kind != "arla":
+            return self.head(F.gelu(z)).squeeze(-1), None
+        z = z + self.depth_embed(depths)[None]
+        scores = self.query(z) @ self.key(z).transpose(1, 2) / math.sqrt(z.shape[-1])
+        causal = torch.ones(len(depths), len(depths), dtype=torch.bool,
+                            device=z.device).tril()
+        weights = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+        context = weights @ self.value(z)
+        out = self.head(torch.cat([z, context, lens.float()], dim=-1)).squeeze(-1)
+        return out, weights
+
+
+@dataclass
+class RouterCard:
+    """What routers.json says: the model, the check head and each router's validation metrics."""
+
+    model_name: str
+    model_fingerprint: str
+    check_vocab: int
+    max_depth: dict
+    training: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+
+
+class RouterBundle:
+    """The check head plus the learned routers per stream (keys like 'arla/fast')."""
+
+    def __init__(self, parts: DecoderParts, check_ids: torch.Tensor | None,
+                 nets: dict[str, RouterNet], card: RouterCard | None = None) -> None:
+        """Bundle trained (or untrained) routers with the model's check head."""
+        self.check = CheckHead(parts, check_ids)
+        self.nets = nets
+        self.card = card
+
+    def net(self, rule: str, stream: str) -> RouterNet:
+        """The learned router for a rule and stream, or AdapterError if it was not trained."""
+        key = f"{rule}/{stream}"
+        if key not in self.nets:
+            raise AdapterError(f"No trained '{rule}' router for the {stream} stream; train "
+                               "routers with `python -m m2r2core.train routers`.")
+        return self.nets[key]
+
+    def save(self, folder: Path) -> None:
+        """routers.safetensors and routers.json, written atomically."""
+        from safetensors.torch import save_file
+
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {"check_ids": self.check.token_ids.to(torch.int32).contiguous()}
+        for key, net in self.nets.items():
+            tensors |= {f"{key}/{name}": t.detach().float().contiguous()
+                        for name, t in net.state_dict().items()}
+        save_file(tensors, str(folder / (ROUTER_FILE + ".tmp")))
+        (folder / (ROUTER_CARD + ".tmp")).write_text(json.dumps(asdict(self.card), indent=2))
+        (folder / (ROUTER_FILE + ".tmp")).replace(folder / ROUTER_FILE)
+        (folder / (ROUTER_CARD + ".tmp")).replace(folder / ROUTER_CARD)
+
+
+def load_routers(folder: Path, parts: DecoderParts, model_name: str, model_fingerprint: str
+                 ) -> RouterBundle:
+    """Load routers trained for this model; AdapterError for another model or a corrupt file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    card_path = folder / ROUTER_CARD
+    if not card_path.is_file():
+        raise AdapterError(f"No routers at {folder}; train them with "
+                           "`python -m m2r2core.train routers`.")
+    try:
+        card = RouterCard(**json.loads(card_path.read_text()))
+    except (json.JSONDecodeError, TypeError) as err:
+        raise AdapterError(f"The router card {card_path} is corrupt ({err}).") from err
+    if card.model_fingerprint != model_fingerprint:
+        raise AdapterError(
+            f"The routers in {folder} were trained for '{card.model_name}' (fingerprint "
+            f"{card.model_fingerprint}); the loaded model is '{model_name}' (fingerprint "
+            f"{model_fingerprint}). Load that model or train routers for this one.")
+    try:
+        tensors = load_file(str(folder / ROUTER_FILE))
+        hidden = parts.config.hidden_size
+        nets = {}
+        for key, depth in card.max_depth.items():
+            kind = key.split("/")[0]
+            net = RouterNet(kind, hidden, depth)
+            prefix = key + "/"
+            net.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()
+                                 if k.startswith(prefix)})
+            nets[key] = net.eval()
+        check_ids = tensors["check_ids"].long()
+    except (SafetensorError, FileNotFoundError, OSError, RuntimeError, KeyError) as err:
+        raise AdapterError(f"The router weights in {folder} could not be loaded ({err}).") from err
+    return RouterBundle(parts, check_ids if card.check_vocab else None, nets, card)
+
+
+class TokenScorer:
+    """Scores one token's states depth by depth, keeping what ARLA attends over.
+
+    Call `step` at every depth from 1 (ARLA attends over the whole trajectory so far, as in
+    training); it returns a score only where the rule is asked to decide.
+    """
+
+    def __init__(self, bundle: RouterBundle, rule: ExitRule, max_depth: int, parts: DecoderParts
+                 ) -> None:
+        """Start a token; `max_depth` is the deepest depth of the chosen stream."""
+        self.bundle, self.rule, self.max_depth, self.parts = bundle, rule, max_depth, parts
+        self.net = bundle.net(rule.rule, rule.stream) if rule.rule in LEARNED else None
+        self.latents: list[torch.Tensor] = []
+        self.previous: torch.Tensor | None = None
+
+    @torch.inference_mode()
+    def step(self, state: torch.Tensor, depth: int, decide: bool) -> float | None:
+        """Observe the (H,) state at `depth`; when `decide`, return the rule's score there."""
+        rule, previous = self.rule.rule, self.previous
+        self.previous = state
+        if rule == "static":
+            return depth / self.max_depth if decide else None
+        if rule == "saturation":
+            if not decide:
+                return None
+            return float(F.cosine_similarity(state.float(), previous.float(), dim=-1))
+        if rule in ("confidence", "entropy"):
+            if not decide:
+                return None
+            lens = self.bundle.check.features(self.parts.norm(state))
+            return float(lens[0] if rule == "confidence" else lens[1])
+        normed = self.parts.norm(state)
+        if rule == "mlp":
+            if not decide:
+                return None
+            return float(torch.sigmoid(self.net(normed[None, None], None, None)[0][0, 0]))
+        net = self.net
+        z = net.proj(normed.float()) + net.depth_embed.weight[depth]
+        self.latents.append(z)
+        if not decide:
+            return None
+        lens = self.bundle.check.features(normed)
+        stack = torch.stack(self.latents)  # (d, latent)
+        weights = (net.query(z) @ net.key(stack).T / math.sqrt(z.shape[-1])).softmax(-1)
+        context = weights @ net.value(stack)
+        return float(torch.sigmoid(net.head(torch.cat([z, context, lens]))[0]))
+
+
+def scores_offline(bundle: RouterBundle, parts: DecoderParts, stream: str, states: torch.Tensor,
+                   previous0: torch.Tensor) -> dict:
+    """Every rule's score at every depth of recorded trajectories (for the debugger's slider).
+
+    Args:
+        stream: 'fast' or 'slow' (which learned routers apply).
+        states: (T, D, H) states at depths 1..D of T tokens.
+        previous0: (T, H) the state at depth 0 (saturation's reference).
+
+    Returns:
+        {rule: (T, D) float scores} for the rules available in the bundle.
+    """
+    with torch.inference_mode():
+        max_depth = states.shape[1]
+        depths = torch.arange(1, max_depth + 1)
+        normed = parts.norm(states)
+        lens = bundle.check.features(normed)
+        prev = torch.cat([previous0[:, None], states[:, :-1]], dim=1)
+        out = {
+            "confidence": lens[..., 0],
+            "entropy": lens[..., 1],
+            "saturation": F.cosine_similarity(states.float(), prev.float(), dim=-1),
+            "static": (depths.float() / max_depth)[None].expand(states.shape[0], -1),
+        }
+        for kind in LEARNED:
+            key = f"{kind}/{stream}"
+            if key in bundle.nets:
+                logits, _ = bundle.nets[key](normed, lens, depths)
+                out[kind] = torch.sigmoid(logits)
+    return {k: v.float().cpu() for k, v in out.items()}

@@ -1,0 +1,125 @@
+"""The accelerated stream's block math: it reproduces transformers' blocks on slow rows, the
+training pattern equals the inference pattern position by position, and bad shapes or files are
+refused with clear messages."""
+
+import json
+
+import pytest
+import torch
+
+from m2r2core import accel, hf_compat
+from m2r2core.accel import AccelConfig, Accelerator, AdapterError, block_rows, visible
+from m2r2core.config import DecodeConfig, EngineConfig
+from m2r2core.decode import DecodeState, forward
+from m2r2core.engine import Engine
+from m2r2core.errors import ConfigError
+from m2r2core.train import slow_states
+
+from .conftest import FAMILIES
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_model_dirs):
+    return {f: Engine.load(EngineConfig(model=str(d), dtype="float32"))
+            for f, d in tiny_model_dirs.items()}
+
+
+def _ids(engine, n=20):
+    return torch.tensor([engine.encode("Tell me about the moon and the tides.",
+                                       DecodeConfig())[:n]])
+
+
+def _random_adapters(parts, seed=1, **kw):
+    acc = Accelerator(parts, AccelConfig(rate=2.0, rank=4, margin=0, **kw), seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in acc.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    return acc
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_block_rows_equal_transformers_blocks(engines, family):
+    engine = engines[family]
+    parts = engine.parts
+    ids = _ids(engine)
+    slow, (cos, sin) = slow_states(parts, ids)
+    pos = torch.arange(ids.shape[1])
+    for index in range(parts.n_layers):
+        bp = hf_compat.block_parts(parts, index)
+        out, _, _ = block_rows(bp, None, slow[index], cos, sin, None, None,
+                               visible(pos, pos, bp.sliding_window), n_fast=0)
+        torch.testing.assert_close(out, slow[index + 1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_zero_adapters_make_the_fast_stream_the_slow_stream(engines, family):
+    parts = engines[family].parts
+    ids = _ids(engines[family])
+    slow, rotary = slow_states(parts, ids)
+    acc = Accelerator(parts, AccelConfig(rate=2.0, rank=4, margin=0))
+    fast = accel.train_fast_states(parts, acc, slow, rotary)
+    for depth, state in zip(acc.depths, fast, strict=True):
+        torch.testing.assert_close(state, slow[depth], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_parallel_training_pattern_equals_token_by_token_inference(engines, family):
+    """Fast position t, computed alone over the slow cache of positions < t, equals row t of the
+    parallel training computation (fast query, slow keys/values before t, own key at t)."""
+    engine = engines[family]
+    parts = engine.parts
+    ids = _ids(engine)
+    acc = _random_adapters(parts)
+    slow, rotary = slow_states(parts, ids)
+    fast = accel.train_fast_states(parts, acc, slow, rotary)
+    cache = hf_compat.new_cache(parts)
+    state = DecodeState(cache, torch.Generator())
+    t = ids.shape[1] - 1
+    forward(parts, ids[:, :t], state, keep_states=False)
+    sequential = accel.fast_trajectory(parts, acc, slow[acc.first][:, t:t + 1], cache, t)
+    for depth, state_t in zip(acc.depths, sequential, strict=True):
+        torch.testing.assert_close(state_t[0, 0], fast[depth - acc.first - 1][0, t],
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_rate_target_and_shape():
+    cfg = AccelConfig(rate=2.0, margin=2)
+    assert cfg.fast_layers(30) == 17
+    assert [cfg.target_depth(d, 30) for d in (1, 2, 7, 15, 16, 17)] == [2, 4, 14, 30, 30, 30]
+    assert AccelConfig(rate=3.0, margin=0).fast_layers(30) == 10
+    assert AccelConfig(target="final").target_depth(3, 30) == 30
+    assert AccelConfig(rate=2.0, branch_layer=4).target_depth(6, 30) == 8
+
+
+@pytest.mark.parametrize("bad", [dict(rate=1.0), dict(rate=0.5), dict(rate=40.0),
+                                 dict(branch_layer=30), dict(rank=0), dict(target="fast"),
+                                 dict(projections=("qq",))])
+def test_bad_shapes_are_refused(bad):
+    with pytest.raises(ConfigError):
+        AccelConfig(**bad).validate(30)
+
+
+def test_save_load_roundtrip_and_refusals(engines, tmp_path):
+    parts = engines["llama"].parts
+    acc = _random_adapters(parts)
+    card = accel.AdapterCard(config=vars(acc.config) | {"projections": list(accel.PROJECTIONS)},
+                             model_name="tiny", model_fingerprint="abc", n_layers=4,
+                             hidden_size=64)
+    acc.save(tmp_path / "a", card)
+    loaded, got = accel.load_accelerator(tmp_path / "a", parts, "tiny", "abc")
+    for (k, v), (k2, v2) in zip(acc.state_dict().items(), loaded.state_dict().items(),
+                                strict=True):
+        assert k == k2
+        torch.testing.assert_close(v.to(torch.bfloat16).float(), v2)
+    with pytest.raises(AdapterError, match="trained for 'tiny'.*loaded model is 'other'"):
+        accel.load_accelerator(tmp_path / "a", parts, "other", "zzz")
+    (tmp_path / "a" / accel.WEIGHTS_NAME).write_bytes(b"not a safetensors file")
+    with pytest.raises(AdapterError, match="could not be loaded"):
+        accel.load_accelerator(tmp_path / "a", parts, "tiny", "abc")
+    (tmp_path / "a" / accel.CARD_NAME).write_text("{broken")
+    with pytest.raises(AdapterError, match="corrupt"):
+        accel.load_accelerator(tmp_path / "a", parts, "tiny", "abc")
+    with pytest.raises(AdapterError, match="No adapter card"):
+        accel.load_accelerator(tmp_path / "missing", parts, "tiny", "abc")
+    assert json.loads(json.dumps(card.config))["rate"] == 2.0

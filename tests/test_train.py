@@ -1,0 +1,69 @@
+"""The training CLIs end to end on a tiny model: adapters reduce the loss and resume from their
+checkpoint, routers train and load, empty or corrupt data is refused without writing anything."""
+
+import json
+
+import pytest
+
+from m2r2core import distill, train
+from m2r2core.accel import CARD_NAME, WEIGHTS_NAME
+from m2r2core.errors import AssetMissing
+from m2r2core.routers import ROUTER_CARD
+
+
+@pytest.fixture()
+def corpus(tmp_path, tiny_engine):
+    tok = tiny_engine.tokenizer
+    articles = distill.wiki_articles("train")[:40]
+    samples = distill.text_samples(tok, articles, 40, 48, seed=0)
+    path = tmp_path / "corpus.jsonl"
+    distill.save(samples, path)
+    return path
+
+
+def test_adapters_then_routers(tmp_path, corpus, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("M2R2_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "trained"
+    common = ["--model", str(tiny_model_dir), "--dtype", "float32", "--seq-len", "48",
+              "--data", str(corpus), "--out", str(out)]
+    train.main(["adapters", *common, "--steps", "6", "--batch-size", "4", "--save-every", "3",
+                "--kl-positions", "16", "--rate", "2"])
+    card = json.loads((out / CARD_NAME).read_text())
+    assert card["training"]["steps"] == 6 and (out / WEIGHTS_NAME).is_file()
+    log = (train.work_dir(str(tiny_model_dir)) / "adapters-r2" / "metrics.jsonl").read_text()
+    losses = [json.loads(line)["loss"] for line in log.splitlines()]
+    assert len(losses) == 6 and min(losses[3:]) < losses[0]
+    # resume: asking for more steps continues from step 6
+    train.main(["adapters", *common, "--steps", "8", "--batch-size", "4", "--save-every", "4",
+                "--kl-positions", "16", "--rate", "2"])
+    log = (train.work_dir(str(tiny_model_dir)) / "adapters-r2" / "metrics.jsonl").read_text()
+    assert [json.loads(line)["step"] for line in log.splitlines()][-2:] == [7, 8]
+    train.main(["routers", *common, "--check-vocab", "256", "--per-sample", "8",
+                "--epochs", "2"])
+    rcard = json.loads((out / ROUTER_CARD).read_text())
+    assert set(rcard["max_depth"]) == {"arla/fast", "mlp/fast", "arla/slow", "mlp/slow"}
+    assert len(rcard["metrics"]["lens_agreement/slow"]) == 4
+
+
+def test_empty_or_corrupt_data_is_refused(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(AssetMissing, match="no usable sequence"):
+        distill.load(empty)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"ids": [1, 2')
+    with pytest.raises(AssetMissing, match="corrupt"):
+        distill.load(broken)
+    with pytest.raises(AssetMissing, match="No training data"):
+        distill.load(tmp_path / "missing.jsonl")
+
+
+def test_cli_reports_bad_data_without_traceback(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("M2R2_CACHE", str(tmp_path / "cache"))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    out = tmp_path / "never"
+    with pytest.raises(SystemExit, match="error: .*no usable sequence"):
+        train.main(["adapters", "--model", str(tiny_model_dir), "--data", str(empty),
+                    "--out", str(out)])
+    assert not out.exists()
