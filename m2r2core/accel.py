@@ -25,6 +25,8 @@ from m2r2core.hf_compat import BlockParts, DecoderParts
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 TARGETS = ("rate", "final")
 CARD_NAME = "card.json"
+TRAINED_DIR = Path(__file__).parent / "trained"
+"""Committed adapters and routers, one folder per model."""
 WEIGHTS_NAME = "adapters.safetensors"
 
 
@@ -154,6 +156,17 @@ class Accelerator(nn.Module):
         tmp_card.write_text(json.dumps(asdict(card), indent=2) + "\n")
         tmp_weights.replace(folder / WEIGHTS_NAME)
         tmp_card.replace(folder / CARD_NAME)
+
+
+def find_trained(model_fingerprint: str, root: Path = TRAINED_DIR) -> Path | None:
+    """The committed folder whose adapters were trained for this model, if any."""
+    for card_path in sorted(Path(root).glob(f"*/{CARD_NAME}")):
+        try:
+            if json.loads(card_path.read_text()).get("model_fingerprint") == model_fingerprint:
+                return card_path.parent
+        except (json.JSONDecodeError, OSError):
+            continue
+    return None
 
 
 def read_card(folder: Path) -> AdapterCard:

@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,8 +21,11 @@ import transformers
 
 from m2r2core import hf_compat, lens, prompt
 from m2r2core.config import DecodeConfig, EngineConfig
+from m2r2core.accel import AdapterError, find_trained, load_accelerator
 from m2r2core.decode import TokenLoop
+from m2r2core.exits import ExitConfig, ExitLoop
 from m2r2core.model import LoadedModel, ModelInfo, load
+from m2r2core.routers import RouterBundle, load_routers
 from m2r2core.trace import ResidualCapture, RunTrace, TokenStep
 
 
@@ -53,6 +57,7 @@ class Engine:
         # decode the whole vocabulary once, in one batched call (~0.3 s).
         vocab = range(len(self.tokenizer))
         self._texts: list[str] = self.tokenizer.batch_decode([[i] for i in vocab])
+        self.accel, self.accel_card, self.routers, self.accel_note = _load_trained(self)
 
     @classmethod
     def load(cls, config: EngineConfig = EngineConfig()) -> Engine:
@@ -84,6 +89,25 @@ class Engine:
                          self.device, self.fused_head)
         return Generation(self, clean, ids, cfg, loop)
 
+    def generate_exits(self, text: str | bytes, cfg: DecodeConfig = DecodeConfig(),
+                       exit_cfg: ExitConfig = ExitConfig()) -> Generation:
+        """Start an early-exit generation (m2r2core/exits.py); iterate it for TokenSteps."""
+        clean = prompt.validate_text(text)
+        ids = self._encode_clean(clean, cfg)
+        loop = ExitLoop(self.parts, self.accel, self.routers, ids, cfg, exit_cfg, self.eos_ids,
+                        self.token_text, self._lock, self.device)
+        return Generation(self, clean, ids, cfg, loop, mode="early_exit",
+                          extra={"exit": dataclasses.asdict(exit_cfg)})
+
+    def load_trained(self, folder: str | Path) -> None:
+        """Swap in adapters and routers from a folder (AdapterError if they do not fit)."""
+        self.accel, self.accel_card = load_accelerator(
+            Path(folder), self.parts, self.info.name, self.info.fingerprint)
+        self.accel.to(self.model.dtype)
+        self.routers = load_routers(Path(folder), self.parts, self.info.name,
+                                    self.info.fingerprint)
+        self.accel_note = f"adapters and routers from {folder}"
+
     def run(self, text: str | bytes, cfg: DecodeConfig = DecodeConfig()) -> RunResult:
         """Generate to the end and return the trace."""
         generation = self.generate(text, cfg)
@@ -96,9 +120,11 @@ class Generation:
     """One generation in progress. Iterate it; afterwards `result` holds the RunResult."""
 
     def __init__(self, engine: Engine, text: str, ids: list[int], cfg: DecodeConfig,
-                 loop: TokenLoop) -> None:
+                 loop: TokenLoop | ExitLoop, mode: str = "baseline", extra: dict | None = None
+                 ) -> None:
         """Bind a prepared loop to its engine and request."""
         self.engine, self.text, self.prompt_ids, self.cfg, self.loop = engine, text, ids, cfg, loop
+        self.mode, self.extra = mode, extra or {}
         self.run_id = uuid.uuid4().hex[:12]
         self.steps: list[TokenStep] = []
         self._result: RunResult | None = None
@@ -122,11 +148,11 @@ class Generation:
         trace = RunTrace(
             run_id=self.run_id,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            mode="baseline",
+            mode=self.mode,
             prompt=self.text,
             prompt_token_count=len(self.prompt_ids),
             model=dataclasses.asdict(engine.info),
-            config=dataclasses.asdict(self.cfg),
+            config=dataclasses.asdict(self.cfg) | self.extra,
             environment=environment(),
             steps=tuple(self.steps),
             stop_reason=loop.stop_reason,
@@ -137,7 +163,7 @@ class Generation:
                 [s.token_id for s in self.steps], skip_special_tokens=True),
         )
         capture = None
-        if loop.capture_rows:
+        if getattr(loop, "capture_rows", None):
             capture = ResidualCapture(self.run_id, np.stack(loop.capture_rows))
         return RunResult(trace, capture)
 
@@ -151,6 +177,25 @@ def environment() -> dict:
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),
     }
+
+
+def _load_trained(engine: Engine) -> tuple:
+    """The committed adapters and routers of this model when they exist and fit; otherwise no
+    accelerator and a router bundle with only the untrained rules (and the full check head)."""
+    folder = find_trained(engine.info.fingerprint)
+    if folder is not None:
+        try:
+            accel, card = load_accelerator(folder, engine.parts, engine.info.name,
+                                           engine.info.fingerprint)
+            routers = load_routers(folder, engine.parts, engine.info.name,
+                                   engine.info.fingerprint)
+            return accel.to(engine.model.dtype), card, routers, f"trained files in {folder.name}"
+        except AdapterError as err:
+            note = str(err)
+    else:
+        note = (f"No trained adapters for '{engine.info.name}': only the slow stream's "
+                "untrained exit rules are available.")
+    return None, None, RouterBundle(engine.parts, None, {}), note
 
 
 def _eos_ids(model: torch.nn.Module, tokenizer: object) -> frozenset[int]:

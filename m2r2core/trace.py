@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,8 @@ class TokenStep:
     exit_layer: int
     """Layer the token was emitted from; N means the full model (no early exit)."""
     source: str
-    """'full' for a plain decoding step."""
+    """'full' for a plain decoding step, 'exit' for an early exit, 'fallback' when an exit rule
+    never fired and the token ran the full model."""
     latency_ms: float
     """Wall-clock time of this token: forward pass, sampling and tracing."""
     forward_ms: float
@@ -57,6 +58,12 @@ class TokenStep:
     """(N+1, k) their probabilities."""
     lens_agrees: tuple[bool, ...] = ()
     """(N+1,) logit-lens top-1 at layer l equals the final top-1."""
+    stream: str = "slow"
+    """The residual stream the token was read from: 'slow' or 'fast' (accelerated)."""
+    exit_scores: tuple[float, ...] = ()
+    """Early exit only: the exit rule's score at depths check_from, check_from+1, ..."""
+    check_from: int = 0
+    """Depth of the first entry of exit_scores."""
 
     @property
     def traced(self) -> bool:
@@ -109,12 +116,14 @@ class RunTrace:
     def from_json(cls, text: str) -> RunTrace:
         """Rebuild a RunTrace from `to_json` output."""
         data = json.loads(text)
-        if data.get("schema_version") != SCHEMA_VERSION:
+        # Version 2 only added fields with defaults, so version-1 traces still open.
+        if data.get("schema_version") not in (1, SCHEMA_VERSION):
             raise ValueError(
                 f"trace schema {data.get('schema_version')} is not {SCHEMA_VERSION}; "
                 "re-run the generation with this version of the app"
             )
         data["steps"] = tuple(_step_from_dict(step) for step in data["steps"])
+        data["schema_version"] = SCHEMA_VERSION
         return cls(**data)
 
 

@@ -23,13 +23,18 @@ import torch
 from torch.nn import functional as F
 
 from m2r2core import distill, hf_compat
-from m2r2core.accel import AccelConfig, Accelerator, AdapterCard, train_fast_states
+from m2r2core.accel import (
+    TRAINED_DIR,
+    AccelConfig,
+    Accelerator,
+    AdapterCard,
+    train_fast_states,
+)
 from m2r2core.config import EngineConfig
 from m2r2core.errors import M2R2Error
 from m2r2core.model import default_cache_dir, fingerprint, load
 
 log = logging.getLogger("m2r2core.train")
-TRAINED_DIR = Path(__file__).parent / "trained"
 
 
 def default_out(model: str) -> Path:

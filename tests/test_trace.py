@@ -81,7 +81,7 @@ def test_json_round_trip_is_lossless(tiny_run):
 
 
 def test_json_from_other_schema_is_refused(tiny_run):
-    text = tiny_run.trace.to_json().replace('"schema_version": 1', '"schema_version": 99')
+    text = tiny_run.trace.to_json().replace('"schema_version": 2', '"schema_version": 99')
     with pytest.raises(ValueError, match="schema"):
         RunTrace.from_json(text)
 

@@ -1,0 +1,232 @@
+"""Dynamic-compute decoding: per token, run a stream block by block and emit from the first depth
+the exit rule accepts.
+
+On the fast stream (M2R2) each block runs two rows in one call: the token's slow row (whose keys
+and values later tokens need) and its fast row (adapters on, reading the slow cache, writing
+nothing). On the slow stream (plain early exit) only the slow row runs. Either way, the weights
+are read once per block for all rows, which is what costs time on a memory-bound CPU.
+
+Exited tokens lack slow keys/values above their exit depth. `kv_fill='jit'` (default, DEED-style)
+computes them just in time, batched as extra rows with the next token that goes deeper;
+`kv_fill='copy'` (CALM-style) fills every remaining layer at once from the exit state's
+key/value projections.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from m2r2core import hf_compat
+from m2r2core.accel import Accelerator, block_rows, visible
+from m2r2core.config import DecodeConfig
+from m2r2core.decode import DecodeState, forward
+from m2r2core.errors import require
+from m2r2core.hf_compat import DecoderParts
+from m2r2core.routers import ExitRule, RouterBundle, TokenScorer
+from m2r2core.sampling import make_generator, sample_next
+from m2r2core.trace import TokenStep
+
+KV_FILLS = ("jit", "copy")
+
+
+@dataclass(frozen=True)
+class ExitConfig:
+    """An exit rule plus how exited tokens' missing keys/values are filled."""
+
+    rule: ExitRule = ExitRule()
+    kv_fill: str = "jit"
+
+    def validate(self, max_depth: int) -> None:
+        """Raise ConfigError on an out-of-range field."""
+        self.rule.validate(max_depth)
+        require(self.kv_fill in KV_FILLS, "kv_fill", self.kv_fill, f"one of {KV_FILLS}")
+
+
+@dataclass
+class _Pending:
+    """A position whose slow stream stopped short of the last block."""
+
+    position: int
+    depth: int
+    hidden: torch.Tensor
+    """(1, 1, H) its slow state at `depth`."""
+
+
+class ExitLoop:
+    """Early-exit decoding over a prompt; iterate it to receive TokenStep records.
+
+    After iteration: `stop_reason`, `prefill_ms`, `decode_ms` are set, and `blocks_run` counts
+    block calls (a block call over several rows counts once).
+    """
+
+    def __init__(self, parts: DecoderParts, accel: Accelerator | None, routers: RouterBundle,
+                 prompt_ids: list[int], cfg: DecodeConfig, exit_cfg: ExitConfig,
+                 eos_ids: frozenset[int], token_text, lock, device: torch.device) -> None:
+        """Prepare a run; nothing is computed until iteration."""
+        fast = exit_cfg.rule.stream == "fast"
+        require(not fast or accel is not None, "stream", "fast",
+                "'slow' here: no accelerator adapters are loaded for this model")
+        self.parts, self.accel, self.routers = parts, accel if fast else None, routers
+        self.max_depth = accel.first + accel.n_fast if fast else parts.n_layers
+        exit_cfg.validate(self.max_depth)
+        self.cfg, self.exit_cfg, self.rule = cfg, exit_cfg, exit_cfg.rule
+        self.eos_ids, self.token_text, self.lock, self.device = eos_ids, token_text, lock, device
+        self.prompt = torch.tensor([prompt_ids], device=device)
+        self.blocks = [hf_compat.block_parts(parts, i) for i in range(parts.n_layers)]
+        self.stop_reason = "stopped"
+        self.prefill_ms = self.decode_ms = 0.0
+        self.blocks_run = 0
+        self._last_fast: torch.Tensor | None = None
+
+    def __iter__(self) -> Iterator[TokenStep]:
+        """Prefill with the full model, then one early-exit step per generated token."""
+        cfg = self.cfg
+        state = DecodeState(hf_compat.new_cache(self.parts),
+                            make_generator(cfg.sampling, self.device))
+        pending: list[_Pending] = []
+        start = time.perf_counter()
+        with self.lock:
+            logits = forward(self.parts, self.prompt, state, keep_states=False).logits
+        self.prefill_ms = (time.perf_counter() - start) * 1000.0
+        busy_ms = self.prefill_ms
+        token_id = sample_next(logits, cfg.sampling, state.generator)
+        first = TokenStep(position=0, token_id=token_id, text=self.token_text(token_id),
+                          token_prob=float(torch.softmax(logits, -1)[token_id]),
+                          exit_layer=self.parts.n_layers, source="full",
+                          latency_ms=self.prefill_ms, forward_ms=self.prefill_ms, trace_ms=0.0)
+        step = first
+        for position in range(cfg.max_new_tokens):
+            if position:
+                step_start = time.perf_counter()
+                with self.lock:
+                    step = self._step(token_id, state, pending, position)
+                latency = (time.perf_counter() - step_start) * 1000.0
+                busy_ms += latency
+                step = _with_latency(step, latency)
+                token_id = step.token_id
+            self.decode_ms = busy_ms - self.prefill_ms
+            yield step
+            if token_id in self.eos_ids or position + 1 == cfg.max_new_tokens:
+                self.stop_reason = "eos" if token_id in self.eos_ids else "max_new_tokens"
+                break
+
+    @torch.inference_mode()
+    def _step(self, previous: int, state: DecodeState, pending: list[_Pending], index: int
+              ) -> TokenStep:
+        """Feed the previous token; return the next one, emitted from its exit depth."""
+        parts, t, fast = self.parts, state.position, self.accel is not None
+        hidden = parts.embed_tokens(torch.tensor([[previous]], device=self.device))
+        lowest = min([p.position for p in pending], default=t)
+        positions = torch.arange(lowest, t + 1, device=self.device)
+        cos_all, sin_all = parts.rotary_emb(hidden, positions[None])
+        me = _Pending(t, 0, hidden)
+        pending.append(me)
+        fast_hidden = hidden if fast and self.accel.first == 0 else None
+        scorer = TokenScorer(self.routers, self.rule, self.max_depth, parts)
+        scores, exit_state, exit_depth, source = [], None, parts.n_layers, "fallback"
+        for layer in range(parts.n_layers):
+            rows = [p for p in pending if p.depth == layer]
+            run_fast = fast_hidden is not None and self.accel.block(layer) is not None
+            self._run_block(layer, rows, fast_hidden if run_fast else None, state, cos_all,
+                            sin_all, lowest)
+            depth = layer + 1
+            if run_fast:
+                fast_hidden = self._last_fast
+            elif fast and self.accel.first == depth:
+                fast_hidden = me.hidden  # branch point reached
+            candidate = fast_hidden if run_fast else (None if fast else me.hidden)
+            if candidate is not None and depth < parts.n_layers:
+                decide = depth >= self.rule.min_layer
+                score = scorer.step(candidate[0, 0], depth, decide)
+                if decide:
+                    scores.append(score)
+                    if score >= self.rule.threshold:
+                        exit_state, exit_depth, source = candidate, depth, "exit"
+                        break
+        if exit_state is None:
+            exit_state = me.hidden
+        if self.exit_cfg.kv_fill == "copy" and exit_depth < parts.n_layers:
+            self._copy_fill(pending, exit_state, exit_depth, state)
+        pending[:] = [p for p in pending if p.depth < parts.n_layers]
+        state.position += 1
+        logits = parts.lm_head(parts.norm(exit_state))[0, -1].float()
+        token_id = sample_next(logits, self.cfg.sampling, state.generator)
+        return TokenStep(
+            position=index, token_id=token_id, text=self.token_text(token_id),
+            token_prob=float(torch.softmax(logits, -1)[token_id]), exit_layer=exit_depth,
+            source=source, latency_ms=0.0, forward_ms=0.0, trace_ms=0.0,
+            stream="fast" if fast and source == "exit" else "slow",
+            exit_scores=tuple(scores), check_from=self.rule.min_layer)
+
+    def _run_block(self, layer: int, rows: list[_Pending], fast_hidden: torch.Tensor | None,
+                   state: DecodeState, cos_all: torch.Tensor, sin_all: torch.Tensor,
+                   lowest: int) -> None:
+        """One block call over the slow rows due at this layer (and the fast row, if any)."""
+        if not rows and fast_hidden is None:
+            return
+        bp = self.blocks[layer]
+        past_k, past_v = hf_compat.cached_keys_values(state.cache, layer)
+        stored = 0 if past_k is None else past_k.shape[2]
+        first_row = rows[0].position if rows else state.position
+        past_pos = torch.arange(first_row - stored, first_row, device=self.device)
+        row_pos = torch.tensor([p.position for p in rows], device=self.device)
+        slow_mask = torch.cat([visible(row_pos, past_pos, bp.sliding_window),
+                               visible(row_pos, row_pos, bp.sliding_window)], dim=1)
+        parts_h = [p.hidden for p in rows]
+        index = [p.position - lowest for p in rows]
+        n_fast = 0
+        if fast_hidden is not None:
+            t = torch.tensor([state.position], device=self.device)
+            fast_mask = torch.cat([visible(t, past_pos, bp.sliding_window),
+                                   visible(t, row_pos, bp.sliding_window, strict=True),
+                                   torch.ones(1, 1, dtype=torch.bool, device=self.device)], 1)
+            slow_mask = torch.cat([slow_mask, torch.zeros(len(rows), 1, dtype=torch.bool,
+                                                          device=self.device)], dim=1)
+            mask = torch.cat([slow_mask, fast_mask], dim=0)
+            parts_h.append(fast_hidden)
+            index.append(state.position - lowest)
+            n_fast = 1
+        else:
+            mask = slow_mask
+        hidden = torch.cat(parts_h, dim=1)
+        cos, sin = cos_all[:, index], sin_all[:, index]
+        adapters = self.accel.block(layer) if n_fast else None
+        out, keys, values = block_rows(bp, adapters, hidden, cos, sin, past_k, past_v, mask,
+                                       n_fast)
+        self.blocks_run += 1
+        if rows:
+            n_slow = len(rows)
+            hf_compat.append_keys_values(state.cache, layer, keys[:, :, :n_slow],
+                                         values[:, :, :n_slow])
+            for i, p in enumerate(rows):
+                p.hidden, p.depth = out[:, i:i + 1], layer + 1
+        self._last_fast = out[:, -1:] if n_fast else None
+
+    def _copy_fill(self, pending: list[_Pending], exit_state: torch.Tensor, depth: int,
+                   state: DecodeState) -> None:
+        """CALM-style: every pending position's missing layers get keys/values projected from
+        the exit state (its own, for the exiting token; its last slow state, for older ones)."""
+        parts = self.parts
+        for p in pending:
+            source = exit_state if p.position == state.position else p.hidden
+            pos = torch.tensor([[p.position]], device=self.device)
+            cos, sin = parts.rotary_emb(source, pos)
+            for layer in range(p.depth, parts.n_layers):
+                bp = self.blocks[layer]
+                x = bp.input_norm(source)
+                shape = (1, 1, -1, bp.head_dim)
+                k = hf_compat.rotate(bp.k_proj(x).view(shape).transpose(1, 2), cos, sin)
+                v = bp.v_proj(x).view(shape).transpose(1, 2)
+                hf_compat.append_keys_values(state.cache, layer, k, v)
+            p.depth = parts.n_layers
+        del depth
+
+
+def _with_latency(step: TokenStep, latency: float) -> TokenStep:
+    from dataclasses import replace
+
+    return replace(step, latency_ms=latency, forward_ms=latency)

@@ -1,0 +1,99 @@
+"""Dynamic-compute decoding: never exiting is the full model, just-in-time filling keeps the
+slow stream exact, both fill modes run, the fast stream with zero adapters is the slow stream,
+and bad rules are refused."""
+
+import pytest
+import torch
+
+from m2r2core.accel import AccelConfig, Accelerator
+from m2r2core.config import DecodeConfig, EngineConfig
+from m2r2core.engine import Engine
+from m2r2core.errors import ConfigError
+from m2r2core.exits import ExitConfig
+from m2r2core.routers import ExitRule
+
+from .conftest import FAMILIES
+
+PROMPT = "The capital of France is"
+CFG = DecodeConfig(max_new_tokens=16, trace=False)
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_model_dirs):
+    return {f: Engine.load(EngineConfig(model=str(d), dtype="float32"))
+            for f, d in tiny_model_dirs.items()}
+
+
+def _ids(generation):
+    return [s.token_id for s in generation]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("fill", ["jit", "copy"])
+def test_a_rule_that_never_fires_is_the_full_model(engines, family, fill):
+    engine = engines[family]
+    greedy = engine.run(PROMPT, CFG).trace.token_ids
+    gen = engine.generate_exits(PROMPT, CFG, ExitConfig(ExitRule("static", "slow", 1.0, 1), fill))
+    assert tuple(_ids(gen)) == greedy
+    assert all(s.exit_layer == engine.parts.n_layers for s in gen.steps)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_jit_fill_keeps_the_slow_stream_exact(engines, family):
+    """With JIT filling every position's slow stream is the base model's, so any token that ran
+    the full depth equals the full model's greedy choice on the same prefix."""
+    engine = engines[family]
+    probe = engine.generate_exits(PROMPT, CFG, ExitConfig(ExitRule("confidence", "slow", 1.0, 2)))
+    scores = sorted(s.exit_scores[0] for s in list(probe)[1:])
+    rule = ExitRule("confidence", "slow", scores[len(scores) // 2], 2)  # about half exit
+    gen = engine.generate_exits(PROMPT, CFG, ExitConfig(rule, "jit"))
+    steps = list(gen)
+    depths = [s.exit_layer for s in steps[1:]]
+    assert min(depths) < engine.parts.n_layers and max(depths) == engine.parts.n_layers, depths
+    prompt_ids = gen.prompt_ids
+    for i, step in enumerate(steps):
+        if step.exit_layer == engine.parts.n_layers:
+            ids = torch.tensor([prompt_ids + [s.token_id for s in steps[:i]]])
+            with torch.inference_mode():
+                expected = int(engine.model(ids).logits[0, -1].argmax())
+            assert step.token_id == expected, i
+
+
+def test_every_token_exits_at_the_minimum_when_the_threshold_is_zero(engines):
+    engine = engines["llama"]
+    gen = engine.generate_exits(PROMPT, CFG, ExitConfig(ExitRule("entropy", "slow", 0.0, 2)))
+    steps = list(gen)
+    assert {s.exit_layer for s in steps[1:]} == {2}
+    assert {s.source for s in steps[1:]} == {"exit"}
+    assert all(len(s.exit_scores) == 1 and s.check_from == 2 for s in steps[1:])
+
+
+@pytest.mark.parametrize("fill", ["jit", "copy"])
+def test_zero_adapters_make_fast_exits_equal_slow_exits(engines, fill):
+    engine = engines["llama"]
+    saved = engine.accel
+    try:
+        engine.accel = Accelerator(engine.parts, AccelConfig(rate=2.0, rank=4, margin=0))
+        fast = engine.generate_exits(PROMPT, CFG, ExitConfig(ExitRule("static", "fast", 1.0, 1),
+                                                             fill))
+        slow = engine.generate_exits(PROMPT, CFG, ExitConfig(ExitRule("static", "slow", 0.5, 1),
+                                                             fill))
+        assert _ids(fast) == _ids(slow)
+        assert {s.exit_layer for s in fast.steps[1:]} == {2}
+        assert {s.stream for s in fast.steps[1:]} == {"fast"}
+    finally:
+        engine.accel = saved
+
+
+def test_bad_rules_are_refused(engines):
+    engine = engines["llama"]
+    for rule in (ExitRule(threshold=1.5, stream="slow"), ExitRule(threshold=-0.1, stream="slow"),
+                 ExitRule(min_layer=0, stream="slow"), ExitRule(min_layer=99, stream="slow"),
+                 ExitRule(rule="magic", stream="slow"), ExitRule(stream="sideways")):
+        with pytest.raises(ConfigError):
+            engine.generate_exits(PROMPT, CFG, ExitConfig(rule))
+    with pytest.raises(ConfigError):
+        engine.generate_exits(PROMPT, CFG, ExitConfig(ExitRule(stream="slow"), kv_fill="guess"))
+    if engine.accel is None:
+        with pytest.raises(ConfigError, match="no accelerator"):
+            engine.generate_exits(PROMPT, CFG, ExitConfig(ExitRule("confidence", "fast")))
