@@ -311,8 +311,9 @@ def fast_trajectory(parts: DecoderParts, accel: Accelerator, start: torch.Tensor
 
     Args:
         start: (1, 1, H) the slow state h^s_b of this position at the branch layer.
-        cache: the slow KV cache; the fast blocks' layers must hold positions < `position` only
-            (call this before the slow stream appends this position to those layers).
+        cache: the slow KV cache; entries at `position` or later are ignored, so it may already
+            hold this position. (A sliding-window layer that already holds it has evicted the
+            oldest key the fast query would see: the one approximation of this function.)
         position: the absolute position of this token.
 
     Returns:
@@ -325,9 +326,10 @@ def fast_trajectory(parts: DecoderParts, accel: Accelerator, start: torch.Tensor
         bp = hf_compat.block_parts(parts, index)
         keys, values = hf_compat.cached_keys_values(cache, index)
         stored = 0 if keys is None else keys.shape[2]
-        # A sliding-window layer keeps only its last window-1 entries: the newest ones.
-        key_pos = torch.arange(position - stored, position, device=start.device)
-        mask = torch.cat([visible(positions[0], key_pos, bp.sliding_window),
+        total = hf_compat.cached_length(cache, index)
+        # A sliding-window layer keeps only its newest entries.
+        key_pos = torch.arange(total - stored, total, device=start.device)
+        mask = torch.cat([visible(positions[0], key_pos, bp.sliding_window, strict=True),
                           torch.ones(1, 1, dtype=torch.bool, device=start.device)], dim=1)
         hidden, _, _ = block_rows(bp, accel.block(index), hidden, cos, sin, keys, values, mask,
                                   n_fast=1)

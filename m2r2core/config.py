@@ -42,6 +42,9 @@ class DecodeConfig:
     sampling: SamplingConfig = SamplingConfig()
     trace: bool = True
     """Record per-layer residual statistics and the logit lens for every generated token."""
+    fast_stream: bool = True
+    """With trace on and adapters loaded, also trace the accelerated stream and every exit
+    rule's scores along both streams."""
     capture_residuals: bool = True
     """Keep the hidden states themselves (for projections); only used when trace is on."""
     lens_top_k: int = 5

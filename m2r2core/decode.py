@@ -15,9 +15,10 @@ import numpy as np
 import torch
 
 from m2r2core import hf_compat
+from m2r2core.accel import fast_trajectory
 from m2r2core.config import DecodeConfig
 from m2r2core.hf_compat import DecoderParts
-from m2r2core.lens import lens_logits, trajectory_stats
+from m2r2core.lens import fast_stats, lens_logits, trajectory_stats
 from m2r2core.sampling import make_generator, sample_next
 from m2r2core.trace import TokenStep
 
@@ -87,8 +88,15 @@ class TokenLoop:
 
     def __init__(self, parts: DecoderParts, prompt_ids: list[int], cfg: DecodeConfig,
                  eos_ids: frozenset[int], token_text, lock, device: torch.device,
-                 fused_head: bool = False) -> None:
-        """Prepare a run; nothing is computed until iteration."""
+                 fused_head: bool = False, accel=None, routers=None) -> None:
+        """Prepare a run; nothing is computed until iteration.
+
+        With `accel` (and cfg.trace and cfg.fast_stream) every step also records the
+        accelerated stream and, with `routers`, every exit rule's scores on both streams.
+        """
+        self.accel = accel if cfg.trace and cfg.fast_stream else None
+        self.routers = routers
+        self.fast_rows: list[np.ndarray] = []
         self.parts, self.cfg, self.eos_ids, self.fused_head = parts, cfg, eos_ids, fused_head
         self.token_text, self.lock, self.device = token_text, lock, device
         self.prompt = torch.tensor([prompt_ids], device=device)
@@ -124,7 +132,31 @@ class TokenLoop:
 
     def _forward(self, ids: torch.Tensor, state: DecodeState) -> ForwardOutput:
         with self.lock:  # one forward at a time: sessions share the model and two cores
-            return forward(self.parts, ids, state, self.cfg.trace, self.fused_head)
+            out = forward(self.parts, ids, state, self.cfg.trace, self.fused_head)
+            if self.accel is not None:
+                start = out.states[self.accel.first][None, None]
+                fast = fast_trajectory(self.parts, self.accel, start, state.cache,
+                                       state.position - 1)
+                self._fast = torch.cat([start[0]] + [f[0] for f in fast])  # (D+1, H)
+            return out
+
+    def _fast_fields(self, out: ForwardOutput) -> dict:
+        """The fast stream's statistics and every rule's scores along both streams."""
+        from m2r2core.routers import scores_offline
+
+        fast, parts = self._fast, self.parts
+        stats = fast_stats(parts, fast, out.states[-1], int(out.logits.argmax()))
+        fields = {f"fast_{k}": v for k, v in vars(stats).items()}
+        scores = {}
+        if self.routers is not None:
+            for stream, states in (("fast", fast), ("slow", out.states[:-1])):
+                got = scores_offline(self.routers, parts, stream, states[None, 1:],
+                                     states[None, 0])
+                scores |= {f"{stream}/{k}": tuple(round(x, 5) for x in v[0].tolist())
+                           for k, v in got.items()}
+        if self.cfg.capture_residuals:
+            self.fast_rows.append(fast.float().cpu().numpy())
+        return fields | {"rule_scores": scores}
 
     def _record(self, position: int, token_id: int, out: ForwardOutput, forward_ms: float
                 ) -> TokenStep:
@@ -137,6 +169,8 @@ class TokenLoop:
                 tuple(self.token_text(i) for i in row) for row in stats.lens_top_ids)}
             if self.cfg.capture_residuals:
                 self.capture_rows.append(out.states.float().cpu().numpy())
+            if self.accel is not None:
+                fields |= self._fast_fields(out)
         trace_ms = (time.perf_counter() - trace_start) * 1000.0
         token_prob = float(torch.softmax(out.logits, -1)[token_id])
         return TokenStep(

@@ -20,8 +20,8 @@ import torch
 import transformers
 
 from m2r2core import hf_compat, lens, prompt
-from m2r2core.config import DecodeConfig, EngineConfig
 from m2r2core.accel import AdapterError, find_trained, load_accelerator
+from m2r2core.config import DecodeConfig, EngineConfig
 from m2r2core.decode import TokenLoop
 from m2r2core.exits import ExitConfig, ExitLoop
 from m2r2core.model import LoadedModel, ModelInfo, load
@@ -86,7 +86,7 @@ class Engine:
         clean = prompt.validate_text(text)
         ids = self._encode_clean(clean, cfg)
         loop = TokenLoop(self.parts, ids, cfg, self.eos_ids, self.token_text, self._lock,
-                         self.device, self.fused_head)
+                         self.device, self.fused_head, self.accel, self.routers)
         return Generation(self, clean, ids, cfg, loop)
 
     def generate_exits(self, text: str | bytes, cfg: DecodeConfig = DecodeConfig(),
@@ -164,7 +164,8 @@ class Generation:
         )
         capture = None
         if getattr(loop, "capture_rows", None):
-            capture = ResidualCapture(self.run_id, np.stack(loop.capture_rows))
+            fast = np.stack(loop.fast_rows) if getattr(loop, "fast_rows", None) else None
+            capture = ResidualCapture(self.run_id, np.stack(loop.capture_rows), fast)
         return RunResult(trace, capture)
 
 
@@ -181,7 +182,8 @@ def environment() -> dict:
 
 def _load_trained(engine: Engine) -> tuple:
     """The committed adapters and routers of this model when they exist and fit; otherwise no
-    accelerator and a router bundle with only the untrained rules (and the full check head)."""
+    accelerator and a router bundle with only the untrained rules (and the full check head).
+    """
     folder = find_trained(engine.info.fingerprint)
     if folder is not None:
         try:

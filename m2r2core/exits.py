@@ -209,7 +209,8 @@ class ExitLoop:
     def _copy_fill(self, pending: list[_Pending], exit_state: torch.Tensor, depth: int,
                    state: DecodeState) -> None:
         """CALM-style: every pending position's missing layers get keys/values projected from
-        the exit state (its own, for the exiting token; its last slow state, for older ones)."""
+        the exit state (its own, for the exiting token; its last slow state, for older ones).
+        """
         parts = self.parts
         for p in pending:
             source = exit_state if p.position == state.position else p.hidden

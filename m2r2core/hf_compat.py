@@ -195,6 +195,13 @@ def cached_keys_values(cache: DynamicCache, index: int) -> tuple[torch.Tensor, t
     return layer.keys, layer.values
 
 
+def cached_length(cache: DynamicCache, index: int) -> int:
+    """How many positions layer `index` has seen (a sliding layer stores fewer)."""
+    if index >= len(cache.layers) or not getattr(cache.layers[index], "is_initialized", True):
+        return 0
+    return int(cache.layers[index].get_seq_length())
+
+
 def append_keys_values(cache: DynamicCache, index: int, keys: torch.Tensor,
                        values: torch.Tensor) -> None:
     """Append (1, kv_heads, T, D) keys/values to layer `index` of the cache."""

@@ -95,3 +95,42 @@ def trajectory_stats(parts: DecoderParts, states: torch.Tensor, final_logits: to
         lens_top_probs=tuple(map(tuple, top_probs.tolist())),
         lens_agrees=tuple(agrees.tolist()),
     )
+
+
+@dataclass(frozen=True)
+class FastStats:
+    """Per-depth statistics of the fast stream h^f_0..h^f_D, measured against the slow final."""
+
+    residual_norm: tuple[float, ...]
+    relative_speed: tuple[float, ...]
+    cosine_to_final: tuple[float, ...]
+    """cos(h^f_d, h^s_N): alignment with the slow stream's final state."""
+    lens_entropy: tuple[float, ...]
+    lens_top1: tuple[int, ...]
+    lens_top1_prob: tuple[float, ...]
+    lens_agrees: tuple[bool, ...]
+    """argmax p^f_d == argmax p^s_N."""
+
+
+@torch.inference_mode()
+def fast_stats(parts: DecoderParts, fast: torch.Tensor, slow_final: torch.Tensor,
+               final_top1: int) -> FastStats:
+    """Statistics of one fast trajectory.
+
+    Args:
+        fast: (D+1, H) h^f_0 (the branch state) .. h^f_D.
+        slow_final: (H,) h^s_N.
+        final_top1: the full model's top-1 token at this position.
+    """
+    logp = torch.log_softmax(lens_logits(parts, fast).float(), dim=-1)  # (D+1, V)
+    entropy = -(logp.exp() * logp).sum(-1)
+    top_logp, top_ids = logp.max(dim=-1)
+    h = fast.float()
+    norms = h.norm(dim=-1)
+    speed = (h[1:] - h[:-1]).norm(dim=-1) / norms[:-1].clamp_min(1e-12)
+    cosine = torch.nn.functional.cosine_similarity(h, slow_final.float()[None], dim=-1)
+    return FastStats(
+        residual_norm=tuple(norms.tolist()), relative_speed=tuple(speed.tolist()),
+        cosine_to_final=tuple(cosine.tolist()), lens_entropy=tuple(entropy.tolist()),
+        lens_top1=tuple(top_ids.tolist()), lens_top1_prob=tuple(top_logp.exp().tolist()),
+        lens_agrees=tuple((top_ids == final_top1).tolist()))

@@ -64,6 +64,18 @@ class TokenStep:
     """Early exit only: the exit rule's score at depths check_from, check_from+1, ..."""
     check_from: int = 0
     """Depth of the first entry of exit_scores."""
+    fast_residual_norm: tuple[float, ...] = ()
+    """(D+1,) ‖h^f_d‖ of the accelerated stream, d = 0 (branch state) .. D; empty without it."""
+    fast_relative_speed: tuple[float, ...] = ()
+    fast_cosine_to_final: tuple[float, ...] = ()
+    """(D+1,) cos(h^f_d, h^s_N): how close the fast state is to the slow final state."""
+    fast_lens_entropy: tuple[float, ...] = ()
+    fast_lens_top1: tuple[int, ...] = ()
+    fast_lens_top1_prob: tuple[float, ...] = ()
+    fast_lens_agrees: tuple[bool, ...] = ()
+    rule_scores: dict = field(default_factory=dict)
+    """{'fast/arla': (D,) scores at depths 1..D, 'slow/confidence': (N,) ...}: every exit
+    rule's score along both trajectories, so thresholds can be re-decided without regenerating."""
 
     @property
     def traced(self) -> bool:
@@ -129,6 +141,7 @@ class RunTrace:
 
 def _step_from_dict(data: dict) -> TokenStep:
     nested = ("lens_top_ids", "lens_top_tokens", "lens_top_probs")
+    data["rule_scores"] = {k: tuple(v) for k, v in data.get("rule_scores", {}).items()}
     for key, value in data.items():
         if isinstance(value, list):
             data[key] = tuple(tuple(row) for row in value) if key in nested else tuple(value)
@@ -142,6 +155,8 @@ class ResidualCapture:
     run_id: str
     hidden: np.ndarray = field(repr=False)
     """(T, N+1, H) float32: h_0..h_N of the position that produced each generated token."""
+    fast: np.ndarray | None = field(default=None, repr=False)
+    """(T, D+1, H) float32: the accelerated stream h^f_0..h^f_D of the same positions."""
 
     def __post_init__(self) -> None:
         """Check the array's rank and dtype."""
