@@ -10,5 +10,7 @@ st.sidebar.caption("M2R2: Mixture of Multi-Rate Residuals (arXiv 2502.02040). Ba
                    "CPU-first.")
 page = st.navigation([
     st.Page("app/pages/residuals.py", title="Residual Dynamics", icon="🌊", default=True),
+    st.Page("app/pages/exits.py", title="Exit Threshold debugger", icon="🚪",
+            url_path="exits"),
 ])
 page.run()

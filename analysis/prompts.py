@@ -23,12 +23,18 @@ class Prompt:
     id: str
     category: str
     text: str
+    reference: str = ""
+    """A reference answer where the set ships one (AlpacaEval: GPT-4; MT-Bench: GPT-4 for the
+    30 questions with references), else empty."""
 
 
 def load_prompts(name_or_path: str, limit: int | None = None) -> tuple[Prompt, ...]:
     """Load a named set or a JSONL file; `limit` keeps the first prompts."""
     if name_or_path == "mt-bench":
-        prompts = _jsonl(assets.locate(assets.MT_BENCH_QUESTIONS))
+        path = assets.locate(assets.MT_BENCH_QUESTIONS)
+        refs = _mt_bench_references(path.parent / "reference_answer" / "gpt-4.jsonl")
+        prompts = tuple(Prompt(p.id, p.category, p.text, refs.get(p.id, ""))
+                        for p in _jsonl(path))
     elif name_or_path in ALPACA_SLICES:
         prompts = _alpaca(assets.locate(assets.ALPACA_EVAL), name_or_path)
     else:
@@ -54,11 +60,24 @@ def _jsonl(path: Path) -> tuple[Prompt, ...]:
             raise AssetMissing(f"{path}:{number} is not a JSON object with a 'prompt' "
                                f"(or MT-Bench 'turns') field: {exc}") from exc
         prompts.append(Prompt(str(row.get("question_id", row.get("id", number))),
-                              str(row.get("category", "")), text))
+                              str(row.get("category", "")), text,
+                              str(row.get("reference", "") or "")))
     return tuple(prompts)
 
 
 def _alpaca(path: Path, slice_name: str) -> tuple[Prompt, ...]:
     rows = json.loads(path.read_text(encoding="utf-8"))
-    return tuple(Prompt(f"{slice_name}-{i}", slice_name, row["instruction"])
+    return tuple(Prompt(f"{slice_name}-{i}", slice_name, row["instruction"],
+                        row.get("output", "") or "")
                  for i, row in enumerate(r for r in rows if r.get("dataset") == slice_name))
+
+
+def _mt_bench_references(path: Path) -> dict[str, str]:
+    if not path.is_file():
+        return {}
+    refs = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            row = json.loads(line)
+            refs[str(row["question_id"])] = row["choices"][0]["turns"][0]
+    return refs

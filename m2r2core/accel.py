@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -158,8 +159,10 @@ class Accelerator(nn.Module):
         tmp_card.replace(folder / CARD_NAME)
 
 
-def find_trained(model_fingerprint: str, root: Path = TRAINED_DIR) -> Path | None:
-    """The committed folder whose adapters were trained for this model, if any."""
+def find_trained(model_fingerprint: str, root: Path | None = None) -> Path | None:
+    """The folder whose adapters were trained for this model, if any: under $M2R2_TRAINED_DIR
+    when set, else the committed m2r2core/trained/."""
+    root = root or Path(os.environ.get("M2R2_TRAINED_DIR", TRAINED_DIR))
     for card_path in sorted(Path(root).glob(f"*/{CARD_NAME}")):
         try:
             if json.loads(card_path.read_text()).get("model_fingerprint") == model_fingerprint:
@@ -206,7 +209,7 @@ def load_accelerator(folder: Path, parts: DecoderParts, model_name: str,
             ConfigError) as err:
         raise AdapterError(f"The adapter weights in {folder} could not be loaded ({err}); "
                            "retrain or restore them.") from err
-    return accel.eval(), card
+    return accel.requires_grad_(False).eval(), card
 
 
 def _project(linear: nn.Linear, adapter: LowRank | None, x: torch.Tensor, n_fast: int

@@ -134,12 +134,17 @@ class TokenLoop:
         with self.lock:  # one forward at a time: sessions share the model and two cores
             out = forward(self.parts, ids, state, self.cfg.trace, self.fused_head)
             if self.accel is not None:
-                start = out.states[self.accel.first][None, None]
-                fast = fast_trajectory(self.parts, self.accel, start, state.cache,
-                                       state.position - 1)
-                self._fast = torch.cat([start[0]] + [f[0] for f in fast])  # (D+1, H)
+                self._trace_fast(out, state)
             return out
 
+    @torch.inference_mode()
+    def _trace_fast(self, out: ForwardOutput, state: DecodeState) -> None:
+        """The accelerated stream of the position just fed, read over the slow cache."""
+        start = out.states[self.accel.first][None, None]
+        fast = fast_trajectory(self.parts, self.accel, start, state.cache, state.position - 1)
+        self._fast = torch.cat([start[0]] + [f[0] for f in fast])  # (D+1, H)
+
+    @torch.inference_mode()
     def _fast_fields(self, out: ForwardOutput) -> dict:
         """The fast stream's statistics and every rule's scores along both streams."""
         from m2r2core.routers import scores_offline
@@ -149,7 +154,7 @@ class TokenLoop:
         fields = {f"fast_{k}": v for k, v in vars(stats).items()}
         scores = {}
         if self.routers is not None:
-            for stream, states in (("fast", fast), ("slow", out.states[:-1])):
+            for stream, states in (("fast", fast), ("slow", out.states)):
                 got = scores_offline(self.routers, parts, stream, states[None, 1:],
                                      states[None, 0])
                 scores |= {f"{stream}/{k}": tuple(round(x, 5) for x in v[0].tolist())

@@ -91,8 +91,11 @@ def batches(samples: list[distill.Sample], batch_size: int, seq_len: int, seed: 
             for s in usable[start:start + batch_size]:
                 ids = s.ids[:seq_len]
                 rows.append(ids + [ids[-1]] * (seq_len - len(ids)))
-            lengths = [min(len(s.ids), seq_len) for s in usable[start:start + batch_size]]
-            yield torch.tensor(rows), torch.tensor(lengths)
+            chunk = usable[start:start + batch_size]
+            lengths = [min(len(s.ids), seq_len) for s in chunk]
+            # The position that produces the first answer token is answer_start - 1.
+            starts = [max(0, min(s.answer_start - 1, seq_len - 1)) for s in chunk]
+            yield torch.tensor(rows), torch.tensor(lengths), torch.tensor(starts)
 
 
 def train_split(samples: list[distill.Sample]) -> list[distill.Sample]:
@@ -106,17 +109,22 @@ def router_split(samples: list[distill.Sample]) -> list[distill.Sample]:
 
 
 def adapter_loss(parts, accel: Accelerator, ids: torch.Tensor, lengths: torch.Tensor,
-                 kl_weight: float, kl_positions: int, kl_every: int, generator: torch.Generator
-                 ) -> tuple[torch.Tensor, dict]:
+                 kl_weight: float, kl_positions: int, kl_every: int, generator: torch.Generator,
+                 answer_starts: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """The method note's loss: sum over fast depths of (1 - cos(h^f_d, sg h^s_tau(d))), plus
     kl_weight * KL(p^s_N || p^f_d) at exit depths, on a sample of positions.
+
+    The KL positions are drawn from the answers (chat samples; from `answer_starts`) and the
+    plain text, never from the prompt template: exits happen while generating answers.
     """
     n = parts.n_layers
     slow, rotary = slow_states(parts, ids)
     fast = train_fast_states(parts, accel, slow, rotary)
     valid = torch.arange(ids.shape[1])[None] < lengths[:, None]  # (B, T)
     cos_terms, kl_terms, metrics = [], [], {}
-    flat_valid = valid.reshape(-1).nonzero().squeeze(1)
+    kl_valid = valid if answer_starts is None else (
+        valid & (torch.arange(ids.shape[1])[None] >= answer_starts[:, None]))
+    flat_valid = kl_valid.reshape(-1).nonzero().squeeze(1)
     pick = flat_valid[torch.randperm(len(flat_valid), generator=generator)[:kl_positions]]
     with torch.no_grad():
         teacher = F.log_softmax(
@@ -168,7 +176,7 @@ def cmd_adapters(args: argparse.Namespace) -> None:
                          margin=args.margin, branch_layer=args.branch_layer, target=args.target)
     accel = Accelerator(parts, config, seed=args.seed)
     optim = torch.optim.AdamW(accel.parameters(), lr=args.lr, weight_decay=0.0)
-    ckpt_dir = work_dir(args.model) / f"adapters-r{args.rate:g}"
+    ckpt_dir = work_dir(args.model) / (args.run_name or f"adapters-r{args.rate:g}")
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     ckpt = ckpt_dir / "checkpoint.pt"
     step = 0
@@ -178,6 +186,9 @@ def cmd_adapters(args: argparse.Namespace) -> None:
         optim.load_state_dict(state["optim"])
         step = state["step"]
         log.info("resumed from %s at step %d", ckpt, step)
+    if args.init and step == 0:
+        accel.load_state_dict(torch.load(args.init, weights_only=False)["adapters"])
+        log.info("initialised adapters from %s", args.init)
     gen = torch.Generator().manual_seed(args.seed)
     stream = batches(samples, args.batch_size, args.seq_len, args.seed)
     for _ in range(step):  # same data order after a resume
@@ -187,13 +198,13 @@ def cmd_adapters(args: argparse.Namespace) -> None:
     started = time.time()
     last = {}
     while step < args.steps:
-        ids, lengths = next(stream)
+        ids, lengths, starts = next(stream)
         lr = args.lr * min(1.0, (step + 1) / args.warmup) * 0.5 * (
             1 + math.cos(math.pi * step / args.steps))
         for group in optim.param_groups:
             group["lr"] = lr
         loss, metrics = adapter_loss(parts, accel, ids, lengths, args.kl_weight,
-                                     args.kl_positions, args.kl_every, gen)
+                                     args.kl_positions, args.kl_every, gen, starts)
         optim.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(accel.parameters(), 1.0)
@@ -213,6 +224,7 @@ def cmd_adapters(args: argparse.Namespace) -> None:
         model_name=args.model, model_fingerprint=fingerprint(loaded.model),
         n_layers=parts.n_layers, hidden_size=parts.config.hidden_size,
         training={"data": str(data_path.name), "samples": len(samples), "steps": args.steps,
+                  "init": args.init.parent.name if args.init else None,
                   "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr,
                   "kl_weight": args.kl_weight, "kl_positions": args.kl_positions,
                   "kl_every": args.kl_every, "seed": args.seed, "dtype": args.dtype,
@@ -370,6 +382,10 @@ def parser() -> argparse.ArgumentParser:
             s.add_argument("--kl-every", type=int, default=3)
             s.add_argument("--save-every", type=int, default=10)
             s.add_argument("--restart", action="store_true", help="ignore a checkpoint")
+            s.add_argument("--init", type=Path, default=None,
+                           help="start from the adapters of another run's checkpoint")
+            s.add_argument("--run-name", default=None,
+                           help="checkpoint folder name (default adapters-r<rate>)")
     return p
 
 

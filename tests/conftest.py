@@ -3,6 +3,7 @@ SmolLM2 tokenizer so text in and out is realistic, and the real model behind the
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -79,3 +80,32 @@ def tiny_run(tiny_engine):
 def real_engine_fp32(real_model_dir) -> Engine:
     """The real SmolLM2 in fp32 (slow tests only)."""
     return Engine.load(EngineConfig(dtype="float32", threads=2))
+
+
+@pytest.fixture(scope="session")
+def tiny_trained_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """Adapters and routers briefly trained for the tiny Llama (a folder of trained folders, as
+    $M2R2_TRAINED_DIR expects)."""
+    from m2r2core import distill, train
+
+    root = tmp_path_factory.mktemp("trained")
+    engine_tok = Engine.load(EngineConfig(model=str(tiny_model_dir), dtype="float32")).tokenizer
+    corpus = root.parent / "tiny-corpus.jsonl"
+    distill.save(distill.text_samples(engine_tok, distill.wiki_articles("train")[:30], 30, 40,
+                                      seed=0), corpus)
+    out = root / "tiny"
+    common = ["--model", str(tiny_model_dir), "--dtype", "float32", "--seq-len", "40",
+              "--data", str(corpus), "--out", str(out)]
+    old = os.environ.get("M2R2_CACHE")
+    os.environ["M2R2_CACHE"] = str(root.parent / "cache")
+    try:
+        train.main(["adapters", *common, "--steps", "3", "--batch-size", "4",
+                    "--kl-positions", "8", "--margin", "0"])
+        train.main(["routers", *common, "--check-vocab", "256", "--per-sample", "8",
+                    "--epochs", "1"])
+    finally:
+        if old is None:
+            os.environ.pop("M2R2_CACHE")
+        else:
+            os.environ["M2R2_CACHE"] = old
+    return root

@@ -1,0 +1,201 @@
+"""Early-exit evaluation: every rule x stream x threshold on real prompt sets, against the full
+model measured in the same run.
+
+    python -m analysis.exit_eval --prompts koala selfinstruct vicuna mt-bench --limit 3 \\
+        --max-new-tokens 64 --out benchmarks/exits_bf16.json --chart docs/exits_pareto.html
+
+Per prompt: one traced full-model run (lens agreement by layer for both streams, and
+teacher-forced agreement of every rule on a fine threshold grid), one timed plain run, and one
+timed early-exit run per configuration of the grid. Per configuration: ROUGE-L against the full
+model's own output and against the set's reference answers, teacher-forced token agreement,
+mean exit layer, and the measured speedup (median over prompts of plain time / exit time per
+token, same prompts, dtype and threads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from analysis import exits as ex
+from analysis.prompts import load_prompts
+from m2r2core.config import DecodeConfig, EngineConfig
+from m2r2core.engine import Engine, environment
+from m2r2core.exits import ExitConfig
+from m2r2core.routers import RULES, ExitRule
+
+QUALITY_TARGET = 0.9
+
+
+def default_grid(fast_depth: int, n_layers: int) -> dict[tuple[str, str], list[float]]:
+    """Thresholds decoded for real, per (stream, rule)."""
+    grid = {}
+    for stream, depth in (("fast", fast_depth), ("slow", n_layers)):
+        grid[(stream, "arla")] = [0.6, 0.8, 0.9, 0.97]
+        grid[(stream, "mlp")] = [0.6, 0.8, 0.9, 0.97]
+        grid[(stream, "confidence")] = [0.3, 0.5, 0.7, 0.9]
+        grid[(stream, "entropy")] = [0.5, 0.65, 0.8, 0.9]
+        grid[(stream, "saturation")] = [0.9, 0.95, 0.98, 0.995]
+        layers = ([8, 10, 12, 15] if stream == "fast" else [12, 18, 24, 28])
+        grid[(stream, "static")] = [round(min(depth, x) / depth, 4) for x in layers]
+    return grid
+
+
+def _timed(generation) -> tuple[list, float]:
+    steps = list(generation)
+    loop = generation.loop
+    return steps, loop.decode_ms / max(1, len(steps) - 1)
+
+
+def evaluate(engine: Engine, prompt_sets: list[str], limit: int, max_new_tokens: int,
+             rules: list[str], streams: list[str], min_layer: int, kv_fill: str,
+             progress=None) -> dict:
+    """Run the whole evaluation; returns the JSON-ready report."""
+    n = engine.parts.n_layers
+    fast_depth = engine.accel.first + engine.accel.n_fast if engine.accel else 0
+    streams = [s for s in streams if s == "slow" or engine.accel is not None]
+    grid = {k: v for k, v in default_grid(fast_depth, n).items()
+            if k[0] in streams and k[1] in rules}
+    plain_cfg = DecodeConfig(max_new_tokens=max_new_tokens, trace=False)
+    traced_cfg = DecodeConfig(max_new_tokens=max_new_tokens, capture_residuals=False)
+    prompts = [(name, p) for name in prompt_sets for p in load_prompts(name, limit)]
+    total = len(prompts) * (2 + sum(len(v) for v in grid.values()))
+    done = 0
+    traced_steps, rows = [], []
+    per_config: dict[str, list[dict]] = {}
+    for set_name, prompt in prompts:
+        traced = engine.run(prompt.text, traced_cfg).trace
+        traced_steps.extend(traced.steps[1:])  # the first token comes from the prefill
+        full_steps, full_ms = _timed(engine.generate(prompt.text, plain_cfg))
+        full_text = engine.tokenizer.decode([s.token_id for s in full_steps],
+                                            skip_special_tokens=True)
+        done += 2
+        for (stream, rule), thresholds in grid.items():
+            for threshold in thresholds:
+                cfg = ExitConfig(ExitRule(rule, stream, threshold, min_layer), kv_fill)
+                gen = engine.generate_exits(prompt.text, plain_cfg, cfg)
+                steps, ms = _timed(gen)
+                text = engine.tokenizer.decode([s.token_id for s in steps],
+                                               skip_special_tokens=True)
+                key = f"{stream}/{rule}/{threshold}"
+                per_config.setdefault(key, []).append({
+                    "set": set_name, "prompt_id": prompt.id, "tokens": len(steps),
+                    "ms_per_token": ms, "full_ms_per_token": full_ms,
+                    "speedup": full_ms / ms if ms > 0 else float("nan"),
+                    "rouge_full": ex.rouge_l(text, full_text),
+                    "rouge_ref": ex.rouge_l(text, prompt.reference) if prompt.reference
+                    else None,
+                    "mean_exit_layer": float(np.mean([s.exit_layer for s in steps[1:]]))
+                    if len(steps) > 1 else float(n),
+                    "identical": [s.token_id for s in steps] == [s.token_id
+                                                                 for s in full_steps],
+                })
+                done += 1
+                if progress:
+                    progress(done, total)
+        rows.append({"set": set_name, "prompt_id": prompt.id, "full_ms_per_token": full_ms,
+                     "full_rouge_ref": ex.rouge_l(full_text, prompt.reference)
+                     if prompt.reference else None})
+        gc.collect()
+    steps = tuple(traced_steps)
+    configs = []
+    for key, runs in per_config.items():
+        stream, rule, threshold = key.split("/")
+        offline = ex.summary(ex.decide_all(steps, stream, rule, float(threshold), min_layer, n),
+                             n)
+        refs = [r["rouge_ref"] for r in runs if r["rouge_ref"] is not None]
+        configs.append({
+            "stream": stream, "rule": rule, "threshold": float(threshold),
+            "speedup": statistics.median(r["speedup"] for r in runs),
+            "rouge_full": float(np.mean([r["rouge_full"] for r in runs])),
+            "rouge_ref": float(np.mean(refs)) if refs else None,
+            "agreement": offline["agreement"],
+            "mean_exit_layer": float(np.mean([r["mean_exit_layer"] for r in runs])),
+            "identical_outputs": sum(r["identical"] for r in runs), "runs": runs,
+        })
+    curves = {}
+    for stream in streams:
+        for rule in rules:
+            pts = [c for c in configs if c["stream"] == stream and c["rule"] == rule]
+            if pts:
+                curves[f"{stream}/{rule}"] = ex.speedup_at_quality(pts, QUALITY_TARGET)
+    sweeps = {f"{stream}/{rule}": ex.threshold_sweep(steps, stream, rule, min_layer, n)
+              for stream, rs in ex.available_rules(steps).items() for rule in rs
+              if rule in rules and stream in streams}
+    refs = [r["full_rouge_ref"] for r in rows if r["full_rouge_ref"] is not None]
+    return {
+        "environment": environment() | {"dtype": engine.info.dtype},
+        "model": engine.info.name, "n_layers": n, "fast_depth": fast_depth,
+        "adapters": engine.accel_card.training if engine.accel_card else None,
+        "prompt_sets": prompt_sets, "limit": limit, "max_new_tokens": max_new_tokens,
+        "min_layer": min_layer, "kv_fill": kv_fill,
+        "lens_agreement_by_layer": ex.lens_agreement_by_layer(steps),
+        "alignment_by_layer": ex.alignment_by_layer(steps),
+        "full_model": {"rouge_ref": float(np.mean(refs)) if refs else None,
+                       "ms_per_token_median": statistics.median(
+                           r["full_ms_per_token"] for r in rows)},
+        "speedup_at_rouge_0.9": curves, "configs": configs, "offline_sweeps": sweeps,
+        "traced_tokens": len(steps),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """CLI entry point."""
+    p = argparse.ArgumentParser(prog="python -m analysis.exit_eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompts", nargs="+", default=["koala", "selfinstruct", "vicuna",
+                                                     "mt-bench"],
+                   help="named sets or JSONL files with a 'prompt' field")
+    p.add_argument("--limit", type=int, default=3, help="prompts per set")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rules", nargs="+", default=list(RULES), choices=list(RULES))
+    p.add_argument("--streams", nargs="+", default=["fast", "slow"], choices=["fast", "slow"])
+    p.add_argument("--min-layer", type=int, default=4)
+    p.add_argument("--kv-fill", default="jit", choices=["jit", "copy"])
+    p.add_argument("--out", type=Path, default=Path("benchmarks/exits.json"))
+    p.add_argument("--chart", type=Path, default=None, help="write the Pareto chart (HTML)")
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    engine = Engine.load(EngineConfig(model=args.model, dtype=args.dtype, threads=args.threads))
+    from tqdm import tqdm
+
+    bar = tqdm(desc="early-exit evaluation", unit="run")
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    started = time.time()
+    report = evaluate(engine, args.prompts, args.limit, args.max_new_tokens, args.rules,
+                      args.streams, args.min_layer, args.kv_fill, progress)
+    bar.close()
+    report["wall_s"] = round(time.time() - started, 1)
+    report["command"] = "python -m analysis.exit_eval " + " ".join(argv or __import__(
+        "sys").argv[1:])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+    if args.chart:
+        from app.charts import pareto_figure  # plotly only when a chart is asked for
+
+        args.chart.parent.mkdir(parents=True, exist_ok=True)
+        pareto_figure(report["configs"]).write_html(args.chart, include_plotlyjs="cdn")
+    for key, value in report["speedup_at_rouge_0.9"].items():
+        print(f"{key:22s} speedup at ROUGE-L {QUALITY_TARGET}: {value:.2f}")
+    print("lens agreement at depth", {k: [round(x, 2) for x in v]
+                                      for k, v in report["lens_agreement_by_layer"].items()})
+    return report
+
+
+if __name__ == "__main__":
+    main()

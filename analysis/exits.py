@@ -1,0 +1,150 @@
+"""Exit decisions re-made on recorded trajectories, and the measures the debugger and the
+evaluation report: exit depth, agreement with the full model, ROUGE-L, lens agreement by layer,
+and the fast-vs-slow cosine matrix.
+
+A traced run records every rule's score at every depth of both streams (TokenStep.rule_scores)
+plus each depth's logit-lens top-1, so a threshold can be re-decided without regenerating: the
+token exits at the first depth >= min_layer whose score reaches the threshold and would have
+become that depth's lens top-1 (teacher-forced: the context is the full model's own output).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from m2r2core.trace import ResidualCapture, TokenStep
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What one token would have done under a rule."""
+
+    depth: int
+    """Exit depth (N when the rule never fired: the full model)."""
+    token_id: int
+    agrees: bool
+    """The exit token equals the full model's token."""
+    exited: bool
+
+
+def decide(step: TokenStep, stream: str, rule: str, threshold: float, min_layer: int,
+           n_layers: int) -> Decision:
+    """Re-decide one traced token's exit."""
+    scores = step.rule_scores.get(f"{stream}/{rule}")
+    if not scores:
+        return Decision(n_layers, step.token_id, True, False)
+    last = len(scores) if stream == "fast" else min(len(scores), n_layers - 1)
+    for depth in range(max(1, min_layer), last + 1):
+        if scores[depth - 1] >= threshold:
+            token = (step.fast_lens_top1[depth] if stream == "fast"
+                     else step.lens_top_ids[depth][0])
+            return Decision(depth, token, token == step.token_id, True)
+    return Decision(n_layers, step.token_id, True, False)
+
+
+def decide_all(steps: tuple[TokenStep, ...], stream: str, rule: str, threshold: float,
+               min_layer: int, n_layers: int) -> list[Decision]:
+    """Decisions for every traced token (untraced tokens count as full-depth)."""
+    return [decide(s, stream, rule, threshold, min_layer, n_layers) for s in steps]
+
+
+def summary(decisions: list[Decision], n_layers: int) -> dict:
+    """Mean exit depth, agreement, exit rate and the layer-count speedup bound N / mean depth."""
+    if not decisions:
+        return {"mean_depth": float(n_layers), "agreement": 1.0, "exit_rate": 0.0,
+                "layer_ratio": 1.0}
+    depth = float(np.mean([d.depth for d in decisions]))
+    return {"mean_depth": depth,
+            "agreement": float(np.mean([d.agrees for d in decisions])),
+            "exit_rate": float(np.mean([d.exited for d in decisions])),
+            "layer_ratio": n_layers / depth}
+
+
+def threshold_sweep(steps: tuple[TokenStep, ...], stream: str, rule: str, min_layer: int,
+                    n_layers: int, thresholds: np.ndarray | None = None) -> list[dict]:
+    """summary() at each threshold (default: 21 from 0 to 1)."""
+    grid = np.linspace(0.0, 1.0, 21) if thresholds is None else thresholds
+    return [{"threshold": float(t)} | summary(
+        decide_all(steps, stream, rule, float(t), min_layer, n_layers), n_layers) for t in grid]
+
+
+def available_rules(steps: tuple[TokenStep, ...]) -> dict[str, list[str]]:
+    """{stream: [rules]} recorded in these steps."""
+    out: dict[str, list[str]] = {}
+    for key in (steps[0].rule_scores if steps else {}):
+        stream, rule = key.split("/")
+        out.setdefault(stream, []).append(rule)
+    return out
+
+
+def lens_agreement_by_layer(steps: tuple[TokenStep, ...]) -> dict[str, list[float]]:
+    """Fraction of tokens whose logit-lens top-1 at each depth is the final top-1, per stream."""
+    out = {}
+    slow = [s.lens_agrees for s in steps if s.lens_agrees]
+    if slow:
+        out["slow"] = np.mean(np.array(slow, dtype=float), axis=0).tolist()
+    fast = [s.fast_lens_agrees for s in steps if s.fast_lens_agrees]
+    if fast:
+        out["fast"] = np.mean(np.array(fast, dtype=float), axis=0).tolist()
+    return out
+
+
+def alignment_by_layer(steps: tuple[TokenStep, ...]) -> dict[str, list[float]]:
+    """Median cos(h_d, h^s_N) per depth, per stream."""
+    out = {}
+    slow = [s.cosine_to_final for s in steps if s.cosine_to_final]
+    if slow:
+        out["slow"] = np.median(np.array(slow), axis=0).tolist()
+    fast = [s.fast_cosine_to_final for s in steps if s.fast_cosine_to_final]
+    if fast:
+        out["fast"] = np.median(np.array(fast), axis=0).tolist()
+    return out
+
+
+def fast_slow_cosine(capture: ResidualCapture) -> np.ndarray:
+    """(D+1, N+1) mean over tokens of cos(h^f_i, h^s_j): a ridge along j ~ r*i shows the rate."""
+    if capture.fast is None:
+        raise ValueError("this capture has no fast stream (no adapters were loaded)")
+    fast = capture.fast / np.linalg.norm(capture.fast, axis=-1, keepdims=True).clip(1e-12)
+    slow = capture.hidden / np.linalg.norm(capture.hidden, axis=-1, keepdims=True).clip(1e-12)
+    return np.einsum("tih,tjh->ij", fast, slow) / fast.shape[0]
+
+
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+def rouge_l(candidate: str, reference: str) -> float:
+    """ROUGE-L F1 over lower-cased word tokens (Lin 2004), by longest common subsequence."""
+    a, b = _WORD.findall(candidate.lower()), _WORD.findall(reference.lower())
+    if not a or not b:
+        return float(a == b)
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b, 1):
+            cur.append(prev[j - 1] + 1 if x == y else max(prev[j], cur[j - 1]))
+        prev = cur
+    lcs = prev[-1]
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(a), lcs / len(b)
+    return 2 * precision * recall / (precision + recall)
+
+
+def speedup_at_quality(points: list[dict], quality: float, key: str = "rouge_full") -> float:
+    """Best measured speedup among a curve's points whose quality is at least `quality`,
+    linearly interpolated to the crossing point; NaN if no point reaches it."""
+    ordered = sorted(points, key=lambda p: p["speedup"])
+    best = float("nan")
+    for low, high in zip(ordered, ordered[1:], strict=False):
+        if low[key] >= quality > high[key]:
+            frac = (low[key] - quality) / (low[key] - high[key])
+            best = max(best if best == best else 0.0,
+                       low["speedup"] + frac * (high["speedup"] - low["speedup"]))
+    for p in ordered:
+        if p[key] >= quality:
+            best = max(best if best == best else 0.0, p["speedup"])
+    return best

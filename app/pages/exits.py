@@ -1,0 +1,366 @@
+"""Exit Threshold debugger: generate with early exit, then move the threshold and watch every
+token's exit decision change, without regenerating."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from analysis import exits as ex
+from app import exit_charts, resources, state
+from app.charts import visible
+from app.components import controls
+from m2r2core.config import DecodeConfig
+from m2r2core.engine import RunResult
+from m2r2core.errors import M2R2Error
+from m2r2core.exits import KV_FILLS, ExitConfig
+from m2r2core.routers import LEARNED, RULE_LABELS, RULES, ExitRule
+
+REPORT = Path(__file__).resolve().parents[2] / "benchmarks" / "exits_bf16.json"
+RESULT_KEY = "exit_result"
+
+INTRO = """
+**Early exit** stops a token's computation at the first layer where an **exit rule** is confident
+enough, and emits the token from there. M2R2 runs the rule on the **fast (accelerated) stream**:
+small adapters make fast depth *d* look like slow depth *r·d*, so confident states come sooner.
+This page generates with the rule you pick and measures the speedup against the full model in the
+same session. Then it **re-decides** every token from the recorded trajectories as you move the
+threshold, so you see at once which tokens would exit where, and which would come out wrong.
+"""
+
+CHOICES = """
+**Choices our reading of the method made (all switchable):** fast stream branches at the
+embedding; exit checks read a *check head* (the LM head restricted to the 2,048 most frequent
+tokens of the training answers), while the emitted token always comes from the full head; an
+exited token's missing keys/values are filled **just in time** with the next token that goes
+deeper (or copied from the exit state, CALM-style); a token whose rule never fires runs the full
+model. Re-decided tokens are *teacher-forced* (the context stays the full model's own output).
+"""
+
+
+@dataclass
+class ExitSession:
+    """What one Generate press produced."""
+
+    rule: ExitConfig
+    traced: RunResult
+    exit_steps: list
+    exit_ms: float
+    plain_ms: float
+    exit_text: str
+    plain_text: str
+
+
+def render() -> None:
+    st.title("Exit Threshold debugger")
+    st.markdown(INTRO)
+    with st.expander("What exactly is computed"):
+        st.markdown(CHOICES)
+    engine = _engine()
+    if engine is None:
+        return
+    if engine.accel is None:
+        st.warning(f"{engine.accel_note} The fast stream is unavailable; slow-stream rules "
+                   "still work.")
+    seed = int(st.session_state.get(state.SEED, 0))
+    try:
+        text, cfg = controls.decode_controls(seed)
+    except M2R2Error as exc:
+        st.error(str(exc))
+        return
+    exit_cfg = _rule_controls(engine, "exit_gen")
+    if st.button("Generate with early exit", key="exit_generate", type="primary"):
+        if exit_cfg is not None:
+            _generate(engine, text, cfg, exit_cfg)
+    session: ExitSession | None = st.session_state.get(RESULT_KEY)
+    if session is None:
+        st.info("Generate to record trajectories; the threshold controls below then re-decide "
+                "every token instantly.")
+        _pareto(None, None)
+        return
+    _live_summary(engine, session)
+    _redecide(engine, session)
+
+
+def _engine():
+    model = st.session_state.get(state.MODEL) or resources.default_model()
+    dtype = st.session_state.get(state.DTYPE) or "bfloat16"
+    threads = int(st.session_state.get(state.THREADS) or resources.cpu_cores())
+    try:
+        return resources.get_engine(model, dtype, threads)
+    except M2R2Error as exc:
+        st.error(f"The model could not be loaded. {exc}")
+    except Exception as exc:  # noqa: BLE001
+        st.error(f"The model could not be loaded: {type(exc).__name__}: {exc}")
+    return None
+
+
+def _rule_controls(engine, prefix: str) -> ExitConfig | None:
+    """Rule, stream, threshold, minimum layer and KV fill; None (with a message) if invalid."""
+    streams = ["fast", "slow"] if engine.accel is not None else ["slow"]
+    cols = st.columns(5)
+    rule = cols[0].selectbox("Exit rule", RULES, key=f"{prefix}_rule",
+                             format_func=lambda r: RULE_LABELS[r])
+    stream = cols[1].selectbox("Stream", streams, key=f"{prefix}_stream",
+                               help="fast = M2R2's accelerated stream; slow = plain early exit.")
+    threshold = cols[2].number_input("Threshold", value=0.9, step=0.05, key=f"{prefix}_thr",
+                                     help="0 to 1; a token exits at the first depth whose "
+                                          "score reaches it.")
+    shallow = engine.accel.n_fast if engine.accel is not None else engine.parts.n_layers - 1
+    min_layer = cols[3].number_input("Minimum layer", value=min(4, shallow), step=1,
+                                     key=f"{prefix}_min",
+                                     help="No exit before this depth.")
+    fill = cols[4].selectbox("Missing KV", KV_FILLS, key=f"{prefix}_fill",
+                             help="jit: computed with the next token that goes deeper; copy: "
+                                  "projected from the exit state (CALM).")
+    max_depth = (engine.accel.first + engine.accel.n_fast if stream == "fast"
+                 else engine.parts.n_layers)
+    cfg = ExitConfig(ExitRule(rule, stream, float(threshold), int(min_layer)), fill)
+    try:
+        cfg.validate(max_depth)
+        if rule in LEARNED:
+            engine.routers.net(rule, stream)
+    except M2R2Error as exc:
+        st.error(str(exc))
+        return None
+    return cfg
+
+
+def _generate(engine, text, cfg, exit_cfg: ExitConfig) -> None:
+    plain_cfg = cfg.replace(trace=False)
+    try:
+        plain = engine.generate(text, plain_cfg)
+        exiting = engine.generate_exits(text, plain_cfg, exit_cfg)
+    except M2R2Error as exc:
+        st.error(str(exc))
+        return
+    progress = st.progress(0.0, text="Full model (the speed baseline)…")
+    strip = st.empty()
+    try:
+        for step in plain:
+            progress.progress((step.position + 1) / (3 * cfg.max_new_tokens),
+                              text=f"full model: token {step.position + 1}")
+        plain_ms = plain.loop.decode_ms / max(1, len(plain.steps) - 1)
+        shown = 0.0
+        for step in exiting:
+            if time.monotonic() - shown > 0.5:
+                shown = time.monotonic()
+                ms = exiting.loop.decode_ms / max(1, len(exiting.steps) - 1)
+                progress.progress((cfg.max_new_tokens + step.position + 1)
+                                  / (3 * cfg.max_new_tokens),
+                                  text=f"early exit: token {step.position + 1} · running "
+                                       f"speedup {plain_ms / ms if ms else 1:.2f}x")
+                strip.markdown(exit_charts.exit_strip_html(
+                    exiting.steps, [s.exit_layer for s in exiting.steps],
+                    engine.parts.n_layers), unsafe_allow_html=True)
+        exit_ms = exiting.loop.decode_ms / max(1, len(exiting.steps) - 1)
+        traced = engine.generate(text, cfg.replace(trace=True))
+        for step in traced:
+            progress.progress(min(1.0, (2 * cfg.max_new_tokens + step.position + 1)
+                                  / (3 * cfg.max_new_tokens)),
+                              text=f"recording trajectories: token {step.position + 1}")
+    except Exception as exc:  # noqa: BLE001
+        st.error(f"Generation failed: {type(exc).__name__}: {exc}. Earlier results are kept.")
+        return
+    finally:
+        progress.empty()
+        strip.empty()
+    st.session_state[RESULT_KEY] = ExitSession(
+        exit_cfg, traced.result, list(exiting.steps), exit_ms, plain_ms,
+        exiting.result.trace.completion, plain.result.trace.completion)
+
+
+def _live_summary(engine, s: ExitSession) -> None:
+    n = engine.parts.n_layers
+    st.subheader("The generation")
+    st.caption("Each token coloured by the depth it left at (light: early, dark: full depth). "
+               "Hover a token for its exit depth.")
+    st.markdown(exit_charts.exit_strip_html(s.exit_steps, [x.exit_layer for x in s.exit_steps],
+                                            n), unsafe_allow_html=True)
+    depths = [x.exit_layer for x in s.exit_steps[1:]] or [n]
+    cols = st.columns(4)
+    cols[0].metric("Measured speedup", f"{s.plain_ms / s.exit_ms:.2f}x",
+                   help="Full model ms/token ÷ early-exit ms/token, both measured just now.")
+    cols[1].metric("ms per token", f"{s.exit_ms:.1f}", f"{s.exit_ms - s.plain_ms:+.1f} vs full",
+                   delta_color="inverse")
+    cols[2].metric("Mean exit depth", f"{sum(depths) / len(depths):.1f} / {n}")
+    cols[3].metric("ROUGE-L vs full output", f"{ex.rouge_l(s.exit_text, s.plain_text):.3f}")
+    r = s.rule.rule
+    st.caption(f"Generated with {RULE_LABELS[r.rule]} on the {r.stream} stream, threshold "
+               f"{r.threshold:g}, minimum layer {r.min_layer}, KV fill {s.rule.kv_fill}.")
+
+
+def _redecide(engine, s: ExitSession) -> None:
+    n = engine.parts.n_layers
+    steps = s.traced.trace.steps[1:]  # the first token comes from the prompt's prefill
+    if not steps or not steps[0].rule_scores:
+        st.info("This run recorded no rule scores (no adapters loaded), so thresholds cannot "
+                "be re-decided.")
+        return
+    st.subheader("Re-decide the exits")
+    st.caption("Move the threshold: every token's exit is re-decided from the recorded "
+               "trajectories of the full-model run, without generating again.")
+    available = ex.available_rules(steps)
+    cols = st.columns(4)
+    stream = cols[0].selectbox("Stream ", list(available), key="exit_re_stream")
+    rule = cols[1].selectbox("Rule ", available[stream], key="exit_re_rule",
+                             format_func=lambda x: RULE_LABELS[x])
+    threshold = cols[2].slider("Threshold ", 0.0, 1.0, float(min(1.0, s.rule.rule.threshold)),
+                               0.01, key="exit_re_thr")
+    min_layer = cols[3].slider("Minimum layer ", 1, n - 1, min(s.rule.rule.min_layer, n - 1),
+                               key="exit_re_min")
+    decisions = ex.decide_all(steps, stream, rule, threshold, min_layer, n)
+    summ = ex.summary(decisions, n)
+    m = st.columns(4)
+    m[0].metric("Agreement with the full model", f"{summ['agreement']:.1%}")
+    m[1].metric("Tokens that exit early", f"{summ['exit_rate']:.0%}")
+    m[2].metric("Mean exit depth", f"{summ['mean_depth']:.1f}")
+    m[3].metric("Layer ratio N / depth", f"{summ['layer_ratio']:.2f}x",
+                help="An upper bound on the speedup; the measured figure is above.")
+    would = [None if d.agrees else engine.token_text(d.token_id) for d in decisions]
+    st.markdown(exit_charts.exit_strip_html(steps, [d.depth for d in decisions], n, would),
+                unsafe_allow_html=True)
+    st.plotly_chart(exit_charts.router_heatmap(steps, stream, rule, threshold, decisions),
+                    key="exit_heatmap")
+    st.caption("Each cell is the rule's score for a token (row) at a depth (column). A token "
+               "leaves at the first cell right of the minimum layer that crosses the red "
+               "threshold line (marked ×).")
+    left, right = st.columns(2)
+    left.plotly_chart(exit_charts.exit_histogram(decisions, n), key="exit_hist")
+    left.caption("Where tokens leave. A tall bar at depth N means the rule rarely fires.")
+    with right:
+        _pareto(s, {"stream": stream, "rule": rule, "threshold": threshold,
+                    "min_layer": min_layer} | summ)
+    _disagreements(engine, s, steps, decisions, stream, rule)
+    _downloads(s, steps, decisions, stream, rule, threshold, min_layer)
+
+
+def _pareto(session: ExitSession | None, current: dict | None) -> None:
+    report = _load_report()
+    if report is not None:
+        point = None
+        if current:
+            same = [c for c in report["configs"] if c["stream"] == current["stream"]
+                    and c["rule"] == current["rule"]]
+            if same:
+                near = min(same, key=lambda c: abs(c["threshold"] - current["threshold"]))
+                point = {"speedup": near["speedup"], "rouge_full": near["rouge_full"]}
+        st.plotly_chart(exit_charts.pareto_figure(report["configs"], point), key="exit_pareto")
+        st.caption(f"Measured by `{report.get('command', 'analysis.exit_eval')}` on "
+                   f"{', '.join(report['prompt_sets'])} ({report['limit']} prompts each, "
+                   f"{report['max_new_tokens']} tokens, {report['environment']['dtype']}). The "
+                   "star is the measured point nearest your rule and threshold.")
+    if session is not None and current is not None:
+        steps = session.traced.trace.steps[1:]
+        n = session.traced.trace.n_layers
+        sweeps = [dict(stream=st_, rule=r, **row)
+                  for st_, rules in ex.available_rules(steps).items() for r in rules
+                  for row in ex.threshold_sweep(steps, st_, r, current["min_layer"], n)]
+        st.plotly_chart(exit_charts.pareto_figure(
+            sweeps, {"layer_ratio": current["layer_ratio"], "agreement": current["agreement"]},
+            x="layer_ratio", y="agreement"), key="exit_pareto_session")
+        st.caption("The same trade-off on this generation, teacher-forced: agreement with the "
+                   "full model against the layer ratio, for every rule and threshold.")
+
+
+@st.cache_data(max_entries=2)
+def _report_cached(path: str, mtime: float) -> dict | None:
+    del mtime
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _load_report() -> dict | None:
+    if not REPORT.is_file():
+        return None
+    return _report_cached(str(REPORT), REPORT.stat().st_mtime)
+
+
+def _disagreements(engine, s: ExitSession, steps, decisions, stream: str, rule: str) -> None:
+    wrong = [i for i, d in enumerate(decisions) if not d.agrees]
+    st.subheader(f"Tokens where the early exit disagrees ({len(wrong)})")
+    if not wrong:
+        st.caption("None at this threshold.")
+        return
+    labels = {i: f"{steps[i].position} {visible(steps[i].text)} → exit says "
+                 f"{visible(engine.token_text(decisions[i].token_id))} at depth "
+                 f"{decisions[i].depth}" for i in wrong}
+    pick = st.selectbox("Open a token's trajectory", wrong, format_func=labels.get,
+                        key="exit_wrong")
+    step, decision = steps[pick], decisions[pick]
+    curves = {"slow": list(step.cosine_to_final)}
+    if step.fast_cosine_to_final:
+        curves["fast"] = list(step.fast_cosine_to_final)
+    rate = engine.accel.config.rate if engine.accel else None
+    st.plotly_chart(exit_charts.stream_curves(
+        curves, f"Alignment with the final state for {visible(step.text)}",
+        "cos(h_d, h^s_N)", rate), key="exit_traj")
+    st.caption("How close each depth's state already is to the full model's final state, on "
+               "both streams; the dotted curve redraws the fast stream at depth × r, where it "
+               "should meet the slow one.")
+    table = pd.DataFrame({
+        "depth": range(len(step.lens_top_ids)),
+        "slow lens top-1": [engine.token_text(r[0]) for r in step.lens_top_ids],
+        "fast lens top-1": [engine.token_text(t) for t in step.fast_lens_top1]
+        + [""] * (len(step.lens_top_ids) - len(step.fast_lens_top1)),
+    })
+    st.dataframe(table, hide_index=True, height=260)
+    if rule in LEARNED and decision.exited:
+        _attribution(engine, s, pick, stream, rule, decision.depth)
+
+
+def _attribution(engine, s: ExitSession, index: int, stream: str, rule: str, depth: int) -> None:
+    st.markdown("**Why did the router let it exit?** Integrated Gradients (captum) on the "
+                "router's probability at the exit depth.")
+    if not st.button("Explain this exit", key="exit_explain"):
+        return
+    from analysis.attribution import explain_exit
+
+    trace = s.traced.trace
+    cfg = DecodeConfig(max_new_tokens=1, use_chat_template=trace.config["use_chat_template"],
+                       system_prompt=trace.config["system_prompt"])
+    prompt_ids = engine.encode(trace.prompt, cfg)
+    context = prompt_ids + [x.token_id for x in trace.steps[:index + 1]]
+    with st.spinner("Integrated Gradients: 8 forward and backward passes…"):
+        try:
+            with engine._lock:
+                att = explain_exit(engine.parts, engine.accel, engine.routers, engine.token_text,
+                                   context, stream, rule, depth)
+        except Exception as exc:  # noqa: BLE001
+            st.error(f"Attribution failed: {type(exc).__name__}: {exc}")
+            return
+    tokens = pd.DataFrame({"token": [visible(t) for t in att.tokens],
+                           "attribution": att.token_scores})
+    top = tokens.reindex(tokens["attribution"].abs().sort_values(ascending=False).index)[:12]
+    cols = st.columns(2)
+    cols[0].caption(f"Context tokens that moved the probability ({att.probability:.2f}) most; "
+                    f"completeness gap {att.convergence_delta:.3f}.")
+    cols[0].dataframe(top, hide_index=True)
+    depth_table = pd.DataFrame({"depth": range(1, len(att.depth_scores) + 1),
+                                "attribution": att.depth_scores})
+    cols[1].caption("Depths of the trajectory the router leaned on.")
+    cols[1].bar_chart(depth_table, x="depth", y="attribution")
+
+
+def _downloads(s: ExitSession, steps, decisions, stream, rule, threshold, min_layer) -> None:
+    table = pd.DataFrame([{
+        "position": st_.position, "token": st_.text, "exit_depth": d.depth,
+        "exit_token_id": d.token_id, "agrees": d.agrees} for st_, d in zip(steps, decisions,
+                                                                           strict=True)])
+    cols = st.columns(2)
+    cols[0].download_button(
+        "Download decisions (CSV)", table.to_csv(index=False),
+        file_name=f"exits-{stream}-{rule}-{threshold:.2f}-min{min_layer}.csv",
+        key="exit_dl_csv")
+    cols[1].download_button("Download trace (JSON)", s.traced.trace.to_json(),
+                            file_name=f"trace-{s.traced.trace.run_id}.json", key="exit_dl_json")
+
+
+render()

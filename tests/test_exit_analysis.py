@@ -1,0 +1,100 @@
+"""Re-deciding exits offline agrees with decoding, ROUGE-L and the Pareto helper are right, the
+evaluation CLI writes a report, and captum attributions explain a learned router's decision."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from analysis import exit_eval
+from analysis import exits as ex
+from analysis.attribution import explain_exit
+from m2r2core.config import DecodeConfig, EngineConfig
+from m2r2core.engine import Engine
+from m2r2core.exits import ExitConfig
+from m2r2core.routers import ExitRule
+
+PROMPT = "Why is the sky blue?"
+
+
+@pytest.fixture(scope="module")
+def trained_engine(tiny_model_dir, tiny_trained_dir):
+    engine = Engine.load(EngineConfig(model=str(tiny_model_dir), dtype="float32"))
+    engine.load_trained(tiny_trained_dir / "tiny")
+    return engine
+
+
+@pytest.fixture(scope="module")
+def traced(trained_engine):
+    return trained_engine.run(PROMPT, DecodeConfig(max_new_tokens=10))
+
+
+def test_rouge_l():
+    assert ex.rouge_l("the cat sat on the mat", "the cat sat on the mat") == 1.0
+    assert ex.rouge_l("a b c", "x y z") == 0.0
+    # LCS "the cat mat" = 3 of 6 and 3 of 4 words
+    assert math.isclose(ex.rouge_l("the cat sat on the mat", "the black cat mat"),
+                        2 * 0.5 * 0.75 / 1.25)
+    assert ex.rouge_l("", "") == 1.0
+
+
+def test_speedup_at_quality_interpolates():
+    pts = [{"speedup": 1.0, "rouge_full": 1.0}, {"speedup": 2.0, "rouge_full": 0.8}]
+    assert math.isclose(ex.speedup_at_quality(pts, 0.9), 1.5)
+    assert math.isnan(ex.speedup_at_quality([{"speedup": 3.0, "rouge_full": 0.1}], 0.9))
+
+
+def test_traced_run_records_both_streams_and_every_rule(trained_engine, traced):
+    step = traced.trace.steps[1]
+    d = trained_engine.accel.n_fast
+    assert len(step.fast_lens_top1) == d + 1 and len(step.fast_cosine_to_final) == d + 1
+    assert {k.split("/")[0] for k in step.rule_scores} == {"fast", "slow"}
+    assert len(step.rule_scores["slow/arla"]) == trained_engine.parts.n_layers
+    assert len(step.rule_scores["fast/arla"]) == d
+    assert traced.capture.fast.shape[1] == d + 1
+    matrix = ex.fast_slow_cosine(traced.capture)
+    assert matrix.shape == (d + 1, trained_engine.parts.n_layers + 1)
+    assert np.isclose(matrix[0, 0], 1.0)  # both streams start from the same embedding
+
+
+@pytest.mark.parametrize("stream", ["fast", "slow"])
+def test_offline_decisions_match_real_exit_decisions(trained_engine, traced, stream):
+    """The scores recorded by the traced run are the scores the decoder uses: re-deciding the
+    first generated token offline gives the depth the early-exit decoder chose for it."""
+    n = trained_engine.parts.n_layers
+    step = traced.trace.steps[1]
+    scores = step.rule_scores[f"{stream}/confidence"]
+    ordered = sorted(scores)
+    middle = len(ordered) // 2  # halfway between two recorded scores: rounding cannot flip it
+    threshold = float(ordered[middle - 1] + ordered[middle]) / 2
+    offline = ex.decide(step, stream, "confidence", threshold, 1, n)
+    gen = trained_engine.generate_exits(
+        PROMPT, DecodeConfig(max_new_tokens=2, trace=False),
+        ExitConfig(ExitRule("confidence", stream, threshold, 1)))
+    real = list(gen)[1]
+    assert real.exit_layer == offline.depth
+    assert real.token_id == offline.token_id
+
+
+def test_evaluation_writes_a_report(trained_engine, tmp_path):
+    report = exit_eval.evaluate(trained_engine, ["vicuna"], 1, 6, ["confidence", "arla"],
+                                ["fast", "slow"], 1, "jit")
+    assert {c["rule"] for c in report["configs"]} == {"confidence", "arla"}
+    assert all(c["speedup"] > 0 and 0 <= c["rouge_full"] <= 1 for c in report["configs"])
+    assert set(report["lens_agreement_by_layer"]) == {"fast", "slow"}
+    json.dumps(report)  # serialisable
+
+
+@pytest.mark.parametrize("stream", ["fast", "slow"])
+def test_attribution_explains_a_learned_router(trained_engine, traced, stream):
+    ids = trained_engine.encode(PROMPT, DecodeConfig()) + [traced.trace.steps[0].token_id]
+    att = explain_exit(trained_engine.parts, trained_engine.accel, trained_engine.routers,
+                       trained_engine.token_text, ids, stream, "arla", depth=2, n_steps=4)
+    assert len(att.token_scores) == len(ids)
+    assert len(att.depth_scores) == 2
+    assert 0.0 <= att.probability <= 1.0
+    assert any(abs(x) > 0 for x in att.token_scores)
+    with pytest.raises(ValueError, match="learned routers"):
+        explain_exit(trained_engine.parts, trained_engine.accel, trained_engine.routers,
+                     trained_engine.token_text, ids, stream, "confidence", 2)

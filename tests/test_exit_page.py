@@ -1,0 +1,67 @@
+"""AppTest flows of the Exit Threshold debugger on the tiny model with briefly trained adapters
+and routers: generate, re-decide with the slider, refuse bad controls."""
+
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from app import state
+from app.pages.exits import RESULT_KEY
+
+ENTRY = str(Path(__file__).resolve().parent.parent / "streamlit_app.py")
+
+
+@pytest.fixture
+def app(tiny_model_dir, tiny_trained_dir, monkeypatch):
+    monkeypatch.setenv("M2R2_MODEL_DIR", str(tiny_model_dir))
+    monkeypatch.setenv("M2R2_TRAINED_DIR", str(tiny_trained_dir))
+    at = AppTest.from_file(ENTRY, default_timeout=180)
+    at.session_state[state.DTYPE] = "float32"
+    at.run()
+    at.switch_page("app/pages/exits.py")
+    return at.run()
+
+
+def generate(at, rule="arla", stream="fast", threshold=0.5, budget=8):
+    at.text_area(key=state.PROMPT).input("The capital of France is")
+    at.number_input(key=state.MAX_NEW_TOKENS).set_value(budget)
+    at.selectbox(key="exit_gen_rule").set_value(rule)
+    at.selectbox(key="exit_gen_stream").set_value(stream)
+    at.number_input(key="exit_gen_thr").set_value(threshold)
+    at.button(key="exit_generate").click()
+    return at.run()
+
+
+def test_page_starts(app):
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    assert app.title[0].value == "Exit Threshold debugger"
+
+
+def test_generate_then_redecide_without_regenerating(app):
+    at = generate(app)
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    session = at.session_state[RESULT_KEY]
+    assert len(session.exit_steps) == 8
+    assert session.plain_ms > 0 and session.exit_ms > 0
+    assert session.traced.trace.steps[1].rule_scores  # both streams, every rule
+    assert at.metric[0].label == "Measured speedup"
+    charts = len(at.get("plotly_chart"))
+    assert charts >= 3  # router heat map, histogram, session Pareto
+    at.slider(key="exit_re_thr").set_value(0.0)
+    at = at.run()
+    assert at.session_state[RESULT_KEY] is session  # nothing regenerated
+    exit_rate = at.metric[5].value
+    at.slider(key="exit_re_thr").set_value(1.0)
+    at = at.run()
+    assert at.metric[5].value != exit_rate or exit_rate == "0%"
+
+
+@pytest.mark.parametrize(("threshold", "needle"), [(1.5, "threshold"), (-0.2, "threshold")])
+def test_out_of_range_threshold_is_refused_and_keeps_results(app, threshold, needle):
+    at = generate(app, threshold=0.5, budget=4)
+    first = at.session_state[RESULT_KEY]
+    at = generate(at, threshold=threshold, budget=4)
+    assert not at.exception
+    assert any(needle in e.value for e in at.error)
+    assert at.session_state[RESULT_KEY] is first
