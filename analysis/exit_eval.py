@@ -1,4 +1,4 @@
-"""Early-exit evaluation: every rule x stream x threshold on real prompt sets, against the full
+r"""Early-exit evaluation: every rule x stream x threshold on real prompt sets, against the full
 model measured in the same run.
 
     python -m analysis.exit_eval --prompts koala selfinstruct vicuna mt-bench --limit 3 \\

@@ -136,7 +136,8 @@ def rouge_l(candidate: str, reference: str) -> float:
 
 def speedup_at_quality(points: list[dict], quality: float, key: str = "rouge_full") -> float:
     """Best measured speedup among a curve's points whose quality is at least `quality`,
-    linearly interpolated to the crossing point; NaN if no point reaches it."""
+    linearly interpolated to the crossing point; NaN if no point reaches it.
+    """
     ordered = sorted(points, key=lambda p: p["speedup"])
     best = float("nan")
     for low, high in zip(ordered, ordered[1:], strict=False):

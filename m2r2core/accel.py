@@ -161,7 +161,8 @@ class Accelerator(nn.Module):
 
 def find_trained(model_fingerprint: str, root: Path | None = None) -> Path | None:
     """The folder whose adapters were trained for this model, if any: under $M2R2_TRAINED_DIR
-    when set, else the committed m2r2core/trained/."""
+    when set, else the committed m2r2core/trained/.
+    """
     root = root or Path(os.environ.get("M2R2_TRAINED_DIR", TRAINED_DIR))
     for card_path in sorted(Path(root).glob(f"*/{CARD_NAME}")):
         try:
