@@ -1,5 +1,7 @@
-"""Captum Integrated Gradients (Sundararajan et al. 2017) explaining why a learned router let a
-token exit, on two inputs of the router's probability at the exit depth:
+"""Why a learned router let a token exit, by captum's Integrated Gradients.
+
+Integrated Gradients (Sundararajan et al. 2017) attributes the router's probability at the exit
+depth to two inputs:
 
 - the prompt and earlier tokens: IG on the input embeddings, through the slow stream's keys and
   values and the fast stream up to the exit depth (the router's input is a function of them);
