@@ -87,7 +87,8 @@ class Engine:
         ids = self._encode_clean(clean, cfg)
         loop = TokenLoop(self.parts, ids, cfg, self.eos_ids, self.token_text, self._lock,
                          self.device, self.fused_head, self.accel, self.routers)
-        return Generation(self, clean, ids, cfg, loop)
+        extra = {"accel_rate": self.accel.config.rate} if self.accel is not None else {}
+        return Generation(self, clean, ids, cfg, loop, extra=extra)
 
     def generate_exits(self, text: str | bytes, cfg: DecodeConfig = DecodeConfig(),
                        exit_cfg: ExitConfig = ExitConfig()) -> Generation:

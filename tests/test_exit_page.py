@@ -65,3 +65,19 @@ def test_out_of_range_threshold_is_refused_and_keeps_results(app, threshold, nee
     assert not at.exception
     assert any(needle in e.value for e in at.error)
     assert at.session_state[RESULT_KEY] is first
+
+
+def test_residual_page_shows_both_streams(tiny_model_dir, tiny_trained_dir, monkeypatch):
+    monkeypatch.setenv("M2R2_MODEL_DIR", str(tiny_model_dir))
+    monkeypatch.setenv("M2R2_TRAINED_DIR", str(tiny_trained_dir))
+    at = AppTest.from_file(ENTRY, default_timeout=180)
+    at.session_state[state.DTYPE] = "float32"
+    at.run()
+    at.text_area(key=state.PROMPT).input("Hello")
+    at.number_input(key=state.MAX_NEW_TOKENS).set_value(5)
+    at.button(key=state.GENERATE).click()
+    at = at.run()
+    assert not at.exception and not at.error
+    keys = {c.proto.id for c in at.get("plotly_chart")}
+    assert any("streams_matrix" in k for k in keys), keys
+    assert any("streams_alignment" in k for k in keys)

@@ -8,8 +8,8 @@ import pandas as pd
 import plotly.io
 import streamlit as st
 
-from analysis import velocity
-from app import charts, resources, state
+from analysis import exits, velocity
+from app import charts, exit_charts, resources, state
 from app.components import controls
 from app.components.tokens import token_strip_html
 from m2r2core.engine import RunResult
@@ -162,6 +162,7 @@ def _results(run) -> None:
         return
     _heatmaps(trace)
     _profiles(trace)
+    _two_streams(run)
     _token_inspector(trace)
     _projection(run)
     _downloads(trace)
@@ -199,6 +200,35 @@ def _profile_figures(trace: RunTrace) -> tuple:
                                         "relative speed (ratio, log)", log_y=True),
             charts.layer_profile_figure(align, "Alignment with the final state by layer",
                                         "cos(h_l, h_N)"))
+
+
+def _two_streams(run) -> None:
+    trace = run.trace
+    steps = velocity.traced_steps(trace)
+    st.subheader("Slow stream and accelerated (fast) stream")
+    if not steps or not steps[0].fast_lens_agrees:
+        st.info("This run has no accelerated stream: no adapters trained for this model are "
+                "loaded (see the Exit Threshold debugger page).")
+        return
+    rate = trace.config.get("accel_rate") or 2.0
+    st.caption("M2R2's fast stream applies the same blocks plus small adapters, trained so that "
+               f"fast depth d looks like slow depth {rate:g}·d. Left: median alignment with the "
+               "full model's final state; right: how often the logit lens already gives the "
+               "final token. The dotted red curve redraws the fast stream at depth × r: where "
+               "it sits on the blue one, the fast stream runs r times ahead.")
+    left, right = st.columns(2)
+    left.plotly_chart(exit_charts.stream_curves(
+        exits.alignment_by_layer(steps), "Alignment cos(h_d, h^s_N) by depth",
+        "median cosine", rate), key="streams_alignment")
+    right.plotly_chart(exit_charts.stream_curves(
+        exits.lens_agreement_by_layer(steps), "Logit lens agrees with the final token",
+        "share of tokens", rate), key="streams_agreement")
+    if run.capture is not None and run.capture.fast is not None:
+        st.plotly_chart(exit_charts.cosine_matrix_figure(exits.fast_slow_cosine(run.capture),
+                                                         rate), key="streams_matrix")
+        st.caption("Mean cosine between fast depth i and slow depth j over the generated "
+                   f"tokens. A ridge along the dotted line j = {rate:g}·i means fast depth i "
+                   "matches slow depth r·i: the stream is accelerated.")
 
 
 def _token_inspector(trace: RunTrace) -> None:
