@@ -139,6 +139,17 @@ class Accelerator(nn.Module):
         offset = index - self.first
         return self.blocks[offset] if 0 <= offset < self.n_fast else None
 
+    def inference_block(self, index: int) -> FusedAdapters | None:
+        """The fused, model-dtype adapters of block `index` for decoding (built once)."""
+        offset = index - self.first
+        if not 0 <= offset < self.n_fast:
+            return None
+        cache = self.__dict__.setdefault("_fused", {})
+        dtype = next(iter(self.blocks[offset].values())).A.dtype
+        if offset not in cache or cache[offset][0] != dtype:
+            cache[offset] = (dtype, FusedAdapters(self.blocks[offset], dtype))
+        return cache[offset][1]
+
     @property
     def depths(self) -> range:
         """Fast depths d = b+1 .. b+n_fast, in the slow stream's layer numbering."""
@@ -157,6 +168,38 @@ class Accelerator(nn.Module):
         tmp_card.write_text(json.dumps(asdict(card), indent=2) + "\n")
         tmp_weights.replace(folder / WEIGHTS_NAME)
         tmp_card.replace(folder / CARD_NAME)
+
+
+GROUPS = {"qkv": ("q", "k", "v"), "o": ("o",), "gate_up": ("gate", "up"), "down": ("down",)}
+"""Projections that read the same input, so their adapters run as one low-rank pair."""
+
+
+class FusedAdapters:
+    """Inference form of one block's adapters: per input group, the A matrices stacked and the
+    scaled B matrices block-diagonal, in the model's dtype. Two small matmuls per group instead
+    of two per projection plus casts (on CPU, op overhead dominates these tiny products).
+    """
+
+    def __init__(self, adapters: nn.ModuleDict, dtype: torch.dtype) -> None:
+        """Fuse a block's LowRank adapters."""
+        self.groups: dict[str, tuple[tuple[str, ...], torch.Tensor, torch.Tensor, list[int]]] = {}
+        with torch.no_grad():
+            for group, names in GROUPS.items():
+                present = tuple(n for n in names if n in adapters)
+                if not present:
+                    continue
+                a = torch.cat([adapters[n].A for n in present]).to(dtype)
+                b = torch.block_diag(*[adapters[n].B * adapters[n].scale for n in present])
+                sizes = [adapters[n].B.shape[0] for n in present]
+                self.groups[group] = (present, a, b.to(dtype), sizes)
+
+    def deltas(self, group: str, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{projection: delta} for the (B, R, in) inputs of one group."""
+        if group not in self.groups:
+            return {}
+        names, a, b, sizes = self.groups[group]
+        out = F.linear(F.linear(x, a), b)
+        return dict(zip(names, out.split(sizes, dim=-1), strict=True))
 
 
 def find_trained(model_fingerprint: str, root: Path | None = None) -> Path | None:
@@ -213,59 +256,69 @@ def load_accelerator(folder: Path, parts: DecoderParts, model_name: str,
     return accel.requires_grad_(False).eval(), card
 
 
-def _project(linear: nn.Linear, adapter: LowRank | None, x: torch.Tensor, n_fast: int
-             ) -> torch.Tensor:
-    """linear(x), plus the adapter's delta on the last n_fast rows of x (B, R, in)."""
-    y = linear(x)
-    if adapter is None or n_fast == 0:
-        return y
-    if n_fast == x.shape[1]:
-        return y + adapter(x)
-    head, tail = y[:, :-n_fast], y[:, -n_fast:] + adapter(x[:, -n_fast:])
-    return torch.cat([head, tail], dim=1)
+def _projections(group: str, linears: tuple[nn.Linear, ...], x: torch.Tensor,
+                 adapters: nn.ModuleDict | FusedAdapters | None, n_fast: int
+                 ) -> list[torch.Tensor]:
+    """The group's projections of x (B, R, in), adapters added on the last n_fast rows."""
+    outs = [linear(x) for linear in linears]
+    if adapters is None or n_fast == 0:
+        return outs
+    names = GROUPS[group]
+    if isinstance(adapters, FusedAdapters):  # decoding: no autograd, add in place
+        deltas = adapters.deltas(group, x[:, -n_fast:])
+        for name, out in zip(names, outs, strict=True):
+            if name in deltas:
+                out[:, -n_fast:] += deltas[name]
+        return outs
+    result = []
+    for name, out in zip(names, outs, strict=True):  # training: differentiable, no in-place
+        if name in adapters:
+            delta = adapters[name](x[:, -n_fast:])
+            out = out + delta if n_fast == x.shape[1] else torch.cat(
+                [out[:, :-n_fast], out[:, -n_fast:] + delta], dim=1)
+        result.append(out)
+    return result
 
 
-def block_rows(bp: BlockParts, adapters: nn.ModuleDict | None, hidden: torch.Tensor,
-               cos: torch.Tensor, sin: torch.Tensor, past_keys: torch.Tensor | None,
-               past_values: torch.Tensor | None, mask: torch.Tensor, n_fast: int
+def block_rows(bp: BlockParts, adapters: nn.ModuleDict | FusedAdapters | None,
+               hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               past_keys: torch.Tensor | None, past_values: torch.Tensor | None,
+               mask: torch.Tensor | None, n_fast: int
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One decoder block over a set of rows, the last n_fast of which are fast rows.
 
     Args:
+        adapters: the block's LowRank modules (training) or FusedAdapters (decoding), or None.
         hidden: (B, R, H) input residuals of the rows.
         cos, sin: (B, R, D) rotary tables at each row's position.
         past_keys, past_values: (B, kv, P, D) keys/values already cached, or None (P = 0).
         mask: (R, P + R) bool, True where row q may attend to key k; keys are the P past ones
-            followed by the rows' own keys.
+            followed by the rows' own keys. None: every key is visible.
         n_fast: how many trailing rows get the adapters.
 
     Returns:
         The (B, R, H) outputs, and the rows' own (B, kv, R, D) rotated keys and values (for the
         caller to cache the slow rows').
     """
-    def adapter(name: str) -> LowRank | None:
-        return adapters[name] if adapters is not None and name in adapters else None
-
     batch, rows, _ = hidden.shape
     x = bp.input_norm(hidden)
     shape = (batch, rows, -1, bp.head_dim)
-    q = _project(bp.q_proj, adapter("q"), x, n_fast).view(shape).transpose(1, 2)
-    k = _project(bp.k_proj, adapter("k"), x, n_fast).view(shape).transpose(1, 2)
-    v = _project(bp.v_proj, adapter("v"), x, n_fast).view(shape).transpose(1, 2)
+    q, k, v = (t.view(shape).transpose(1, 2) for t in _projections(
+        "qkv", (bp.q_proj, bp.k_proj, bp.v_proj), x, adapters, n_fast))
     q, k = hf_compat.rotate(q, cos, sin), hf_compat.rotate(k, cos, sin)
     keys = k if past_keys is None else torch.cat([past_keys, k], dim=2)
     values = v if past_values is None else torch.cat([past_values, v], dim=2)
     attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=bp.scaling,
                                           enable_gqa=bp.n_heads != bp.n_kv_heads)
     attn = attn.transpose(1, 2).reshape(batch, rows, -1)
-    hidden = hidden + _project(bp.o_proj, adapter("o"), attn, n_fast)
+    hidden = hidden + _projections("o", (bp.o_proj,), attn, adapters, n_fast)[0]
     x = bp.post_norm(hidden)
     if bp.mlp_proj is None:
         return hidden + bp.mlp(x), k, v
     gate, up, down = bp.mlp_proj
-    inner = bp.act_fn(_project(gate, adapter("gate"), x, n_fast)) * _project(
-        up, adapter("up"), x, n_fast)
-    return hidden + _project(down, adapter("down"), inner, n_fast), k, v
+    g, u = _projections("gate_up", (gate, up), x, adapters, n_fast)
+    inner = bp.act_fn(g) * u
+    return hidden + _projections("down", (down,), inner, adapters, n_fast)[0], k, v
 
 
 def visible(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int | None,
@@ -335,7 +388,7 @@ def fast_trajectory(parts: DecoderParts, accel: Accelerator, start: torch.Tensor
         key_pos = torch.arange(total - stored, total, device=start.device)
         mask = torch.cat([visible(positions[0], key_pos, bp.sliding_window, strict=True),
                           torch.ones(1, 1, dtype=torch.bool, device=start.device)], dim=1)
-        hidden, _, _ = block_rows(bp, accel.block(index), hidden, cos, sin, keys, values, mask,
-                                  n_fast=1)
+        hidden, _, _ = block_rows(bp, accel.inference_block(index), hidden, cos, sin, keys,
+                                  values, mask, n_fast=1)
         states.append(hidden)
     return states

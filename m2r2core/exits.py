@@ -194,7 +194,7 @@ class ExitLoop:
             mask = slow_mask
         hidden = torch.cat(parts_h, dim=1)
         cos, sin = cos_all[:, index], sin_all[:, index]
-        adapters = self.accel.block(layer) if n_fast else None
+        adapters = self.accel.inference_block(layer) if n_fast else None
         out, keys, values = block_rows(bp, adapters, hidden, cos, sin, past_k, past_v, mask,
                                        n_fast)
         self.blocks_run += 1
