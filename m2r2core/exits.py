@@ -81,6 +81,9 @@ class ExitLoop:
         self.prefill_ms = self.decode_ms = 0.0
         self.blocks_run = 0
         self._last_fast: torch.Tensor | None = None
+        # [slow row, fast row] x [slow key, fast key] of the current position
+        self._pair = torch.eye(2, dtype=torch.bool, device=device)
+        self._ones_cache = torch.ones(2, 0, dtype=torch.bool, device=device)
 
     def __iter__(self) -> Iterator[TokenStep]:
         """Prefill with the full model, then one early-exit step per generated token."""
@@ -170,6 +173,10 @@ class ExitLoop:
             return
         bp = self.blocks[layer]
         past_k, past_v = hf_compat.cached_keys_values(state.cache, layer)
+        if (bp.sliding_window is None and len(rows) == 1 and rows[0].position == state.position):
+            self._run_current(layer, bp, rows[0], fast_hidden, past_k, past_v, state, cos_all,
+                              sin_all)
+            return
         stored = 0 if past_k is None else past_k.shape[2]
         first_row = rows[0].position if rows else state.position
         past_pos = torch.arange(first_row - stored, first_row, device=self.device)
@@ -205,6 +212,32 @@ class ExitLoop:
             for i, p in enumerate(rows):
                 p.hidden, p.depth = out[:, i:i + 1], layer + 1
         self._last_fast = out[:, -1:] if n_fast else None
+
+    def _run_current(self, layer: int, bp, row: _Pending, fast_hidden: torch.Tensor | None,
+                     past_k, past_v, state: DecodeState, cos_all: torch.Tensor,
+                     sin_all: torch.Tensor) -> None:
+        """The common case, with fewer small ops: only the current token's slow row (plus its
+        fast row) on a full-attention block; every past key is visible to both."""
+        cos, sin = cos_all[:, -1:], sin_all[:, -1:]
+        if fast_hidden is None:
+            out, keys, values = block_rows(bp, None, row.hidden, cos, sin, past_k, past_v,
+                                           None, 0)
+        else:
+            stored = 0 if past_k is None else past_k.shape[2]
+            mask = torch.cat([self._ones(stored), self._pair], dim=1)
+            out, keys, values = block_rows(
+                bp, self.accel.inference_block(layer), torch.cat([row.hidden, fast_hidden], 1),
+                cos.expand(-1, 2, -1), sin.expand(-1, 2, -1), past_k, past_v, mask, 1)
+        self.blocks_run += 1
+        hf_compat.append_keys_values(state.cache, layer, keys[:, :, :1], values[:, :, :1])
+        row.hidden, row.depth = out[:, :1], layer + 1
+        self._last_fast = out[:, 1:] if fast_hidden is not None else None
+
+    def _ones(self, stored: int) -> torch.Tensor:
+        if self._ones_cache.shape[1] < stored:
+            self._ones_cache = torch.ones(2, 2 * stored + 64, dtype=torch.bool,
+                                          device=self.device)
+        return self._ones_cache[:, :stored]
 
     def _copy_fill(self, pending: list[_Pending], exit_state: torch.Tensor, depth: int,
                    state: DecodeState) -> None:

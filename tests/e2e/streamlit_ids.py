@@ -8,3 +8,4 @@ ERROR = "stAlertContentError"
 TEXT_AREA = "stTextArea"
 NUMBER_INPUT = "stNumberInput"
 TOKEN_STRIP = "m2r2-token-strip"  # our own component
+EXIT_STRIP = "m2r2-exit-strip"  # our own component

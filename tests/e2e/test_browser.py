@@ -27,12 +27,13 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def streamlit_url(tiny_model_dir, tmp_path_factory):
+def streamlit_url(tiny_model_dir, tiny_trained_dir, tmp_path_factory):
     if not Path(CHROMIUM).exists():
         pytest.fail("Debian's chromium is missing: apt-get install -y chromium chromium-driver")
     port = _free_port()
     log = tmp_path_factory.mktemp("streamlit") / "server.log"
-    env = dict(os.environ, M2R2_MODEL_DIR=str(tiny_model_dir))
+    env = dict(os.environ, M2R2_MODEL_DIR=str(tiny_model_dir),
+               M2R2_TRAINED_DIR=str(tiny_trained_dir))
     with log.open("w") as out:
         server = subprocess.Popen(
             [sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.headless",
@@ -92,4 +93,39 @@ def test_generate_in_browser(streamlit_url, tmp_path):
             expect(page.get_by_test_id(ids.EXCEPTION)).to_have_count(0)
         finally:
             page.screenshot(path=str(shot_dir / "residual_dynamics.png"), full_page=True)
+            browser.close()
+
+
+def test_exit_debugger_in_browser(streamlit_url, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    shot_dir = Path(os.environ.get("M2R2_SCREENSHOT_DIR", tmp_path))
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        try:
+            page.goto(f"{streamlit_url}/exits")
+            prompt = page.get_by_test_id(ids.TEXT_AREA).locator("textarea")
+            prompt.wait_for(timeout=60_000)
+            prompt.fill("Why is the sky blue?")
+            prompt.press("Control+Enter")
+            page.get_by_role("button", name="Generate with early exit").click()
+            expect(page.get_by_test_id(ids.EXIT_STRIP).first).to_be_visible(timeout=90_000)
+            page.locator(ids.APP_IDLE).wait_for(timeout=90_000)
+            expect(page.get_by_test_id(ids.PLOTLY_CHART).first).to_be_visible(timeout=30_000)
+            assert page.get_by_test_id(ids.PLOTLY_CHART).count() >= 3
+            expect(page.get_by_text("Measured speedup")).to_be_visible()
+            expect(page.get_by_test_id(ids.EXCEPTION)).to_have_count(0)
+            # an out-of-range threshold gives a message and keeps the results
+            threshold = page.get_by_label("Threshold", exact=True)
+            threshold.fill("1.5")
+            threshold.press("Enter")
+            expect(page.get_by_test_id(ids.ERROR).first).to_contain_text("threshold",
+                                                                         timeout=30_000)
+            expect(page.get_by_test_id(ids.EXIT_STRIP).first).to_be_visible()
+            expect(page.get_by_test_id(ids.EXCEPTION)).to_have_count(0)
+        finally:
+            page.screenshot(path=str(shot_dir / "exit_debugger.png"), full_page=True)
             browser.close()
