@@ -1,7 +1,8 @@
-"""Regenerate docs/residual_dynamics.png: serve the app with the default model, generate in
-headless Debian chromium (Playwright), and save a full-height screenshot.
+"""Regenerate the docs screenshots: serve the app with the default model, generate in headless
+Debian chromium (Playwright), and save a full-height screenshot.
 
-    .venv/bin/python docs/make_screenshot.py "Why is the sky blue?"
+    .venv/bin/python docs/make_screenshot.py "Why is the sky blue?"            # Residual Dynamics
+    .venv/bin/python docs/make_screenshot.py "Why is the sky blue?" exits      # Exit debugger
 """
 
 import subprocess
@@ -16,7 +17,14 @@ ROOT = Path(__file__).resolve().parent.parent
 PORT = 8765
 
 
-def main(prompt: str, out: Path) -> None:
+PAGES = {"residuals": ("", "Generate", "residual_dynamics.png", 4300),
+         "exits": ("/exits", "Generate with early exit", "exit_debugger.png", 5200)}
+
+
+def main(prompt: str, page_name: str) -> None:
+    """Serve, generate on one page, screenshot it into docs/."""
+    path, button, name, height = PAGES[page_name]
+    out = ROOT / "docs" / name
     server = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.headless", "true",
          "--server.port", str(PORT), "--browser.gatherUsageStats", "false"], cwd=ROOT,
@@ -32,13 +40,13 @@ def main(prompt: str, out: Path) -> None:
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=[
                 "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
-            page = browser.new_page(viewport={"width": 1500, "height": 4300})
-            page.goto(url)
+            page = browser.new_page(viewport={"width": 1500, "height": height})
+            page.goto(url + path)
             box = page.get_by_test_id("stTextArea").locator("textarea")
             box.wait_for(timeout=300_000)
             box.fill(prompt)
             box.press("Control+Enter")
-            page.get_by_role("button", name="Generate").click()
+            page.get_by_role("button", name=button).click()
             expect(page.get_by_test_id("stPlotlyChart").first).to_be_visible(timeout=300_000)
             page.locator("[data-testid='stApp'][data-test-script-state='notRunning']").wait_for(
                 timeout=300_000)
@@ -51,4 +59,4 @@ def main(prompt: str, out: Path) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1] if len(sys.argv) > 1 else "Why is the sky blue?",
-         ROOT / "docs" / "residual_dynamics.png")
+         sys.argv[2] if len(sys.argv) > 2 else "residuals")

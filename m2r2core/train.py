@@ -252,7 +252,8 @@ def collect_trajectories(parts, accel: Accelerator, check, samples: list[distill
         slow, rotary = slow_states(parts, ids)
         fast = train_fast_states(parts, accel, slow, rotary)
         steps = ids.shape[1]
-        pick = torch.randperm(steps, generator=gen)[:per_sample]
+        first = max(0, min(sample.answer_start - 1, steps - 1))  # answers and text, as decoded
+        pick = first + torch.randperm(steps - first, generator=gen)[:per_sample]
         final = parts.lm_head(parts.norm(slow[-1][0, pick])).argmax(-1)  # (p,)
         for stream, states in (("slow", slow[1:]), ("fast", fast)):
             stack = torch.stack([s[0, pick] for s in states], dim=1)  # (p, D, H)
@@ -276,7 +277,8 @@ def fit_router(kind: str, data: dict, epochs: int, seed: int, lr: float = 2e-3) 
     net = RouterNet(kind, normed.shape[-1], depth)
     depths = torch.arange(1, depth + 1)
     optim = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    for _ in range(epochs):
+    best, best_state, best_epoch = float("inf"), None, 0
+    for epoch in range(epochs):
         for start in range(0, len(train), 256):
             idx = train[start:start + 256]
             logits, _ = net(normed[idx], lens[idx], depths)
@@ -284,10 +286,18 @@ def fit_router(kind: str, data: dict, epochs: int, seed: int, lr: float = 2e-3) 
             optim.zero_grad()
             loss.backward()
             optim.step()
+        with torch.no_grad():  # keep the epoch with the best validation loss
+            logits, _ = net(normed[val], lens[val], depths)
+            val_loss = float(F.binary_cross_entropy_with_logits(logits, labels[val]))
+        if val_loss < best:
+            best, best_epoch = val_loss, epoch + 1
+            best_state = {k: v.clone() for k, v in net.state_dict().items()}
+    net.load_state_dict(best_state)
     with torch.no_grad():
         logits, _ = net(normed[val], lens[val], depths)
         prob = torch.sigmoid(logits)
-        metrics = {"val_bce": float(F.binary_cross_entropy_with_logits(logits, labels[val])),
+        metrics = {"best_epoch": float(best_epoch),
+                   "val_bce": float(F.binary_cross_entropy_with_logits(logits, labels[val])),
                    "val_accuracy": float(((prob > 0.5) == (labels[val] > 0.5)).float().mean()),
                    "val_positive_rate": float(labels[val].mean())}
         for cut in (0.8, 0.9, 0.95):
