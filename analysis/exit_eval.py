@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
     if args.chart:
-        from app.charts import pareto_figure  # plotly only when a chart is asked for
+        from app.exit_charts import pareto_figure  # plotly only when a chart is asked for
 
         args.chart.parent.mkdir(parents=True, exist_ok=True)
         pareto_figure(report["configs"]).write_html(args.chart, include_plotlyjs="cdn")

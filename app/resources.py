@@ -35,3 +35,20 @@ def projection(run_id: str, _capture: ResidualCapture, token_indices: tuple[int,
                method: str, seed: int) -> TrajectoryProjection:
     """Seeded 2-D projection of the selected tokens' trajectories, cached per run and choice."""
     return project_trajectories(_capture, list(token_indices), method=method, seed=seed)
+
+
+def engine_or_error() -> Engine | None:
+    """The engine for the sidebar's settings, or None after showing why it could not load."""
+    from app import state
+    from m2r2core.errors import M2R2Error
+
+    model = st.session_state.get(state.MODEL) or default_model()
+    dtype = st.session_state.get(state.DTYPE) or "bfloat16"
+    threads = int(st.session_state.get(state.THREADS) or cpu_cores())
+    try:
+        return get_engine(model, dtype, threads)
+    except M2R2Error as exc:
+        st.error(f"The model could not be loaded. {exc}")
+    except Exception as exc:  # noqa: BLE001 — a traceback must never reach the page
+        st.error(f"The model could not be loaded: {type(exc).__name__}: {exc}")
+    return None

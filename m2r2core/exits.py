@@ -217,7 +217,8 @@ class ExitLoop:
                      past_k, past_v, state: DecodeState, cos_all: torch.Tensor,
                      sin_all: torch.Tensor) -> None:
         """The common case, with fewer small ops: only the current token's slow row (plus its
-        fast row) on a full-attention block; every past key is visible to both."""
+        fast row) on a full-attention block; every past key is visible to both.
+        """
         cos, sin = cos_all[:, -1:], sin_all[:, -1:]
         if fast_hidden is None:
             out, keys, values = block_rows(bp, None, row.hidden, cos, sin, past_k, past_v,

@@ -12,13 +12,17 @@ from app.pages.exits import RESULT_KEY
 ENTRY = str(Path(__file__).resolve().parent.parent / "streamlit_app.py")
 
 
-@pytest.fixture
-def app(tiny_model_dir, tiny_trained_dir, monkeypatch):
-    monkeypatch.setenv("M2R2_MODEL_DIR", str(tiny_model_dir))
-    monkeypatch.setenv("M2R2_TRAINED_DIR", str(tiny_trained_dir))
+def _start(model_dir, trained_dir, monkeypatch) -> AppTest:
+    monkeypatch.setenv("M2R2_MODEL_DIR", str(model_dir))
+    monkeypatch.setenv("M2R2_TRAINED_DIR", str(trained_dir))
     at = AppTest.from_file(ENTRY, default_timeout=180)
     at.session_state[state.DTYPE] = "float32"
-    at.run()
+    return at.run()
+
+
+@pytest.fixture
+def app(tiny_model_dir, tiny_trained_dir, monkeypatch):
+    at = _start(tiny_model_dir, tiny_trained_dir, monkeypatch)
     at.switch_page("app/pages/exits.py")
     return at.run()
 
@@ -68,11 +72,7 @@ def test_out_of_range_threshold_is_refused_and_keeps_results(app, threshold, nee
 
 
 def test_residual_page_shows_both_streams(tiny_model_dir, tiny_trained_dir, monkeypatch):
-    monkeypatch.setenv("M2R2_MODEL_DIR", str(tiny_model_dir))
-    monkeypatch.setenv("M2R2_TRAINED_DIR", str(tiny_trained_dir))
-    at = AppTest.from_file(ENTRY, default_timeout=180)
-    at.session_state[state.DTYPE] = "float32"
-    at.run()
+    at = _start(tiny_model_dir, tiny_trained_dir, monkeypatch)
     at.text_area(key=state.PROMPT).input("Hello")
     at.number_input(key=state.MAX_NEW_TOKENS).set_value(5)
     at.button(key=state.GENERATE).click()

@@ -53,3 +53,38 @@ def test_real_trace_values_match_output_hidden_states(real_engine_fp32):
     check_against_independent(real_engine_fp32, result, atol=2e-3)
     last = result.trace.steps[0]
     assert last.lens_agrees[-1] and not all(last.lens_agrees[:5])  # early layers do not know yet
+
+
+def test_committed_adapters_and_routers_load_by_default(real_engine_fp32):
+    engine = real_engine_fp32
+    assert engine.accel is not None, engine.accel_note
+    assert engine.accel_card.model_fingerprint == engine.info.fingerprint
+    assert engine.accel.n_fast == 17 and engine.accel.config.rate == 2.0
+    assert {"arla/fast", "arla/slow", "mlp/fast", "mlp/slow"} <= set(engine.routers.nets)
+
+
+@pytest.mark.parametrize("fill", ["jit", "copy"])
+def test_exit_decoder_without_exits_is_plain_greedy(real_engine_fp32, fill):
+    """The exit decoder's own block path (slow rows batched with fast ones) equals transformers'
+    greedy output when the rule never fires, on the real model in fp32."""
+    from m2r2core.exits import ExitConfig
+    from m2r2core.routers import ExitRule
+
+    for prompt in PROMPTS[:2]:
+        cfg = DecodeConfig(max_new_tokens=48, trace=False)
+        gen = real_engine_fp32.generate_exits(prompt.text, cfg, ExitConfig(
+            ExitRule("arla", "fast", 1.0, 4), fill))
+        assert tuple(s.token_id for s in gen) == hf_greedy(real_engine_fp32, prompt.text, 48)
+
+
+def test_fast_stream_runs_ahead_of_the_slow_stream(real_engine_fp32):
+    """On generated answers, the fast stream's logit lens agrees with the final token more often
+    at depth N/r = 15 than the slow stream does at the same depth."""
+    from analysis.exits import lens_agreement_by_layer
+
+    steps = []
+    for prompt in load_prompts("vicuna", limit=2):
+        steps += real_engine_fp32.run(prompt.text, DecodeConfig(
+            max_new_tokens=48, capture_residuals=False)).trace.steps[1:]
+    agreement = lens_agreement_by_layer(tuple(steps))
+    assert agreement["fast"][15] > 1.5 * agreement["slow"][15], agreement

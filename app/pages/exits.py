@@ -61,7 +61,7 @@ def render() -> None:
     st.markdown(INTRO)
     with st.expander("What exactly is computed"):
         st.markdown(CHOICES)
-    engine = _engine()
+    engine = resources.engine_or_error()
     if engine is None:
         return
     if engine.accel is None:
@@ -85,19 +85,6 @@ def render() -> None:
         return
     _live_summary(engine, session)
     _redecide(engine, session)
-
-
-def _engine():
-    model = st.session_state.get(state.MODEL) or resources.default_model()
-    dtype = st.session_state.get(state.DTYPE) or "bfloat16"
-    threads = int(st.session_state.get(state.THREADS) or resources.cpu_cores())
-    try:
-        return resources.get_engine(model, dtype, threads)
-    except M2R2Error as exc:
-        st.error(f"The model could not be loaded. {exc}")
-    except Exception as exc:  # noqa: BLE001
-        st.error(f"The model could not be loaded: {type(exc).__name__}: {exc}")
-    return None
 
 
 def _rule_controls(engine, prefix: str) -> ExitConfig | None:
@@ -207,8 +194,13 @@ def _redecide(engine, s: ExitSession) -> None:
                "trajectories of the full-model run, without generating again.")
     available = ex.available_rules(steps)
     cols = st.columns(4)
-    stream = cols[0].selectbox("Stream ", list(available), key="exit_re_stream")
-    rule = cols[1].selectbox("Rule ", available[stream], key="exit_re_rule",
+    streams = list(available)
+    used = s.rule.rule  # start from the setting the generation used
+    stream = cols[0].selectbox("Stream ", streams, key="exit_re_stream",
+                               index=streams.index(used.stream) if used.stream in streams else 0)
+    rules = available[stream]
+    rule = cols[1].selectbox("Rule ", rules, key="exit_re_rule",
+                             index=rules.index(used.rule) if used.rule in rules else 0,
                              format_func=lambda x: RULE_LABELS[x])
     threshold = cols[2].slider("Threshold ", 0.0, 1.0, float(min(1.0, s.rule.rule.threshold)),
                                0.01, key="exit_re_thr")

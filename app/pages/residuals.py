@@ -58,7 +58,7 @@ def render() -> None:
     st.markdown(INTRO)
     with st.expander("Try this: a five-minute lesson"):
         st.markdown(LESSON)
-    engine = _engine_or_error()
+    engine = resources.engine_or_error()
     _generation_form(engine)
     _trace_upload()
     run = state.result()
@@ -66,19 +66,6 @@ def render() -> None:
         st.info("Generate a continuation (or open a saved trace) to see its residual dynamics.")
         return
     _results(run)
-
-
-def _engine_or_error():
-    model = st.session_state.get(state.MODEL) or resources.default_model()
-    dtype = st.session_state.get(state.DTYPE) or "bfloat16"
-    threads = int(st.session_state.get(state.THREADS) or resources.cpu_cores())
-    try:
-        return resources.get_engine(model, dtype, threads)
-    except M2R2Error as exc:
-        st.error(f"The model could not be loaded. {exc}")
-    except Exception as exc:  # noqa: BLE001 — a traceback must never reach the page
-        st.error(f"The model could not be loaded: {type(exc).__name__}: {exc}")
-    return None
 
 
 def _generation_form(engine) -> None:

@@ -63,15 +63,20 @@ def _wait_healthy(url: str, server: subprocess.Popen, log: Path, timeout: float 
     pytest.fail(f"streamlit did not become healthy:\n{log.read_text()}")
 
 
+def _open(pw):
+    """Debian's chromium, headless, with a wide page."""
+    browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
+        "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"])
+    return browser, browser.new_page(viewport={"width": 1400, "height": 1000})
+
+
 def test_generate_in_browser(streamlit_url, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
     shot_dir = Path(os.environ.get("M2R2_SCREENSHOT_DIR", tmp_path))
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run"])
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        browser, page = _open(pw)
         try:
             page.goto(streamlit_url)
             prompt = page.get_by_test_id(ids.TEXT_AREA).locator("textarea")
@@ -101,10 +106,7 @@ def test_exit_debugger_in_browser(streamlit_url, tmp_path):
 
     shot_dir = Path(os.environ.get("M2R2_SCREENSHOT_DIR", tmp_path))
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run"])
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        browser, page = _open(pw)
         try:
             page.goto(f"{streamlit_url}/exits")
             prompt = page.get_by_test_id(ids.TEXT_AREA).locator("textarea")
