@@ -121,7 +121,7 @@ def test_exit_debugger_in_browser(streamlit_url, tmp_path):
             expect(page.get_by_text("Measured speedup")).to_be_visible()
             expect(page.get_by_test_id(ids.EXCEPTION)).to_have_count(0)
             # an out-of-range threshold gives a message and keeps the results
-            threshold = page.get_by_label("Threshold", exact=True)
+            threshold = page.get_by_label("Threshold", exact=True).first  # the generation one
             threshold.fill("1.5")
             threshold.press("Enter")
             expect(page.get_by_test_id(ids.ERROR).first).to_contain_text("threshold",
