@@ -19,6 +19,7 @@ from m2r2core.accel import fast_trajectory
 from m2r2core.config import DecodeConfig
 from m2r2core.hf_compat import DecoderParts
 from m2r2core.lens import fast_stats, lens_logits, trajectory_stats
+from m2r2core.routers import scores_offline
 from m2r2core.sampling import make_generator, sample_next
 from m2r2core.trace import TokenStep
 
@@ -147,8 +148,6 @@ class TokenLoop:
     @torch.inference_mode()
     def _fast_fields(self, out: ForwardOutput) -> dict:
         """The fast stream's statistics and every rule's scores along both streams."""
-        from m2r2core.routers import scores_offline
-
         fast, parts = self._fast, self.parts
         stats = fast_stats(parts, fast, out.states[-1], int(out.logits.argmax()))
         fields = {f"fast_{k}": v for k, v in vars(stats).items()}

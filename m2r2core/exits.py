@@ -14,6 +14,7 @@ key/value projections.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -153,7 +154,7 @@ class ExitLoop:
         if exit_state is None:
             exit_state = me.hidden
         if self.exit_cfg.kv_fill == "copy" and exit_depth < parts.n_layers:
-            self._copy_fill(pending, exit_state, exit_depth, state)
+            self._copy_fill(pending, exit_state, state)
         pending[:] = [p for p in pending if p.depth < parts.n_layers]
         state.position += 1
         logits = parts.lm_head(parts.norm(exit_state))[0, -1].float()
@@ -240,7 +241,7 @@ class ExitLoop:
                                           device=self.device)
         return self._ones_cache[:, :stored]
 
-    def _copy_fill(self, pending: list[_Pending], exit_state: torch.Tensor, depth: int,
+    def _copy_fill(self, pending: list[_Pending], exit_state: torch.Tensor,
                    state: DecodeState) -> None:
         """CALM-style: every pending position's missing layers get keys/values projected from
         the exit state (its own, for the exiting token; its last slow state, for older ones).
@@ -258,10 +259,7 @@ class ExitLoop:
                 v = bp.v_proj(x).view(shape).transpose(1, 2)
                 hf_compat.append_keys_values(state.cache, layer, k, v)
             p.depth = parts.n_layers
-        del depth
 
 
 def _with_latency(step: TokenStep, latency: float) -> TokenStep:
-    from dataclasses import replace
-
-    return replace(step, latency_ms=latency, forward_ms=latency)
+    return dataclasses.replace(step, latency_ms=latency, forward_ms=latency)
