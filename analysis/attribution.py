@@ -20,7 +20,7 @@ import torch
 from captum.attr import IntegratedGradients
 
 from m2r2core import hf_compat
-from m2r2core.accel import Accelerator, block_rows, visible
+from m2r2core.accel import Accelerator, block_rows, keys_values, visible
 from m2r2core.hf_compat import DecoderParts
 from m2r2core.routers import LEARNED, RouterBundle
 
@@ -69,11 +69,7 @@ def _trajectory(parts: DecoderParts, accel: Accelerator | None, stream: str, emb
     states, fast = [], slow[accel.first][:, -1:]
     for index in range(accel.first, depth):
         bp = hf_compat.block_parts(parts, index)
-        x = bp.input_norm(slow[index][:, :-1])
-        shape = (x.shape[0], steps - 1, -1, bp.head_dim)
-        past_k = hf_compat.rotate(bp.k_proj(x).view(shape).transpose(1, 2), cos[:, :-1],
-                                  sin[:, :-1])
-        past_v = bp.v_proj(x).view(shape).transpose(1, 2)
+        past_k, past_v = keys_values(bp, slow[index][:, :-1], cos[:, :-1], sin[:, :-1])
         mask = torch.cat([visible(pos[-1:], pos[:-1], bp.sliding_window),
                           torch.ones(1, 1, dtype=torch.bool)], dim=1)
         fast, _, _ = block_rows(bp, accel.block(index), fast, cos[:, -1:], sin[:, -1:],

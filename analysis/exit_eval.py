@@ -50,8 +50,7 @@ def default_grid(fast_depth: int, n_layers: int) -> dict[tuple[str, str], list[f
 
 def _timed(generation) -> tuple[list, float]:
     steps = list(generation)
-    loop = generation.loop
-    return steps, loop.decode_ms / max(1, len(steps) - 1)
+    return steps, generation.ms_per_token
 
 
 def evaluate(engine: Engine, prompt_sets: list[str], limit: int, max_new_tokens: int,

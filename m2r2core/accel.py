@@ -321,6 +321,17 @@ def block_rows(bp: BlockParts, adapters: nn.ModuleDict | FusedAdapters | None,
     return hidden + _projections("down", (down,), inner, adapters, n_fast)[0], k, v
 
 
+def keys_values(bp: BlockParts, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotated (B, kv, T, D) keys and the values block `bp` makes from (B, T, H) residuals,
+    without adapters: what the slow stream caches for those positions.
+    """
+    x = bp.input_norm(hidden)
+    shape = (x.shape[0], x.shape[1], -1, bp.head_dim)
+    keys = hf_compat.rotate(bp.k_proj(x).view(shape).transpose(1, 2), cos, sin)
+    return keys, bp.v_proj(x).view(shape).transpose(1, 2)
+
+
 def visible(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int | None,
             strict: bool = False) -> torch.Tensor:
     """(Q, K) bool: key positions at or before (strictly before) each query, within a window."""
@@ -349,10 +360,7 @@ def train_fast_states(parts: DecoderParts, accel: Accelerator, slow: list[torch.
     for index in range(accel.first, accel.first + accel.n_fast):
         bp = hf_compat.block_parts(parts, index)
         with torch.no_grad():
-            x = bp.input_norm(slow[index])
-            shape = (x.shape[0], steps, -1, bp.head_dim)
-            past_k = hf_compat.rotate(bp.k_proj(x).view(shape).transpose(1, 2), cos, sin)
-            past_v = bp.v_proj(x).view(shape).transpose(1, 2)
+            past_k, past_v = keys_values(bp, slow[index], cos, sin)
         # Fast query t: slow keys of positions < t, and its own key (the diagonal of the rows).
         mask = torch.cat([visible(pos, pos, bp.sliding_window, strict=True),
                           torch.eye(steps, dtype=torch.bool, device=pos.device)], dim=1)

@@ -57,7 +57,16 @@ class Engine:
         # decode the whole vocabulary once, in one batched call (~0.3 s).
         vocab = range(len(self.tokenizer))
         self._texts: list[str] = self.tokenizer.batch_decode([[i] for i in vocab])
-        self.accel, self.accel_card, self.routers, self.accel_note = _load_trained(self)
+        self.accel, self.accel_card = None, None
+        self.routers = RouterBundle(self.parts, None, {})  # untrained rules, full check head
+        self.accel_note = (f"No trained adapters for '{self.info.name}': only the slow "
+                           "stream's untrained exit rules are available.")
+        folder = find_trained(self.info.fingerprint)
+        if folder is not None:
+            try:
+                self.load_trained(folder)
+            except AdapterError as err:
+                self.accel_note = str(err)
 
     @classmethod
     def load(cls, config: EngineConfig = EngineConfig()) -> Engine:
@@ -101,13 +110,14 @@ class Engine:
                           extra={"exit": dataclasses.asdict(exit_cfg)})
 
     def load_trained(self, folder: str | Path) -> None:
-        """Swap in adapters and routers from a folder (AdapterError if they do not fit)."""
-        self.accel, self.accel_card = load_accelerator(
-            Path(folder), self.parts, self.info.name, self.info.fingerprint)
-        self.accel.to(self.model.dtype)
-        self.routers = load_routers(Path(folder), self.parts, self.info.name,
-                                    self.info.fingerprint)
-        self.accel_note = f"adapters and routers from {folder}"
+        """Swap in adapters and routers from a folder (AdapterError if they do not fit; then
+        the engine keeps what it had).
+        """
+        folder = Path(folder)
+        accel, card = load_accelerator(folder, self.parts, self.info.name, self.info.fingerprint)
+        routers = load_routers(folder, self.parts, self.info.name, self.info.fingerprint)
+        self.accel, self.accel_card, self.routers = accel.to(self.model.dtype), card, routers
+        self.accel_note = f"trained files in {folder.name}"
 
     def run(self, text: str | bytes, cfg: DecodeConfig = DecodeConfig()) -> RunResult:
         """Generate to the end and return the trace."""
@@ -136,6 +146,11 @@ class Generation:
             self.steps.append(step)
             yield step
         self._result = self._finish()
+
+    @property
+    def ms_per_token(self) -> float:
+        """Decoding time per token so far, excluding the first (which the prefill produced)."""
+        return self.loop.decode_ms / max(1, len(self.steps) - 1)
 
     @property
     def result(self) -> RunResult:
@@ -179,26 +194,6 @@ def environment() -> dict:
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),
     }
-
-
-def _load_trained(engine: Engine) -> tuple:
-    """The committed adapters and routers of this model when they exist and fit; otherwise no
-    accelerator and a router bundle with only the untrained rules (and the full check head).
-    """
-    folder = find_trained(engine.info.fingerprint)
-    if folder is not None:
-        try:
-            accel, card = load_accelerator(folder, engine.parts, engine.info.name,
-                                           engine.info.fingerprint)
-            routers = load_routers(folder, engine.parts, engine.info.name,
-                                   engine.info.fingerprint)
-            return accel.to(engine.model.dtype), card, routers, f"trained files in {folder.name}"
-        except AdapterError as err:
-            note = str(err)
-    else:
-        note = (f"No trained adapters for '{engine.info.name}': only the slow stream's "
-                "untrained exit rules are available.")
-    return None, None, RouterBundle(engine.parts, None, {}), note
 
 
 def _eos_ids(model: torch.nn.Module, tokenizer: object) -> frozenset[int]:

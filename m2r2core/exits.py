@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from m2r2core import hf_compat
-from m2r2core.accel import Accelerator, block_rows, visible
+from m2r2core.accel import Accelerator, block_rows, keys_values, visible
 from m2r2core.config import DecodeConfig
 from m2r2core.decode import DecodeState, forward
 from m2r2core.errors import require
@@ -252,11 +252,7 @@ class ExitLoop:
             pos = torch.tensor([[p.position]], device=self.device)
             cos, sin = parts.rotary_emb(source, pos)
             for layer in range(p.depth, parts.n_layers):
-                bp = self.blocks[layer]
-                x = bp.input_norm(source)
-                shape = (1, 1, -1, bp.head_dim)
-                k = hf_compat.rotate(bp.k_proj(x).view(shape).transpose(1, 2), cos, sin)
-                v = bp.v_proj(x).view(shape).transpose(1, 2)
+                k, v = keys_values(self.blocks[layer], source, cos, sin)
                 hf_compat.append_keys_values(state.cache, layer, k, v)
             p.depth = parts.n_layers
 

@@ -189,17 +189,21 @@ def cached_keys_values(cache: DynamicCache, index: int) -> tuple[torch.Tensor, t
 
     A sliding-window layer holds only its newest window-1 positions.
     """
-    if index >= len(cache.layers) or not getattr(cache.layers[index], "is_initialized", True):
-        return None, None
-    layer = cache.layers[index]
-    return layer.keys, layer.values
+    layer = _filled_layer(cache, index)
+    return (None, None) if layer is None else (layer.keys, layer.values)
 
 
 def cached_length(cache: DynamicCache, index: int) -> int:
     """How many positions layer `index` has seen (a sliding layer stores fewer)."""
+    layer = _filled_layer(cache, index)
+    return 0 if layer is None else int(layer.get_seq_length())
+
+
+def _filled_layer(cache: DynamicCache, index: int):
+    """Layer `index` of the cache once something was written to it, else None."""
     if index >= len(cache.layers) or not getattr(cache.layers[index], "is_initialized", True):
-        return 0
-    return int(cache.layers[index].get_seq_length())
+        return None
+    return cache.layers[index]
 
 
 def append_keys_values(cache: DynamicCache, index: int, keys: torch.Tensor,

@@ -132,12 +132,12 @@ def _generate(engine, text, cfg, exit_cfg: ExitConfig) -> None:
         for step in plain:
             progress.progress((step.position + 1) / (3 * cfg.max_new_tokens),
                               text=f"full model: token {step.position + 1}")
-        plain_ms = plain.loop.decode_ms / max(1, len(plain.steps) - 1)
+        plain_ms = plain.ms_per_token
         shown = 0.0
         for step in exiting:
             if time.monotonic() - shown > 0.5:
                 shown = time.monotonic()
-                ms = exiting.loop.decode_ms / max(1, len(exiting.steps) - 1)
+                ms = exiting.ms_per_token
                 progress.progress((cfg.max_new_tokens + step.position + 1)
                                   / (3 * cfg.max_new_tokens),
                                   text=f"early exit: token {step.position + 1} · running "
@@ -145,7 +145,7 @@ def _generate(engine, text, cfg, exit_cfg: ExitConfig) -> None:
                 strip.markdown(exit_charts.exit_strip_html(
                     exiting.steps, [s.exit_layer for s in exiting.steps],
                     engine.parts.n_layers), unsafe_allow_html=True)
-        exit_ms = exiting.loop.decode_ms / max(1, len(exiting.steps) - 1)
+        exit_ms = exiting.ms_per_token
         traced = engine.generate(text, cfg.replace(trace=True))
         for step in traced:
             progress.progress(min(1.0, (2 * cfg.max_new_tokens + step.position + 1)
