@@ -26,6 +26,7 @@ from m2r2core.decode import TokenLoop
 from m2r2core.exits import ExitConfig, ExitLoop
 from m2r2core.model import LoadedModel, ModelInfo, load
 from m2r2core.routers import RouterBundle, load_routers
+from m2r2core.speculative import SpecConfig, SpecLoop, SpecRound
 from m2r2core.trace import ResidualCapture, RunTrace, TokenStep
 
 
@@ -109,6 +110,18 @@ class Engine:
         return Generation(self, clean, ids, cfg, loop, mode="early_exit",
                           extra={"exit": dataclasses.asdict(exit_cfg)})
 
+    def speculate(self, text: str | bytes, cfg: DecodeConfig = DecodeConfig(),
+                  spec: SpecConfig = SpecConfig()) -> Speculation:
+        """Start a self-speculative generation (m2r2core/speculative.py); iterate it for
+        SpecRound records.
+        """
+        clean = prompt.validate_text(text)
+        ids = self._encode_clean(clean, cfg)
+        sub_vocab = self.routers.check.token_ids if self.routers.card is not None else None
+        loop = SpecLoop(self.parts, self.accel, sub_vocab, ids, cfg, spec, self.eos_ids,
+                        self.token_text, self._lock, self.device)
+        return Speculation(self, clean, ids, cfg, spec, loop)
+
     def load_trained(self, folder: str | Path) -> None:
         """Swap in adapters and routers from a folder (AdapterError if they do not fit; then
         the engine keeps what it had).
@@ -183,6 +196,56 @@ class Generation:
             fast = np.stack(loop.fast_rows) if getattr(loop, "fast_rows", None) else None
             capture = ResidualCapture(self.run_id, np.stack(loop.capture_rows), fast)
         return RunResult(trace, capture)
+
+
+class Speculation:
+    """One self-speculative generation. Iterate it for SpecRound records; afterwards `tokens`,
+    `completion`, `stop_reason`, `prefill_ms` and `decode_ms` describe the whole run.
+    """
+
+    def __init__(self, engine: Engine, text: str, ids: list[int], cfg: DecodeConfig,
+                 spec: SpecConfig, loop: SpecLoop) -> None:
+        """Bind a prepared loop to its engine and request."""
+        self.engine, self.text, self.prompt_ids, self.cfg, self.spec = engine, text, ids, cfg, spec
+        self.loop = loop
+        self.rounds: list[SpecRound] = []
+
+    def __iter__(self) -> Iterator[SpecRound]:
+        """Yield rounds as they are produced."""
+        for round_ in self.loop:
+            self.rounds.append(round_)
+            yield round_
+
+    def run(self) -> Speculation:
+        """Iterate to the end; return self."""
+        for _ in self:
+            pass
+        return self
+
+    @property
+    def tokens(self) -> list[int]:
+        """Generated token ids so far."""
+        return [t for r in self.rounds for t in r.emitted]
+
+    @property
+    def completion(self) -> str:
+        """The generated text so far."""
+        return self.engine.tokenizer.decode(self.tokens, skip_special_tokens=True)
+
+    @property
+    def stop_reason(self) -> str:
+        """'eos', 'max_new_tokens' or 'stopped' (not finished)."""
+        return self.loop.stop_reason
+
+    @property
+    def prefill_ms(self) -> float:
+        """Time of the prompt's forward pass (which also chose the first token)."""
+        return self.loop.prefill_ms
+
+    @property
+    def decode_ms(self) -> float:
+        """Drafting plus verification time of every round after the prefill."""
+        return self.loop.decode_ms
 
 
 def environment() -> dict:

@@ -123,3 +123,20 @@ def test_save_load_roundtrip_and_refusals(engines, tmp_path):
     with pytest.raises(AdapterError, match="No adapter card"):
         accel.load_accelerator(tmp_path / "missing", parts, "tiny", "abc")
     assert json.loads(json.dumps(card.config))["rate"] == 2.0
+
+
+def test_matmul_attention_matches_the_fused_kernel():
+    """The drafting path's plain-matmul attention computes the same function as sdpa (GQA, mask)."""
+    from m2r2core.accel import _matmul_attention
+
+    torch.manual_seed(0)
+    q = torch.randn(1, 6, 3, 8)
+    keys, values = torch.randn(1, 2, 7, 8), torch.randn(1, 2, 7, 8)
+    mask = torch.rand(3, 7) > 0.3
+    mask[:, 0] = True
+    want = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                                            scale=0.3, enable_gqa=True)
+    torch.testing.assert_close(_matmul_attention(q, keys, values, mask, 0.3), want)
+    torch.testing.assert_close(_matmul_attention(q, keys, values, None, 0.3),
+                               torch.nn.functional.scaled_dot_product_attention(
+                                   q, keys, values, scale=0.3, enable_gqa=True))

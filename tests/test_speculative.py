@@ -1,0 +1,193 @@
+"""Self-speculative decoding: lossless against transformers, drafts never touch the slow cache,
+bad settings refused, and sampling mode draws from the model's own distribution."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from scipy.stats import chi2_contingency
+
+from m2r2core import hf_compat
+from m2r2core.config import DecodeConfig, EngineConfig, SamplingConfig
+from m2r2core.decode import DecodeState, forward
+from m2r2core.engine import Engine
+from m2r2core.errors import ConfigError, PromptTooLong, UnsupportedModel
+from m2r2core.sampling import make_generator
+from m2r2core.speculative import SpecConfig
+
+PROMPT = "Write a short story about a lighthouse keeper."
+
+
+def hf_greedy(engine: Engine, text: str, n: int) -> tuple[int, ...]:
+    cfg = DecodeConfig(max_new_tokens=n, trace=False)
+    ids = torch.tensor([engine.encode(text, cfg)])
+    with torch.inference_mode():
+        out = engine.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                    max_new_tokens=n)
+    return tuple(out[0, ids.shape[1]:].tolist())
+
+
+@pytest.fixture(scope="module")
+def trained_engine(tiny_trained_dir, tiny_model_dir):
+    """The tiny Llama with its briefly trained adapters and routers (fast stream available)."""
+    old = os.environ.get("M2R2_TRAINED_DIR")
+    os.environ["M2R2_TRAINED_DIR"] = str(tiny_trained_dir)
+    try:
+        engine = Engine.load(EngineConfig(model=str(tiny_model_dir), dtype="float32"))
+    finally:
+        if old is None:
+            os.environ.pop("M2R2_TRAINED_DIR")
+        else:
+            os.environ["M2R2_TRAINED_DIR"] = old
+    assert engine.accel is not None
+    return engine
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mixtral"])
+@pytest.mark.parametrize("spec", [SpecConfig(stream="slow", draft_layer=1, max_draft=4),
+                                  SpecConfig(stream="slow", draft_layer=3, max_draft=7,
+                                             min_confidence=0.01)])
+def test_greedy_equals_transformers_generate(tiny_model_dirs, family, spec):
+    engine = Engine.load(EngineConfig(model=str(tiny_model_dirs[family]), dtype="float32"))
+    want = hf_greedy(engine, PROMPT, 24)
+    run = engine.speculate(PROMPT, DecodeConfig(max_new_tokens=24, trace=False), spec).run()
+    assert tuple(run.tokens) == want
+    assert run.stop_reason in ("eos", "max_new_tokens")
+    assert sum(len(r.emitted) for r in run.rounds) == len(want)
+
+
+@pytest.mark.parametrize("spec", [SpecConfig(draft_layer=1), SpecConfig(draft_layer=2,
+                                                                        max_draft=6),
+                                  SpecConfig(draft_layer=2, draft_vocab="sub", max_draft=3)])
+def test_fast_stream_drafts_are_lossless(trained_engine, spec):
+    want = hf_greedy(trained_engine, PROMPT, 30)
+    run = trained_engine.speculate(PROMPT, DecodeConfig(max_new_tokens=30, trace=False),
+                                   spec).run()
+    assert tuple(run.tokens) == want
+    rounds = run.rounds[1:]
+    assert all(0 <= r.accepted <= len(r.drafts) <= spec.max_draft for r in rounds)
+    assert all(r.emitted[:r.accepted] == r.drafts[:r.accepted] for r in rounds)
+
+
+def test_rounds_record_what_happened(tiny_engine):
+    """Every round: drafts within K, accepted prefix, one own token, timings measured."""
+    spec = SpecConfig(stream="slow", draft_layer=3, max_draft=5)
+    run = tiny_engine.speculate(PROMPT, DecodeConfig(max_new_tokens=40, trace=False), spec).run()
+    first, rounds = run.rounds[0], run.rounds[1:]
+    assert first.drafts == () and len(first.emitted) == 1 and first.verify_ms > 0
+    assert rounds and all(r.draft_ms > 0 and r.verify_ms > 0 for r in rounds)
+    for r in rounds:
+        if run.tokens[-1] not in tiny_engine.eos_ids and r is not rounds[-1]:
+            assert len(r.emitted) == r.accepted + 1
+        assert r.correction == (r.accepted < len(r.drafts))
+    assert [r.position for r in run.rounds] == [sum(len(x.emitted) for x in run.rounds[:i])
+                                               for i in range(len(run.rounds))]
+    assert len(run.tokens) <= 40 and run.decode_ms > 0
+
+
+def test_budget_is_exact(tiny_engine):
+    for budget in (1, 2, 3, 7):
+        run = tiny_engine.speculate(PROMPT, DecodeConfig(max_new_tokens=budget, trace=False),
+                                    SpecConfig(stream="slow", draft_layer=2, max_draft=8)).run()
+        assert len(run.tokens) <= budget
+        assert tuple(run.tokens) == hf_greedy(tiny_engine, PROMPT, budget)
+
+
+def test_drafts_never_reach_the_slow_cache(trained_engine):
+    engine = trained_engine
+    cfg = DecodeConfig(max_new_tokens=8, trace=False)
+    spec = SpecConfig(draft_layer=2, max_draft=5)
+    loop = engine.speculate(PROMPT, cfg, spec).loop
+    state = DecodeState(hf_compat.new_cache(engine.parts), make_generator(cfg.sampling))
+    forward(engine.parts, loop.prompt, state, keep_states=False)
+    before = [t.clone() for t in hf_compat.cached_keys_values(state.cache, 0)]
+    drafts, _, _ = loop._draft(5, state, 5)
+    assert len(drafts) == 5
+    after = hf_compat.cached_keys_values(state.cache, 0)
+    assert hf_compat.cache_length(state.cache) == loop.prompt.shape[1]
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+@pytest.mark.parametrize("bad, field", [
+    (SpecConfig(stream="slow", draft_layer=1, max_draft=0), "max_draft"),
+    (SpecConfig(stream="slow", draft_layer=1, max_draft=1000), "max_draft"),
+    (SpecConfig(stream="slow", draft_layer=0), "draft_layer"),
+    (SpecConfig(stream="slow", draft_layer=4), "draft_layer"),
+    (SpecConfig(stream="fast", draft_layer=1), "stream"),
+    (SpecConfig(stream="sideways"), "stream"),
+    (SpecConfig(stream="slow", draft_layer=1, min_confidence=1.0), "min_confidence"),
+    (SpecConfig(stream="slow", draft_layer=1, draft_vocab="sub"), "draft_vocab"),
+])
+def test_bad_settings_are_refused(tiny_engine, bad, field):
+    with pytest.raises(ConfigError, match=field):
+        tiny_engine.speculate(PROMPT, DecodeConfig(max_new_tokens=4), bad)
+
+
+def test_fast_draft_layer_is_bounded_by_the_adapters(trained_engine):
+    depth = trained_engine.accel.first + trained_engine.accel.n_fast
+    with pytest.raises(ConfigError, match=f"1..{depth}"):
+        trained_engine.speculate(PROMPT, DecodeConfig(max_new_tokens=4),
+                                 SpecConfig(draft_layer=depth + 1))
+
+
+def test_sliding_window_models_are_refused(tiny_model_dirs):
+    engine = Engine.load(EngineConfig(model=str(tiny_model_dirs["mistral"]), dtype="float32"))
+    with pytest.raises(UnsupportedModel, match="sliding-window"):
+        engine.speculate(PROMPT, DecodeConfig(max_new_tokens=4),
+                         SpecConfig(stream="slow", draft_layer=1))
+
+
+def test_a_prompt_that_fills_the_context_is_refused(tiny_engine):
+    long_prompt = "word " * 600  # the tiny model's context is 512
+    with pytest.raises(PromptTooLong):
+        tiny_engine.speculate(long_prompt, DecodeConfig(max_new_tokens=4),
+                              SpecConfig(stream="slow", draft_layer=1))
+
+
+def _joint_counts(draw, n: int) -> dict[tuple[int, ...], int]:
+    counts: dict[tuple[int, ...], int] = {}
+    for seed in range(n):
+        key = draw(seed)
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def _chi2_p(a: dict, b: dict) -> float:
+    keys = sorted(set(a) | set(b))
+    table = [[a.get(k, 0) for k in keys], [b.get(k, 0) for k in keys]]
+    return float(chi2_contingency(table)[1])
+
+
+def test_sampling_matches_plain_sampling(trained_engine):
+    """Speculative rejection sampling draws (t0, t1, t2) from the same joint distribution as
+    plain sampling (two-sample chi-square over 400 seeds each), while drafts alone do not."""
+    engine = trained_engine
+    sampling = dict(temperature=1.0, top_k=4)
+
+    def cfg(seed):
+        return DecodeConfig(max_new_tokens=3, trace=False,
+                            sampling=SamplingConfig(seed=seed, **sampling))
+
+    spec = SpecConfig(draft_layer=1, max_draft=3)
+
+    def plain(seed):
+        return engine.run(PROMPT, cfg(seed)).trace.token_ids
+
+    def speculative(seed):
+        return tuple(engine.speculate(PROMPT, cfg(seed + 10_000), spec).run().tokens)
+
+    def drafts_only(seed):  # what sampling would give if every draft were kept
+        run = engine.speculate(PROMPT, cfg(seed + 20_000).replace(max_new_tokens=6), spec)
+        rounds = run.run().rounds
+        return (rounds[0].emitted[0], *rounds[1].drafts[:2]) if len(rounds[1].drafts) >= 2 \
+            else ("short",)
+
+    n = 400
+    reference = _joint_counts(plain, n)
+    same, drafts = (_chi2_p(reference, _joint_counts(speculative, n)),
+                    _chi2_p(reference, _joint_counts(drafts_only, n)))
+    print(f"chi-square p: speculative {same:.3g}, drafts only {drafts:.3g}")
+    assert same > 0.001
+    assert drafts < 0.001  # the test has power: it tells the draft distribution apart
