@@ -1,0 +1,269 @@
+"""`python -m analysis.spec_bench`: self-speculative decoding against its peers on a real prompt
+set, one process, same prompts, dtype and threads; medians over interleaved repeats.
+
+Methods (`--methods`, any subset):
+
+- `hf_generate`: transformers `generate`, greedy: the reference for speed and for output;
+- `engine`: the engine's own plain decoding;
+- `prompt_lookup`: transformers prompt-lookup decoding (`prompt_lookup_num_tokens`);
+- `hf_early_exit`: transformers `assistant_early_exit` (LayerSkip-style self-drafting);
+- `spec_slow`: the engine's self-speculative decoder drafting from the slow stream (no adapters);
+- `spec_fast`: the same decoder drafting from the M2R2 accelerated stream.
+
+The JSON report holds, per method and prompt: tokens/s, speed ratio against `hf_generate`,
+whether the output equals `hf_generate`'s token for token (and, where it does not, the first
+differing position with the reference model's logit margin there), and for the engine's
+speculative methods: tokens per verification and acceptance by draft position. Example:
+
+    python -m analysis.spec_bench --prompts mt-bench --per-category 2 --max-new-tokens 128 \
+        --dtype bfloat16 --threads 2 --repeats 2 --out benchmarks/spec_bf16.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from analysis.prompts import Prompt, load_prompts
+from analysis.speculation import acceptance
+from m2r2core.config import DecodeConfig, EngineConfig
+from m2r2core.engine import Engine, environment
+from m2r2core.speculative import MAX_DRAFT_LIMIT, SpecConfig, SpecRound
+
+METHODS = ("hf_generate", "engine", "prompt_lookup", "hf_early_exit", "spec_slow", "spec_fast")
+SPEC_METHODS = ("spec_slow", "spec_fast")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line."""
+    p = argparse.ArgumentParser(prog="python -m analysis.spec_bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompts", default="mt-bench", help="named set or JSONL file")
+    p.add_argument("--limit", type=int, default=0, help="first N prompts (0: all)")
+    p.add_argument("--per-category", type=int, default=0,
+                   help="first N prompts of each category (0: off)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--model", default=EngineConfig.model)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--draft-layer", type=int, default=8, help="spec_fast draft depth")
+    p.add_argument("--slow-draft-layer", type=int, default=8, help="spec_slow draft depth")
+    p.add_argument("--max-draft", type=int, default=4, help="K, longest draft chain")
+    p.add_argument("--min-confidence", type=float, default=0.0,
+                   help="adaptive draft length: stop below this top-1 probability (0: off)")
+    p.add_argument("--draft-vocab", default="sub", choices=("full", "sub"))
+    p.add_argument("--early-exit-layer", type=int, default=8, help="hf_early_exit's layer")
+    p.add_argument("--lookup-tokens", type=int, default=10, help="prompt_lookup_num_tokens")
+    p.add_argument("--out", default="bench_out/spec.json", help="JSON report path")
+    args = p.parse_args(argv)
+    if not 1 <= args.max_draft <= MAX_DRAFT_LIMIT:
+        p.error(f"--max-draft must be 1..{MAX_DRAFT_LIMIT}")
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1")
+    return args
+
+
+def select_prompts(args: argparse.Namespace) -> tuple[Prompt, ...]:
+    """The prompt set, limited overall or per category."""
+    prompts = load_prompts(args.prompts)
+    if args.per_category:
+        seen: dict[str, int] = {}
+        kept = []
+        for prompt in prompts:
+            if seen.get(prompt.category, 0) < args.per_category:
+                seen[prompt.category] = seen.get(prompt.category, 0) + 1
+                kept.append(prompt)
+        prompts = tuple(kept)
+    return prompts[:args.limit] if args.limit else prompts
+
+
+def spec_config(args: argparse.Namespace, method: str) -> SpecConfig:
+    """The speculative decoder's settings for spec_fast or spec_slow."""
+    fast = method == "spec_fast"
+    return SpecConfig(draft_layer=args.draft_layer if fast else args.slow_draft_layer,
+                      stream="fast" if fast else "slow", max_draft=args.max_draft,
+                      min_confidence=args.min_confidence, draft_vocab=args.draft_vocab)
+
+
+def runner(engine: Engine, args: argparse.Namespace, method: str
+           ) -> Callable[[str], tuple[float, tuple[int, ...], list[SpecRound]]]:
+    """A function running one method on one prompt: (wall seconds, generated ids, rounds)."""
+    cfg = DecodeConfig(max_new_tokens=args.max_new_tokens, trace=False, capture_residuals=False)
+    if method in SPEC_METHODS:
+        spec = spec_config(args, method)
+
+        def run_spec(text):
+            start = time.perf_counter()
+            run = engine.speculate(text, cfg, spec).run()
+            return time.perf_counter() - start, tuple(run.tokens), run.rounds
+        return run_spec
+    if method == "engine":
+        def run_engine(text):
+            start = time.perf_counter()
+            ids = engine.run(text, cfg).trace.token_ids
+            return time.perf_counter() - start, ids, []
+        return run_engine
+    extra = {"hf_generate": {}, "prompt_lookup": {"prompt_lookup_num_tokens": args.lookup_tokens},
+             "hf_early_exit": {"assistant_early_exit": args.early_exit_layer}}[method]
+
+    def run_hf(text):
+        ids = torch.tensor([engine.encode(text, cfg)], device=engine.device)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = engine.model.generate(ids, attention_mask=torch.ones_like(ids),
+                                        do_sample=False, max_new_tokens=args.max_new_tokens,
+                                        **extra)
+        return time.perf_counter() - start, tuple(out[0, ids.shape[1]:].tolist()), []
+    return run_hf
+
+
+def divergence(engine: Engine, text: str, max_new_tokens: int, reference: tuple[int, ...],
+               output: tuple[int, ...]) -> dict | None:
+    """Where an output first leaves the reference, and the model's own margin there: the logit
+    gap between its top two tokens and between the reference token and the output's token.
+    None when the outputs are identical.
+    """
+    if output == reference:
+        return None
+    at = next((i for i, (a, b) in enumerate(zip(reference, output, strict=False)) if a != b),
+              min(len(reference), len(output)))
+    if at >= min(len(reference), len(output)):
+        return {"position": at, "length_only": True}
+    cfg = DecodeConfig(max_new_tokens=max_new_tokens, trace=False)
+    ids = torch.tensor([engine.encode(text, cfg) + list(reference[:at])], device=engine.device)
+    with torch.inference_mode():
+        logits = engine.model(ids).logits[0, -1].float()
+    top2 = torch.topk(logits, 2).values
+    return {"position": at, "length_only": False,
+            "top2_margin": float(top2[0] - top2[1]),
+            "reference_minus_output_logit": float(logits[reference[at]] - logits[output[at]])}
+
+
+def bench(args: argparse.Namespace, progress: Callable[[float, str], None] | None = None,
+          engine: Engine | None = None) -> dict:
+    """Run every method on every prompt, interleaved in rotating order, `repeats` times.
+
+    Args:
+        progress: called with (fraction done, what ran last) after every run.
+        engine: an already loaded engine (the app's); None loads args.model.
+    """
+    if engine is None:
+        engine = Engine.load(EngineConfig(model=args.model, dtype=args.dtype,
+                                          threads=args.threads))
+    methods = tuple(m for m in METHODS if m in args.methods)
+    if "hf_generate" not in methods:
+        methods = ("hf_generate",) + methods  # the reference for speed and output
+    prompts = select_prompts(args)
+    runs = {m: runner(engine, args, m) for m in methods}
+    for method in methods:  # warm-up: kernels, caches, generation-config paths
+        runs[method](prompts[0].text)
+    rows = []
+    total = len(prompts) * args.repeats * len(methods)
+    done = 0
+    for index, prompt in enumerate(prompts):
+        timings = {m: [] for m in methods}
+        outputs, stats = {}, {}
+        for repeat in range(args.repeats):
+            shift = repeat % len(methods)
+            for method in methods[shift:] + methods[:shift]:
+                gc.collect()
+                seconds, ids, rounds = runs[method](prompt.text)
+                timings[method].append(seconds)
+                outputs[method] = ids
+                if rounds:
+                    stats[method] = acceptance(rounds, args.max_draft)
+                done += 1
+                if progress:
+                    progress(done / total, f"{prompt.id} · {method}")
+        reference = outputs["hf_generate"]
+        tps = {m: len(outputs[m]) / statistics.median(timings[m]) for m in methods}
+        rows.append({
+            "id": prompt.id, "category": prompt.category,
+            "new_tokens": {m: len(outputs[m]) for m in methods},
+            "seconds": timings, "tokens_per_s": tps,
+            "speedup": {m: tps[m] / tps["hf_generate"] for m in methods},
+            "identical_to_hf": {m: outputs[m] == reference for m in methods},
+            "divergence": {m: divergence(engine, prompt.text, args.max_new_tokens, reference,
+                                         outputs[m]) for m in methods},
+            "acceptance": stats,
+        })
+        print(f"[{index + 1}/{len(prompts)}] {prompt.id} ({prompt.category}): " + ", ".join(
+            f"{m} x{rows[-1]['speedup'][m]:.2f}" for m in methods), file=sys.stderr)
+    return {"command": " ".join(["python -m analysis.spec_bench"] + sys.argv[1:]),
+            "args": vars(args), "dtype": str(engine.model.dtype).removeprefix("torch."),
+            "environment": environment(), "model": engine.info.name,
+            "adapters": engine.accel_note, "methods": list(methods),
+            "spec_configs": {m: vars(spec_config(args, m)) for m in methods if m in SPEC_METHODS},
+            "prompts": rows, "summary": summarise(rows, methods, args.max_draft)}
+
+
+def summarise(rows: list[dict], methods: tuple[str, ...], max_draft: int) -> dict:
+    """Medians over prompts, overall and per category."""
+    def block(subset: list[dict]) -> dict:
+        out = {}
+        for m in methods:
+            entry = {
+                "median_tokens_per_s": statistics.median(r["tokens_per_s"][m] for r in subset),
+                "median_speedup_vs_hf_generate": statistics.median(r["speedup"][m]
+                                                                   for r in subset),
+                "identical": sum(r["identical_to_hf"][m] for r in subset),
+                "prompts": len(subset),
+            }
+            accs = [r["acceptance"][m] for r in subset if m in r["acceptance"]]
+            if accs:
+                verifications = sum(a["verifications"] for a in accs)
+                entry["tokens_per_verification"] = (
+                    sum(a["tokens_per_verification"] * a["verifications"] for a in accs)
+                    / max(1, verifications))
+                entry["mean_accepted"] = sum(a["accepted"] for a in accs) / max(1, verifications)
+                reached = [sum(a["reached_by_position"][i] for a in accs) for i in range(max_draft)]
+                passed = [sum(a["accepted_by_position"][i] for a in accs)
+                          for i in range(max_draft)]
+                entry["acceptance_by_position"] = [p / r if r else None
+                                                   for p, r in zip(passed, reached, strict=True)]
+                entry["draft_share_of_time"] = (
+                    sum(a["draft_ms"] for a in accs)
+                    / max(1e-9, sum(a["draft_ms"] + a["verify_ms"] for a in accs)))
+            ties = [r["divergence"][m] for r in subset if r["divergence"][m]]
+            entry["differences"] = [{k: v for k, v in d.items()} for d in ties]
+            out[m] = entry
+        return out
+
+    categories = sorted({r["category"] for r in rows})
+    return {"overall": block(rows),
+            "by_category": {c: block([r for r in rows if r["category"] == c])
+                            for c in categories}}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Parse arguments, run, print a table and write the JSON report."""
+    args = parse_args(argv)
+    report = bench(args)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    overall = report["summary"]["overall"]
+    for method in report["methods"]:
+        s = overall[method]
+        extra = (f"  {s['tokens_per_verification']:.2f} tok/verify" if "tokens_per_verification"
+                 in s else "")
+        print(f"{method:14s} {s['median_tokens_per_s']:7.1f} tok/s  "
+              f"x{s['median_speedup_vs_hf_generate']:.3f} vs generate  "
+              f"identical {s['identical']}/{s['prompts']}{extra}")
+    print(f"report: {out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
+
