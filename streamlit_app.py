@@ -12,5 +12,7 @@ page = st.navigation([
     st.Page("app/pages/residuals.py", title="Residual Dynamics", icon="🌊", default=True),
     st.Page("app/pages/exits.py", title="Exit Threshold debugger", icon="🚪",
             url_path="exits"),
+    st.Page("app/pages/speculative.py", title="Speculative Decoding", icon="🎯",
+            url_path="speculative"),
 ])
 page.run()

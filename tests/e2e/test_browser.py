@@ -131,3 +131,34 @@ def test_exit_debugger_in_browser(streamlit_url, tmp_path):
         finally:
             page.screenshot(path=str(shot_dir / "exit_debugger.png"), full_page=True)
             browser.close()
+
+
+def test_speculative_page_in_browser(streamlit_url, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    shot_dir = Path(os.environ.get("M2R2_SCREENSHOT_DIR", tmp_path))
+    with sync_playwright() as pw:
+        browser, page = _open(pw)
+        try:
+            page.goto(f"{streamlit_url}/speculative")
+            prompt = page.get_by_test_id(ids.TEXT_AREA).locator("textarea")
+            prompt.wait_for(timeout=60_000)
+            prompt.fill("Why is the sky blue?")
+            prompt.press("Control+Enter")
+            page.get_by_role("button", name="Generate speculatively").click()
+            expect(page.get_by_test_id(ids.SPEC_STRIP).first).to_be_visible(timeout=90_000)
+            page.locator(ids.APP_IDLE).wait_for(timeout=90_000)
+            expect(page.get_by_text("Tokens per verification")).to_be_visible()
+            assert page.get_by_test_id(ids.PLOTLY_CHART).count() >= 4
+            expect(page.get_by_test_id(ids.EXCEPTION)).to_have_count(0)
+            # K of 0 gives a message and keeps the results
+            k = page.get_by_label("Max drafts K", exact=True)
+            k.fill("0")
+            k.press("Enter")
+            expect(page.get_by_test_id(ids.ERROR).first).to_contain_text("max_draft",
+                                                                         timeout=30_000)
+            expect(page.get_by_test_id(ids.SPEC_STRIP).first).to_be_visible()
+            expect(page.get_by_test_id(ids.EXCEPTION)).to_have_count(0)
+        finally:
+            page.screenshot(path=str(shot_dir / "speculative.png"), full_page=True)
+            browser.close()

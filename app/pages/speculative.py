@@ -1,0 +1,314 @@
+"""Speculative Decoding: the fast stream drafts, the unmodified model verifies; watch which drafts
+survive, what each step costs, and how the speed compares with plain decoding and the peers."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from analysis import speculation
+from app import resources, spec_charts, state
+from app.components import controls
+from m2r2core.config import SamplingConfig
+from m2r2core.errors import M2R2Error
+from m2r2core.speculative import DRAFT_VOCABS, MAX_DRAFT_LIMIT, SpecConfig, SpecRound
+
+REPORT = Path(__file__).resolve().parents[2] / "benchmarks" / "spec_bf16.json"
+RESULT_KEY = "spec_result"
+COMPARE_KEY = "spec_compare_result"
+
+INTRO = """
+**Self-speculative decoding** makes the model check several tokens in one pass. A cheap **draft
+stream** (the first few blocks; on M2R2's **fast stream** with its accelerator adapters, or on
+the plain slow stream) guesses a chain of tokens; the **unmodified model** then runs all of them
+at once and keeps the longest prefix it agrees with, plus one token of its own. The output is
+exactly the model's own: greedy gives the same tokens as plain decoding, and sampling uses
+speculative rejection sampling so the distribution is unchanged. It pays only when drafts are
+cheap *and* usually right.
+"""
+
+CHOICES = """
+**Choices our reading of the method made (all switchable below):** the draft exits at a fixed
+*draft layer* and reads either the full LM head or a **sub-vocabulary head** (the 2,048 most
+frequent tokens of the training answers: about 30x cheaper; a token outside it simply cannot be
+drafted). The chain stops at *K* drafts or, with **adaptive length**, at the first draft whose
+top-1 probability is below the confidence bound. Draft keys/values live in a side buffer and
+never enter the model's cache; verification runs transformers' own blocks. Timings are engine
+time (drafting + verification), measured in this session against plain decoding of the same
+prompt. In bfloat16 a multi-token verification can round differently from one-token steps, so a
+near-tie may flip; in float32 the output is identical (tests prove it).
+"""
+
+
+@dataclass
+class SpecSession:
+    """What one Generate press produced."""
+
+    spec: SpecConfig
+    sampling: bool
+    rounds: list[SpecRound]
+    spec_ms: float
+    plain_ms: float
+    plain_rate: list[tuple[int, float]]
+    spec_tokens: list[int]
+    plain_tokens: list[int]
+    completion: str
+
+
+def render() -> None:
+    st.title("Speculative Decoding")
+    st.markdown(INTRO)
+    with st.expander("What exactly is computed"):
+        st.markdown(CHOICES)
+    engine = resources.engine_or_error()
+    if engine is None:
+        return
+    if engine.accel is None:
+        st.warning(f"{engine.accel_note} Only slow-stream drafting is available.")
+    seed = int(st.session_state.get(state.SEED, 0))
+    try:
+        text, cfg = controls.decode_controls(seed)
+    except M2R2Error as exc:
+        st.error(str(exc))
+        return
+    spec, sampling = _spec_controls(engine)
+    if st.button("Generate speculatively", key="spec_generate", type="primary"):
+        if spec is not None:
+            if sampling and cfg.sampling.greedy:
+                st.error("Sampling needs a temperature above 0: set the temperature slider, or "
+                         "turn sampling off for greedy decoding.")
+            else:
+                if not sampling:
+                    cfg = cfg.replace(sampling=SamplingConfig(seed=seed))
+                _generate(engine, text, cfg, spec, sampling)
+    session: SpecSession | None = st.session_state.get(RESULT_KEY)
+    if session is None:
+        st.info("Generate to see drafts accepted and refused, token by token.")
+    else:
+        _show(engine, session)
+    _comparison(engine)
+
+
+def _spec_controls(engine) -> tuple[SpecConfig | None, bool]:
+    """Stream, draft layer, K, adaptive bound, draft head and sampling; None if invalid."""
+    streams = ["fast", "slow"] if engine.accel is not None else ["slow"]
+    cols = st.columns(6)
+    stream = cols[0].selectbox("Draft stream", streams, key="spec_stream",
+                               help="fast = M2R2's accelerated stream; slow = plain early-exit "
+                                    "drafting (LayerSkip-style, no adapters).")
+    fast_depth = engine.accel.first + engine.accel.n_fast if engine.accel is not None else None
+    deepest = fast_depth if stream == "fast" else engine.parts.n_layers - 1
+    layer = cols[1].number_input("Draft layer", value=min(8, deepest), step=1, key="spec_layer",
+                                 help=f"Depth the draft exits at (1–{deepest} on this stream).")
+    k = cols[2].number_input("Max drafts K", value=4, step=1, key="spec_k",
+                             help=f"Longest draft chain per verification (1–{MAX_DRAFT_LIMIT}).")
+    bound = cols[3].number_input("Adaptive bound", value=0.0, step=0.1, key="spec_conf",
+                                 help="Stop the chain once a draft's top-1 probability is below "
+                                      "this (0 = always draft K).")
+    has_sub = engine.routers.card is not None
+    vocab = cols[4].selectbox("Draft head", DRAFT_VOCABS if has_sub else ("full",),
+                              index=1 if has_sub else 0, key="spec_vocab",
+                              help="sub = the 2,048 most frequent tokens (about 30x cheaper).")
+    sampling = cols[5].checkbox("Sampling", key="spec_sampling",
+                                help="Speculative rejection sampling at the temperature and "
+                                     "top-p above (needs temperature > 0).")
+    spec = SpecConfig(draft_layer=int(layer), stream=stream, max_draft=int(k),
+                      min_confidence=float(bound), draft_vocab=vocab)
+    try:
+        spec.validate(engine.parts.n_layers, fast_depth)
+    except M2R2Error as exc:
+        st.error(str(exc))
+        return None, sampling
+    return spec, sampling
+
+
+def _generate(engine, text, cfg, spec: SpecConfig, sampling: bool) -> None:
+    plain_cfg = cfg.replace(trace=False, capture_residuals=False)
+    try:
+        plain = engine.generate(text, plain_cfg)
+        run = engine.speculate(text, plain_cfg, spec)
+    except M2R2Error as exc:
+        st.error(str(exc))
+        return
+    progress = st.progress(0.0, text="Plain decoding (the speed baseline)…")
+    strip = st.empty()
+    budget = cfg.max_new_tokens
+    try:
+        for step in plain:
+            progress.progress((step.position + 1) / (2 * budget),
+                              text=f"plain decoding: token {step.position + 1}")
+        plain_ms = plain.ms_per_token
+        shown = 0.0
+        for _ in run:
+            if time.monotonic() - shown > 0.4:
+                shown = time.monotonic()
+                done = len(run.tokens)
+                rate = speculation.running_rate(run.rounds)
+                now = f" · {rate[-1][1]:.1f} tok/s" if rate else ""
+                progress.progress(min(1.0, (budget + done) / (2 * budget)),
+                                  text=f"speculative: token {done}{now}")
+                strip.markdown(spec_charts.round_strip_html(run.rounds), unsafe_allow_html=True)
+    except Exception as exc:  # noqa: BLE001 — a traceback must never reach the page
+        st.error(f"Generation failed: {type(exc).__name__}: {exc}. Earlier results are kept.")
+        return
+    finally:
+        progress.empty()
+        strip.empty()
+    decoded = max(1, len(run.tokens) - 1)
+    latencies = [s.latency_ms for s in plain.steps[1:]]
+    st.session_state[RESULT_KEY] = SpecSession(
+        spec, sampling, list(run.rounds), run.decode_ms / decoded, plain_ms,
+        speculation.plain_running_rate(latencies), run.tokens,
+        [s.token_id for s in plain.steps], run.completion)
+
+
+def _show(engine, s: SpecSession) -> None:
+    stats = speculation.acceptance(s.rounds, s.spec.max_draft)
+    st.subheader("The generation")
+    st.caption("Green: drafts the model accepted. Orange: the model's own token where it refused "
+               "a draft (the refused drafts follow, struck through). Blue: a bonus token after "
+               "every draft passed. Grey: the first token, from the prompt's pass. A bar ends "
+               "each verification; hover any token for its round's timings.")
+    st.markdown(spec_charts.round_strip_html(s.rounds), unsafe_allow_html=True)
+    cols = st.columns(5)
+    cols[0].metric("Measured speedup", f"{s.plain_ms / s.spec_ms:.2f}x",
+                   help="Plain ms/token ÷ speculative ms/token, both measured just now.")
+    cols[1].metric("Speculative tok/s", f"{1000 / s.spec_ms:.1f}",
+                   f"{1000 / s.spec_ms - 1000 / s.plain_ms:+.1f} vs plain")
+    cols[2].metric("Tokens per verification", f"{stats['tokens_per_verification']:.2f}",
+                   help="Accepted drafts plus the model's own token, per verification pass.")
+    cols[3].metric("Mean accepted drafts", f"{stats['mean_accepted']:.2f} / {s.spec.max_draft}")
+    same = s.spec_tokens == s.plain_tokens
+    cols[4].metric("Same as plain decoding", "yes" if same else "no",
+                   help="Greedy must match (up to bf16 near-ties); sampling draws differ by "
+                        "design, only their distribution is the same.")
+    spec = s.spec
+    st.caption(f"Drafted on the {spec.stream} stream at layer {spec.draft_layer}, K = "
+               f"{spec.max_draft}, adaptive bound {spec.min_confidence:g}, {spec.draft_vocab} "
+               f"draft head, {'sampling' if s.sampling else 'greedy'}. Drafting took "
+               f"{stats['draft_ms'] / max(1e-9, stats['draft_ms'] + stats['verify_ms']):.0%} "
+               "of decoding time.")
+    left, right = st.columns(2)
+    left.plotly_chart(spec_charts.acceptance_by_position(
+        {"this run": stats["acceptance_by_position"]}), key="spec_accept_pos")
+    left.caption("Of the chains that drafted that far, how often the i-th draft was accepted. "
+                 "A draft only counts once every draft before it passed.")
+    right.plotly_chart(spec_charts.accepted_histogram(stats["accepted_lengths"],
+                                                      spec.max_draft), key="spec_accept_hist")
+    right.caption("How many drafts each verification kept. A pile at 0 means the model paid "
+                  "for drafts it did not use.")
+    left, right = st.columns(2)
+    left.plotly_chart(spec_charts.step_timeline(s.rounds), key="spec_timeline")
+    left.caption("Where the time goes, round by round: drafting (red) then one verification "
+                 "pass (blue). Hover a round for what it drafted and kept.")
+    right.plotly_chart(spec_charts.running_rate_figure(speculation.running_rate(s.rounds),
+                                                       s.plain_rate), key="spec_rate")
+    right.caption("Tokens per second so far, speculative against plain decoding of the same "
+                  "prompt in this session.")
+    rows = pd.DataFrame(speculation.round_rows(s.rounds))
+    with st.expander("Every round"):
+        st.dataframe(rows, hide_index=True)
+    cols = st.columns(2)
+    cols[0].download_button("Download rounds (CSV)", rows.to_csv(index=False),
+                            file_name="speculative-rounds.csv", key="spec_dl_csv")
+    cols[1].download_button("Download run (JSON)", json.dumps({
+        "config": vars(s.spec), "sampling": s.sampling, "completion": s.completion,
+        "speculative_ms_per_token": s.spec_ms, "plain_ms_per_token": s.plain_ms,
+        "acceptance": stats, "rounds": speculation.round_rows(s.rounds)}, indent=2),
+        file_name="speculative-run.json", key="spec_dl_json")
+
+
+def _comparison(engine) -> None:
+    st.subheader("All methods, side by side")
+    report = _load_report()
+    if report is not None:
+        overall = report["summary"]["overall"]
+        st.plotly_chart(spec_charts.methods_figure(overall), key="spec_methods_report")
+        st.dataframe(_methods_table(overall), hide_index=True)
+        st.caption(f"Measured by `{report['command']}` ({len(report['prompts'])} prompts, "
+                   f"{report['args']['max_new_tokens']} new tokens, {report['args']['dtype']}, "
+                   f"{report['args']['threads']} threads). Speedup is against transformers "
+                   "`generate` on the same prompts in the same run.")
+    st.markdown("**Run the comparison here** (same engine, same prompts, one repeat):")
+    cols = st.columns(3)
+    prompts = cols[0].selectbox("Prompt set", ("mt-bench", "koala", "selfinstruct", "vicuna"),
+                                key="spec_cmp_set")
+    count = cols[1].number_input("Prompts", value=2, step=1, key="spec_cmp_n",
+                                 help="1 to 8 (each runs every method once).")
+    tokens = cols[2].number_input("New tokens", value=32, step=16, key="spec_cmp_tokens",
+                                  help="8 to 256.")
+    if st.button("Compare all methods", key="spec_compare"):
+        if not (1 <= count <= 8 and 8 <= tokens <= 256):
+            st.error(f"Prompts must be 1–8 and new tokens 8–256 (got {count} and {tokens}).")
+        else:
+            _run_comparison(engine, prompts, int(count), int(tokens))
+    result = st.session_state.get(COMPARE_KEY)
+    if result is not None:
+        overall = result["summary"]["overall"]
+        st.plotly_chart(spec_charts.methods_figure(overall), key="spec_methods_live")
+        st.dataframe(_methods_table(overall), hide_index=True)
+        st.download_button("Download comparison (JSON)", json.dumps(result, indent=2),
+                           file_name="speculative-comparison.json", key="spec_dl_cmp")
+
+
+def _run_comparison(engine, prompts: str, count: int, tokens: int) -> None:
+    from analysis import spec_bench
+
+    key = (engine.info.fingerprint, prompts, count, tokens)
+    cache = st.session_state.setdefault("spec_compare_cache", {})
+    if key in cache:
+        st.session_state[COMPARE_KEY] = cache[key]
+        return
+    args = spec_bench.parse_args(["--prompts", prompts, "--limit", str(count),
+                                  "--max-new-tokens", str(tokens), "--repeats", "1",
+                                  "--draft-vocab", "sub" if engine.routers.card else "full"]
+                                 + ([] if engine.accel else ["--methods", "hf_generate",
+                                                              "engine", "prompt_lookup",
+                                                              "hf_early_exit", "spec_slow"]))
+    args.draft_layer = min(args.draft_layer, engine.accel.first + engine.accel.n_fast
+                           if engine.accel else args.draft_layer)
+    args.slow_draft_layer = min(args.slow_draft_layer, engine.parts.n_layers - 1)
+    args.early_exit_layer = min(args.early_exit_layer, engine.parts.n_layers - 1)
+    bar = st.progress(0.0, text="Warming up every method…")
+    try:
+        result = spec_bench.bench(args, lambda f, what: bar.progress(f, text=what), engine)
+    except Exception as exc:  # noqa: BLE001
+        st.error(f"The comparison failed: {type(exc).__name__}: {exc}")
+        return
+    finally:
+        bar.empty()
+    cache[key] = result
+    st.session_state[COMPARE_KEY] = result
+
+
+def _methods_table(overall: dict) -> pd.DataFrame:
+    return pd.DataFrame([{
+        "method": m, "tok/s": round(s["median_tokens_per_s"], 1),
+        "speedup vs generate": round(s["median_speedup_vs_hf_generate"], 3),
+        "identical outputs": f"{s['identical']}/{s['prompts']}",
+        "tokens per verification": round(s["tokens_per_verification"], 2)
+        if "tokens_per_verification" in s else None,
+    } for m, s in overall.items()])
+
+
+@st.cache_data(max_entries=2)
+def _report_cached(path: str, mtime: float) -> dict | None:
+    del mtime
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _load_report() -> dict | None:
+    if not REPORT.is_file():
+        return None
+    return _report_cached(str(REPORT), REPORT.stat().st_mtime)
+
+
+render()

@@ -1,0 +1,84 @@
+"""AppTest flows of the Speculative Decoding page on the tiny model with briefly trained adapters:
+generate (greedy and sampling), refuse bad controls while keeping results, compare methods."""
+
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from app import state
+from app.pages.speculative import COMPARE_KEY, RESULT_KEY
+
+ENTRY = str(Path(__file__).resolve().parent.parent / "streamlit_app.py")
+
+
+@pytest.fixture
+def app(tiny_model_dir, tiny_trained_dir, monkeypatch):
+    monkeypatch.setenv("M2R2_MODEL_DIR", str(tiny_model_dir))
+    monkeypatch.setenv("M2R2_TRAINED_DIR", str(tiny_trained_dir))
+    at = AppTest.from_file(ENTRY, default_timeout=300)
+    at.session_state[state.DTYPE] = "float32"
+    at.run()
+    at.switch_page("app/pages/speculative.py")
+    return at.run()
+
+
+def generate(at, layer=1, k=4, budget=12, sampling=False, temperature=0.0, stream="fast"):
+    at.text_area(key=state.PROMPT).input("The capital of France is")
+    at.number_input(key=state.MAX_NEW_TOKENS).set_value(budget)
+    at.slider(key=state.TEMPERATURE).set_value(temperature)
+    at.selectbox(key="spec_stream").set_value(stream)
+    at.number_input(key="spec_layer").set_value(layer)
+    at.number_input(key="spec_k").set_value(k)
+    at.checkbox(key="spec_sampling").set_value(sampling)
+    at.button(key="spec_generate").click()
+    return at.run()
+
+
+def test_page_starts(app):
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    assert app.title[0].value == "Speculative Decoding"
+
+
+def test_greedy_generation_is_lossless_and_charted(app):
+    at = generate(app)
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    session = at.session_state[RESULT_KEY]
+    assert session.spec_tokens == session.plain_tokens  # fp32: identical to plain decoding
+    assert session.plain_ms > 0 and session.spec_ms > 0
+    assert at.metric[0].label == "Measured speedup"
+    assert at.metric[4].value == "yes"
+    keys = {c.proto.id for c in at.get("plotly_chart")}
+    for name in ("spec_accept_pos", "spec_accept_hist", "spec_timeline", "spec_rate"):
+        assert any(name in k for k in keys), keys
+
+
+def test_sampling_generation(app):
+    at = generate(app, sampling=True, temperature=0.8)
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert at.session_state[RESULT_KEY].sampling
+
+
+@pytest.mark.parametrize(("changes", "needle"), [
+    ({"k": 0}, "max_draft"), ({"k": 500}, "max_draft"), ({"layer": 0}, "draft_layer"),
+    ({"layer": 99}, "draft_layer"), ({"sampling": True, "temperature": 0.0}, "temperature"),
+])
+def test_bad_controls_are_refused_and_keep_results(app, changes, needle):
+    at = generate(app, budget=6)
+    first = at.session_state[RESULT_KEY]
+    at = generate(at, **{"budget": 6, **changes})
+    assert not at.exception
+    assert any(needle in e.value for e in at.error), [e.value for e in at.error]
+    assert at.session_state[RESULT_KEY] is first
+
+
+def test_compare_all_methods(app):
+    at = app
+    at.number_input(key="spec_cmp_n").set_value(1)
+    at.number_input(key="spec_cmp_tokens").set_value(8)
+    at.button(key="spec_compare").click()
+    at = at.run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    overall = at.session_state[COMPARE_KEY]["summary"]["overall"]
+    assert {"hf_generate", "engine", "prompt_lookup", "spec_slow", "spec_fast"} <= set(overall)
+    assert all(s["identical"] == 1 for s in overall.values() if s)  # fp32, greedy
