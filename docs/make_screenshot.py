@@ -3,6 +3,7 @@ Debian chromium (Playwright), and save a full-height screenshot.
 
     .venv/bin/python docs/make_screenshot.py "Why is the sky blue?"            # Residual Dynamics
     .venv/bin/python docs/make_screenshot.py "Why is the sky blue?" exits      # Exit debugger
+    .venv/bin/python docs/make_screenshot.py "Why is the sky blue?" speculative
 """
 
 import subprocess
@@ -17,13 +18,16 @@ ROOT = Path(__file__).resolve().parent.parent
 PORT = 8765
 
 
-PAGES = {"residuals": ("", "Generate", "residual_dynamics.png", 4300),
-         "exits": ("/exits", "Generate with early exit", "exit_debugger.png", 5200)}
+PAGES = {"residuals": ("", "Generate", "residual_dynamics.png", 4300, "stPlotlyChart"),
+         "exits": ("/exits", "Generate with early exit", "exit_debugger.png", 5200,
+                   "stPlotlyChart"),
+         "speculative": ("/speculative", "Generate speculatively", "speculative.png", 4200,
+                         "m2r2-spec-strip")}
 
 
 def main(prompt: str, page_name: str) -> None:
     """Serve, generate on one page, screenshot it into docs/."""
-    path, button, name, height = PAGES[page_name]
+    path, button, name, height, result = PAGES[page_name]
     out = ROOT / "docs" / name
     server = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.headless", "true",
@@ -47,7 +51,7 @@ def main(prompt: str, page_name: str) -> None:
             box.fill(prompt)
             box.press("Control+Enter")
             page.get_by_role("button", name=button).click()
-            expect(page.get_by_test_id("stPlotlyChart").first).to_be_visible(timeout=300_000)
+            expect(page.get_by_test_id(result).first).to_be_visible(timeout=300_000)
             page.locator("[data-testid='stApp'][data-test-script-state='notRunning']").wait_for(
                 timeout=300_000)
             time.sleep(3)

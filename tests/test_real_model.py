@@ -7,6 +7,7 @@ import torch
 
 from analysis.prompts import load_prompts
 from m2r2core.config import DecodeConfig
+from m2r2core.speculative import SpecConfig
 
 from .test_trace import check_against_independent
 
@@ -88,3 +89,15 @@ def test_fast_stream_runs_ahead_of_the_slow_stream(real_engine_fp32):
             max_new_tokens=48, capture_residuals=False)).trace.steps[1:]
     agreement = lens_agreement_by_layer(tuple(steps))
     assert agreement["fast"][15] > 1.5 * agreement["slow"][15], agreement
+
+
+@pytest.mark.parametrize("spec", [SpecConfig(draft_layer=8, max_draft=4, draft_vocab="sub"),
+                                  SpecConfig(stream="slow", draft_layer=12, max_draft=3)],
+                         ids=["fast", "slow"])
+def test_speculative_greedy_equals_generate(real_engine_fp32, spec):
+    """fp32: the self-speculative decoder's output is `generate`'s, token for token."""
+    for prompt in PROMPTS[:2]:
+        want = hf_greedy(real_engine_fp32, prompt.text, 48)
+        run = real_engine_fp32.speculate(prompt.text, DecodeConfig(max_new_tokens=48,
+                                                                   trace=False), spec).run()
+        assert tuple(run.tokens) == want
