@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import streamlit as st
 
@@ -37,6 +39,26 @@ def projection(run_id: str, _capture: ResidualCapture, token_indices: tuple[int,
     return project_trajectories(_capture, list(token_indices), method=method, seed=seed)
 
 
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@st.cache_data(max_entries=4)
+def _read_report(path: str, mtime: float) -> dict | None:
+    del mtime  # part of the cache key only: a rewritten report is read again
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def benchmark_report(name: str) -> dict | None:
+    """A committed JSON report under benchmarks/, or None when missing or unreadable."""
+    path = BENCHMARKS / name
+    if not path.is_file():
+        return None
+    return _read_report(str(path), path.stat().st_mtime)
+
+
 def engine_or_error() -> Engine | None:
     """The engine for the sidebar's settings, or None after showing why it could not load."""
     from app import state
@@ -52,3 +74,13 @@ def engine_or_error() -> Engine | None:
     except Exception as exc:  # noqa: BLE001 — a traceback must never reach the page
         st.error(f"The model could not be loaded: {type(exc).__name__}: {exc}")
     return None
+
+
+def page_start(title: str, intro: str, choices: str) -> Engine | None:
+    """A page's title, its plain explanation, the choices behind it (folded), and the engine;
+    None after showing why the engine could not load."""
+    st.title(title)
+    st.markdown(intro)
+    with st.expander("What exactly is computed"):
+        st.markdown(choices)
+    return engine_or_error()

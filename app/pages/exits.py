@@ -3,10 +3,8 @@ token's exit decision change, without regenerating."""
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import pandas as pd
 import streamlit as st
@@ -21,7 +19,7 @@ from m2r2core.errors import M2R2Error
 from m2r2core.exits import KV_FILLS, ExitConfig
 from m2r2core.routers import LEARNED, RULE_LABELS, RULES, ExitRule
 
-REPORT = Path(__file__).resolve().parents[2] / "benchmarks" / "exits_bf16.json"
+REPORT = "exits_bf16.json"
 RESULT_KEY = "exit_result"
 
 INTRO = """
@@ -57,11 +55,7 @@ class ExitSession:
 
 
 def render() -> None:
-    st.title("Exit Threshold debugger")
-    st.markdown(INTRO)
-    with st.expander("What exactly is computed"):
-        st.markdown(CHOICES)
-    engine = resources.engine_or_error()
+    engine = resources.page_start("Exit Threshold debugger", INTRO, CHOICES)
     if engine is None:
         return
     if engine.accel is None:
@@ -233,7 +227,7 @@ def _redecide(engine, s: ExitSession) -> None:
 
 
 def _pareto(session: ExitSession | None, current: dict | None) -> None:
-    report = _load_report()
+    report = resources.benchmark_report(REPORT)
     if report is not None:
         point = None
         if current:
@@ -258,21 +252,6 @@ def _pareto(session: ExitSession | None, current: dict | None) -> None:
             x="layer_ratio", y="agreement"), key="exit_pareto_session")
         st.caption("The same trade-off on this generation, teacher-forced: agreement with the "
                    "full model against the layer ratio, for every rule and threshold.")
-
-
-@st.cache_data(max_entries=2)
-def _report_cached(path: str, mtime: float) -> dict | None:
-    del mtime
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def _load_report() -> dict | None:
-    if not REPORT.is_file():
-        return None
-    return _report_cached(str(REPORT), REPORT.stat().st_mtime)
 
 
 def _disagreements(engine, s: ExitSession, steps, decisions, stream: str, rule: str) -> None:

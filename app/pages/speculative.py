@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import pandas as pd
 import streamlit as st
@@ -18,7 +17,7 @@ from m2r2core.config import SamplingConfig
 from m2r2core.errors import M2R2Error
 from m2r2core.speculative import DRAFT_VOCABS, MAX_DRAFT_LIMIT, SpecConfig, SpecRound
 
-REPORT = Path(__file__).resolve().parents[2] / "benchmarks" / "spec_bf16.json"
+REPORT = "spec_bf16.json"
 RESULT_KEY = "spec_result"
 COMPARE_KEY = "spec_compare_result"
 
@@ -61,11 +60,7 @@ class SpecSession:
 
 
 def render() -> None:
-    st.title("Speculative Decoding")
-    st.markdown(INTRO)
-    with st.expander("What exactly is computed"):
-        st.markdown(CHOICES)
-    engine = resources.engine_or_error()
+    engine = resources.page_start("Speculative Decoding", INTRO, CHOICES)
     if engine is None:
         return
     if engine.accel is None:
@@ -225,7 +220,7 @@ def _show(engine, s: SpecSession) -> None:
 
 def _comparison(engine) -> None:
     st.subheader("All methods, side by side")
-    report = _load_report()
+    report = resources.benchmark_report(REPORT)
     if report is not None:
         overall = report["summary"]["overall"]
         st.plotly_chart(spec_charts.methods_figure(overall), key="spec_methods_report")
@@ -294,21 +289,6 @@ def _methods_table(overall: dict) -> pd.DataFrame:
         "tokens per verification": round(s["tokens_per_verification"], 2)
         if "tokens_per_verification" in s else None,
     } for m, s in overall.items()])
-
-
-@st.cache_data(max_entries=2)
-def _report_cached(path: str, mtime: float) -> dict | None:
-    del mtime
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def _load_report() -> dict | None:
-    if not REPORT.is_file():
-        return None
-    return _report_cached(str(REPORT), REPORT.stat().st_mtime)
 
 
 render()

@@ -71,6 +71,32 @@ def _open(pw):
     return browser, browser.new_page(viewport={"width": 1400, "height": 1000})
 
 
+def _generate_on(page, url: str, button: str, result_id: str) -> None:
+    """Open a page, type a prompt, press its generate button, wait for the result and idle."""
+    from playwright.sync_api import expect
+
+    page.goto(url)
+    prompt = page.get_by_test_id(ids.TEXT_AREA).locator("textarea")
+    prompt.wait_for(timeout=60_000)
+    prompt.fill("Why is the sky blue?")
+    prompt.press("Control+Enter")
+    page.get_by_role("button", name=button).click()
+    expect(page.get_by_test_id(result_id).first).to_be_visible(timeout=90_000)
+    page.locator(ids.APP_IDLE).wait_for(timeout=90_000)
+
+
+def _refused_and_kept(page, label: str, value: str, needle: str, kept_id: str) -> None:
+    """Type an out-of-range value: a message appears, the earlier result stays, no traceback."""
+    from playwright.sync_api import expect
+
+    field = page.get_by_label(label, exact=True).first
+    field.fill(value)
+    field.press("Enter")
+    expect(page.get_by_test_id(ids.ERROR).first).to_contain_text(needle, timeout=30_000)
+    expect(page.get_by_test_id(kept_id).first).to_be_visible()
+    expect(page.get_by_test_id(ids.EXCEPTION)).to_have_count(0)
+
+
 def test_generate_in_browser(streamlit_url, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
@@ -108,26 +134,14 @@ def test_exit_debugger_in_browser(streamlit_url, tmp_path):
     with sync_playwright() as pw:
         browser, page = _open(pw)
         try:
-            page.goto(f"{streamlit_url}/exits")
-            prompt = page.get_by_test_id(ids.TEXT_AREA).locator("textarea")
-            prompt.wait_for(timeout=60_000)
-            prompt.fill("Why is the sky blue?")
-            prompt.press("Control+Enter")
-            page.get_by_role("button", name="Generate with early exit").click()
-            expect(page.get_by_test_id(ids.EXIT_STRIP).first).to_be_visible(timeout=90_000)
-            page.locator(ids.APP_IDLE).wait_for(timeout=90_000)
+            _generate_on(page, f"{streamlit_url}/exits", "Generate with early exit",
+                         ids.EXIT_STRIP)
             expect(page.get_by_test_id(ids.PLOTLY_CHART).first).to_be_visible(timeout=30_000)
             assert page.get_by_test_id(ids.PLOTLY_CHART).count() >= 3
             expect(page.get_by_text("Measured speedup")).to_be_visible()
             expect(page.get_by_test_id(ids.EXCEPTION)).to_have_count(0)
-            # an out-of-range threshold gives a message and keeps the results
-            threshold = page.get_by_label("Threshold", exact=True).first  # the generation one
-            threshold.fill("1.5")
-            threshold.press("Enter")
-            expect(page.get_by_test_id(ids.ERROR).first).to_contain_text("threshold",
-                                                                         timeout=30_000)
-            expect(page.get_by_test_id(ids.EXIT_STRIP).first).to_be_visible()
-            expect(page.get_by_test_id(ids.EXCEPTION)).to_have_count(0)
+            # an out-of-range threshold (the generation one: the first labelled so) is refused
+            _refused_and_kept(page, "Threshold", "1.5", "threshold", ids.EXIT_STRIP)
         finally:
             page.screenshot(path=str(shot_dir / "exit_debugger.png"), full_page=True)
             browser.close()
@@ -140,25 +154,12 @@ def test_speculative_page_in_browser(streamlit_url, tmp_path):
     with sync_playwright() as pw:
         browser, page = _open(pw)
         try:
-            page.goto(f"{streamlit_url}/speculative")
-            prompt = page.get_by_test_id(ids.TEXT_AREA).locator("textarea")
-            prompt.wait_for(timeout=60_000)
-            prompt.fill("Why is the sky blue?")
-            prompt.press("Control+Enter")
-            page.get_by_role("button", name="Generate speculatively").click()
-            expect(page.get_by_test_id(ids.SPEC_STRIP).first).to_be_visible(timeout=90_000)
-            page.locator(ids.APP_IDLE).wait_for(timeout=90_000)
-            expect(page.get_by_text("Tokens per verification")).to_be_visible()
+            _generate_on(page, f"{streamlit_url}/speculative", "Generate speculatively",
+                         ids.SPEC_STRIP)
+            expect(page.get_by_text("Tokens per verification", exact=True).first).to_be_visible()
             assert page.get_by_test_id(ids.PLOTLY_CHART).count() >= 4
             expect(page.get_by_test_id(ids.EXCEPTION)).to_have_count(0)
-            # K of 0 gives a message and keeps the results
-            k = page.get_by_label("Max drafts K", exact=True)
-            k.fill("0")
-            k.press("Enter")
-            expect(page.get_by_test_id(ids.ERROR).first).to_contain_text("max_draft",
-                                                                         timeout=30_000)
-            expect(page.get_by_test_id(ids.SPEC_STRIP).first).to_be_visible()
-            expect(page.get_by_test_id(ids.EXCEPTION)).to_have_count(0)
+            _refused_and_kept(page, "Max drafts K", "0", "max_draft", ids.SPEC_STRIP)
         finally:
             page.screenshot(path=str(shot_dir / "speculative.png"), full_page=True)
             browser.close()
