@@ -35,7 +35,7 @@ from m2r2core.config import DecodeConfig
 from m2r2core.decode import DecodeState, forward
 from m2r2core.errors import UnsupportedModel, require
 from m2r2core.hf_compat import DecoderParts
-from m2r2core.sampling import filtered_probs, make_generator
+from m2r2core.sampling import filtered_probs, make_generator, sample_next
 
 STREAMS = ("fast", "slow")
 DRAFT_VOCABS = ("full", "sub")
@@ -143,7 +143,7 @@ class SpecLoop:
         start = time.perf_counter()
         with self.lock:
             logits = forward(self.parts, self.prompt, state, keep_states=False).logits
-            first = self._choose(logits, state.generator)
+            first = sample_next(logits, cfg.sampling, state.generator)
         self.prefill_ms = (time.perf_counter() - start) * 1000.0
         self.tokens = [first]
         yield SpecRound(0, 0, (), (), (), 0, (first,), (self.token_text(first),), False, 0.0,
@@ -260,11 +260,6 @@ class SpecLoop:
             return j, int(torch.multinomial(residual, 1, generator=gen))
         p = filtered_probs(logits[len(drafts)], self.cfg.sampling)
         return len(drafts), int(torch.multinomial(p, 1, generator=gen))
-
-    def _choose(self, logits: torch.Tensor, gen: torch.Generator) -> int:
-        if self.cfg.sampling.greedy:
-            return int(logits.argmax())
-        return int(torch.multinomial(filtered_probs(logits, self.cfg.sampling), 1, generator=gen))
 
 
 def _verify(parts: DecoderParts, ids: torch.Tensor, state: DecodeState) -> torch.Tensor:
