@@ -41,9 +41,12 @@ class BenchArgs:
     out: str = field(default="bench_out/decode.json", metadata={"help": "JSON report path"})
 
 
-def run_method(engine: Engine, method: str, text: str, max_new_tokens: int
-               ) -> tuple[float, tuple[int, ...]]:
-    """Generate once with a method; return (wall seconds, generated ids)."""
+def run_method(engine: Engine, method: str, text: str, max_new_tokens: int,
+               **generate_kwargs: object) -> tuple[float, tuple[int, ...]]:
+    """Generate once with a method; return (wall seconds, generated ids).
+
+    `generate_kwargs` go to transformers' `generate` (hf_generate only): e.g. prompt lookup.
+    """
     cfg = DecodeConfig(max_new_tokens=max_new_tokens, trace=method == "engine_traced",
                        capture_residuals=False)
     if method == "hf_generate":
@@ -51,7 +54,7 @@ def run_method(engine: Engine, method: str, text: str, max_new_tokens: int
         start = time.perf_counter()
         with torch.inference_mode():
             out = engine.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                        max_new_tokens=max_new_tokens)
+                                        max_new_tokens=max_new_tokens, **generate_kwargs)
         return time.perf_counter() - start, tuple(out[0, ids.shape[1]:].tolist())
     start = time.perf_counter()
     result = engine.run(text, cfg)

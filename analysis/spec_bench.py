@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from analysis.bench import run_method
 from analysis.prompts import Prompt, load_prompts
 from analysis.speculation import acceptance
 from m2r2core.config import DecodeConfig, EngineConfig
@@ -107,24 +108,14 @@ def runner(engine: Engine, args: argparse.Namespace, method: str
             run = engine.speculate(text, cfg, spec).run()
             return time.perf_counter() - start, tuple(run.tokens), run.rounds
         return run_spec
-    if method == "engine":
-        def run_engine(text):
-            start = time.perf_counter()
-            ids = engine.run(text, cfg).trace.token_ids
-            return time.perf_counter() - start, ids, []
-        return run_engine
-    extra = {"hf_generate": {}, "prompt_lookup": {"prompt_lookup_num_tokens": args.lookup_tokens},
+    extra = {"hf_generate": {}, "engine": {},
+             "prompt_lookup": {"prompt_lookup_num_tokens": args.lookup_tokens},
              "hf_early_exit": {"assistant_early_exit": args.early_exit_layer}}[method]
+    base = "engine" if method == "engine" else "hf_generate"
 
-    def run_hf(text):
-        ids = torch.tensor([engine.encode(text, cfg)], device=engine.device)
-        start = time.perf_counter()
-        with torch.inference_mode():
-            out = engine.model.generate(ids, attention_mask=torch.ones_like(ids),
-                                        do_sample=False, max_new_tokens=args.max_new_tokens,
-                                        **extra)
-        return time.perf_counter() - start, tuple(out[0, ids.shape[1]:].tolist()), []
-    return run_hf
+    def run_plain(text):
+        return (*run_method(engine, base, text, args.max_new_tokens, **extra), [])
+    return run_plain
 
 
 def divergence(engine: Engine, text: str, max_new_tokens: int, reference: tuple[int, ...],

@@ -155,6 +155,11 @@ class Accelerator(nn.Module):
         """Fast depths d = b+1 .. b+n_fast, in the slow stream's layer numbering."""
         return range(self.first + 1, self.first + self.n_fast + 1)
 
+    @property
+    def max_depth(self) -> int:
+        """The deepest fast depth, b + n_fast: how far the fast stream reaches."""
+        return self.first + self.n_fast
+
     def save(self, folder: Path, card: AdapterCard) -> None:
         """Write adapters.safetensors and card.json into folder, atomically (temp, then rename)."""
         from safetensors.torch import save_file

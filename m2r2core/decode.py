@@ -29,7 +29,8 @@ class ForwardOutput:
     """What one forward pass over new positions returns."""
 
     logits: torch.Tensor
-    """(V,) float32 logits of the last new position."""
+    """(V,) float32 logits of the last new position ((T, V) of every new one, with
+    all_positions)."""
     states: torch.Tensor | None
     """(N+1, H) residual states h_0..h_N of the last new position, when asked for."""
     all_logits: torch.Tensor | None
@@ -47,7 +48,7 @@ class DecodeState:
 
 
 def forward(parts: DecoderParts, ids: torch.Tensor, state: DecodeState, keep_states: bool,
-            fused_head: bool = False) -> ForwardOutput:
+            fused_head: bool = False, all_positions: bool = False) -> ForwardOutput:
     """Run new positions through every block, appending their keys/values to the cache.
 
     Args:
@@ -55,6 +56,7 @@ def forward(parts: DecoderParts, ids: torch.Tensor, state: DecodeState, keep_sta
         keep_states: also return the last position's residual after every block.
         fused_head: with keep_states, apply the LM head to all N+1 states in one call (only
             where `lens.fused_head_is_exact` proved the last row bit-identical).
+        all_positions: return the logits of every new position (verifying drafts).
     """
     with torch.inference_mode():
         hidden = parts.embed_tokens(ids)  # (1, T, H)
@@ -71,7 +73,9 @@ def forward(parts: DecoderParts, ids: torch.Tensor, state: DecodeState, keep_sta
                 states.append(hidden[0, -1])
         stacked = torch.stack(states) if keep_states else None  # (N+1, H)
         all_logits = lens_logits(parts, stacked) if keep_states and fused_head else None
-        if all_logits is not None:
+        if all_positions:
+            logits = parts.lm_head(parts.norm(hidden))[0].float()  # (T, V)
+        elif all_logits is not None:
             logits = all_logits[-1].float()  # (V,)
         else:
             logits = parts.lm_head(parts.norm(hidden[:, -1:]))[0, -1].float()  # (V,)

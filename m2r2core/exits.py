@@ -72,7 +72,7 @@ class ExitLoop:
         require(not fast or accel is not None, "stream", "fast",
                 "'slow' here: no accelerator adapters are loaded for this model")
         self.parts, self.accel, self.routers = parts, accel if fast else None, routers
-        self.max_depth = accel.first + accel.n_fast if fast else parts.n_layers
+        self.max_depth = accel.max_depth if fast else parts.n_layers
         exit_cfg.validate(self.max_depth)
         self.cfg, self.exit_cfg, self.rule = cfg, exit_cfg, exit_cfg.rule
         self.eos_ids, self.token_text, self.lock, self.device = eos_ids, token_text, lock, device

@@ -116,7 +116,7 @@ class SpecLoop:
             raise UnsupportedModel(
                 "Speculative decoding needs full-attention layers only: this model has "
                 "sliding-window layers, whose cache cannot be cropped back after a refused draft.")
-        fast_depth = accel.first + accel.n_fast if accel is not None else None
+        fast_depth = accel.max_depth if accel is not None else None
         spec.validate(parts.n_layers, fast_depth)
         require(spec.draft_vocab == "full" or sub_vocab is not None, "draft_vocab", "sub",
                 "'full' here: no trained routers with a sub-vocabulary are loaded")
@@ -173,7 +173,8 @@ class SpecLoop:
         drafted = time.perf_counter()
         before = state.position
         ids = torch.tensor([[last, *drafts]], device=self.device)
-        logits = _verify(self.parts, ids, state)  # (1 + n, V) float32
+        logits = forward(self.parts, ids, state, keep_states=False,
+                         all_positions=True).logits  # (1 + n, V) float32
         accepted, own = self._accept(drafts, q_dists, logits, state.generator)
         hf_compat.crop_cache(state.cache, before + 1 + accepted)
         state.position = before + 1 + accepted
@@ -260,20 +261,6 @@ class SpecLoop:
             return j, int(torch.multinomial(residual, 1, generator=gen))
         p = filtered_probs(logits[len(drafts)], self.cfg.sampling)
         return len(drafts), int(torch.multinomial(p, 1, generator=gen))
-
-
-def _verify(parts: DecoderParts, ids: torch.Tensor, state: DecodeState) -> torch.Tensor:
-    """The model's own (T, V) float32 logits for T new positions, appended to the slow cache."""
-    hidden = parts.embed_tokens(ids)
-    positions = torch.arange(state.position, state.position + ids.shape[1],
-                             device=ids.device)[None]
-    masks = hf_compat.attention_masks(parts, hidden, state.cache, positions)
-    rotary = parts.rotary_emb(hidden, positions)
-    for index in range(parts.n_layers):
-        hidden = hf_compat.call_layer(parts, index, hidden, masks[parts.layer_types[index]],
-                                      rotary, positions, state.cache)
-    state.position += ids.shape[1]
-    return parts.lm_head(parts.norm(hidden))[0].float()
 
 
 def _cut(tokens: list[int], eos_ids: frozenset[int], remaining: int) -> list[int]:

@@ -99,7 +99,7 @@ def _rule_controls(engine, prefix: str) -> ExitConfig | None:
     fill = cols[4].selectbox("Missing KV", KV_FILLS, key=f"{prefix}_fill",
                              help="jit: computed with the next token that goes deeper; copy: "
                                   "projected from the exit state (CALM).")
-    max_depth = (engine.accel.first + engine.accel.n_fast if stream == "fast"
+    max_depth = (engine.accel.max_depth if stream == "fast"
                  else engine.parts.n_layers)
     cfg = ExitConfig(ExitRule(rule, stream, float(threshold), int(min_layer)), fill)
     try:

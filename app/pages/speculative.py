@@ -96,7 +96,7 @@ def _spec_controls(engine) -> tuple[SpecConfig | None, bool]:
     stream = cols[0].selectbox("Draft stream", streams, key="spec_stream",
                                help="fast = M2R2's accelerated stream; slow = plain early-exit "
                                     "drafting (LayerSkip-style, no adapters).")
-    fast_depth = engine.accel.first + engine.accel.n_fast if engine.accel is not None else None
+    fast_depth = engine.accel.max_depth if engine.accel is not None else None
     deepest = fast_depth if stream == "fast" else engine.parts.n_layers - 1
     layer = cols[1].number_input("Draft layer", value=min(8, deepest), step=1, key="spec_layer",
                                  help=f"Depth the draft exits at (1–{deepest} on this stream).")
@@ -265,8 +265,8 @@ def _run_comparison(engine, prompts: str, count: int, tokens: int) -> None:
                                  + ([] if engine.accel else ["--methods", "hf_generate",
                                                               "engine", "prompt_lookup",
                                                               "hf_early_exit", "spec_slow"]))
-    args.draft_layer = min(args.draft_layer, engine.accel.first + engine.accel.n_fast
-                           if engine.accel else args.draft_layer)
+    if engine.accel is not None:
+        args.draft_layer = min(args.draft_layer, engine.accel.max_depth)
     args.slow_draft_layer = min(args.slow_draft_layer, engine.parts.n_layers - 1)
     args.early_exit_layer = min(args.early_exit_layer, engine.parts.n_layers - 1)
     bar = st.progress(0.0, text="Warming up every method…")
