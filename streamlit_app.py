@@ -14,5 +14,6 @@ page = st.navigation([
             url_path="exits"),
     st.Page("app/pages/speculative.py", title="Speculative Decoding", icon="🎯",
             url_path="speculative"),
+    st.Page("app/pages/experts.py", title="Expert Loading", icon="📦", url_path="experts"),
 ])
 page.run()

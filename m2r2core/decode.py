@@ -48,7 +48,8 @@ class DecodeState:
 
 
 def forward(parts: DecoderParts, ids: torch.Tensor, state: DecodeState, keep_states: bool,
-            fused_head: bool = False, all_positions: bool = False) -> ForwardOutput:
+            fused_head: bool = False, all_positions: bool = False, after_layer=None
+            ) -> ForwardOutput:
     """Run new positions through every block, appending their keys/values to the cache.
 
     Args:
@@ -57,6 +58,8 @@ def forward(parts: DecoderParts, ids: torch.Tensor, state: DecodeState, keep_sta
         fused_head: with keep_states, apply the LM head to all N+1 states in one call (only
             where `lens.fused_head_is_exact` proved the last row bit-identical).
         all_positions: return the logits of every new position (verifying drafts).
+        after_layer: called as after_layer(index, hidden) after every block (expert
+            prefetching reads the residual there).
     """
     with torch.inference_mode():
         hidden = parts.embed_tokens(ids)  # (1, T, H)
@@ -69,6 +72,8 @@ def forward(parts: DecoderParts, ids: torch.Tensor, state: DecodeState, keep_sta
             mask = masks[parts.layer_types[index]]
             hidden = hf_compat.call_layer(parts, index, hidden, mask, rotary, positions,
                                           state.cache)
+            if after_layer is not None:
+                after_layer(index, hidden)
             if keep_states:
                 states.append(hidden[0, -1])
         stacked = torch.stack(states) if keep_states else None  # (N+1, H)

@@ -17,7 +17,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from m2r2core.errors import UnsupportedModel
 
 # Llama-family dense blocks and Mixtral-style sparse MoE blocks share one layer signature.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "mixtral")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "mixtral", "qwen2_moe")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,359 @@
+"""Expert Loading: a Mixture-of-Experts model with too little fast memory for all its experts.
+Watch the fast residual predict which experts later layers will need, the loader fetch them while
+earlier layers compute, and what it buys against loading on demand."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+
+import pandas as pd
+import streamlit as st
+
+from analysis import expert_timeline as timeline
+from app import expert_charts, resources, state
+from app.components import controls
+from m2r2core.errors import M2R2Error
+from m2r2core.experts import POLICIES, PRESETS
+from m2r2core.offload import OffloadConfig, OffloadEngine, OffloadRun
+from m2r2core.prefetch import PREDICTORS
+
+REPORT = "moe_bf16.json"
+RESULT_KEY = "experts_result"
+MODEL_KEY = "experts_model"
+
+INTRO = """
+In a **Mixture-of-Experts** model each layer's MLP is split into *experts*, and a router sends
+every token to only a few of them. When the experts do not all fit in fast memory, they live in a
+slow tier (flash, disk, host memory) and a bounded **fast tier** caches some. A token whose
+experts are missing must **wait** while they load. M2R2's **accelerated residual** already
+resembles the states of deeper layers, so the routers of layers l+1 … l+D applied to it predict
+their experts *ahead of time*; the loader fetches them while the current layers compute. The
+output never changes (the same weights compute, only earlier); the waiting does.
+"""
+
+CHOICES = """
+**The model.** No MoE ships offline, so the default one is built from SmolLM2 by
+*MoEfication* (`python -m m2r2core.moefy`): each layer's 1,536 MLP neurons are split into an
+always-on shared expert (384 neurons) and 8 routed experts clustered by co-activation, a router
+per layer picks the top 2, and the down projections are refitted by least squares. Layer 0 stays
+dense. It is stored as a standard Qwen2-MoE checkpoint; the same engine runs Mixtral and
+Qwen2-MoE folders (give one below). Its perplexity and chat quality against the dense model are
+in BENCHMARKS.md: the sparse model is much worse than the dense one, and the page says so.
+
+**The tiers.** Every routed expert is a file in an expert store; a background loader reads it and
+takes the time the chosen storage would (bytes ÷ bandwidth + a per-read latency; the presets
+are modelled, the reads are real). The fast tier holds at most *capacity* experts, resident or
+in flight. The model's own weights stay in memory for the all-resident reference, so the budget
+is modelled, not enforced by the operating system.
+
+**The predictors (our reading, switchable).** *m2r2*: the state after block l through a trained
+low-rank **rate accelerator** (the MoE model's fast residual; issue 3's block-level adapters need
+the dense MLPs), then through the routers of layers l+1 … l+D, top-k plus a margin. *pregate*:
+the same routers on the unaccelerated state. *previous*: the previous token's experts. *oracle*:
+the experts this run will use (from the reference run; an upper bound). *none*: load on demand.
+**Eviction**: LRU, LFU, or *predicted* (keep what a predictor expects in this token's later
+layers, evict the rest by LRU). Demand loads jump the queue of prefetches.
+
+**Timings** are decode-phase wall-clock of this session, the setting against on-demand LRU at
+the same capacity and bandwidth, measured one after the other on the same prompt.
+"""
+
+
+@dataclass
+class ExpertSession:
+    """What one Generate press produced."""
+
+    offload: OffloadConfig
+    texts: list[str]
+    tokens: list[int]
+    events: list
+    routes: list
+    summary: dict
+    baseline: dict
+    identical: bool
+    warm: list[tuple[int, int]]
+    n_layers: int
+    n_experts: int
+    total: int
+    top_k: int
+    accel_note: str
+
+
+@st.cache_resource(max_entries=1, show_spinner="Loading the MoE… (the first start builds it "
+                   "from SmolLM2, about a minute)")
+def get_moe(model: str, dtype: str, threads: int) -> OffloadEngine:
+    """The MoE engine with its expert store; shared by all sessions, read-only after this."""
+    from m2r2core.offload import load_moe
+
+    return load_moe(model or None, dtype, threads)
+
+
+def moe_or_error() -> OffloadEngine | None:
+    """The MoE for the page's model field, or None after saying why not."""
+    model = (st.session_state.get(MODEL_KEY) or os.environ.get("M2R2_MOE_DIR", "")).strip()
+    dtype = st.session_state.get(state.DTYPE) or "bfloat16"
+    threads = int(st.session_state.get(state.THREADS) or resources.cpu_cores())
+    try:
+        return get_moe(model, dtype, threads)
+    except M2R2Error as exc:
+        st.error(f"The MoE model could not be loaded. {exc}")
+    except Exception as exc:  # noqa: BLE001 — a traceback must never reach the page
+        st.error(f"The MoE model could not be loaded: {type(exc).__name__}: {exc}")
+    return None
+
+
+def render() -> None:
+    st.title("Expert Loading")
+    st.markdown(INTRO)
+    with st.expander("What exactly is computed"):
+        st.markdown(CHOICES)
+    st.text_input("MoE model", key=MODEL_KEY, value=os.environ.get("M2R2_MOE_DIR", ""),
+                  placeholder="empty: the MoEfied SmolLM2 (built on first use)",
+                  help="A Mixtral or Qwen2-MoE folder; a dense model is refused.")
+    moe = moe_or_error()
+    if moe is None:
+        return
+    if moe.accel is None:
+        st.warning(f"The m2r2 predictor is unavailable for this model ({moe.accel_note}).")
+    seed = int(st.session_state.get(state.SEED, 0))
+    try:
+        text, cfg = controls.decode_controls(seed)
+    except M2R2Error as exc:
+        st.error(str(exc))
+        return
+    offload = _offload_controls(moe)
+    if st.button("Generate with offloaded experts", key="experts_generate", type="primary"):
+        if offload is not None:
+            _generate(moe, text, cfg.replace(trace=False, capture_residuals=False), offload)
+    session: ExpertSession | None = st.session_state.get(RESULT_KEY)
+    if session is None:
+        st.info("Generate to watch experts load, hit and miss, token by token.")
+    else:
+        try:
+            _show(session)
+        except Exception as exc:  # noqa: BLE001 — a traceback must never reach the page
+            st.error(f"The run could not be drawn: {type(exc).__name__}: {exc}")
+    _report()
+
+
+def _offload_controls(moe: OffloadEngine) -> OffloadConfig | None:
+    total, top_k = moe.total_experts, moe.moe.top_k
+    cols = st.columns(6)
+    capacity = cols[0].number_input(
+        "Capacity (experts)", value=max(top_k, total // 3), step=1, key="experts_capacity",
+        help=f"Experts the fast tier holds ({top_k}–{total}; {total} routed experts in all).")
+    names = list(PRESETS)
+    preset = cols[1].selectbox("Storage", names, index=names.index("ufs"),
+                               format_func=lambda n: PRESETS[n].label, key="experts_bandwidth")
+    choices = [p for p in PREDICTORS if p != "m2r2" or moe.accel is not None]
+    predictor = cols[2].selectbox("Predictor", choices, key="experts_predictor",
+                                  help="m2r2 = accelerated residual through later routers.")
+    lookahead = cols[3].number_input("Lookahead D", value=2, step=1, key="experts_lookahead",
+                                     help=f"Layers ahead to predict (1–{moe.moe.n_layers - 1}).")
+    margin = cols[4].number_input("Margin", value=1, step=1, key="experts_margin",
+                                  help="Experts fetched per layer beyond the top-k.")
+    policy = cols[5].selectbox("Eviction", POLICIES, index=POLICIES.index("predicted"),
+                               key="experts_policy")
+    offload = OffloadConfig(capacity=int(capacity), bandwidth=preset, predictor=predictor,
+                            lookahead=int(lookahead), margin=int(margin), policy=policy)
+    try:
+        offload.validate(total, moe.moe.n_layers, moe.moe.n_experts, top_k)
+    except M2R2Error as exc:
+        st.error(str(exc))
+        return None
+    return offload
+
+
+def _generate(moe: OffloadEngine, text: str, cfg, offload: OffloadConfig) -> None:
+    budget = cfg.max_new_tokens
+    progress = st.progress(0.0, text="Every expert resident (the reference)…")
+    strip = st.empty()
+    try:
+        reference = moe.generate(text, cfg, None)
+        for token in reference:
+            progress.progress((token.position + 1) / (3 * budget),
+                              text=f"reference: token {token.position + 1}")
+        base_cfg = OffloadConfig(offload.capacity, offload.bandwidth, "none", offload.lookahead,
+                                 offload.margin, "lru")
+        baseline = moe.generate(text, cfg, base_cfg, reference.routes)
+        for token in baseline:
+            progress.progress((budget + token.position + 1) / (3 * budget),
+                              text=f"on-demand LRU: token {token.position + 1}")
+        run = moe.generate(text, cfg, offload, reference.routes)
+        for token in run:
+            progress.progress(min(1.0, (2 * budget + token.position + 1) / (3 * budget)),
+                              text=f"{offload.predictor}: token {token.position + 1}")
+            if token.position % 4 == 0:
+                strip.markdown(expert_charts.token_strip_html(
+                    [t.text for t in run.tokens], [t.stall_ms for t in run.tokens],
+                    [t.misses for t in run.tokens]), unsafe_allow_html=True)
+    except M2R2Error as exc:
+        st.error(f"{exc} Earlier results are kept.")
+        return
+    except Exception as exc:  # noqa: BLE001 — a traceback must never reach the page
+        st.error(f"Generation failed: {type(exc).__name__}: {exc}. Earlier results are kept.")
+        return
+    finally:
+        progress.empty()
+        strip.empty()
+    st.session_state[RESULT_KEY] = _session(moe, offload, reference, baseline, run)
+
+
+def _session(moe: OffloadEngine, offload: OffloadConfig, reference: OffloadRun,
+             baseline: OffloadRun, run: OffloadRun) -> ExpertSession:
+    keys = moe._keys()
+    return ExpertSession(
+        offload=offload, texts=[t.text for t in run.tokens], tokens=run.token_ids,
+        events=run.events, routes=run.routes, summary=run.summary(),
+        baseline=baseline.summary(), identical=run.token_ids == reference.token_ids,
+        warm=keys[: offload.capacity] if offload.warm else [], n_layers=moe.moe.n_layers,
+        n_experts=moe.moe.n_experts, total=len(keys), top_k=moe.moe.top_k,
+        accel_note=moe.accel_note)
+
+
+def _show(s: ExpertSession) -> None:
+    st.subheader("The generation")
+    st.caption("Each token is shaded by how long its forward pass waited for experts (darker = "
+               "longer); hover for the wait and the number of missing experts.")
+    stalls = timeline.stall_by_token(s.events, len(s.routes))
+    misses = _misses_per_pass(s)
+    st.markdown(expert_charts.token_strip_html(s.texts, list(stalls[:len(s.texts)]),
+                                               misses[:len(s.texts)]), unsafe_allow_html=True)
+    mine, base = s.summary, s.baseline
+    cols = st.columns(5)
+    speedup = base["decode_ms"] / mine["decode_ms"] if mine["decode_ms"] else float("nan")
+    cols[0].metric("Speedup vs on-demand LRU", f"{speedup:.2f}x",
+                   help="On-demand LRU decode time ÷ this setting's, same prompt, measured "
+                        "just now.")
+    cols[1].metric("Tokens/s", f"{mine['tok_per_s'] or 0:.1f}",
+                   f"{(mine['tok_per_s'] or 0) - (base['tok_per_s'] or 0):+.1f} vs on demand")
+    cols[2].metric("Stall per token", f"{mine['stall_ms_per_token'] or 0:.1f} ms",
+                   f"{(mine['stall_ms_per_token'] or 0) - (base['stall_ms_per_token'] or 0):+.1f}"
+                   " ms", delta_color="inverse")
+    cols[3].metric("Hit rate", f"{mine['hit_rate'] or 0:.0%}",
+                   f"{(mine['hit_rate'] or 0) - (base['hit_rate'] or 0):+.0%}")
+    cols[4].metric("Same output as all resident", "yes" if s.identical else "NO",
+                   help="Prediction may change timing only; the tests prove identity.")
+    o = s.offload
+    st.caption(f"{o.predictor} prediction, lookahead {o.lookahead}, margin {o.margin}, "
+               f"{o.policy} eviction, {o.capacity} of {s.total} experts resident "
+               f"({o.capacity / s.total:.0%}), {PRESETS[o.bandwidth].label}. "
+               f"{mine['loads_per_token']} loads per token "
+               f"({mine['wasted_per_token']} prefetched and evicted unused).")
+
+    st.subheader("Timeline")
+    st.caption("One lane per layer's compute and one for the loader. Blue bars: a layer "
+               "computing; red: a load on demand; green: a load ahead of time; dark red: the "
+               "compute waiting (a stall). ● hit, ✕ miss, ▶ a prediction queued. Hover for "
+               "token, layer, expert and timing; click a mark to list its events.")
+    last = len(s.routes) - 1
+    first, end = st.slider("Forward passes (0 = the prompt)", 0, last,
+                           (min(1, last), min(last, 3)), key="experts_range")
+    rows = timeline.gantt_rows(s.events, first, end)
+    texts = {i: (s.texts[i - 1] if i >= 1 else "prompt") for i in range(len(s.routes))}
+    chosen = st.plotly_chart(expert_charts.gantt(rows, s.n_layers, texts),
+                             key="experts_gantt", on_select="rerun",
+                             selection_mode="points")
+    picked = _picked_events(chosen, rows)
+    if picked is not None:
+        st.dataframe(picked, hide_index=True)
+
+    left, right = st.columns(2)
+    token = left.number_input("Forward pass for the fast tier", 0, last, min(1, last),
+                              key="experts_token")
+    state_matrix = timeline.residency_at(s.events, int(token), s.n_layers, s.n_experts, s.warm)
+    hits = {(e.layer, e.expert): e.kind for e in s.events
+            if e.token == token and e.kind in ("hit", "miss")}
+    label = "the prompt" if token == 0 else f"token {token} ({s.texts[token - 1]!r})"
+    left.plotly_chart(expert_charts.residency_heatmap(state_matrix, s.routes[token], hits,
+                                                      label), key="experts_residency")
+    left.caption("Which experts were in the fast tier when this pass began (dark blue resident, "
+                 "orange in flight, white absent) and which the token used: ● found, ✕ waited.")
+    matrix = timeline.hits_by_layer(s.events, len(s.routes), s.n_layers)
+    right.plotly_chart(expert_charts.hits_heatmap(matrix, ["prompt"] + s.texts, s.routes),
+                       key="experts_hits")
+    right.caption("For every pass and layer, the share of the experts it routed to that were "
+                  "already resident (green) or had to be waited for (red). Hover for the "
+                  "experts the token used.")
+    if s.summary["recall_by_distance"]:
+        st.plotly_chart(expert_charts.recall_figure(
+            {f"{o.predictor} (this run)": s.summary["recall_by_distance"]}),
+            key="experts_recall_run")
+        st.caption("Of the experts a layer used, the share predicted that many layers earlier.")
+    frame = timeline.events_frame(s.events)
+    cols = st.columns(2)
+    cols[0].download_button("Download events (CSV)", frame.to_csv(index=False),
+                            file_name="expert-events.csv", key="experts_dl_csv")
+    cols[1].download_button("Download run (JSON)", json.dumps({
+        "config": asdict(s.offload), "summary": s.summary, "on_demand_lru": s.baseline,
+        "identical_to_all_resident": s.identical, "completion": "".join(s.texts),
+        "routes": s.routes}, indent=2), file_name="expert-run.json", key="experts_dl_json")
+
+
+def _misses_per_pass(s: ExpertSession) -> list[int]:
+    counts = [0] * len(s.routes)
+    for e in s.events:
+        if e.kind == "miss" and e.token < len(counts):
+            counts[e.token] += 1
+    return counts[1:] + [0]
+
+
+def _picked_events(chosen, rows: pd.DataFrame) -> pd.DataFrame | None:
+    points = (chosen or {}).get("selection", {}).get("points", []) if chosen else []
+    if not points:
+        return None
+    keys = {tuple(int(v) for v in p.get("customdata", [])[:3]) for p in points
+            if p.get("customdata")}
+    mask = [(t, lay, e) in keys or (t, lay, -1) in keys
+            for t, lay, e in zip(rows["token"], rows["layer"], rows["expert"])]
+    return rows[mask][["kind", "token", "layer", "expert", "start_ms", "duration_ms", "cause"]]
+
+
+def _report() -> None:
+    st.subheader("Predictors, capacities and storage, measured")
+    report = resources.benchmark_report(REPORT)
+    if report is None:
+        st.info(f"No committed benchmark report (benchmarks/{REPORT}); run "
+                "`python -m analysis.moe_bench` to make one.")
+        return
+    summary = {k: v for k, v in report["summary"].items() if isinstance(v, dict)}
+    args = report["args"]
+    main = {k: v for k, v in summary.items()
+            if v["capacity"] == args["capacity"] and v["bandwidth"] == args["bandwidth"]}
+    table = pd.DataFrame([{
+        "predictor": v["predictor"], "eviction": v["policy"], "lookahead": v["lookahead"],
+        "speedup vs on-demand LRU": v["speedup_vs_ondemand_lru"], "tok/s": v["tok_per_s"],
+        "stall ms/token": v["stall_ms_per_token"], "hit rate": v["hit_rate"],
+        "identical": f"{v['identical']}/{v['prompts']}"} for v in main.values()])
+    st.dataframe(table, hide_index=True)
+    recalls = {}
+    for v in main.values():
+        if v["recall_by_distance"] and v["predictor"] not in recalls:
+            recalls[v["predictor"]] = v["recall_by_distance"]
+    left, right = st.columns(2)
+    left.plotly_chart(expert_charts.recall_figure(recalls), key="experts_recall_report")
+    left.caption("Prediction recall by lookahead distance, each predictor on the same prompts.")
+    bws = {k: v.bytes_per_s for k, v in PRESETS.items()}
+    for v in summary.values():
+        v["bandwidth_bytes_per_s"] = bws.get(v["bandwidth"], 0)
+    right.plotly_chart(expert_charts.sweep_figure(summary, "capacity", "speedup_vs_ondemand_lru",
+                                                  {"bandwidth": args["bandwidth"]}),
+                       key="experts_sweep_capacity")
+    right.caption("Speedup over on-demand LRU as the fast tier grows (same storage).")
+    left, right = st.columns(2)
+    left.plotly_chart(expert_charts.sweep_figure(summary, "capacity", "hit_rate",
+                                                 {"bandwidth": args["bandwidth"]}),
+                      key="experts_sweep_hits")
+    left.caption("Hit rate against capacity: prediction and eviction together.")
+    right.plotly_chart(expert_charts.sweep_figure(summary, "bandwidth", "tok_per_s",
+                                                  {"capacity": args["capacity"]}),
+                       key="experts_sweep_bw")
+    right.caption("Tokens/s against storage speed at the main capacity.")
+    st.caption(f"Measured by `{report.get('command', 'python -m analysis.moe_bench')}` on "
+               f"{len(report['prompts'])} prompts, {args['max_new_tokens']} new tokens, "
+               f"{args['dtype']}, {args['threads']} threads.")
+
+
+render()

@@ -1,0 +1,655 @@
+"""MoEfication: turn the dense default model into a Mixture-of-Experts model with distinct experts.
+
+Each layer's MLP intermediate neurons are split by co-activation: the `shared_size` neurons that
+matter most on average form an always-on shared expert; the rest are clustered into E routed
+experts (neurons that fire on the same tokens share an expert), and a linear router per layer
+learns to pick the k routed experts whose outputs matter most for a token. The down projections
+are then refitted by least squares so that the sparse MLP reproduces the dense one as well as it
+can with the experts the router picks. Layers listed in `dense_layers` stay dense (layer 0 alone
+costs 4x in perplexity when sparsified). Top-E is the dense model; top-k a sparse approximation
+whose cost `python -m m2r2core.moefy fit` measures (the card records it).
+
+The result is saved as a standard `Qwen2MoeForCausalLM` folder (routed experts, a gated shared
+expert, `mlp_only_layers`), so the engine runs it exactly as it would run a real Qwen2-MoE (or,
+through the same code, Mixtral) checkpoint. One reading had to choose: MoEfication sums the
+chosen experts' outputs, Qwen2-MoE weights them by the renormalised softmax of the router and
+the shared expert by a sigmoid gate. We store each routed expert's down projection times k and
+the router times a small `router_scale`, so the k weights are all close to 1/k; the shared gate is
+zero (sigmoid 0.5) and its down projection doubled. The choice of experts (a top-k of the same
+logits) is unchanged by the scale.
+
+The clustering and the routers are small trained files committed under m2r2core/trained/; `build`
+refits the down projections and writes the model folder into the model cache in about a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch.nn import functional as F
+
+from m2r2core import distill
+from m2r2core.config import EngineConfig
+from m2r2core.errors import AssetMissing, ConfigError, M2R2Error, UnsupportedModel
+from m2r2core.model import DEFAULT_MODEL, default_cache_dir, load, resolve_model_dir
+
+log = logging.getLogger(__name__)
+
+TRAINED_DIR = Path(__file__).parent / "trained" / "smollm2-135m-moe"
+CARD = "card.json"
+WEIGHTS = "moefy.safetensors"
+_COMPLETE_MARK = "m2r2_moe.json"
+
+
+@dataclass(frozen=True)
+class MoeCard:
+    """What a MoEfication is: the shape, the data it was fitted on, and its measured cost."""
+
+    base_model: str
+    n_experts: int
+    top_k: int
+    shared_size: int
+    """Neurons of each MoE layer's always-on shared expert."""
+    dense_layers: list[int]
+    """Layers kept dense (Qwen2-MoE's mlp_only_layers)."""
+    refit_tokens: int
+    """Training tokens of the least-squares refit of the down projections (done by `build`)."""
+    router_scale: float
+    seed: int
+    tokens: int
+    """Training tokens (Wikipedia lead sections of the train split) used for both fits."""
+    router_steps: int
+    metrics: dict
+    """Router top-k recall against the oracle and held-out perplexities."""
+
+    @property
+    def folder_name(self) -> str:
+        """Name of the built MoE folder in the model cache."""
+        return f"smollm2-135m-moe-e{self.n_experts}k{self.top_k}s{self.shared_size}"
+
+
+def _mlp_inputs(model, tokenizer, articles: list[dict], n_tokens: int, seq_len: int, seed: int,
+                progress=None) -> list[torch.Tensor]:
+    """Every layer's MLP input (after the post-attention norm) on about n_tokens of text."""
+    rng = random.Random(seed)
+    articles = list(articles)
+    rng.shuffle(articles)
+    layers = model.model.layers
+    grabbed: list[list[torch.Tensor]] = [[] for _ in layers]
+    hooks = [layer.mlp.register_forward_hook(
+        lambda _m, inputs, _out, i=i: grabbed[i].append(inputs[0][0].detach().float()))
+        for i, layer in enumerate(layers)]
+    total = 0
+    try:
+        with torch.inference_mode():
+            for article in articles:
+                ids = tokenizer(article["extract"], return_tensors="pt").input_ids[:, :seq_len]
+                if ids.shape[1] < 16:
+                    continue
+                model(ids)
+                total += ids.shape[1]
+                if progress:
+                    progress(min(total, n_tokens), n_tokens)
+                if total >= n_tokens:
+                    break
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [torch.cat(rows) for rows in grabbed]
+
+
+def _activations(mlp, x: torch.Tensor) -> torch.Tensor:
+    """(T, I) intermediate activations act_fn(gate(x)) * up(x) of a dense Llama MLP."""
+    gate = F.linear(x, mlp.gate_proj.weight.float())
+    up = F.linear(x, mlp.up_proj.weight.float())
+    return F.silu(gate) * up
+
+
+def cluster_neurons(importance: torch.Tensor, n_experts: int, seed: int, iters: int = 15
+                    ) -> torch.Tensor:
+    """Balanced co-activation clustering of neurons.
+
+    Args:
+        importance: (T, I) non-negative per-token contribution of each neuron.
+
+    Returns:
+        (E, I/E) neuron indices per expert; every neuron in exactly one expert.
+    """
+    n_neurons = importance.shape[1]
+    if n_neurons % n_experts:
+        raise ConfigError(f"{n_neurons} neurons do not split into {n_experts} equal experts; "
+                          f"choose an expert count that divides {n_neurons}.")
+    size = n_neurons // n_experts
+    features = F.normalize(importance.T, dim=1)  # (I, T): a neuron's co-activation profile
+    gen = torch.Generator().manual_seed(seed)
+    centres = features[torch.randperm(n_neurons, generator=gen)[:n_experts]].clone()
+    assignment = torch.zeros(n_neurons, dtype=torch.long)
+    for _ in range(iters):
+        similarity = features @ centres.T  # (I, E)
+        assignment = _balanced_assign(similarity, size)
+        for e in range(n_experts):
+            centres[e] = F.normalize(features[assignment == e].mean(0), dim=0)
+    return torch.stack([torch.nonzero(assignment == e)[:, 0] for e in range(n_experts)])
+
+
+def _balanced_assign(similarity: torch.Tensor, size: int) -> torch.Tensor:
+    """Greedy balanced assignment: best (neuron, expert) pairs first, each expert takes `size`."""
+    n_neurons, n_experts = similarity.shape
+    order = torch.argsort(similarity.flatten(), descending=True)
+    assignment = torch.full((n_neurons,), -1, dtype=torch.long)
+    room = [size] * n_experts
+    left = n_neurons
+    for flat in order.tolist():
+        neuron, expert = divmod(flat, n_experts)
+        if assignment[neuron] < 0 and room[expert]:
+            assignment[neuron] = expert
+            room[expert] -= 1
+            left -= 1
+            if not left:
+                break
+    return assignment
+
+
+def expert_scores(mlp, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    """(T, E) norm of each expert's output: the oracle a router learns to rank."""
+    act = _activations(mlp, x)
+    down = mlp.down_proj.weight.float()
+    return torch.stack([F.linear(act[:, idx], down[:, idx]).norm(dim=-1) for idx in experts], 1)
+
+
+def fit_router(x: torch.Tensor, scores: torch.Tensor, top_k: int, steps: int, seed: int
+               ) -> torch.Tensor:
+    """A linear router (E, H) whose top-k matches the oracle's top-k experts (listwise loss)."""
+    torch.manual_seed(seed)
+    n_experts = scores.shape[1]
+    target = F.softmax(torch.log(scores + 1e-6) * 4.0, dim=-1)  # sharpened oracle ranking
+    weight = torch.zeros(n_experts, x.shape[1], requires_grad=True)
+    opt = torch.optim.Adam([weight], lr=3e-3)
+    for _ in range(steps):
+        logits = x @ weight.T
+        loss = -(target * F.log_softmax(logits, -1)).sum(-1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return weight.detach()
+
+
+def topk_recall(logits: torch.Tensor, scores: torch.Tensor, top_k: int) -> float:
+    """Share of the oracle's top-k experts that the router's top-k also picks."""
+    picked = logits.topk(top_k, -1).indices
+    oracle = scores.topk(top_k, -1).indices
+    hits = (picked[:, :, None] == oracle[:, None, :]).any(-1).float()
+    return float(hits.mean())
+
+
+def fit(model, tokenizer, n_experts: int, top_k: int, shared_size: int,
+        dense_layers: list[int], n_tokens: int, router_steps: int, seed: int, progress=None
+        ) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split every MoE layer's neurons (shared + clustered experts) and fit its router on
+    train-split Wikipedia text.
+    """
+    articles = distill.wiki_articles("train")
+    inputs = _mlp_inputs(model, tokenizer, articles, n_tokens, 256, seed,
+                         progress and (lambda d, t: progress("reading text", d, t)))
+    tensors, recalls = {}, {}
+    layers = model.model.layers
+    for index, (layer, x) in enumerate(zip(layers, inputs)):
+        if index in dense_layers:
+            continue
+        mlp = layer.mlp
+        with torch.no_grad():
+            act = _activations(mlp, x)
+            importance = act.abs() * mlp.down_proj.weight.float().norm(dim=0)
+            order = importance.mean(0).argsort(descending=True)
+            shared, rest = order[:shared_size], order[shared_size:]
+            experts = rest[cluster_neurons(importance[:, rest], n_experts, seed + index)]
+            scores = expert_scores(mlp, x, experts)
+        split = int(len(x) * 0.9)
+        router = fit_router(x[:split], scores[:split], top_k, router_steps, seed + index)
+        router = router / (x @ router.T).abs().max()  # logits within ±1 on the fitting text
+        recalls[index] = topk_recall(x[split:] @ router.T, scores[split:], top_k)
+        tensors[f"layers.{index}.shared"] = shared.sort().values.to(torch.int32).contiguous()
+        tensors[f"layers.{index}.experts"] = experts.sort(1).values.to(torch.int32).contiguous()
+        tensors[f"layers.{index}.router"] = router.contiguous()
+        if progress:
+            progress("clustering and routers", index + 1, len(layers))
+    return tensors, {"router_recall_heldout_tokens": round(sum(recalls.values()) / len(recalls),
+                                                           4),
+                     "router_recall_by_layer": {str(k): round(v, 4) for k, v in recalls.items()},
+                     "tokens": int(len(inputs[0]))}
+
+
+def refit_down(mlp, x: torch.Tensor, shared: torch.Tensor, experts: torch.Tensor,
+               router: torch.Tensor, top_k: int) -> torch.Tensor:
+    """(H, I) down projection that best reproduces the dense MLP output from the neurons the
+    sparse layer keeps (shared + the router's top-k experts), by ridge least squares.
+    """
+    act = _activations(mlp, x)
+    target = F.linear(act, mlp.down_proj.weight.float())
+    picked = (x @ router.T).topk(top_k, -1).indices
+    mask = torch.zeros_like(act)
+    mask[:, shared.long()] = 1.0
+    for e, idx in enumerate(experts.long()):
+        mask[:, idx] = (picked == e).any(-1).float()[:, None]
+    kept = act * mask
+    ridge = 1e-3 * kept.pow(2).mean() * kept.shape[0]
+    gram = kept.T @ kept + ridge * torch.eye(kept.shape[1])
+    return torch.linalg.solve(gram, kept.T @ target).T
+
+
+def refit_all(dense, tokenizer, tensors: dict[str, torch.Tensor], card: MoeCard, progress=None
+              ) -> dict[int, torch.Tensor]:
+    """Refitted down projections of every MoE layer (deterministic: fixed text, fixed seed)."""
+    inputs = _mlp_inputs(dense, tokenizer, distill.wiki_articles("train"), card.refit_tokens,
+                         256, card.seed + 1,
+                         progress and (lambda d, t: progress("reading text", d, t)))
+    downs = {}
+    layers = dense.model.layers
+    with torch.no_grad():
+        for index, (layer, x) in enumerate(zip(layers, inputs)):
+            if index in card.dense_layers:
+                continue
+            downs[index] = refit_down(layer.mlp, x, tensors[f"layers.{index}.shared"],
+                                      tensors[f"layers.{index}.experts"],
+                                      tensors[f"layers.{index}.router"], card.top_k)
+            if progress:
+                progress("refitting down projections", index + 1, len(layers))
+    return downs
+
+
+def moe_state(dense, tensors: dict[str, torch.Tensor], card: MoeCard,
+              downs: dict[int, torch.Tensor]) -> tuple[object, dict[str, torch.Tensor]]:
+    """The Qwen2MoeConfig and state dict of the MoE built from a dense Llama model."""
+    from transformers import Qwen2MoeConfig
+
+    dc = dense.config
+    if dc.model_type != "llama":
+        raise UnsupportedModel(f"MoEfication takes a dense Llama-family model; got "
+                               f"'{dc.model_type}'.")
+    first = next(k for k in tensors if k.endswith(".experts"))
+    n_experts, size = tensors[first].shape
+    k = card.top_k
+    config = Qwen2MoeConfig(
+        vocab_size=dc.vocab_size, hidden_size=dc.hidden_size,
+        intermediate_size=dc.intermediate_size, moe_intermediate_size=size,
+        shared_expert_intermediate_size=card.shared_size, num_experts=n_experts,
+        num_experts_per_tok=k, norm_topk_prob=True, decoder_sparse_step=1,
+        mlp_only_layers=list(card.dense_layers), num_hidden_layers=dc.num_hidden_layers,
+        num_attention_heads=dc.num_attention_heads, num_key_value_heads=dc.num_key_value_heads,
+        hidden_act=dc.hidden_act, max_position_embeddings=dc.max_position_embeddings,
+        rms_norm_eps=dc.rms_norm_eps, rope_parameters=dict(dc.rope_parameters),
+        tie_word_embeddings=dc.tie_word_embeddings, qkv_bias=False, use_sliding_window=False,
+        bos_token_id=dc.bos_token_id, eos_token_id=dc.eos_token_id, pad_token_id=dc.pad_token_id,
+        router_aux_loss_coef=0.0, output_router_logits=False,
+    )
+    state = {}
+    for name, value in dense.state_dict().items():
+        layer = int(name.split(".")[2]) if name.startswith("model.layers.") else -1
+        if ".mlp." not in name or layer in card.dense_layers:
+            state[name] = value.float().clone()
+    for index, layer in enumerate(dense.model.layers):
+        if index in card.dense_layers:
+            continue
+        mlp = layer.mlp
+        gate, up = mlp.gate_proj.weight.float(), mlp.up_proj.weight.float()
+        down = downs[index]
+        experts = tensors[f"layers.{index}.experts"].long()
+        shared = tensors[f"layers.{index}.shared"].long()
+        prefix = f"model.layers.{index}.mlp"
+        state[f"{prefix}.gate.weight"] = tensors[f"layers.{index}.router"].float() \
+            * card.router_scale
+        state[f"{prefix}.experts.gate_up_proj"] = torch.stack(
+            [torch.cat([gate[idx], up[idx]]) for idx in experts])
+        state[f"{prefix}.experts.down_proj"] = torch.stack([down[:, idx] * k for idx in experts])
+        state[f"{prefix}.shared_expert.gate_proj.weight"] = gate[shared].clone()
+        state[f"{prefix}.shared_expert.up_proj.weight"] = up[shared].clone()
+        state[f"{prefix}.shared_expert.down_proj.weight"] = down[:, shared] * 2.0
+        state[f"{prefix}.shared_expert_gate.weight"] = torch.zeros(1, dc.hidden_size)
+    if dc.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    return config, state
+
+
+def moe_model(config, state: dict[str, torch.Tensor]):
+    """A Qwen2MoeForCausalLM in eval mode holding exactly `state` (the head tied)."""
+    from transformers import Qwen2MoeForCausalLM
+
+    torch.manual_seed(0)
+    moe = Qwen2MoeForCausalLM(config)
+    missing, unexpected = moe.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise UnsupportedModel(f"The MoE state does not fit Qwen2-MoE: missing {missing}, "
+                               f"unexpected {unexpected}.")
+    moe.tie_weights()
+    return moe.eval()
+
+
+def load_trained(folder: Path = TRAINED_DIR) -> tuple[MoeCard, dict[str, torch.Tensor]]:
+    """The committed clustering and routers, checked; AssetMissing names a bad file."""
+    card_path, weights_path = folder / CARD, folder / WEIGHTS
+    for path in (card_path, weights_path):
+        if not path.is_file():
+            raise AssetMissing(f"The MoEfication file {path} is missing. Rebuild it: "
+                               f"python -m m2r2core.moefy fit")
+    try:
+        card = MoeCard(**json.loads(card_path.read_text()))
+        tensors = load_file(str(weights_path))
+    except (ValueError, TypeError, SafetensorError, OSError, RuntimeError) as exc:
+        raise AssetMissing(f"The MoEfication file in {folder} is corrupt ({exc}). Rebuild it: "
+                           f"python -m m2r2core.moefy fit") from exc
+    expected = {f"layers.{i}.{k}" for i in range(len(card.metrics["router_recall_by_layer"])
+                                                 + len(card.dense_layers))
+                if i not in card.dense_layers for k in ("shared", "experts", "router")}
+    if set(tensors) != expected:
+        raise AssetMissing(f"{weights_path} does not hold the tensors its card describes. "
+                           f"Rebuild it: python -m m2r2core.moefy fit")
+    return card, tensors
+
+
+def built_dir(card: MoeCard, cache_dir: Path | None = None) -> Path:
+    """Where `build` writes (and the engine finds) the MoE folder."""
+    return Path(cache_dir or default_cache_dir()) / card.folder_name
+
+
+def is_built(folder: Path, card: MoeCard) -> bool:
+    """Whether a complete MoE folder of this card is there (the mark is written last, so a half
+    build never counts, and a refit card rebuilds).
+    """
+    try:
+        return json.loads((folder / _COMPLETE_MARK).read_text()) == asdict(card)
+    except (OSError, ValueError):
+        return False
+
+
+def build(trained: Path = TRAINED_DIR, cache_dir: Path | None = None, force: bool = False,
+          progress=None) -> Path:
+    """Write the MoE folder of the committed MoEfication into the model cache; return it.
+
+    Staged in a temporary folder and renamed into place, so an interrupted build leaves nothing
+    that loads.
+    """
+    card, tensors = load_trained(trained)
+    target = built_dir(card, cache_dir)
+    if is_built(target, card) and not force:
+        return target
+    dense_dir = Path(resolve_model_dir(DEFAULT_MODEL))
+    loaded = load(EngineConfig(model=DEFAULT_MODEL, dtype="float32"))
+    downs = refit_all(loaded.model, loaded.tokenizer, tensors, card, progress)
+    moe = moe_model(*moe_state(loaded.model, tensors, card, downs))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        moe.save_pretrained(staging)
+        for name in os.listdir(dense_dir):
+            if name.startswith("tokenizer") or name in ("special_tokens_map.json",
+                                                        "generation_config.json"):
+                shutil.copy(dense_dir / name, staging / name)
+        (staging / _COMPLETE_MARK).write_text(json.dumps(asdict(card), indent=2))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def perplexity(model, tokenizer, texts: list[str], seq_len: int = 256) -> float:
+    """Token perplexity of a causal LM on texts (each cut to seq_len tokens)."""
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for text in texts:
+            ids = tokenizer(text, return_tensors="pt").input_ids[:, :seq_len]
+            if ids.shape[1] < 2:
+                continue
+            logits = model(ids).logits[0, :-1].float()
+            total += float(F.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+            count += ids.shape[1] - 1
+    return math.exp(total / count)
+
+
+def heldout_texts(count: int, seed: int = 0) -> list[str]:
+    """Held-out Wikipedia lead sections (never used to fit): the perplexity set."""
+    articles = distill.wiki_articles("heldout")
+    random.Random(seed).shuffle(articles)
+    return [a["extract"] for a in articles[:count]]
+
+
+def _bar():
+    from tqdm import tqdm
+
+    bars: dict[str, object] = {}
+
+    def update(label: str, done: int, total: int) -> None:
+        bar = bars.get(label)
+        if bar is None:
+            bar = bars[label] = tqdm(total=total, desc=label, file=sys.stderr)
+        bar.n = done
+        bar.refresh()
+        if done >= total:
+            bar.close()
+
+    return update
+
+
+def _card(args: argparse.Namespace, metrics: dict) -> MoeCard:
+    return MoeCard(base_model=DEFAULT_MODEL, n_experts=args.experts, top_k=args.top_k,
+                   shared_size=args.shared, dense_layers=sorted(args.dense_layers),
+                   refit_tokens=args.refit_tokens, router_scale=args.router_scale,
+                   seed=args.seed, tokens=args.tokens, router_steps=args.router_steps,
+                   metrics=metrics)
+
+
+def chat_quality(dense, moe, tokenizer, n_prompts: int, max_new_tokens: int) -> dict:
+    """Greedy MT-Bench answers of the MoE against the dense model's: ROUGE-L and the share of
+    answers whose first 8 tokens agree.
+    """
+    from analysis.exits import rouge_l
+    from analysis.prompts import load_prompts
+    from m2r2core import prompt as prompt_mod
+
+    scores, starts, samples = [], [], []
+    for item in load_prompts("mt-bench")[:n_prompts]:
+        ids = torch.tensor([prompt_mod.encode(tokenizer, item.text, True, None)])
+        outs = []
+        for model in (dense, moe):
+            with torch.inference_mode():
+                out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                     max_new_tokens=max_new_tokens)
+            outs.append(out[0, ids.shape[1]:].tolist())
+        texts = [tokenizer.decode(o, skip_special_tokens=True) for o in outs]
+        scores.append(rouge_l(texts[1], texts[0]))
+        starts.append(outs[0][:8] == outs[1][:8])
+        if len(samples) < 3:
+            samples.append({"prompt": item.text[:200], "dense": texts[0], "moe": texts[1]})
+    return {"rouge_l_vs_dense": round(sum(scores) / len(scores), 4),
+            "first_8_tokens_agree": round(sum(starts) / len(starts), 4),
+            "chat_prompts": len(scores), "chat_max_new_tokens": max_new_tokens,
+            "samples": samples}
+
+
+def cmd_fit(args: argparse.Namespace) -> None:
+    """Cluster, fit routers, measure perplexity and chat quality, write the trained files."""
+    torch.set_num_threads(args.threads)
+    loaded = load(EngineConfig(model=DEFAULT_MODEL, dtype="float32"))
+    model, tokenizer = loaded.model, loaded.tokenizer
+    out = Path(args.out)
+    if args.reuse:
+        card, tensors = load_trained(out)
+        metrics = {k: v for k, v in card.metrics.items()
+                   if k in ("router_recall_heldout_tokens", "router_recall_by_layer", "tokens",
+                            "fit_seconds")}
+    else:
+        start = time.perf_counter()
+        tensors, metrics = fit(model, tokenizer, args.experts, args.top_k, args.shared,
+                               args.dense_layers, args.tokens, args.router_steps, args.seed,
+                               _bar())
+        metrics["fit_seconds"] = round(time.perf_counter() - start, 1)
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(out / WEIGHTS))
+        (out / CARD).write_text(json.dumps(asdict(_card(args, metrics)), indent=2) + "\n")
+    texts = heldout_texts(args.ppl_texts)
+    metrics["ppl_dense"] = round(perplexity(model, tokenizer, texts), 3)
+    metrics["ppl_texts"] = len(texts)
+    for k in sorted({args.top_k, *args.also_k}):
+        card = dataclasses.replace(_card(args, metrics), top_k=k)
+        downs = refit_all(model, tokenizer, tensors, card, _bar())
+        moe = moe_model(*moe_state(model, tensors, card, downs))
+        metrics[f"ppl_top{k}"] = round(perplexity(moe, tokenizer, texts), 3)
+        log.info("E=%d top-%d: perplexity %.2f (dense %.2f)", args.experts, k,
+                 metrics[f"ppl_top{k}"], metrics["ppl_dense"])
+        if k == args.top_k and args.chat_prompts:
+            metrics["chat"] = chat_quality(model, moe, tokenizer, args.chat_prompts, 64)
+    (out / CARD).write_text(json.dumps(asdict(_card(args, metrics)), indent=2) + "\n")
+    print(json.dumps(metrics, indent=2))
+
+
+def moe_states(model, tokenizer, articles: list[dict], n_tokens: int, seed: int
+               ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per layer: the block outputs h_l (T, H) and the experts the MoE used (T, k)."""
+    rng = random.Random(seed)
+    articles = list(articles)
+    rng.shuffle(articles)
+    layers = model.model.layers
+    states: list[list[torch.Tensor]] = [[] for _ in layers]
+    used: list[list[torch.Tensor]] = [[] for _ in layers]
+    hooks = []
+    for i, layer in enumerate(layers):
+        hooks.append(layer.register_forward_hook(
+            lambda _m, _inp, out, i=i: states[i].append(
+                (out[0] if isinstance(out, tuple) else out)[0].detach().float())))
+        hooks.append(layer.mlp.gate.register_forward_hook(
+            lambda _m, _inp, out, i=i: used[i].append(out[2].detach())))
+    total = 0
+    try:
+        with torch.inference_mode():
+            for article in articles:
+                ids = tokenizer(article["extract"], return_tensors="pt").input_ids[:, :256]
+                if ids.shape[1] < 16:
+                    continue
+                model(ids)
+                total += ids.shape[1]
+                if total >= n_tokens:
+                    break
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [torch.cat(s) for s in states], [torch.cat(u) for u in used]
+
+
+def cmd_fit_accel(args: argparse.Namespace) -> None:
+    """Train the MoE model's rate accelerator for the m2r2 predictor; report held-out recall."""
+    from m2r2core import prefetch
+    from m2r2core.model import fingerprint
+
+    torch.set_num_threads(args.threads)
+    folder = build(Path(args.trained), progress=_bar())
+    loaded = load(EngineConfig(model=str(folder), dtype="float32"))
+    model, tokenizer = loaded.model, loaded.tokenizer
+    layers = model.model.layers
+    moe = prefetch.MoeParts(tuple(layer.mlp.gate.weight.float() for layer in layers),
+                            tuple(layer.post_attention_layernorm for layer in layers),
+                            model.config.num_experts_per_tok, model.config.num_local_experts)
+    start = time.perf_counter()
+    states, used = moe_states(model, tokenizer, distill.wiki_articles("train"), args.tokens,
+                              args.seed)
+    held_states, held_used = moe_states(model, tokenizer, distill.wiki_articles("heldout"),
+                                        args.tokens // 4, args.seed)
+    bar = _bar()
+    with torch.enable_grad():
+        accel = prefetch.fit_accelerator(moe, states, used, args.rank, args.lookahead,
+                                         args.steps, args.seed,
+                                         lambda d, t: bar("accelerator", d, t))
+    metrics = {"fit_seconds": round(time.perf_counter() - start, 1),
+               "heldout_tokens": int(held_states[0].shape[0])}
+    width = moe.top_k + args.margin
+    for name, fast in (("pregate", None), ("m2r2", accel)):
+        for d in range(1, args.lookahead + 1):
+            hits = total = 0
+            with torch.inference_mode():
+                for layer in range(moe.n_layers - d):
+                    x = held_states[layer] if fast is None else fast(layer, held_states[layer])
+                    picked = moe.logits(layer + d, x).topk(width, -1).indices
+                    truth = held_used[layer + d]
+                    hits += int((picked[:, :, None] == truth[:, None, :]).any(-1).sum())
+                    total += truth.numel()
+            metrics[f"recall_{name}_d{d}_margin{args.margin}"] = round(hits / total, 4)
+    card = prefetch.AccelCard(model_fingerprint=fingerprint(model), rank=args.rank,
+                              lookahead=args.lookahead, tokens=int(states[0].shape[0]),
+                              steps=args.steps, metrics=metrics)
+    prefetch.save_accelerator(accel, card, Path(args.trained))
+    print(json.dumps(metrics, indent=2))
+
+
+def cmd_build(args: argparse.Namespace) -> None:
+    """Write the MoE folder into the model cache."""
+    print(build(Path(args.trained), force=args.force, progress=_bar()))
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line of `python -m m2r2core.moefy`."""
+    p = argparse.ArgumentParser(prog="python -m m2r2core.moefy", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    f = sub.add_parser("fit", help="cluster neurons into experts and fit the routers")
+    f.add_argument("--experts", type=int, default=8)
+    f.add_argument("--top-k", type=int, default=2)
+    f.add_argument("--shared", type=int, default=384, help="neurons of the shared expert")
+    f.add_argument("--dense-layers", type=int, nargs="*", default=[0])
+    f.add_argument("--refit-tokens", type=int, default=8192)
+    f.add_argument("--chat-prompts", type=int, default=10, help="MT-Bench prompts for the "
+                   "chat-quality comparison (0: skip)")
+    f.add_argument("--also-k", type=int, nargs="*", default=[], help="also measure these k")
+    f.add_argument("--tokens", type=int, default=8192)
+    f.add_argument("--router-steps", type=int, default=300)
+    f.add_argument("--ppl-texts", type=int, default=60)
+    f.add_argument("--router-scale", type=float, default=0.02,
+                   help="router logits are scaled to about ±this, so the k weights stay near 1/k")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--threads", type=int, default=2)
+    f.add_argument("--out", default=str(TRAINED_DIR))
+    f.add_argument("--reuse", action="store_true",
+                   help="keep the clustering and routers in --out; only re-measure")
+    f.set_defaults(func=cmd_fit)
+    b = sub.add_parser("build", help="write the MoE (Qwen2-MoE format) into the model cache")
+    b.add_argument("--trained", default=str(TRAINED_DIR))
+    b.add_argument("--force", action="store_true")
+    b.set_defaults(func=cmd_build)
+    a = sub.add_parser("fit-accel", help="train the rate accelerator of the m2r2 predictor")
+    a.add_argument("--trained", default=str(TRAINED_DIR))
+    a.add_argument("--rank", type=int, default=32)
+    a.add_argument("--lookahead", type=int, default=4)
+    a.add_argument("--margin", type=int, default=1, help="margin of the reported recall")
+    a.add_argument("--tokens", type=int, default=16384)
+    a.add_argument("--steps", type=int, default=150)
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--threads", type=int, default=2)
+    a.set_defaults(func=cmd_fit_accel)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI entry; a clear message, not a traceback, for the errors a person can fix."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parser().parse_args(argv)
+    try:
+        args.func(args)
+    except M2R2Error as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,390 @@
+"""Decoding an MoE model whose experts live in a slow tier, with ahead-of-time expert loading.
+
+`OffloadEngine` wraps an Engine holding a Mixtral-format model: it exports every expert to the
+expert store once, and swaps each layer's experts module for `OffloadedExperts`, which takes its
+weights from the fast tier (m2r2core/experts.py), waiting when they are not there. After each
+block the predictor (m2r2core/prefetch.py) names the experts of the next layers and the loader
+fetches them while compute goes on.
+
+Without a run in progress the swapped module calls the model's own experts module: that is the
+reference "every expert resident" run, against which every offloaded output is compared. The
+original weights therefore stay in memory: the fast-tier budget is modelled (only weights that
+went through the loader compute in an offloaded run), not enforced by the operating system.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from m2r2core import hf_compat, prompt
+from m2r2core.config import DecodeConfig
+from m2r2core.decode import DecodeState, forward
+from m2r2core.engine import Engine
+from m2r2core.errors import ConfigError, UnsupportedModel
+from m2r2core.experts import POLICIES, Event, ExpertCache, ExpertStore, bandwidth
+from m2r2core.model import default_cache_dir
+from m2r2core.prefetch import (
+    PREDICTORS,
+    Accelerator,
+    MoeParts,
+    Predictor,
+    make_predictor,
+    recall_by_distance,
+)
+from m2r2core.sampling import make_generator, sample_next
+
+MOE_MODEL_TYPES = ("mixtral", "qwen2_moe")
+
+
+@dataclass(frozen=True)
+class OffloadConfig:
+    """How experts are held and predicted in one run."""
+
+    capacity: int = 80
+    """Experts the fast tier holds (resident or in flight)."""
+    bandwidth: str = "ufs"
+    predictor: str = "m2r2"
+    lookahead: int = 2
+    """D: predictions after block l are for layers l+1 … l+D."""
+    margin: int = 1
+    """Experts predicted per layer beyond the top-k."""
+    policy: str = "lru"
+    warm: bool = True
+    """Start with the fast tier filled by the first layers' experts (else empty)."""
+
+    def validate(self, total: int, n_layers: int, n_experts: int, top_k: int) -> None:
+        """ConfigError naming the field and its allowed range (total: experts in the model)."""
+        if not isinstance(self.capacity, int) or self.capacity < top_k:
+            raise ConfigError(f"A fast tier of {self.capacity} experts cannot hold one layer's "
+                              f"top-{top_k} experts; the minimum capacity is {top_k}.")
+        if self.capacity > total:
+            raise ConfigError(f"Capacity {self.capacity} exceeds the {total} experts of the "
+                              f"model; the most is {total}.")
+        bandwidth(self.bandwidth)
+        if self.predictor not in PREDICTORS:
+            raise ConfigError(f"Unknown predictor '{self.predictor}'; choose one of "
+                              f"{', '.join(PREDICTORS)}.")
+        if self.policy not in POLICIES:
+            raise ConfigError(f"Unknown eviction policy '{self.policy}'; choose one of "
+                              f"{', '.join(POLICIES)}.")
+        if not 1 <= self.lookahead <= n_layers - 1:
+            raise ConfigError(f"Lookahead {self.lookahead} is out of range; choose 1 to "
+                              f"{n_layers - 1} layers.")
+        if not 0 <= self.margin <= n_experts - top_k:
+            raise ConfigError(f"Margin {self.margin} is out of range; choose 0 to "
+                              f"{n_experts - top_k}.")
+
+
+@dataclass(frozen=True)
+class OffloadToken:
+    """One generated token of an offloaded run."""
+
+    position: int
+    token_id: int
+    text: str
+    latency_ms: float
+    """Wall time of the forward pass that produced this token (and its sampling)."""
+    stall_ms: float
+    hits: int
+    misses: int
+    routes: tuple[tuple[int, ...], ...]
+    """Per layer, the experts the forward pass that produced this token used."""
+
+
+class OffloadedExperts(nn.Module):
+    """Stands in for a layer's experts module: weights from the fast tier during a run."""
+
+    def __init__(self, original: nn.Module, layer: int, owner: OffloadEngine) -> None:
+        """Wrap the model's own experts module of `layer`."""
+        super().__init__()
+        self.original = original
+        self.layer = layer
+        self.owner = owner
+        self.num_experts = original.num_experts
+        self.act_fn = original.act_fn
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        """Mixtral's expert computation, op for op, with weights from the fast tier."""
+        hit = sorted(set(top_k_index.flatten().tolist()))
+        self.owner.routes_now[self.layer] = tuple(hit)
+        cache = self.owner.cache
+        if cache is None:
+            return self.original(hidden_states, top_k_index, top_k_weights)
+        cache.request(self.layer, hit)
+        final_hidden_states = torch.zeros_like(hidden_states)
+        expert_mask = nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1)
+        expert_mask = expert_mask.permute(2, 1, 0)
+        for expert_idx in hit:
+            weights = cache.acquire(self.layer, expert_idx)
+            top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
+            current_state = hidden_states[token_idx]
+            gate, up = nn.functional.linear(current_state, weights["gate_up_proj"]).chunk(2, -1)
+            current = self.act_fn(gate) * up
+            current = nn.functional.linear(current, weights["down_proj"])
+            current = current * top_k_weights[token_idx, top_k_pos, None]
+            final_hidden_states.index_add_(0, token_idx, current.to(final_hidden_states.dtype))
+            cache.release(self.layer, expert_idx)
+        return final_hidden_states
+
+
+def moe_parts(engine: Engine) -> MoeParts:
+    """Routers and norms of an MoE model; UnsupportedModel for a dense one."""
+    config = engine.parts.config
+    if config.model_type not in MOE_MODEL_TYPES:
+        raise UnsupportedModel(
+            f"Expert loading needs a Mixture-of-Experts model (Mixtral or Qwen2-MoE format); "
+            f"'{engine.info.name}' is a dense {config.model_type} model. Build the MoE with: "
+            f"python -m m2r2core.moefy build")
+    layers = engine.parts.layers
+    n_experts = getattr(config, "num_local_experts", None) or config.num_experts
+    return MoeParts(routers=tuple(layer.mlp.gate.weight if hasattr(layer.mlp, "experts")
+                                  else None for layer in layers),
+                    norms=tuple(layer.post_attention_layernorm for layer in layers),
+                    top_k=config.num_experts_per_tok, n_experts=n_experts)
+
+
+def store_dir(engine: Engine) -> Path:
+    """Where this model's expert store lives in the model cache."""
+    return default_cache_dir() / f"expert-store-{engine.info.fingerprint[:12]}-{engine.info.dtype}"
+
+
+class OffloadEngine:
+    """An MoE Engine whose experts are served from a slow tier through a bounded fast tier."""
+
+    def __init__(self, engine: Engine, store: Path | None = None,
+                 accelerator: Accelerator | None = None, accel_note: str = "") -> None:
+        """Export the expert store if needed and swap in OffloadedExperts modules.
+
+        Raises UnsupportedModel for a dense model, AssetMissing for a broken store.
+        """
+        self.engine = engine
+        self.moe = moe_parts(engine)
+        self.accel = accelerator.to(engine.model.dtype) if accelerator is not None else None
+        self.accel_note = accel_note
+        self.cache: ExpertCache | None = None
+        self.routes_now: dict[int, tuple[int, ...]] = {}
+        folder = Path(store) if store is not None else store_dir(engine)
+        if not (folder / "experts.json").is_file():
+            ExpertStore.export(self._weights(), folder, self.moe.n_layers, self.moe.n_experts)
+        self.store = ExpertStore(folder)
+        if set(self.store.files) != set(self._keys()):
+            raise ConfigError(f"The expert store at {folder} does not hold this model's "
+                              f"{len(self._keys())} experts.")
+        for index, layer in enumerate(engine.parts.layers):
+            if self.moe.is_moe(index) and not isinstance(layer.mlp.experts, OffloadedExperts):
+                layer.mlp.experts = OffloadedExperts(layer.mlp.experts, index, self)
+
+    def _keys(self) -> list[tuple[int, int]]:
+        """(layer, expert) of every routed expert, in layer order."""
+        return [(layer, e) for layer in range(self.moe.n_layers) if self.moe.is_moe(layer)
+                for e in range(self.moe.n_experts)]
+
+    def _weights(self) -> dict[tuple[int, int], dict[str, torch.Tensor]]:
+        out = {}
+        for index, e in self._keys():
+            experts = self.engine.parts.layers[index].mlp.experts
+            experts = getattr(experts, "original", experts)
+            out[(index, e)] = {"gate_up_proj": experts.gate_up_proj[e].detach(),
+                               "down_proj": experts.down_proj[e].detach()}
+        return out
+
+    @property
+    def total_experts(self) -> int:
+        """Routed experts in the model (the ones that live in the slow tier)."""
+        return len(self._keys())
+
+    def generate(self, text: str | bytes, cfg: DecodeConfig, offload: OffloadConfig | None,
+                 reference: list[list[tuple[int, ...]]] | None = None) -> OffloadRun:
+        """Start a run; iterate it for OffloadToken records. `offload=None` is the reference run
+        with every expert resident (no loads, no predictor).
+        """
+        if offload is not None:
+            offload.validate(self.total_experts, self.moe.n_layers, self.moe.n_experts,
+                             self.moe.top_k)
+        clean = prompt.validate_text(text)
+        ids = self.engine._encode_clean(clean, cfg)
+        return OffloadRun(self, ids, cfg, offload, reference)
+
+
+class OffloadRun:
+    """One generation through the expert tiers. After iteration: tokens, events, predictions,
+    routes, stop_reason, prefill_ms, decode_ms.
+    """
+
+    def __init__(self, owner: OffloadEngine, ids: list[int], cfg: DecodeConfig,
+                 offload: OffloadConfig | None, reference) -> None:
+        """Prepare; nothing runs until iteration."""
+        self.owner, self.ids, self.cfg, self.offload = owner, ids, cfg, offload
+        self.reference = reference
+        self.tokens: list[OffloadToken] = []
+        self.events: list[Event] = []
+        self.predictions: list[tuple[int, int, int, list[int]]] = []
+        self.routes: list[list[tuple[int, ...]]] = []
+        self.stop_reason = "stopped"
+        self.prefill_ms = 0.0
+        self.decode_ms = 0.0
+        self.bytes_loaded = 0
+        self.peak_occupancy = 0
+        self.predictor: Predictor | None = None
+        self._seen = 0  # cache events already counted into a token
+        self._layer_start = 0.0
+
+    def __iter__(self) -> Iterator[OffloadToken]:
+        """Prefill, then one OffloadToken per generated token until EOS or the budget."""
+        owner, offload = self.owner, self.offload
+        engine = owner.engine
+        with engine._lock:
+            cache = None
+            if offload is not None:
+                cache = ExpertCache(owner.store, offload.capacity, bandwidth(offload.bandwidth),
+                                    offload.policy, owner.moe.top_k, engine.device)
+                if offload.warm:
+                    cache.warm(owner._keys())
+                self.predictor = make_predictor(
+                    offload.predictor, owner.moe, offload.lookahead, offload.margin,
+                    owner.accel, self.reference)
+                self.predictor.routes = self.routes
+            owner.cache = cache
+            try:
+                yield from self._loop(cache)
+            finally:
+                owner.cache = None
+                if cache is not None:
+                    cache.close()
+                    self.events = sorted(cache.events, key=lambda e: e.start_ms)
+                    self.bytes_loaded = cache.bytes_loaded
+                    self.peak_occupancy = cache.peak
+
+    def _forward(self, ids: torch.Tensor, state: DecodeState, cache: ExpertCache | None,
+                 number: int):
+        owner = self.owner
+        owner.routes_now = {}
+        if cache is not None:
+            cache.token = number
+        start = time.perf_counter()
+
+        def after_layer(index: int, hidden: torch.Tensor) -> None:
+            if cache is None:
+                return
+            now = cache.now_ms()
+            cache.events.append(Event("compute", number, index, -1, self._layer_start, now))
+            for target, experts in self.predictor.predict(number, index, hidden[0, -1]).items():
+                self.predictions.append((number, index, target, experts))
+                cache.prefetch(target, experts, target - index)
+            self._layer_start = cache.now_ms()
+            cache.layer = index + 1
+
+        if cache is not None:
+            cache.layer = 0
+            self._layer_start = cache.now_ms()
+        with torch.inference_mode():
+            out = forward(owner.engine.parts, ids, state, False, after_layer=after_layer)
+        self.routes.append([owner.routes_now.get(i, ()) for i in range(owner.moe.n_layers)])
+        return out, (time.perf_counter() - start) * 1000.0
+
+    def _loop(self, cache: ExpertCache | None) -> Iterator[OffloadToken]:
+        cfg, engine = self.cfg, self.owner.engine
+        state = DecodeState(hf_compat.new_cache(engine.parts),
+                            make_generator(cfg.sampling, engine.device))
+        out, ms = self._forward(torch.tensor([self.ids], device=engine.device), state, cache, 0)
+        self.prefill_ms = ms
+        for position in range(cfg.max_new_tokens):
+            start = time.perf_counter()
+            token_id = sample_next(out.logits, cfg.sampling, state.generator)
+            latency = ms + (time.perf_counter() - start) * 1000.0
+            number = len(self.routes) - 1
+            stall = hits = misses = 0
+            if cache is not None:
+                for event in cache.events[self._seen:]:
+                    if event.token != number:
+                        continue
+                    if event.kind == "stall":
+                        stall += event.end_ms - event.start_ms
+                    hits += event.kind == "hit"
+                    misses += event.kind == "miss"
+                self._seen = len(cache.events)
+            record = OffloadToken(position, token_id, engine.token_text(token_id), latency,
+                                  stall, hits, misses, tuple(self.routes[-1]))
+            self.tokens.append(record)
+            if position:
+                self.decode_ms += latency
+            yield record
+            if token_id in engine.eos_ids or position + 1 == cfg.max_new_tokens:
+                self.stop_reason = "eos" if token_id in engine.eos_ids else "max_new_tokens"
+                break
+            out, ms = self._forward(torch.tensor([[token_id]], device=engine.device), state,
+                                    cache, len(self.routes))
+
+    def run(self) -> OffloadRun:
+        """Generate to the end."""
+        for _ in self:
+            pass
+        return self
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The generated ids."""
+        return [t.token_id for t in self.tokens]
+
+    def summary(self) -> dict:
+        """Decode-phase figures: tok/s, stall per token, hit rate, recall by distance."""
+        decode = self.tokens[1:]
+        n = len(decode)
+        hits = sum(t.hits for t in decode)
+        misses = sum(t.misses for t in decode)
+        recall = {}
+        if self.predictor is not None and self.offload.predictor != "none":
+            decode_predictions = [p for p in self.predictions if p[0] >= 1]
+            recall = recall_by_distance(decode_predictions, self.routes,
+                                        self.offload.lookahead)
+        loads = [e for e in self.events if e.kind == "load" and e.token >= 1]
+        wasted = [e for e in self.events if e.kind == "wasted" and e.token >= 1]
+        return dict(
+            new_tokens=len(self.tokens), decode_tokens=n,
+            decode_ms=round(self.decode_ms, 2), prefill_ms=round(self.prefill_ms, 2),
+            tok_per_s=round(n / (self.decode_ms / 1000.0), 3) if n and self.decode_ms else None,
+            stall_ms_per_token=round(sum(t.stall_ms for t in decode) / n, 3) if n else None,
+            hit_rate=round(hits / (hits + misses), 4) if hits + misses else None,
+            loads_per_token=round(len(loads) / n, 3) if n else None,
+            wasted_per_token=round(len(wasted) / n, 3) if n else None,
+            recall_by_distance={str(d): round(r, 4) for d, r in recall.items()},
+        )
+
+
+def offload_config(**kwargs) -> OffloadConfig:
+    """An OffloadConfig, with unknown fields refused clearly."""
+    names = {f.name for f in dataclasses.fields(OffloadConfig)}
+    unknown = set(kwargs) - names
+    if unknown:
+        raise ConfigError(f"Unknown offload settings: {', '.join(sorted(unknown))}.")
+    return OffloadConfig(**kwargs)
+
+
+
+def load_moe(model: str | None = None, dtype: str = "bfloat16", threads: int = 0,
+             progress=None) -> OffloadEngine:
+    """The default MoE (built from the committed MoEfication on first use) as an OffloadEngine,
+    with its trained accelerator; `model` may name another Mixtral-format folder.
+    """
+    from m2r2core import moefy
+    from m2r2core.config import EngineConfig
+    from m2r2core.errors import M2R2Error
+    from m2r2core.prefetch import load_accelerator
+
+    folder = Path(model) if model else moefy.build(progress=progress)
+    engine = Engine.load(EngineConfig(model=str(folder), dtype=dtype, threads=threads))
+    accel, note = None, ""
+    try:
+        accel, card = load_accelerator(moefy.TRAINED_DIR, engine.info.fingerprint)
+        note = f"rank-{card.rank} accelerator trained on {card.tokens} tokens"
+    except M2R2Error as exc:
+        note = f"no accelerator: {exc}"
+    return OffloadEngine(engine, accelerator=accel, accel_note=note)

@@ -1,0 +1,274 @@
+"""Expert predictors, one interface: which experts will layers l+1 … l+D need?
+
+- `m2r2`: ahead-of-time loading from the accelerated residual. The state after block l goes
+  through a rate accelerator (a trained low-rank update that moves it towards the deeper states),
+  then through the routers of layers l+1 … l+D (each after its own post-attention norm); top-k plus
+  a margin per layer.
+- `pregate`: the same routers on the current slow state, unaccelerated (pre-gating).
+- `previous`: the experts the previous token used at those layers.
+- `oracle`: the experts this very run will use (known from a reference run with every expert
+  resident; an upper bound, not a method).
+- `none`: nothing is predicted; every miss is loaded on demand.
+
+Our reading of the method had to choose how to build the fast residual for the MoE model: the
+dense model's accelerated stream (issue 3) runs whole blocks and needs the dense MLPs, so here the
+accelerated residual is a per-layer low-rank map trained on the MoE model's own states with M2R2's
+objective specialised to routing (the accelerated state at layer l must route like the states of
+layers l+1 … l+D). `PREDICTORS` lists the choices; the Expert Loading page says so.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch.nn import functional as F
+
+from m2r2core.errors import AssetMissing, ConfigError
+
+PREDICTORS = ("m2r2", "pregate", "previous", "oracle", "none")
+ACCEL_FILE = "accelerator.safetensors"
+ACCEL_CARD = "accelerator.json"
+
+
+@dataclass(frozen=True)
+class MoeParts:
+    """Per layer: the router weight, the post-attention norm, and the MoE's top-k."""
+
+    routers: tuple[torch.Tensor | None, ...]
+    """(E, H) router weights; None for a dense layer (e.g. Qwen2-MoE's mlp_only_layers)."""
+    norms: tuple[torch.nn.Module, ...]
+    top_k: int
+    n_experts: int
+
+    @property
+    def n_layers(self) -> int:
+        """Number of MoE layers."""
+        return len(self.routers)
+
+    def is_moe(self, layer: int) -> bool:
+        """Whether `layer` routes to experts."""
+        return self.routers[layer] is not None
+
+    def logits(self, layer: int, state: torch.Tensor) -> torch.Tensor:
+        """Router logits of `layer` for a residual state (..., H)."""
+        return F.linear(self.norms[layer](state), self.routers[layer])
+
+
+class Accelerator(torch.nn.Module):
+    """Per-layer low-rank rate accelerator f_l(h) = h + B_l A_l h."""
+
+    def __init__(self, n_layers: int, hidden: int, rank: int) -> None:
+        """Zero-initialised: f_l is the identity (pre-gating) before training."""
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.randn(n_layers, rank, hidden) / math.sqrt(hidden))
+        self.b = torch.nn.Parameter(torch.zeros(n_layers, hidden, rank))
+
+    def forward(self, layer: int, state: torch.Tensor) -> torch.Tensor:
+        """The accelerated state of layer `layer`."""
+        a, b = self.a[layer].to(state.dtype), self.b[layer].to(state.dtype)
+        return state + F.linear(F.linear(state, a), b)
+
+
+@dataclass(frozen=True)
+class AccelCard:
+    """What an accelerator was trained for and how well it predicts."""
+
+    model_fingerprint: str
+    rank: int
+    lookahead: int
+    tokens: int
+    steps: int
+    metrics: dict
+
+
+def load_accelerator(folder: Path, fingerprint: str) -> tuple[Accelerator, AccelCard]:
+    """The committed accelerator; AssetMissing for a missing or corrupt file, ConfigError when it
+    was trained for another model.
+    """
+    card_path, weights = Path(folder) / ACCEL_CARD, Path(folder) / ACCEL_FILE
+    for path in (card_path, weights):
+        if not path.is_file():
+            raise AssetMissing(f"The accelerator file {path} is missing. Retrain it: "
+                               "python -m m2r2core.moefy fit-accel")
+    try:
+        card = AccelCard(**json.loads(card_path.read_text()))
+        tensors = load_file(str(weights))
+        n_layers, rank, hidden = tensors["a"].shape
+        accel = Accelerator(n_layers, hidden, rank)
+        accel.load_state_dict(tensors)
+    except (ValueError, TypeError, KeyError, RuntimeError, SafetensorError) as exc:
+        raise AssetMissing(f"The accelerator in {folder} is corrupt ({exc}).") from exc
+    if card.model_fingerprint != fingerprint:
+        raise ConfigError(f"The accelerator in {folder} was trained for the model with "
+                          f"fingerprint {card.model_fingerprint}, not this one ({fingerprint}).")
+    accel.requires_grad_(False)
+    return accel, card
+
+
+def save_accelerator(accel: Accelerator, card: AccelCard, folder: Path) -> None:
+    """Write the accelerator and its card."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({"a": accel.a.detach().contiguous(), "b": accel.b.detach().contiguous()},
+              str(folder / ACCEL_FILE))
+    (folder / ACCEL_CARD).write_text(json.dumps(asdict(card), indent=2) + "\n")
+
+
+class Predictor:
+    """Base: `predict(layer, state)` after block `layer` returns {later layer: experts}."""
+
+    name = "none"
+
+    def __init__(self, moe: MoeParts, lookahead: int, margin: int) -> None:
+        """Lookahead D ≥ 1 layers ahead; margin extra experts per layer beyond the top-k."""
+        if lookahead < 1 or lookahead > moe.n_layers - 1:
+            raise ConfigError(f"Lookahead {lookahead} is out of range; choose 1 to "
+                              f"{moe.n_layers - 1} layers.")
+        if margin < 0 or moe.top_k + margin > moe.n_experts:
+            raise ConfigError(f"Margin {margin} is out of range; choose 0 to "
+                              f"{moe.n_experts - moe.top_k}.")
+        self.moe, self.lookahead, self.margin = moe, lookahead, margin
+        self.routes: list[list[list[int]]] = []
+        """Per token, per layer, the experts used (the runtime appends)."""
+
+    def targets(self, layer: int) -> list[int]:
+        """The layers a prediction after block `layer` is for."""
+        last = min(layer + self.lookahead, self.moe.n_layers - 1)
+        return [t for t in range(layer + 1, last + 1) if self.moe.is_moe(t)]
+
+    def predict(self, token: int, layer: int, state: torch.Tensor) -> dict[int, list[int]]:
+        """{target layer: predicted experts, most likely first}."""
+        return {}
+
+
+class RouterPredictor(Predictor):
+    """Routers of later layers applied to the (optionally accelerated) state."""
+
+    def __init__(self, moe: MoeParts, lookahead: int, margin: int,
+                 accel: Accelerator | None = None) -> None:
+        """With an accelerator, this is M2R2 ahead-of-time loading; without, pre-gating."""
+        super().__init__(moe, lookahead, margin)
+        self.accel = accel
+        self.name = "m2r2" if accel is not None else "pregate"
+
+    @torch.inference_mode()
+    def predict(self, token: int, layer: int, state: torch.Tensor) -> dict[int, list[int]]:
+        """Top-k plus margin of each target layer's router on the state."""
+        if self.accel is not None:
+            state = self.accel(layer, state)
+        width = self.moe.top_k + self.margin
+        return {t: self.moe.logits(t, state).topk(width).indices.tolist()
+                for t in self.targets(layer)}
+
+
+class PreviousPredictor(Predictor):
+    """The previous token's experts at the target layers."""
+
+    name = "previous"
+
+    def predict(self, token: int, layer: int, state: torch.Tensor) -> dict[int, list[int]]:
+        """What token-1 used at layers l+1 … l+D."""
+        if token == 0 or len(self.routes) < token:
+            return {}
+        last = self.routes[token - 1]
+        return {t: list(last[t]) for t in self.targets(layer) if t < len(last)}
+
+
+class OraclePredictor(Predictor):
+    """The routing of a reference run of the same prompt (an upper bound)."""
+
+    name = "oracle"
+
+    def __init__(self, moe: MoeParts, lookahead: int, margin: int,
+                 reference: list[list[list[int]]]) -> None:
+        """reference: per token, per layer, the experts the all-resident run used."""
+        super().__init__(moe, lookahead, margin)
+        self.reference = reference
+
+    def predict(self, token: int, layer: int, state: torch.Tensor) -> dict[int, list[int]]:
+        """Exactly what this token will use."""
+        if token >= len(self.reference):
+            return {}
+        return {t: list(self.reference[token][t]) for t in self.targets(layer)}
+
+
+def make_predictor(name: str, moe: MoeParts, lookahead: int, margin: int,
+                   accel: Accelerator | None = None,
+                   reference: list[list[list[int]]] | None = None) -> Predictor:
+    """A predictor by name; ConfigError for unknown names or missing ingredients."""
+    if name not in PREDICTORS:
+        raise ConfigError(f"Unknown predictor '{name}'; choose one of {', '.join(PREDICTORS)}.")
+    if name == "m2r2":
+        if accel is None:
+            raise ConfigError("The m2r2 predictor needs the trained accelerator of this model.")
+        return RouterPredictor(moe, lookahead, margin, accel)
+    if name == "pregate":
+        return RouterPredictor(moe, lookahead, margin)
+    if name == "previous":
+        return PreviousPredictor(moe, lookahead, margin)
+    if name == "oracle":
+        if reference is None:
+            raise ConfigError("The oracle predictor needs a reference run's routing.")
+        return OraclePredictor(moe, lookahead, margin, reference)
+    return Predictor(moe, lookahead, margin)
+
+
+def recall_by_distance(predictions: list[tuple[int, int, int, list[int]]],
+                       routes: list[list[list[int]]], lookahead: int) -> dict[int, float]:
+    """Share of the experts actually used that were predicted, by lookahead distance.
+
+    predictions: (token, made after layer, target layer, experts) records.
+    """
+    hits = {d: [0, 0] for d in range(1, lookahead + 1)}
+    for token, layer, target, experts in predictions:
+        if token >= len(routes):
+            continue
+        used = routes[token][target]
+        d = target - layer
+        hits[d][0] += len(set(used) & set(experts))
+        hits[d][1] += len(used)
+    return {d: (h / n if n else float("nan")) for d, (h, n) in hits.items()}
+
+
+def fit_accelerator(moe: MoeParts, states: list[torch.Tensor], topk: list[torch.Tensor],
+                    rank: int, lookahead: int, steps: int, seed: int, progress=None
+                    ) -> Accelerator:
+    """Train the rate accelerator: f_l(h_l) must route like the states of layers l+1 … l+D.
+
+    Args:
+        states: per layer l, (T, H) block outputs h_l.
+        topk: per layer l, (T, k) experts the MoE actually used.
+    The loss per target layer is the cross-entropy of its router's softmax against the used
+    top-k set (uniform over it); router logits are divided by their scale on the text so the
+    softmax is not flat.
+    """
+    torch.manual_seed(seed)
+    n_layers = moe.n_layers
+    hidden = states[0].shape[1]
+    accel = Accelerator(n_layers, hidden, rank)
+    temperature = [float(moe.logits(t, states[t - 1]).std()) if t and moe.is_moe(t) else 1.0
+                   for t in range(n_layers)]
+    for layer in range(n_layers - 1):
+        x = states[layer]
+        opt = torch.optim.Adam([accel.a, accel.b], lr=2e-3)
+        targets = [t for t in range(layer + 1, min(layer + lookahead, n_layers - 1) + 1)
+                   if moe.is_moe(t)]
+        if not targets:
+            continue
+        goal = {t: F.one_hot(topk[t], moe.n_experts).sum(1).float() / moe.top_k for t in targets}
+        for _ in range(steps):
+            fast = accel(layer, x)
+            loss = sum(-(goal[t] * F.log_softmax(moe.logits(t, fast) / temperature[t], -1))
+                       .sum(-1).mean() for t in targets)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        if progress:
+            progress(layer + 1, n_layers - 1)
+    accel.requires_grad_(False)
+    return accel

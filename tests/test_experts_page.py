@@ -1,0 +1,77 @@
+"""AppTest flows of the Expert Loading page on a tiny Mixtral: generate with offloaded experts,
+see the charts, refuse bad controls and bad models while keeping results."""
+
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from app import state
+from app.pages.experts import MODEL_KEY, RESULT_KEY
+
+ENTRY = str(Path(__file__).resolve().parent.parent / "streamlit_app.py")
+
+
+@pytest.fixture
+def app(tiny_model_dirs, monkeypatch, tmp_path_factory):
+    monkeypatch.setenv("M2R2_MOE_DIR", str(tiny_model_dirs["mixtral"]))
+    monkeypatch.setenv("M2R2_CACHE", str(tmp_path_factory.mktemp("page-cache")))
+    at = AppTest.from_file(ENTRY, default_timeout=300)
+    at.session_state[state.DTYPE] = "float32"
+    at.run()
+    at.switch_page("app/pages/experts.py")
+    return at.run()
+
+
+def generate(at, capacity=4, predictor="pregate", policy="predicted", budget=8, lookahead=2):
+    at.text_area(key=state.PROMPT).input("Tell me about the sea.")
+    at.number_input(key=state.MAX_NEW_TOKENS).set_value(budget)
+    at.number_input(key="experts_capacity").set_value(capacity)
+    at.selectbox(key="experts_predictor").set_value(predictor)
+    at.selectbox(key="experts_policy").set_value(policy)
+    at.number_input(key="experts_lookahead").set_value(lookahead)
+    at.button(key="experts_generate").click()
+    return at.run()
+
+
+def test_page_starts_and_explains(app):
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    assert app.title[0].value == "Expert Loading"
+    assert any("m2r2 predictor is unavailable" in w.value for w in app.warning)
+
+
+@pytest.mark.parametrize("predictor", ["pregate", "previous", "oracle", "none"])
+def test_generation_is_identical_and_charted(app, predictor):
+    at = generate(app, predictor=predictor)
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    session = at.session_state[RESULT_KEY]
+    assert session.identical
+    assert session.summary["decode_tokens"] == 7
+    assert at.metric[0].label == "Speedup vs on-demand LRU"
+    assert at.metric[4].value == "yes"
+    keys = {c.proto.id for c in at.get("plotly_chart")}
+    for name in ("experts_gantt", "experts_residency", "experts_hits"):
+        assert any(name in k for k in keys), keys
+
+
+@pytest.mark.parametrize(("changes", "needle"), [
+    ({"capacity": 1}, "the minimum capacity is 2"),
+    ({"capacity": 99}, "the most is 16"),
+    ({"lookahead": 0}, "Lookahead 0 is out of range"),
+])
+def test_bad_controls_are_refused_and_keep_results(app, changes, needle):
+    at = generate(app, budget=4)
+    first = at.session_state[RESULT_KEY]
+    at = generate(at, **{"budget": 4, **changes})
+    assert not at.exception
+    assert any(needle in e.value for e in at.error), [e.value for e in at.error]
+    assert at.session_state[RESULT_KEY] is first
+
+
+def test_a_dense_model_is_refused_clearly(app, tiny_model_dir):
+    at = app
+    at.text_input(key=MODEL_KEY).input(str(tiny_model_dir))
+    at = at.run()
+    assert not at.exception
+    assert any("needs a Mixture-of-Experts model" in e.value for e in at.error), \
+        [e.value for e in at.error]

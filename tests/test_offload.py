@@ -1,0 +1,210 @@
+"""Expert tiers, predictors and offloaded decoding on a tiny Mixtral: outputs equal transformers'
+with every expert resident, whatever the predictor, policy or capacity; bad settings and bad
+expert files are refused clearly."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+
+import pytest
+import torch
+
+from m2r2core.config import DecodeConfig, EngineConfig, SamplingConfig
+from m2r2core.engine import Engine
+from m2r2core.errors import AssetMissing, ConfigError, UnsupportedModel
+from m2r2core.experts import PRESETS, Bandwidth, ExpertCache, ExpertStore
+from m2r2core.offload import OffloadConfig, OffloadEngine
+from m2r2core.prefetch import PREDICTORS, Accelerator, recall_by_distance
+
+PROMPT = "Tell me about the sea and the ships."
+FAST = "pcie4"
+
+
+@pytest.fixture(scope="module")
+def offload(tiny_model_dirs, tmp_path_factory) -> OffloadEngine:
+    """The tiny Mixtral (4 layers × 4 experts, top-2) with its experts in a store."""
+    engine = Engine.load(EngineConfig(model=str(tiny_model_dirs["mixtral"]), dtype="float32"))
+    torch.manual_seed(0)
+    accel = Accelerator(4, 64, 4)  # untrained but non-trivial: predictions differ from pregate
+    accel.b.data.normal_(0, 0.1)
+    return OffloadEngine(engine, store=tmp_path_factory.mktemp("store"), accelerator=accel)
+
+
+@pytest.fixture(scope="module")
+def reference(offload):
+    """The all-resident run (transformers' own experts module)."""
+    return offload.generate(PROMPT, DecodeConfig(max_new_tokens=16, trace=False), None).run()
+
+
+def hf_greedy(engine: Engine, text: str, n: int) -> list[int]:
+    ids = torch.tensor([engine.encode(text, DecodeConfig(max_new_tokens=n))])
+    out = engine.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                max_new_tokens=n)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def test_reference_equals_transformers_generate(offload, reference):
+    assert reference.token_ids == hf_greedy(offload.engine, PROMPT, 16)[:len(reference.tokens)]
+    assert len(reference.routes) == len(reference.tokens)
+    assert all(len(layer) >= 2 for step in reference.routes for layer in step)
+
+
+@pytest.mark.parametrize("predictor", PREDICTORS)
+@pytest.mark.parametrize("policy", ["lru", "lfu", "predicted"])
+def test_every_predictor_and_policy_gives_the_reference_output(offload, reference, predictor,
+                                                               policy):
+    cfg = OffloadConfig(capacity=3, bandwidth=FAST, predictor=predictor, lookahead=2,
+                        margin=1, policy=policy, warm=False)
+    run = offload.generate(PROMPT, DecodeConfig(max_new_tokens=16, trace=False), cfg,
+                           reference.routes).run()
+    assert run.token_ids == reference.token_ids
+    assert run.routes == reference.routes  # prediction changes timing, never routing
+    loads = [e for e in run.events if e.kind == "load"]
+    assert loads, "a cold tier of 3 experts must load"
+    assert all(e.end_ms >= e.start_ms for e in run.events)
+    if predictor == "none":
+        assert not [e for e in run.events if e.kind == "prefetch"]
+    summary = run.summary()
+    assert 0.0 <= summary["hit_rate"] <= 1.0
+    if predictor == "oracle":
+        assert all(r == 1.0 for r in summary["recall_by_distance"].values())
+
+
+def test_sampling_is_identical_too(offload):
+    cfg = DecodeConfig(max_new_tokens=12, trace=False,
+                       sampling=SamplingConfig(temperature=0.9, top_p=0.9, seed=7))
+    plain = offload.generate(PROMPT, cfg, None).run()
+    run = offload.generate(PROMPT, cfg, OffloadConfig(capacity=2, bandwidth=FAST,
+                                                      predictor="pregate")).run()
+    assert run.token_ids == plain.token_ids
+
+
+def test_the_fast_tier_never_holds_more_than_its_capacity(offload, reference):
+    cap = 3
+    run = offload.generate(PROMPT, DecodeConfig(max_new_tokens=10, trace=False),
+                           OffloadConfig(capacity=cap, bandwidth=FAST, predictor="oracle",
+                                         warm=False), reference.routes).run()
+    assert 0 < run.peak_occupancy <= cap
+    kinds = {e.kind for e in run.events}
+    assert {"load", "prefetch", "evict", "compute"} <= kinds
+
+
+def test_loads_take_the_modelled_time(offload):
+    slow = Bandwidth("test", 50e6, 2e-3, "test")
+    cache = ExpertCache(offload.store, 4, slow, "lru", 2)
+    try:
+        cache.request(0, [0, 1])
+        cache.acquire(0, 0)
+        cache.acquire(0, 1)
+    finally:
+        cache.close()
+    loads = [e for e in cache.events if e.kind == "load"]
+    modelled = slow.seconds(offload.store.expert_bytes) * 1000.0
+    assert len(loads) == 2
+    assert all(e.end_ms - e.start_ms >= modelled * 0.99 for e in loads)
+    stalls = [e for e in cache.events if e.kind == "stall"]
+    assert stalls and sum(e.end_ms - e.start_ms for e in stalls) >= modelled
+
+
+def test_lru_evicts_the_least_recently_used(offload):
+    cache = ExpertCache(offload.store, 2, PRESETS[FAST], "lru", 2)
+    try:
+        for layer, expert in ((0, 0), (0, 1), (0, 0), (1, 2)):
+            cache.request(layer, [expert])
+            cache.acquire(layer, expert)
+        assert set(cache.resident()) == {(0, 0), (1, 2)}
+    finally:
+        cache.close()
+
+
+def test_predicted_policy_keeps_what_is_predicted(offload):
+    cache = ExpertCache(offload.store, 2, PRESETS[FAST], "predicted", 1)
+    try:
+        cache.request(0, [0])
+        cache.acquire(0, 0)
+        cache.request(0, [1])
+        cache.acquire(0, 1)
+        cache.layer = 0
+        cache.predicted[(0, 0)] = cache.token  # (0, 0) is now expected again, (0, 1) is not
+        cache.layer = -1
+        cache.request(1, [3])
+        cache.acquire(1, 3)
+        assert (0, 0) in cache.resident() and (0, 1) not in cache.resident()
+    finally:
+        cache.close()
+
+
+@pytest.mark.parametrize("field, value, needle", [
+    ("capacity", 1, "the minimum capacity is 2"),
+    ("capacity", 17, "the most is 16"),
+    ("bandwidth", "floppy", "Unknown bandwidth preset"),
+    ("predictor", "crystal-ball", "Unknown predictor"),
+    ("policy", "random", "Unknown eviction policy"),
+    ("lookahead", 0, "Lookahead 0 is out of range"),
+    ("margin", 5, "Margin 5 is out of range"),
+])
+def test_bad_settings_are_refused(offload, field, value, needle):
+    cfg = dataclasses.replace(OffloadConfig(capacity=4), **{field: value})
+    with pytest.raises(ConfigError, match=needle):
+        offload.generate(PROMPT, DecodeConfig(max_new_tokens=4, trace=False), cfg)
+
+
+def test_a_dense_model_is_refused(tiny_engine):
+    with pytest.raises(UnsupportedModel, match="needs a Mixture-of-Experts model"):
+        OffloadEngine(tiny_engine)
+
+
+def test_the_oracle_needs_a_reference(offload):
+    with pytest.raises(ConfigError, match="reference run"):
+        offload.generate(PROMPT, DecodeConfig(max_new_tokens=4, trace=False),
+                         OffloadConfig(capacity=4, predictor="oracle")).run()
+
+
+def test_m2r2_needs_an_accelerator(offload):
+    accel, offload.accel = offload.accel, None
+    try:
+        with pytest.raises(ConfigError, match="accelerator"):
+            offload.generate(PROMPT, DecodeConfig(max_new_tokens=4, trace=False),
+                             OffloadConfig(capacity=4, predictor="m2r2")).run()
+    finally:
+        offload.accel = accel
+
+
+@pytest.mark.parametrize("damage", ["missing", "corrupt"])
+def test_a_bad_expert_file_is_named_and_nothing_half_loads(offload, tmp_path, reference,
+                                                           damage):
+    store = tmp_path / "store"
+    shutil.copytree(offload.store.folder, store)
+    broken = ExpertStore(store).path(1, reference.routes[0][1][0])
+    if damage == "missing":
+        broken.unlink()
+    else:
+        broken.write_bytes(broken.read_bytes()[:100] + b"garbage")
+    original = offload.store
+    offload.store = ExpertStore(store)
+    try:
+        with pytest.raises(AssetMissing, match=broken.name):
+            offload.generate(PROMPT, DecodeConfig(max_new_tokens=4, trace=False),
+                             OffloadConfig(capacity=2, bandwidth=FAST, predictor="none",
+                                           warm=False)).run()
+        with pytest.raises(AssetMissing, match=broken.name):
+            ExpertStore(store).check()
+    finally:
+        offload.store = original
+    assert offload.cache is None  # the failed run let go of its tier
+    again = offload.generate(PROMPT, DecodeConfig(max_new_tokens=16, trace=False), None).run()
+    assert again.token_ids == reference.token_ids
+
+
+def test_a_missing_store_manifest_is_refused(tmp_path):
+    with pytest.raises(AssetMissing, match="No expert store"):
+        ExpertStore(tmp_path)
+
+
+def test_recall_by_distance_counts_hits():
+    routes = [[(0, 1), (2, 3), (0, 3)]]
+    predictions = [(0, 0, 1, [2, 0]), (0, 0, 2, [0, 3]), (0, 1, 2, [1, 2])]
+    recall = recall_by_distance(predictions, routes, 2)
+    assert recall[2] == 1.0
+    assert recall[1] == pytest.approx((1 + 0) / 4)
