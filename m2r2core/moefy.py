@@ -97,8 +97,9 @@ def _mlp_inputs(model, tokenizer, articles: list[dict], n_tokens: int, seq_len: 
     total = 0
     try:
         with torch.inference_mode():
-            for article in articles:
-                ids = tokenizer(article["extract"], return_tensors="pt").input_ids[:, :seq_len]
+            for index, article in enumerate(articles):
+                ids = fitting_ids(tokenizer, article, chat=index % 2 == 1, seed=seed + index)
+                ids = torch.tensor([ids[:seq_len]])
                 if ids.shape[1] < 16:
                     continue
                 model(ids)
@@ -111,6 +112,22 @@ def _mlp_inputs(model, tokenizer, articles: list[dict], n_tokens: int, seq_len: 
         for hook in hooks:
             hook.remove()
     return [torch.cat(rows) for rows in grabbed]
+
+
+def fitting_ids(tokenizer, article: dict, chat: bool, seed: int) -> list[int]:
+    """Token ids of one fitting text: the lead section as plain text, or (chat) as the assistant's
+    answer to an instruction about it, in the chat template, so that routers and refits also see
+    the template and the assistant's turn, not only encyclopaedic prose.
+    """
+    if not chat or not tokenizer.chat_template:
+        return tokenizer(article["extract"]).input_ids
+    template = random.Random(seed).choice(distill.TEMPLATES)
+    question = template.format(title=article["title"], extract=article["extract"][:700],
+                               description=article.get("description") or "a topic")
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": question},
+         {"role": "assistant", "content": article["extract"]}], tokenize=False)
+    return tokenizer(text, add_special_tokens=False).input_ids
 
 
 def _activations(mlp, x: torch.Tensor) -> torch.Tensor:
@@ -532,13 +549,15 @@ def moe_states(model, tokenizer, articles: list[dict], n_tokens: int, seed: int
         hooks.append(layer.register_forward_hook(
             lambda _m, _inp, out, i=i: states[i].append(
                 (out[0] if isinstance(out, tuple) else out)[0].detach().float())))
-        hooks.append(layer.mlp.gate.register_forward_hook(
-            lambda _m, _inp, out, i=i: used[i].append(out[2].detach())))
+        if hasattr(layer.mlp, "gate"):
+            hooks.append(layer.mlp.gate.register_forward_hook(
+                lambda _m, _inp, out, i=i: used[i].append(out[2].detach())))
     total = 0
     try:
         with torch.inference_mode():
-            for article in articles:
-                ids = tokenizer(article["extract"], return_tensors="pt").input_ids[:, :256]
+            for index, article in enumerate(articles):
+                ids = fitting_ids(tokenizer, article, chat=index % 2 == 1, seed=seed + index)
+                ids = torch.tensor([ids[:256]])
                 if ids.shape[1] < 16:
                     continue
                 model(ids)
@@ -548,7 +567,7 @@ def moe_states(model, tokenizer, articles: list[dict], n_tokens: int, seed: int
     finally:
         for hook in hooks:
             hook.remove()
-    return [torch.cat(s) for s in states], [torch.cat(u) for u in used]
+    return [torch.cat(s) for s in states], [torch.cat(u) if u else None for u in used]
 
 
 def cmd_fit_accel(args: argparse.Namespace) -> None:
@@ -561,7 +580,8 @@ def cmd_fit_accel(args: argparse.Namespace) -> None:
     loaded = load(EngineConfig(model=str(folder), dtype="float32"))
     model, tokenizer = loaded.model, loaded.tokenizer
     layers = model.model.layers
-    moe = prefetch.MoeParts(tuple(layer.mlp.gate.weight.float() for layer in layers),
+    moe = prefetch.MoeParts(tuple(layer.mlp.gate.weight.float() if hasattr(layer.mlp, "gate")
+                                  else None for layer in layers),
                             tuple(layer.post_attention_layernorm for layer in layers),
                             model.config.num_experts_per_tok, model.config.num_local_experts)
     start = time.perf_counter()
@@ -582,6 +602,8 @@ def cmd_fit_accel(args: argparse.Namespace) -> None:
             hits = total = 0
             with torch.inference_mode():
                 for layer in range(moe.n_layers - d):
+                    if not moe.is_moe(layer + d):
+                        continue
                     x = held_states[layer] if fast is None else fast(layer, held_states[layer])
                     picked = moe.logits(layer + d, x).topk(width, -1).indices
                     truth = held_used[layer + d]
@@ -633,8 +655,8 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--rank", type=int, default=32)
     a.add_argument("--lookahead", type=int, default=4)
     a.add_argument("--margin", type=int, default=1, help="margin of the reported recall")
-    a.add_argument("--tokens", type=int, default=16384)
-    a.add_argument("--steps", type=int, default=150)
+    a.add_argument("--tokens", type=int, default=8192)
+    a.add_argument("--steps", type=int, default=100)
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--threads", type=int, default=2)
     a.set_defaults(func=cmd_fit_accel)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -208,3 +209,44 @@ def test_recall_by_distance_counts_hits():
     recall = recall_by_distance(predictions, routes, 2)
     assert recall[2] == 1.0
     assert recall[1] == pytest.approx((1 + 0) / 4)
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2_moe(tmp_path_factory, real_model_dir) -> Path:
+    """A tiny Qwen2-MoE like the MoEfied SmolLM2: layer 0 dense, a gated shared expert."""
+    from transformers import AutoModelForCausalLM, Qwen2MoeConfig
+
+    from tests.conftest import TOKENIZER_FILES
+
+    config = Qwen2MoeConfig(
+        vocab_size=49152, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+        shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+        norm_topk_prob=True, mlp_only_layers=[0], num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, qkv_bias=False,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    for layer in model.model.layers[1:]:  # the zero-initialised router would tie every expert
+        layer.mlp.gate.weight.data.normal_(0, 0.5)
+    folder = tmp_path_factory.mktemp("tiny-qwen2-moe")
+    model.generation_config.eos_token_id = 2
+    model.save_pretrained(folder)
+    for name in TOKENIZER_FILES:
+        if (real_model_dir / name).exists():
+            shutil.copy(real_model_dir / name, folder / name)
+    return folder
+
+
+def test_qwen2_moe_with_a_dense_layer_and_a_shared_expert(tiny_qwen2_moe, tmp_path):
+    engine = Engine.load(EngineConfig(model=str(tiny_qwen2_moe), dtype="float32"))
+    expected = hf_greedy(engine, PROMPT, 12)
+    moe = OffloadEngine(engine, store=tmp_path / "store")
+    assert moe.total_experts == 3 * 4  # layer 0 is dense: its MLP never leaves memory
+    assert not moe.moe.is_moe(0)
+    for predictor in ("pregate", "previous", "none"):
+        run = moe.generate(PROMPT, DecodeConfig(max_new_tokens=12, trace=False),
+                           OffloadConfig(capacity=2, bandwidth=FAST, predictor=predictor,
+                                         warm=False)).run()
+        assert run.token_ids == expected[:len(run.token_ids)]
+        assert all(step[0] == () for step in run.routes)  # the dense layer routes nothing
+        assert {e.layer for e in run.events if e.kind == "load"} <= {1, 2, 3}

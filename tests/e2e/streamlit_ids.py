@@ -10,3 +10,4 @@ NUMBER_INPUT = "stNumberInput"
 TOKEN_STRIP = "m2r2-token-strip"  # our own component
 EXIT_STRIP = "m2r2-exit-strip"  # our own component
 SPEC_STRIP = "m2r2-spec-strip"  # our own component
+EXPERT_STRIP = "m2r2-expert-strip"  # our own component

@@ -27,13 +27,14 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def streamlit_url(tiny_model_dir, tiny_trained_dir, tmp_path_factory):
+def streamlit_url(tiny_model_dir, tiny_model_dirs, tiny_trained_dir, tmp_path_factory):
     if not Path(CHROMIUM).exists():
         pytest.fail("Debian's chromium is missing: apt-get install -y chromium chromium-driver")
     port = _free_port()
     log = tmp_path_factory.mktemp("streamlit") / "server.log"
     env = dict(os.environ, M2R2_MODEL_DIR=str(tiny_model_dir),
-               M2R2_TRAINED_DIR=str(tiny_trained_dir))
+               M2R2_TRAINED_DIR=str(tiny_trained_dir),
+               M2R2_MOE_DIR=str(tiny_model_dirs["mixtral"]))
     with log.open("w") as out:
         server = subprocess.Popen(
             [sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.headless",
@@ -162,4 +163,24 @@ def test_speculative_page_in_browser(streamlit_url, tmp_path):
             _refused_and_kept(page, "Max drafts K", "0", "max_draft", ids.SPEC_STRIP)
         finally:
             page.screenshot(path=str(shot_dir / "speculative.png"), full_page=True)
+            browser.close()
+
+
+def test_expert_loading_page_in_browser(streamlit_url, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    shot_dir = Path(os.environ.get("M2R2_SCREENSHOT_DIR", tmp_path))
+    with sync_playwright() as pw:
+        browser, page = _open(pw)
+        try:
+            _generate_on(page, f"{streamlit_url}/experts", "Generate with offloaded experts",
+                         ids.EXPERT_STRIP)
+            expect(page.get_by_text("Speedup vs on-demand LRU", exact=True).first) \
+                .to_be_visible()
+            assert page.get_by_test_id(ids.PLOTLY_CHART).count() >= 3
+            expect(page.get_by_test_id(ids.EXCEPTION)).to_have_count(0)
+            _refused_and_kept(page, "Capacity (experts)", "1", "the minimum capacity is 2",
+                              ids.EXPERT_STRIP)
+        finally:
+            page.screenshot(path=str(shot_dir / "experts.png"), full_page=True)
             browser.close()
