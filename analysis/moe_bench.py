@@ -82,7 +82,8 @@ def select_prompts(args: argparse.Namespace) -> tuple[Prompt, ...]:
 
 def settings(args: argparse.Namespace) -> list[OffloadConfig]:
     """Every setting to time: the main grid, then the sweeps (each with its own baseline)."""
-    out = []
+    out = [OffloadConfig(args.capacity, args.bandwidth, BASELINE[0], args.lookahead[0],
+                         args.margin, BASELINE[1])]
     for predictor in args.predictors:
         policies = ["lru"] if predictor == "none" else args.policies
         lookaheads = [args.lookahead[0]] if predictor in ("none",) else args.lookahead
@@ -117,7 +118,8 @@ def bench(args: argparse.Namespace, progress: Callable[[int, int, str], None] | 
     prompts = select_prompts(args)
     grid = settings(args)
     cfg = DecodeConfig(max_new_tokens=args.max_new_tokens, trace=False, capture_residuals=False)
-    offload.generate(prompts[0].text, DecodeConfig(max_new_tokens=4, trace=False), grid[0]).run()
+    offload.generate(prompts[0].text, DecodeConfig(max_new_tokens=4, trace=False),
+                     grid[0]).run()  # warm-up: kernels, the page cache of the expert files
     total = len(prompts) * (1 + len(grid) * args.repeats)
     done = 0
     rows = []

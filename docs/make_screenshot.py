@@ -4,6 +4,7 @@ Debian chromium (Playwright), and save a full-height screenshot.
     .venv/bin/python docs/make_screenshot.py "Why is the sky blue?"            # Residual Dynamics
     .venv/bin/python docs/make_screenshot.py "Why is the sky blue?" exits      # Exit debugger
     .venv/bin/python docs/make_screenshot.py "Why is the sky blue?" speculative
+    .venv/bin/python docs/make_screenshot.py "Why is the sky blue?" experts
 """
 
 import subprocess
@@ -22,7 +23,9 @@ PAGES = {"residuals": ("", "Generate", "residual_dynamics.png", 4300, "stPlotlyC
          "exits": ("/exits", "Generate with early exit", "exit_debugger.png", 5200,
                    "stPlotlyChart"),
          "speculative": ("/speculative", "Generate speculatively", "speculative.png", 4200,
-                         "m2r2-spec-strip")}
+                         "m2r2-spec-strip"),
+         "experts": ("/experts", "Generate with offloaded experts", "experts.png", 4600,
+                     "m2r2-expert-strip")}
 
 
 def main(prompt: str, page_name: str) -> None:

@@ -378,6 +378,14 @@ def load_trained(folder: Path = TRAINED_DIR) -> tuple[MoeCard, dict[str, torch.T
     return card, tensors
 
 
+def files_digest(folder: Path = TRAINED_DIR) -> str:
+    """sha256 of the committed MoEfication weights: what an accelerator was trained against."""
+    import hashlib
+
+    path = folder / WEIGHTS
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
+
+
 def built_dir(card: MoeCard, cache_dir: Path | None = None) -> Path:
     """Where `build` writes (and the engine finds) the MoE folder."""
     return Path(cache_dir or default_cache_dir()) / card.folder_name
@@ -583,7 +591,9 @@ def cmd_fit_accel(args: argparse.Namespace) -> None:
     moe = prefetch.MoeParts(tuple(layer.mlp.gate.weight.float() if hasattr(layer.mlp, "gate")
                                   else None for layer in layers),
                             tuple(layer.post_attention_layernorm for layer in layers),
-                            model.config.num_experts_per_tok, model.config.num_local_experts)
+                            model.config.num_experts_per_tok,
+                            getattr(model.config, "num_local_experts", None)
+                            or model.config.num_experts)
     start = time.perf_counter()
     states, used = moe_states(model, tokenizer, distill.wiki_articles("train"), args.tokens,
                               args.seed)
@@ -612,7 +622,8 @@ def cmd_fit_accel(args: argparse.Namespace) -> None:
             metrics[f"recall_{name}_d{d}_margin{args.margin}"] = round(hits / total, 4)
     card = prefetch.AccelCard(model_fingerprint=fingerprint(model), rank=args.rank,
                               lookahead=args.lookahead, tokens=int(states[0].shape[0]),
-                              steps=args.steps, metrics=metrics)
+                              steps=args.steps, metrics=metrics,
+                              moe_files=files_digest(Path(args.trained)))
     prefetch.save_accelerator(accel, card, Path(args.trained))
     print(json.dumps(metrics, indent=2))
 

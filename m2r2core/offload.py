@@ -385,6 +385,9 @@ def load_moe(model: str | None = None, dtype: str = "bfloat16", threads: int = 0
     try:
         accel, card = load_accelerator(moefy.TRAINED_DIR, engine.info.fingerprint)
         note = f"rank-{card.rank} accelerator trained on {card.tokens} tokens"
+        if model is None and card.moe_files != moefy.files_digest():
+            accel, note = None, ("the committed accelerator was trained for another "
+                                 "MoEfication; retrain it: python -m m2r2core.moefy fit-accel")
     except M2R2Error as exc:
         note = f"no accelerator: {exc}"
     return OffloadEngine(engine, accelerator=accel, accel_note=note)

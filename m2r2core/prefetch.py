@@ -85,6 +85,8 @@ class AccelCard:
     tokens: int
     steps: int
     metrics: dict
+    moe_files: str = ""
+    """sha256 of the MoEfication file the MoE was built from (empty for other models)."""
 
 
 def load_accelerator(folder: Path, fingerprint: str) -> tuple[Accelerator, AccelCard]:

@@ -250,3 +250,31 @@ def test_qwen2_moe_with_a_dense_layer_and_a_shared_expert(tiny_qwen2_moe, tmp_pa
         assert run.token_ids == expected[:len(run.token_ids)]
         assert all(step[0] == () for step in run.routes)  # the dense layer routes nothing
         assert {e.layer for e in run.events if e.kind == "load"} <= {1, 2, 3}
+
+
+def test_benchmark_cli_in_process(offload, tmp_path):
+    import json
+
+    from analysis import moe_bench
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": PROMPT}) + "\n")
+    args = moe_bench.parse_args([
+        "--prompts", str(prompts), "--max-new-tokens", "6", "--repeats", "2", "--capacity",
+        "4", "--bandwidth", "nvme", "--predictors", "none", "pregate", "oracle", "--policies",
+        "lru", "predicted", "--lookahead", "1", "2", "--sweep-capacity", "2", "8",
+        "--sweep-bandwidth", "emmc", "--dtype", "float32"])
+    report = moe_bench.bench(args, offload=offload)
+    summary = report["summary"]
+    base = summary["none/lru/D1/cap4/nvme"]
+    assert base["speedup_vs_ondemand_lru"] == 1.0
+    assert "oracle/predicted/D2/cap4/nvme" in summary
+    assert "pregate/predicted/D1/cap8/nvme" in summary and "none/lru/D1/cap2/nvme" in summary
+    assert "pregate/predicted/D1/cap4/emmc" in summary
+    for key, row in summary.items():
+        if key == "resident_tok_per_s":
+            continue
+        assert row["identical"] == row["prompts"] == 1, key
+        assert row["speedup_vs_ondemand_lru"] > 0 and 0 <= row["hit_rate"] <= 1
+    assert summary["oracle/predicted/D2/cap4/nvme"]["recall_by_distance"] == {"1": 1.0,
+                                                                              "2": 1.0}
