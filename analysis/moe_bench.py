@@ -22,7 +22,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from analysis.prompts import Prompt, load_prompts
+from analysis.spec_bench import select_prompts
 from m2r2core.config import DecodeConfig
 from m2r2core.engine import environment
 from m2r2core.experts import POLICIES, PRESETS
@@ -64,20 +64,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
     return args
-
-
-def select_prompts(args: argparse.Namespace) -> tuple[Prompt, ...]:
-    """The prompt set, limited overall or per category."""
-    prompts = load_prompts(args.prompts)
-    if args.per_category:
-        seen: dict[str, int] = {}
-        keep = []
-        for prompt in prompts:
-            if seen.get(prompt.category, 0) < args.per_category:
-                keep.append(prompt)
-                seen[prompt.category] = seen.get(prompt.category, 0) + 1
-        prompts = tuple(keep)
-    return prompts[: args.limit] if args.limit else prompts
 
 
 def settings(args: argparse.Namespace) -> list[OffloadConfig]:

@@ -62,17 +62,24 @@ def benchmark_report(name: str) -> dict | None:
 def engine_or_error() -> Engine | None:
     """The engine for the sidebar's settings, or None after showing why it could not load."""
     from app import state
-    from m2r2core.errors import M2R2Error
 
     model = st.session_state.get(state.MODEL) or default_model()
     dtype = st.session_state.get(state.DTYPE) or "bfloat16"
     threads = int(st.session_state.get(state.THREADS) or cpu_cores())
+    return load_or_error("model", get_engine, model, dtype, threads)
+
+
+def load_or_error(what: str, loader, *args):
+    """loader(*args), or None after showing why `what` could not be loaded (never a
+    traceback)."""
+    from m2r2core.errors import M2R2Error
+
     try:
-        return get_engine(model, dtype, threads)
+        return loader(*args)
     except M2R2Error as exc:
-        st.error(f"The model could not be loaded. {exc}")
+        st.error(f"The {what} could not be loaded. {exc}")
     except Exception as exc:  # noqa: BLE001 — a traceback must never reach the page
-        st.error(f"The model could not be loaded: {type(exc).__name__}: {exc}")
+        st.error(f"The {what} could not be loaded: {type(exc).__name__}: {exc}")
     return None
 
 

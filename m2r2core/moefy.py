@@ -32,7 +32,6 @@ import math
 import os
 import random
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -83,17 +82,14 @@ class MoeCard:
         return f"smollm2-135m-moe-e{self.n_experts}k{self.top_k}s{self.shared_size}"
 
 
-def _mlp_inputs(model, tokenizer, articles: list[dict], n_tokens: int, seq_len: int, seed: int,
-                progress=None) -> list[torch.Tensor]:
-    """Every layer's MLP input (after the post-attention norm) on about n_tokens of text."""
+def _read_texts(model, tokenizer, articles: list[dict], n_tokens: int, seq_len: int, seed: int,
+                hooks: list, progress=None) -> None:
+    """Run the model over about n_tokens of fitting text (seeded order) while `hooks` (forward
+    hook handles) collect what they need; the hooks are removed afterwards.
+    """
     rng = random.Random(seed)
     articles = list(articles)
     rng.shuffle(articles)
-    layers = model.model.layers
-    grabbed: list[list[torch.Tensor]] = [[] for _ in layers]
-    hooks = [layer.mlp.register_forward_hook(
-        lambda _m, inputs, _out, i=i: grabbed[i].append(inputs[0][0].detach().float()))
-        for i, layer in enumerate(layers)]
     total = 0
     try:
         with torch.inference_mode():
@@ -111,6 +107,17 @@ def _mlp_inputs(model, tokenizer, articles: list[dict], n_tokens: int, seq_len: 
     finally:
         for hook in hooks:
             hook.remove()
+
+
+def _mlp_inputs(model, tokenizer, articles: list[dict], n_tokens: int, seq_len: int, seed: int,
+                progress=None) -> list[torch.Tensor]:
+    """Every layer's MLP input (after the post-attention norm) on about n_tokens of text."""
+    layers = model.model.layers
+    grabbed: list[list[torch.Tensor]] = [[] for _ in layers]
+    hooks = [layer.mlp.register_forward_hook(
+        lambda _m, inputs, _out, i=i: grabbed[i].append(inputs[0][0].detach().float()))
+        for i, layer in enumerate(layers)]
+    _read_texts(model, tokenizer, articles, n_tokens, seq_len, seed, hooks, progress)
     return [torch.cat(rows) for rows in grabbed]
 
 
@@ -455,18 +462,15 @@ def heldout_texts(count: int, seed: int = 0) -> list[str]:
 
 
 def _bar():
-    from tqdm import tqdm
+    """A callback(label, done, total) with one tqdm bar per label (train.progress_bar)."""
+    from m2r2core.train import progress_bar
 
     bars: dict[str, object] = {}
 
     def update(label: str, done: int, total: int) -> None:
-        bar = bars.get(label)
-        if bar is None:
-            bar = bars[label] = tqdm(total=total, desc=label, file=sys.stderr)
-        bar.n = done
-        bar.refresh()
-        if done >= total:
-            bar.close()
+        if label not in bars:
+            bars[label] = progress_bar(label)
+        bars[label](done, total)
 
     return update
 
@@ -544,11 +548,10 @@ def cmd_fit(args: argparse.Namespace) -> None:
 
 
 def moe_states(model, tokenizer, articles: list[dict], n_tokens: int, seed: int
-               ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per layer: the block outputs h_l (T, H) and the experts the MoE used (T, k)."""
-    rng = random.Random(seed)
-    articles = list(articles)
-    rng.shuffle(articles)
+               ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    """Per layer: the block outputs h_l (T, H) and the experts the MoE used (T, k; None for a
+    dense layer).
+    """
     layers = model.model.layers
     states: list[list[torch.Tensor]] = [[] for _ in layers]
     used: list[list[torch.Tensor]] = [[] for _ in layers]
@@ -560,21 +563,7 @@ def moe_states(model, tokenizer, articles: list[dict], n_tokens: int, seed: int
         if hasattr(layer.mlp, "gate"):
             hooks.append(layer.mlp.gate.register_forward_hook(
                 lambda _m, _inp, out, i=i: used[i].append(out[2].detach())))
-    total = 0
-    try:
-        with torch.inference_mode():
-            for index, article in enumerate(articles):
-                ids = fitting_ids(tokenizer, article, chat=index % 2 == 1, seed=seed + index)
-                ids = torch.tensor([ids[:256]])
-                if ids.shape[1] < 16:
-                    continue
-                model(ids)
-                total += ids.shape[1]
-                if total >= n_tokens:
-                    break
-    finally:
-        for hook in hooks:
-            hook.remove()
+    _read_texts(model, tokenizer, articles, n_tokens, 256, seed, hooks)
     return [torch.cat(s) for s in states], [torch.cat(u) if u else None for u in used]
 
 

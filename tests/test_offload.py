@@ -260,7 +260,7 @@ def test_benchmark_cli_in_process(offload, tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"prompt": PROMPT}) + "\n")
     args = moe_bench.parse_args([
-        "--prompts", str(prompts), "--max-new-tokens", "6", "--repeats", "2", "--capacity",
+        "--prompts", str(prompts), "--max-new-tokens", "5", "--repeats", "1", "--capacity",
         "4", "--bandwidth", "nvme", "--predictors", "none", "pregate", "oracle", "--policies",
         "lru", "predicted", "--lookahead", "1", "2", "--sweep-capacity", "2", "8",
         "--sweep-bandwidth", "emmc", "--dtype", "float32"])

@@ -33,12 +33,12 @@ def test_the_built_moe_is_a_qwen2_moe_with_the_committed_shape(moe):
 def test_offloaded_decoding_equals_generate_for_every_predictor(moe):
     prompt = load_prompts("mt-bench")[0].text
     engine = moe.engine
-    ids = torch.tensor([engine.encode(prompt, DecodeConfig(max_new_tokens=24))])
+    ids = torch.tensor([engine.encode(prompt, DecodeConfig(max_new_tokens=16))])
     with torch.inference_mode():
         out = engine.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                    max_new_tokens=24)
+                                    max_new_tokens=16)
     expected = out[0, ids.shape[1]:].tolist()
-    cfg = DecodeConfig(max_new_tokens=24, trace=False)
+    cfg = DecodeConfig(max_new_tokens=16, trace=False)
     reference = moe.generate(prompt, cfg, None).run()
     assert reference.token_ids == expected[:len(reference.token_ids)]
     for predictor in ("m2r2", "pregate", "previous", "oracle", "none"):

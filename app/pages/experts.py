@@ -95,13 +95,7 @@ def moe_or_error() -> OffloadEngine | None:
     model = (st.session_state.get(MODEL_KEY) or os.environ.get("M2R2_MOE_DIR", "")).strip()
     dtype = st.session_state.get(state.DTYPE) or "bfloat16"
     threads = int(st.session_state.get(state.THREADS) or resources.cpu_cores())
-    try:
-        return get_moe(model, dtype, threads)
-    except M2R2Error as exc:
-        st.error(f"The MoE model could not be loaded. {exc}")
-    except Exception as exc:  # noqa: BLE001 — a traceback must never reach the page
-        st.error(f"The MoE model could not be loaded: {type(exc).__name__}: {exc}")
-    return None
+    return resources.load_or_error("MoE model", get_moe, model, dtype, threads)
 
 
 def render() -> None:
