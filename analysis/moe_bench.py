@@ -22,7 +22,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from analysis.spec_bench import select_prompts
+from analysis.spec_bench import run_parser, select_prompts
 from m2r2core.config import DecodeConfig
 from m2r2core.engine import environment
 from m2r2core.experts import POLICIES, PRESETS
@@ -34,19 +34,10 @@ BASELINE = ("none", "lru")
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line."""
-    p = argparse.ArgumentParser(prog="python -m analysis.moe_bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prompts", default="mt-bench", help="named set or JSONL file")
-    p.add_argument("--limit", type=int, default=0, help="first N prompts (0: all)")
-    p.add_argument("--per-category", type=int, default=0,
-                   help="first N prompts of each category (0: off)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--model", default=None, help="a Mixtral-format folder (default: the "
-                   "MoEfied SmolLM2, built on first use)")
-    p.add_argument("--capacity", type=int, default=80, help="experts in the fast tier")
+    p = run_parser("python -m analysis.moe_bench", __doc__, max_new_tokens=64, repeats=3)
+    p.add_argument("--model", default=None, help="a Mixtral or Qwen2-MoE folder (default: "
+                   "the MoEfied SmolLM2, built on first use)")
+    p.add_argument("--capacity", type=int, default=77, help="experts in the fast tier")
     p.add_argument("--bandwidth", default="ufs", choices=tuple(PRESETS))
     p.add_argument("--predictors", nargs="+", default=list(PREDICTORS), choices=PREDICTORS)
     p.add_argument("--policies", nargs="+", default=["lru", "predicted"], choices=POLICIES)

@@ -43,18 +43,27 @@ METHODS = ("hf_generate", "engine", "prompt_lookup", "hf_early_exit", "spec_slow
 SPEC_METHODS = ("spec_slow", "spec_fast")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """The command line."""
-    p = argparse.ArgumentParser(prog="python -m analysis.spec_bench", description=__doc__,
+def run_parser(prog: str, doc: str, max_new_tokens: int, repeats: int
+               ) -> argparse.ArgumentParser:
+    """The arguments every benchmark CLI shares: prompt set and selection, budget, dtype,
+    threads, repeats.
+    """
+    p = argparse.ArgumentParser(prog=prog, description=doc,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompts", default="mt-bench", help="named set or JSONL file")
     p.add_argument("--limit", type=int, default=0, help="first N prompts (0: all)")
     p.add_argument("--per-category", type=int, default=0,
                    help="first N prompts of each category (0: off)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=repeats)
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line."""
+    p = run_parser("python -m analysis.spec_bench", __doc__, max_new_tokens=128, repeats=2)
     p.add_argument("--model", default=EngineConfig.model)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--draft-layer", type=int, default=8, help="spec_fast draft depth")

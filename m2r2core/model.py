@@ -78,15 +78,24 @@ def prepare_default_model(cache_dir: Path | None = None, force: bool = False) ->
         if _is_complete(target) and not force:
             return target
         gguf_path = assets.verify(assets.SMOLLM2_GGUF)
-        staging = Path(tempfile.mkdtemp(prefix=f".{PREPARED_NAME}-", dir=cache_dir))
-        try:
+        with staged_folder(target) as staging:
             _convert_gguf(gguf_path, staging)
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(staging, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+@contextlib.contextmanager
+def staged_folder(target: Path):
+    """Yield a temporary folder beside `target`; on success it replaces `target` in one rename,
+    on failure it is removed, so an interrupted write never leaves a folder that loads.
+    """
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        yield staging
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _is_complete(folder: Path) -> bool:

@@ -32,7 +32,6 @@ import math
 import os
 import random
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,7 +44,13 @@ from torch.nn import functional as F
 from m2r2core import distill
 from m2r2core.config import EngineConfig
 from m2r2core.errors import AssetMissing, ConfigError, M2R2Error, UnsupportedModel
-from m2r2core.model import DEFAULT_MODEL, default_cache_dir, load, resolve_model_dir
+from m2r2core.model import (
+    DEFAULT_MODEL,
+    default_cache_dir,
+    load,
+    resolve_model_dir,
+    staged_folder,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +58,8 @@ TRAINED_DIR = Path(__file__).parent / "trained" / "smollm2-135m-moe"
 CARD = "card.json"
 WEIGHTS = "moefy.safetensors"
 _COMPLETE_MARK = "m2r2_moe.json"
+_BUILD_VERSION = 2
+"""Raised when `build` writes something new (2: the chat template is copied too)."""
 
 
 @dataclass(frozen=True)
@@ -403,9 +410,13 @@ def is_built(folder: Path, card: MoeCard) -> bool:
     build never counts, and a refit card rebuilds).
     """
     try:
-        return json.loads((folder / _COMPLETE_MARK).read_text()) == asdict(card)
+        return json.loads((folder / _COMPLETE_MARK).read_text()) == _mark(card)
     except (OSError, ValueError):
         return False
+
+
+def _mark(card: MoeCard) -> dict:
+    return asdict(card) | {"build_version": _BUILD_VERSION}
 
 
 def build(trained: Path = TRAINED_DIR, cache_dir: Path | None = None, force: bool = False,
@@ -424,19 +435,12 @@ def build(trained: Path = TRAINED_DIR, cache_dir: Path | None = None, force: boo
     downs = refit_all(loaded.model, loaded.tokenizer, tensors, card, progress)
     moe = moe_model(*moe_state(loaded.model, tensors, card, downs))
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    with staged_folder(target) as staging:
         moe.save_pretrained(staging)
-        for name in os.listdir(dense_dir):
-            if name.startswith("tokenizer") or name in ("special_tokens_map.json",
-                                                        "generation_config.json"):
+        for name in os.listdir(dense_dir):  # tokenizer, chat template, generation config
+            if name not in ("config.json", "model.safetensors") and not name.startswith("m2r2_"):
                 shutil.copy(dense_dir / name, staging / name)
-        (staging / _COMPLETE_MARK).write_text(json.dumps(asdict(card), indent=2))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        (staging / _COMPLETE_MARK).write_text(json.dumps(_mark(card), indent=2))
     return target
 
 

@@ -28,6 +28,7 @@ def test_the_built_moe_is_a_qwen2_moe_with_the_committed_shape(moe):
     assert moe.total_experts == (config.num_hidden_layers - len(card.dense_layers)) \
         * card.n_experts
     assert moe.accel is not None, moe.accel_note
+    assert moe.engine.tokenizer.chat_template, "prompts must go through the chat template"
 
 
 def test_offloaded_decoding_equals_generate_for_every_predictor(moe):

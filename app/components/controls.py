@@ -28,6 +28,18 @@ def sidebar_settings() -> tuple[str, str, int]:
     return model.strip(), dtype, int(seed)
 
 
+def decode_controls_or_error() -> tuple[str, DecodeConfig] | None:
+    """The prompt and generation settings with the sidebar's seed, or None after showing why
+    they are out of range."""
+    from m2r2core.errors import M2R2Error
+
+    try:
+        return decode_controls(int(st.session_state.get(state.SEED, 0)))
+    except M2R2Error as exc:
+        st.error(str(exc))
+        return None
+
+
 def decode_controls(seed: int) -> tuple[str, DecodeConfig]:
     """The prompt and generation settings; raises ConfigError for out-of-range values."""
     text = st.text_area("Prompt", key=state.PROMPT, height=110,

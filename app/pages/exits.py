@@ -10,7 +10,7 @@ import pandas as pd
 import streamlit as st
 
 from analysis import exits as ex
-from app import exit_charts, resources, state
+from app import exit_charts, resources
 from app.charts import visible
 from app.components import controls
 from m2r2core.config import DecodeConfig
@@ -61,12 +61,10 @@ def render() -> None:
     if engine.accel is None:
         st.warning(f"{engine.accel_note} The fast stream is unavailable; slow-stream rules "
                    "still work.")
-    seed = int(st.session_state.get(state.SEED, 0))
-    try:
-        text, cfg = controls.decode_controls(seed)
-    except M2R2Error as exc:
-        st.error(str(exc))
+    got = controls.decode_controls_or_error()
+    if got is None:
         return
+    text, cfg = got
     exit_cfg = _rule_controls(engine, "exit_gen")
     if st.button("Generate with early exit", key="exit_generate", type="primary"):
         if exit_cfg is not None:

@@ -111,12 +111,10 @@ def render() -> None:
         return
     if moe.accel is None:
         st.warning(f"The m2r2 predictor is unavailable for this model ({moe.accel_note}).")
-    seed = int(st.session_state.get(state.SEED, 0))
-    try:
-        text, cfg = controls.decode_controls(seed)
-    except M2R2Error as exc:
-        st.error(str(exc))
+    got = controls.decode_controls_or_error()
+    if got is None:
         return
+    text, cfg = got
     offload = _offload_controls(moe)
     if st.button("Generate with offloaded experts", key="experts_generate", type="primary"):
         if offload is not None:

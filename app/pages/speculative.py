@@ -66,11 +66,10 @@ def render() -> None:
     if engine.accel is None:
         st.warning(f"{engine.accel_note} Only slow-stream drafting is available.")
     seed = int(st.session_state.get(state.SEED, 0))
-    try:
-        text, cfg = controls.decode_controls(seed)
-    except M2R2Error as exc:
-        st.error(str(exc))
+    got = controls.decode_controls_or_error()
+    if got is None:
         return
+    text, cfg = got
     spec, sampling = _spec_controls(engine)
     if st.button("Generate speculatively", key="spec_generate", type="primary"):
         if spec is not None:
