@@ -134,6 +134,7 @@ def bench(args: argparse.Namespace, progress: Callable[[int, int, str], None] | 
             if k.endswith(f"cap{args.capacity}/{args.bandwidth}")), file=sys.stderr)
     return {"args": vars(args), "environment": environment(), "model": _model(offload),
             "expert_bytes": offload.store.expert_bytes,
+            "chat_template": bool(offload.engine.tokenizer.chat_template),
             "bandwidth_presets": {k: vars(v) for k, v in PRESETS.items()},
             "prompts": rows, "summary": summarise(rows, grid)}
 

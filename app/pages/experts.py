@@ -20,6 +20,9 @@ from m2r2core.offload import OffloadConfig, OffloadEngine, OffloadRun
 from m2r2core.prefetch import PREDICTORS
 
 REPORT = "moe_bf16.json"
+SWEEPS = "moe_bf16_rawtext.json"
+"""An earlier, larger run with the capacity and storage sweeps (prompts without the chat
+template); used for the sweep charts when the main report has none."""
 RESULT_KEY = "experts_result"
 MODEL_KEY = "experts_model"
 
@@ -327,25 +330,35 @@ def _report() -> None:
     left, right = st.columns(2)
     left.plotly_chart(expert_charts.recall_figure(recalls), key="experts_recall_report")
     left.caption("Prediction recall by lookahead distance, each predictor on the same prompts.")
+    sweep_report = report
+    if len({v["capacity"] for v in summary.values()}) < 2:
+        sweep_report = resources.benchmark_report(SWEEPS) or report
+    sweep_args = sweep_report["args"]
+    summary = {k: dict(v) for k, v in sweep_report["summary"].items() if isinstance(v, dict)}
     bws = {k: v.bytes_per_s for k, v in PRESETS.items()}
     for v in summary.values():
         v["bandwidth_bytes_per_s"] = bws.get(v["bandwidth"], 0)
     right.plotly_chart(expert_charts.sweep_figure(summary, "capacity", "speedup_vs_ondemand_lru",
-                                                  {"bandwidth": args["bandwidth"]}),
+                                                  {"bandwidth": sweep_args["bandwidth"]}),
                        key="experts_sweep_capacity")
     right.caption("Speedup over on-demand LRU as the fast tier grows (same storage).")
     left, right = st.columns(2)
     left.plotly_chart(expert_charts.sweep_figure(summary, "capacity", "hit_rate",
-                                                 {"bandwidth": args["bandwidth"]}),
+                                                 {"bandwidth": sweep_args["bandwidth"]}),
                       key="experts_sweep_hits")
     left.caption("Hit rate against capacity: prediction and eviction together.")
     right.plotly_chart(expert_charts.sweep_figure(summary, "bandwidth", "tok_per_s",
-                                                  {"capacity": args["capacity"]}),
+                                                  {"capacity": sweep_args["capacity"]}),
                        key="experts_sweep_bw")
     right.caption("Tokens/s against storage speed at the main capacity.")
-    st.caption(f"Measured by `{report.get('command', 'python -m analysis.moe_bench')}` on "
-               f"{len(report['prompts'])} prompts, {args['max_new_tokens']} new tokens, "
-               f"{args['dtype']}, {args['threads']} threads.")
+    sources = [(report, "The table and recall")]
+    if sweep_report is not report:
+        sources.append((sweep_report, "The sweeps"))
+    for source, name in sources:
+        raw = "" if source.get("chat_template") else " (prompts without the chat template)"
+        st.caption(f"{name}: measured by `{source.get('command', 'python -m analysis.moe_bench')}`"
+                   f" on {len(source['prompts'])} prompts, {source['args']['max_new_tokens']} new "
+                   f"tokens, {source['args']['dtype']}, {source['args']['threads']} threads{raw}.")
 
 
 render()
