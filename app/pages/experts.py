@@ -20,9 +20,10 @@ from m2r2core.offload import OffloadConfig, OffloadEngine, OffloadRun
 from m2r2core.prefetch import PREDICTORS
 
 REPORT = "moe_bf16.json"
+# An earlier, larger run with the capacity and storage sweeps (prompts without the chat
+# template); the sweep charts use it when the main report has none. (A bare string here would be
+# drawn on the page by Streamlit's magic.)
 SWEEPS = "moe_bf16_rawtext.json"
-"""An earlier, larger run with the capacity and storage sweeps (prompts without the chat
-template); used for the sweep charts when the main report has none."""
 RESULT_KEY = "experts_result"
 MODEL_KEY = "experts_model"
 
