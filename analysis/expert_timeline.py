@@ -71,12 +71,3 @@ def hits_by_layer(events: list[Event], n_tokens: int, n_layers: int) -> np.ndarr
             hits[e.token, e.layer] += e.kind == "hit"
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(total > 0, hits / np.maximum(total, 1), np.nan)
-
-
-def stall_by_token(events: list[Event], n_tokens: int) -> np.ndarray:
-    """Milliseconds each forward pass spent waiting for experts."""
-    out = np.zeros(n_tokens)
-    for e in events:
-        if e.kind == "stall" and e.token < n_tokens:
-            out[e.token] += e.end_ms - e.start_ms
-    return out

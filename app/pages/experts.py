@@ -72,6 +72,9 @@ class ExpertSession:
     offload: OffloadConfig
     texts: list[str]
     tokens: list[int]
+    stalls: list[float]
+    """Per generated token, ms its forward pass waited (OffloadToken.stall_ms)."""
+    misses: list[int]
     events: list
     routes: list
     summary: dict
@@ -202,6 +205,7 @@ def _session(moe: OffloadEngine, offload: OffloadConfig, reference: OffloadRun,
     keys = moe._keys()
     return ExpertSession(
         offload=offload, texts=[t.text for t in run.tokens], tokens=run.token_ids,
+        stalls=[t.stall_ms for t in run.tokens], misses=[t.misses for t in run.tokens],
         events=run.events, routes=run.routes, summary=run.summary(),
         baseline=baseline.summary(), identical=run.token_ids == reference.token_ids,
         warm=keys[: offload.capacity] if offload.warm else [], n_layers=moe.moe.n_layers,
@@ -213,10 +217,8 @@ def _show(s: ExpertSession) -> None:
     st.subheader("The generation")
     st.caption("Each token is shaded by how long its forward pass waited for experts (darker = "
                "longer); hover for the wait and the number of missing experts.")
-    stalls = timeline.stall_by_token(s.events, len(s.routes))
-    misses = _misses_per_pass(s)
-    st.markdown(expert_charts.token_strip_html(s.texts, list(stalls[:len(s.texts)]),
-                                               misses[:len(s.texts)]), unsafe_allow_html=True)
+    st.markdown(expert_charts.token_strip_html(s.texts, s.stalls, s.misses),
+                unsafe_allow_html=True)
     mine, base = s.summary, s.baseline
     cols = st.columns(5)
     speedup = base["decode_ms"] / mine["decode_ms"] if mine["decode_ms"] else float("nan")
@@ -286,14 +288,6 @@ def _show(s: ExpertSession) -> None:
         "config": asdict(s.offload), "summary": s.summary, "on_demand_lru": s.baseline,
         "identical_to_all_resident": s.identical, "completion": "".join(s.texts),
         "routes": s.routes}, indent=2), file_name="expert-run.json", key="experts_dl_json")
-
-
-def _misses_per_pass(s: ExpertSession) -> list[int]:
-    counts = [0] * len(s.routes)
-    for e in s.events:
-        if e.kind == "miss" and e.token < len(counts):
-            counts[e.token] += 1
-    return counts[1:] + [0]
 
 
 def _picked_events(chosen, rows: pd.DataFrame) -> pd.DataFrame | None:
