@@ -15,20 +15,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import queue
+import struct
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from m2r2core.errors import AssetMissing, ConfigError
 
 MANIFEST = "experts.json"
+_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,
+           "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8}
 
 
 @dataclass(frozen=True)
@@ -56,8 +60,8 @@ PRESETS = {b.name: b for b in (
 
 POLICIES = ("lru", "lfu", "predicted")
 """Eviction policies. `predicted` keeps the experts a predictor expects in this token's later
-layers and those the last two tokens used, and evicts the rest by LRU; a prefetch under it
-never evicts those (it is skipped instead)."""
+layers and evicts the rest by LRU; a prefetch under it never evicts those (it is skipped
+instead)."""
 
 
 def bandwidth(name: str) -> Bandwidth:
@@ -103,36 +107,78 @@ class ExpertStore:
         except (ValueError, KeyError, TypeError) as exc:
             raise AssetMissing(f"The expert manifest {manifest} is corrupt ({exc}).") from exc
         self.expert_bytes = max(r["bytes"] for r in self.files.values())
-        self._verified: set[tuple[int, int]] = set()
-        """Experts whose file matched its checksum once (a file is hashed on its first read;
-        hashing on every read would steal a core from compute on a 2-core machine)."""
+        self._layouts: dict[tuple[int, int], tuple] = {}
+        """Experts whose file matched its checksum once, with their header's layout (a file is
+        hashed on its first read; hashing on every read would steal a core from compute on a
+        2-core machine)."""
 
     def path(self, layer: int, expert: int) -> Path:
         """The file of one expert."""
         return self.folder / self.files[(layer, expert)]["file"]
 
     def read(self, layer: int, expert: int, device: torch.device) -> dict[str, torch.Tensor]:
-        """Read one expert's tensors, checked; AssetMissing names the file if it is bad."""
+        """Read one expert's tensors into new memory, checked; AssetMissing names a bad file."""
         record = self.files[(layer, expert)]
-        path = self.folder / record["file"]
+        buffer = torch.empty(record["bytes"], dtype=torch.uint8)
+        return {k: v.to(device) for k, v in self.read_into(layer, expert, buffer).items()}
+
+    def read_into(self, layer: int, expert: int, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Read one expert's tensor bytes into `buffer` (flat uint8, CPU) and return views of it.
+
+        The first read of a file checks its checksum and parses its header; later reads go
+        straight from the file into the buffer (no allocation, no parsing), as a serving engine
+        reads into a fixed slot of its fast tier. AssetMissing names a missing or corrupt file.
+        """
+        key = (layer, expert)
+        path = self.folder / self.files[key]["file"]
         try:
-            raw = path.read_bytes()
+            if key not in self._layouts:
+                raw = path.read_bytes()
+                layout = self._check(key, path, raw)
+                offset, nbytes = layout[0]
+                buffer[:nbytes].numpy()[:] = np.frombuffer(raw, np.uint8, nbytes, offset)
+            else:
+                layout = self._layouts[key]
+                offset, nbytes = layout[0]
+                fd = os.open(path, os.O_RDONLY)
+                try:  # one syscall, outside the GIL: the compute thread keeps running
+                    got = os.preadv(fd, [buffer[:nbytes].numpy()], offset)
+                finally:
+                    os.close(fd)
+                if got != nbytes:
+                    raise AssetMissing(f"Expert file {path} (layer {layer}, expert {expert}) is "
+                                       f"truncated ({got} of {nbytes} bytes).")
         except OSError as exc:
             raise AssetMissing(f"Expert file {path} (layer {layer}, expert {expert}) is missing "
                                f"or unreadable ({exc}).") from exc
-        if (layer, expert) not in self._verified \
-                and hashlib.sha256(raw).hexdigest() != record["sha256"]:
+        return self.views(layer, expert, buffer)
+
+    def views(self, layer: int, expert: int, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
+        """An expert's tensors as views of a buffer holding its bytes (after one read)."""
+        return {name: buffer[start:end].view(dtype).view(shape)
+                for name, dtype, shape, start, end in self._layouts[(layer, expert)][1]}
+
+    def _check(self, key: tuple[int, int], path: Path, raw: bytes) -> tuple:
+        """Checksum and header of a file's first read → ((data offset, data bytes), views)."""
+        layer, expert = key
+        if hashlib.sha256(raw).hexdigest() != self.files[key]["sha256"]:
             raise AssetMissing(f"Expert file {path} (layer {layer}, expert {expert}) is corrupt: "
                                "its checksum does not match the store's manifest. Re-export "
                                "the store.")
         try:
-            from safetensors.torch import load
-
-            tensors = load(raw)
-        except (SafetensorError, RuntimeError, ValueError) as exc:
+            size = struct.unpack("<Q", raw[:8])[0]
+            header = json.loads(raw[8: 8 + size])
+            views = tuple((name, _DTYPES[item["dtype"]], tuple(item["shape"]),
+                           *item["data_offsets"])
+                          for name, item in sorted(header.items()) if name != "__metadata__")
+        except (struct.error, ValueError, KeyError, TypeError) as exc:
             raise AssetMissing(f"Expert file {path} is corrupt ({exc}).") from exc
-        self._verified.add((layer, expert))
-        return {k: v.to(device) for k, v in tensors.items()}
+        nbytes = len(raw) - 8 - size
+        if max(v[4] for v in views) > nbytes or nbytes != self.files[key]["bytes"]:
+            raise AssetMissing(f"Expert file {path} is corrupt (its header does not match its "
+                               "size).")
+        self._layouts[key] = ((8 + size, nbytes), views)
+        return self._layouts[key]
 
     @staticmethod
     def export(weights: dict[tuple[int, int], dict[str, torch.Tensor]], folder: Path,
@@ -158,7 +204,7 @@ class ExpertStore:
 
     def check(self) -> None:
         """Verify every expert file now (missing or corrupt → AssetMissing naming it)."""
-        self._verified.clear()
+        self._layouts.clear()
         for (layer, expert) in self.files:
             self.read(layer, expert, torch.device("cpu"))
 
@@ -176,6 +222,8 @@ class _Slot:
     loading: bool = False
     """The loader has started reading it (it can no longer be cancelled)."""
     error: Exception | None = None
+    buffer: int = -1
+    """Which of the fast tier's preallocated buffers holds (or will hold) its bytes."""
 
 
 class ExpertCache:
@@ -216,11 +264,22 @@ class ExpertCache:
         self._lock = threading.Lock()
         self._demand: queue.SimpleQueue = queue.SimpleQueue()
         self._prefetch: queue.SimpleQueue = queue.SimpleQueue()
-        self._wake = threading.Semaphore(0)
+        self._wake: queue.SimpleQueue = queue.SimpleQueue()
+        """One item per queued load (C-level blocking: the idle loader costs the GIL nothing)."""
         self._stop = False
         self.bytes_loaded = 0
         self.peak = 0
         """The most experts ever resident or in flight at once (never above capacity)."""
+        self._pool = [torch.empty(store.expert_bytes, dtype=torch.uint8, device=device)
+                      for _ in range(capacity)]
+        """The fast tier's memory: one buffer per slot, allocated once; loads read into them."""
+        self._free = list(range(capacity))
+        self._queued: set[tuple[int, int]] = set()
+        """Prefetches queued and not yet started (a newer prediction may cancel them)."""
+        self._staging = None if device.type == "cpu" else torch.empty(
+            store.expert_bytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
+        """Off CPU, files are read into (pinned) host memory, then copied to the device."""
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._loader = threading.Thread(target=self._run, name="expert-loader", daemon=True)
         self._loader.start()
 
@@ -233,7 +292,8 @@ class ExpertCache:
     def warm(self, experts: list[tuple[int, int]]) -> None:
         """Make experts resident at once, without modelled time (the state before a run)."""
         for key in experts[: self.capacity]:
-            slot = _Slot(self.store.read(*key, self.device), cause="warm")
+            slot = _Slot(cause="warm", buffer=self._free.pop())
+            slot.tensors = self._fill(key, slot.buffer)
             slot.ready.set()
             self.slots[key] = slot
 
@@ -246,10 +306,15 @@ class ExpertCache:
             first = experts[: self.capacity]
             self.pinned = {(layer, e) for e in first}
             for e in first:
-                if (layer, e) not in self.slots:
-                    self._reserve((layer, e), "demand")
-                    self._demand.put((layer, e))
-                    self._wake.release()
+                key = (layer, e)
+                if key not in self.slots:
+                    self._reserve(key, "demand")
+                elif key not in self._queued:
+                    continue
+                # missing, or a prefetch still queued: it is needed now, so it jumps the queue
+                self._queued.discard(key)
+                self._demand.put(key)
+                self._wake.put(None)
 
     def acquire(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
         """The weights of a resident expert, waiting for its load if needed (recorded as a
@@ -262,7 +327,7 @@ class ExpertCache:
             if slot is None:  # beyond what request() could hold, or never requested
                 slot = self._reserve(key, "demand")
                 self._demand.put(key)
-                self._wake.release()
+                self._wake.put(None)
         now = self.now_ms()
         ready = slot.ready.is_set()
         self.events.append(Event("hit" if ready else "miss", self.token, layer, expert, now, now,
@@ -286,10 +351,19 @@ class ExpertCache:
 
     def prefetch(self, layer: int, experts: list[int], distance: int) -> None:
         """Queue ahead-of-time loads of predicted experts that are neither resident nor in
-        flight; skipped when only pinned (or, under `predicted`, only predicted) experts could
+        flight; skipped when only pinned (or, under `predicted`, only expected) experts could
         make room.
+
+        A prediction for a layer supersedes the earlier, farther one: the layer's queued
+        prefetches that it no longer names are cancelled before they take the storage channel.
         """
         with self._lock:
+            wanted = set(experts)
+            for key in [k for k in self._queued
+                        if k[0] == layer and k[1] not in wanted and k not in self.pinned]:
+                self._cancel(key)
+                if self.predicted.get(key) == self.token:
+                    del self.predicted[key]
             for e in experts:
                 key = (layer, e)
                 self.predicted[key] = self.token
@@ -301,13 +375,22 @@ class ExpertCache:
                 now = self.now_ms()
                 self.events.append(Event("prefetch", self.token, layer, e, now, now,
                                          str(distance)))
+                self._queued.add(key)
                 self._prefetch.put(key)
-                self._wake.release()
+                self._wake.put(None)
+
+    def _cancel(self, key: tuple[int, int]) -> None:
+        """Drop a queued, not yet started load (caller holds the lock)."""
+        dropped = self.slots.pop(key)
+        self._queued.discard(key)
+        self._free.append(dropped.buffer)
+        now = self.now_ms()
+        self.events.append(Event("cancel", self.token, key[0], key[1], now, now, dropped.cause))
 
     def close(self) -> None:
         """Stop the loader thread."""
         self._stop = True
-        self._wake.release()
+        self._wake.put(None)
         self._loader.join(timeout=5)
 
     def resident(self) -> list[tuple[int, int]]:
@@ -333,10 +416,7 @@ class ExpertCache:
             queued = [k for k, s in self.slots.items()
                       if not s.ready.is_set() and not s.loading and k not in self.pinned]
             if queued:
-                dropped = self.slots.pop(queued[-1])
-                now = self.now_ms()
-                self.events.append(Event("cancel", self.token, queued[-1][0], queued[-1][1],
-                                         now, now, dropped.cause))
+                self._cancel(queued[-1])
                 continue
             loading = [s for k, s in self.slots.items() if s.loading and not s.ready.is_set()]
             if not loading:
@@ -347,7 +427,7 @@ class ExpertCache:
                 loading[0].ready.wait()
             finally:
                 self._lock.acquire()
-        slot = _Slot(cause=cause)
+        slot = _Slot(cause=cause, buffer=self._free.pop())
         self.slots[key] = slot
         self.peak = max(self.peak, len(self.slots))
         return slot
@@ -360,27 +440,39 @@ class ExpertCache:
         if self.policy == "lfu":
             return min(candidates, key=lambda k: (self.slots[k].uses, self.slots[k].last_use))
         if self.policy == "predicted":
-            # Keep what a predictor expects in this token's later layers, and the working set
-            # of the last two tokens (routing repeats from token to token); evict by LRU among
+            # Keep what a predictor expects in this token's later layers; evict by LRU among
             # the rest. A prefetch that finds nothing else to evict is not made.
             token, layer, predicted = self.token, self.layer, self.predicted
-            expected = {k for k in candidates if k[0] > layer and predicted.get(k) == token}
-            for k in candidates:  # slots are in LRU order: the first cold one is the LRU one
-                if k not in expected and self.slots[k].last_token < token - 1:
+            for k in candidates:  # slots are in LRU order
+                if k[0] <= layer or predicted.get(k) != token:
                     return k
-            if for_prefetch:
-                return None
-            return next((k for k in candidates if k not in expected), candidates[0])
+            return None if for_prefetch else candidates[0]
         return candidates[0]  # lru: OrderedDict keeps least recent first
 
     def _evict(self, key: tuple[int, int]) -> None:
         slot = self.slots.pop(key)
+        self._free.append(slot.buffer)
         now = self.now_ms()
         self.events.append(Event("evict", self.token, key[0], key[1], now, now, slot.cause))
         if slot.cause == "prefetch" and not slot.used:
             self.events.append(Event("wasted", self.token, key[0], key[1], now, now))
 
     # -- the loader thread --------------------------------------------------------------------
+
+    def _fill(self, key: tuple[int, int], index: int) -> dict[str, torch.Tensor]:
+        """Read an expert's file into buffer `index` of the fast tier; its tensors, as views."""
+        target = self._pool[index]
+        if self._staging is None:
+            return self.store.read_into(*key, target)
+        self.store.read_into(*key, self._staging)
+        nbytes = self.store.files[key]["bytes"]
+        if self._stream is not None:
+            with torch.cuda.stream(self._stream):
+                target[:nbytes].copy_(self._staging[:nbytes], non_blocking=True)
+            self._stream.synchronize()
+        else:
+            target[:nbytes].copy_(self._staging[:nbytes])
+        return self.store.views(*key, target)
 
     def _next(self) -> tuple[tuple[int, int], str] | None:
         for q, cause in ((self._demand, "demand"), (self._prefetch, "prefetch")):
@@ -392,7 +484,7 @@ class ExpertCache:
 
     def _run(self) -> None:
         while True:
-            self._wake.acquire()
+            self._wake.get()
             if self._stop:
                 return
             item = self._next()
@@ -404,9 +496,10 @@ class ExpertCache:
                 if slot is None or slot.ready.is_set() or slot.loading:
                     continue  # cancelled before its turn, or already there
                 slot.loading = True
+                self._queued.discard(key)
             start = time.perf_counter()
             try:
-                tensors = self.store.read(*key, self.device)
+                tensors = self._fill(key, slot.buffer)
             except Exception as exc:  # surfaced to the compute thread by acquire()
                 slot.error = exc
                 slot.ready.set()

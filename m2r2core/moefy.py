@@ -551,10 +551,11 @@ def cmd_fit(args: argparse.Namespace) -> None:
     print(json.dumps(metrics, indent=2))
 
 
-def moe_states(model, tokenizer, articles: list[dict], n_tokens: int, seed: int
+def moe_states(model, tokenizer, articles: list[dict], n_tokens: int, seed: int,
+               answers: list | None = None
                ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
     """Per layer: the block outputs h_l (T, H) and the experts the MoE used (T, k; None for a
-    dense layer).
+    dense layer), on about n_tokens of fitting text, or on `answers` (distill Samples) if given.
     """
     layers = model.model.layers
     states: list[list[torch.Tensor]] = [[] for _ in layers]
@@ -567,8 +568,40 @@ def moe_states(model, tokenizer, articles: list[dict], n_tokens: int, seed: int
         if hasattr(layer.mlp, "gate"):
             hooks.append(layer.mlp.gate.register_forward_hook(
                 lambda _m, _inp, out, i=i: used[i].append(out[2].detach())))
-    _read_texts(model, tokenizer, articles, n_tokens, 256, seed, hooks)
+    if answers:
+        try:
+            with torch.inference_mode():
+                for sample in answers:
+                    model(torch.tensor([sample.ids]))
+        finally:
+            for hook in hooks:
+                hook.remove()
+    else:
+        _read_texts(model, tokenizer, articles, n_tokens, 256, seed, hooks)
     return [torch.cat(s) for s in states], [torch.cat(u) if u else None for u in used]
+
+
+def own_answers(model, tokenizer, articles: list[dict], count: int, max_new_tokens: int,
+                seed: int, progress=None) -> list:
+    """The MoE's own greedy answers to `count` instructions written from `articles`, in the chat
+    template: the text it reads while decoding, which teacher-forced Wikipedia is not.
+    """
+    prompts = distill.instructions(articles, count, seed)
+    samples = []
+    for start in range(0, len(prompts), 8):
+        samples += distill.answer_batch(model, tokenizer, prompts[start:start + 8],
+                                        max_new_tokens)
+        if progress:
+            progress(len(samples), len(prompts))
+    return samples
+
+
+def _join(*parts: tuple[list[torch.Tensor], list[torch.Tensor | None]]):
+    """Concatenate per-layer (states, used) collections token-wise."""
+    states = [torch.cat([p[0][i] for p in parts]) for i in range(len(parts[0][0]))]
+    used = [None if parts[0][1][i] is None else torch.cat([p[1][i] for p in parts])
+            for i in range(len(parts[0][1]))]
+    return states, used
 
 
 def cmd_fit_accel(args: argparse.Namespace) -> None:
@@ -590,29 +623,44 @@ def cmd_fit_accel(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     states, used = moe_states(model, tokenizer, distill.wiki_articles("train"), args.tokens,
                               args.seed)
-    held_states, held_used = moe_states(model, tokenizer, distill.wiki_articles("heldout"),
-                                        args.tokens // 4, args.seed)
+    held = {"text": moe_states(model, tokenizer, distill.wiki_articles("heldout"),
+                               args.tokens // 4, args.seed)}
+    if args.answers:
+        bar = _bar()
+        train_answers = own_answers(model, tokenizer, distill.wiki_articles("train"),
+                                    args.answers, args.answer_tokens, args.seed,
+                                    lambda d, t: bar("own answers", d, t))
+        held_answers = own_answers(model, tokenizer, distill.wiki_articles("heldout"),
+                                   max(8, args.answers // 4), args.answer_tokens, args.seed + 1)
+        states, used = _join((states, used),
+                             moe_states(model, tokenizer, [], 0, args.seed, train_answers))
+        held["answers"] = moe_states(model, tokenizer, [], 0, args.seed, held_answers)
     bar = _bar()
     with torch.enable_grad():
         accel = prefetch.fit_accelerator(moe, states, used, args.rank, args.lookahead,
                                          args.steps, args.seed,
                                          lambda d, t: bar("accelerator", d, t))
     metrics = {"fit_seconds": round(time.perf_counter() - start, 1),
-               "heldout_tokens": int(held_states[0].shape[0])}
+               "answers": args.answers, "answer_tokens": args.answer_tokens}
     width = moe.top_k + args.margin
-    for name, fast in (("pregate", None), ("m2r2", accel)):
-        for d in range(1, args.lookahead + 1):
-            hits = total = 0
-            with torch.inference_mode():
-                for layer in range(moe.n_layers - d):
-                    if not moe.is_moe(layer + d):
-                        continue
-                    x = held_states[layer] if fast is None else fast(layer, held_states[layer])
-                    picked = moe.logits(layer + d, x).topk(width, -1).indices
-                    truth = held_used[layer + d]
-                    hits += int((picked[:, :, None] == truth[:, None, :]).any(-1).sum())
-                    total += truth.numel()
-            metrics[f"recall_{name}_d{d}_margin{args.margin}"] = round(hits / total, 4)
+    for kind, (held_states, held_used) in held.items():
+        metrics[f"heldout_{kind}_tokens"] = int(held_states[0].shape[0])
+        for name, fast in (("pregate", None), ("m2r2", accel)):
+            for d in range(1, args.lookahead + 1):
+                hits = total = 0
+                with torch.inference_mode():
+                    for layer in range(moe.n_layers - d):
+                        if not moe.is_moe(layer + d):
+                            continue
+                        x = held_states[layer] if fast is None \
+                            else fast(layer, held_states[layer])
+                        picked = moe.logits(layer + d, x).topk(width, -1).indices
+                        truth = held_used[layer + d]
+                        hits += int((picked[:, :, None] == truth[:, None, :]).any(-1).sum())
+                        total += truth.numel()
+                suffix = "" if kind == "text" else f"_{kind}"
+                metrics[f"recall_{name}_d{d}_margin{args.margin}{suffix}"] = round(hits / total,
+                                                                                   4)
     card = prefetch.AccelCard(model_fingerprint=fingerprint(model), rank=args.rank,
                               lookahead=args.lookahead, tokens=int(states[0].shape[0]),
                               steps=args.steps, metrics=metrics,
@@ -661,6 +709,9 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--margin", type=int, default=1, help="margin of the reported recall")
     a.add_argument("--tokens", type=int, default=8192)
     a.add_argument("--steps", type=int, default=100)
+    a.add_argument("--answers", type=int, default=64, help="instructions (from Wikipedia's "
+                   "train split) whose MoE-generated answers join the training text (0: none)")
+    a.add_argument("--answer-tokens", type=int, default=64)
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--threads", type=int, default=2)
     a.set_defaults(func=cmd_fit_accel)

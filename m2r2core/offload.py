@@ -246,11 +246,15 @@ class OffloadRun:
             if offload is not None:
                 cache = ExpertCache(owner.store, offload.capacity, bandwidth(offload.bandwidth),
                                     offload.policy, owner.moe.top_k, engine.device)
-                if offload.warm:
-                    cache.warm(owner._keys())
-                self.predictor = make_predictor(
-                    offload.predictor, owner.moe, offload.lookahead, offload.margin,
-                    owner.accel, self.reference)
+                try:
+                    if offload.warm:
+                        cache.warm(owner._keys())
+                    self.predictor = make_predictor(
+                        offload.predictor, owner.moe, offload.lookahead, offload.margin,
+                        owner.accel, self.reference)
+                except BaseException:
+                    cache.close()
+                    raise
                 self.predictor.routes = self.routes
             owner.cache = cache
             try:

@@ -157,15 +157,50 @@ class RouterPredictor(Predictor):
         super().__init__(moe, lookahead, margin)
         self.accel = accel
         self.name = "m2r2" if accel is not None else "pregate"
+        self._maps = [self._fold(layer) for layer in range(moe.n_layers)]
+        """Per layer, everything a prediction does folded into one matrix (or None)."""
+
+    @torch.inference_mode()
+    def _fold(self, layer: int) -> torch.Tensor | None:
+        """The later routers × their RMSNorm gains × the accelerator, as one (T·E, H) matrix.
+
+        An RMSNorm divides the state by its RMS, a positive scalar that scales every router
+        logit alike and so never changes a top-k; what is left is linear, so the accelerator
+        (I + B A) and each target's gain and router multiply into a single matrix, and a
+        prediction is one matrix-vector product instead of a norm, a low-rank update and a
+        router per target. None when a norm is not a plain RMSNorm (the unfolded path runs).
+        """
+        targets = self.targets(layer)
+        if not targets:
+            return None
+        rows = []
+        for t in targets:
+            norm = self.moe.norms[t]
+            if "RMSNorm" not in type(norm).__name__ or "Gemma" in type(norm).__name__ \
+                    or getattr(norm, "weight", None) is None:
+                return None
+            rows.append(self.moe.routers[t].float() * norm.weight.float()[None, :])
+        folded = torch.cat(rows)
+        if self.accel is not None:
+            a, b = self.accel.a[layer].float(), self.accel.b[layer].float()
+            folded = folded + (folded @ b) @ a
+        return folded.to(self.moe.routers[targets[0]].dtype)
 
     @torch.inference_mode()
     def predict(self, token: int, layer: int, state: torch.Tensor) -> dict[int, list[int]]:
-        """Top-k plus margin of each target layer's router on the state."""
+        """Top-k plus margin of each target layer's router on the (accelerated) state."""
+        targets = self.targets(layer)
+        if not targets:
+            return {}
+        width = self.moe.top_k + self.margin
+        folded = self._maps[layer]
+        if folded is not None:
+            logits = torch.nn.functional.linear(state.to(folded.dtype), folded)
+            best = logits.view(len(targets), -1).topk(width).indices.tolist()
+            return dict(zip(targets, best, strict=True))
         if self.accel is not None:
             state = self.accel(layer, state)
-        width = self.moe.top_k + self.margin
-        return {t: self.moe.logits(t, state).topk(width).indices.tolist()
-                for t in self.targets(layer)}
+        return {t: self.moe.logits(t, state).topk(width).indices.tolist() for t in targets}
 
 
 class PreviousPredictor(Predictor):

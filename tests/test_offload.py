@@ -136,6 +136,23 @@ def test_predicted_policy_keeps_what_is_predicted(offload):
         cache.close()
 
 
+def test_a_newer_prediction_cancels_a_stale_queued_prefetch(offload):
+    slow = Bandwidth("slow", 1e6, 0.05, "slow")  # every load takes about 100 ms
+    cache = ExpertCache(offload.store, 4, slow, "predicted", 2)
+    try:
+        cache.prefetch(2, [0, 1], distance=2)  # (2, 0) starts loading, (2, 1) waits its turn
+        cache.prefetch(2, [0, 3], distance=1)  # closer, so better: (2, 1) is no longer wanted
+        cancelled = [(e.layer, e.expert) for e in cache.events if e.kind == "cancel"]
+        assert cancelled == [(2, 1)]
+        assert (2, 1) not in cache.slots and {(2, 0), (2, 3)} <= set(cache.slots)
+        cache.request(2, [3])  # needed now: a queued prefetch jumps to the demand queue
+        cache.acquire(2, 3)
+        loads = [(e.layer, e.expert) for e in cache.events if e.kind == "load"]
+        assert (2, 1) not in loads and (2, 3) in loads
+    finally:
+        cache.close()
+
+
 @pytest.mark.parametrize("field, value, needle", [
     ("capacity", 1, "the minimum capacity is 2"),
     ("capacity", 17, "the most is 16"),
@@ -209,6 +226,50 @@ def test_recall_by_distance_counts_hits():
     recall = recall_by_distance(predictions, routes, 2)
     assert recall[2] == 1.0
     assert recall[1] == pytest.approx((1 + 0) / 4)
+
+
+@pytest.mark.parametrize("accelerated", [False, True])
+def test_folded_router_predictions_equal_the_unfolded_ones(offload, accelerated):
+    """The predictor folds norm gain, accelerator and routers into one matrix per layer: the
+    top-k it picks must be the one the norm → accelerator → router path picks."""
+    from m2r2core.prefetch import RouterPredictor
+
+    moe = offload.moe
+    for layer in range(moe.n_layers):  # non-trivial gains, so folding them in is tested
+        moe.norms[layer].weight.data = torch.linspace(0.5, 1.5, 64)
+    predictor = RouterPredictor(moe, 3, 1, offload.accel if accelerated else None)
+    generator = torch.Generator().manual_seed(1)
+    try:
+        for layer in range(moe.n_layers - 1):
+            for _ in range(20):
+                state = torch.randn(64, generator=generator) * 3
+                fast = predictor.predict(0, layer, state)
+                predictor._maps[layer], kept = None, predictor._maps[layer]
+                slow = predictor.predict(0, layer, state)
+                predictor._maps[layer] = kept
+                assert fast == slow and set(fast) == set(predictor.targets(layer))
+    finally:
+        for layer in range(moe.n_layers):
+            moe.norms[layer].weight.data.fill_(1.0)
+
+
+def test_loads_read_into_the_tiers_fixed_buffers(offload, reference):
+    """Every load lands in one of the tier's preallocated buffers: no memory is allocated per
+    load, and a reused buffer holds exactly the new expert's bytes."""
+    cache = ExpertCache(offload.store, 2, PRESETS[FAST], "lru", 2)
+    pointers = {b.data_ptr() for b in cache._pool}
+    try:
+        for layer in range(4):
+            for expert in range(4):
+                cache.request(layer, [expert])
+                weights = cache.acquire(layer, expert)
+                assert weights["down_proj"].data_ptr() in pointers
+                original = offload.engine.parts.layers[layer].mlp.experts.original
+                assert torch.equal(weights["down_proj"], original.down_proj[expert])
+                assert torch.equal(weights["gate_up_proj"], original.gate_up_proj[expert])
+                cache.release(layer, expert)
+    finally:
+        cache.close()
 
 
 @pytest.fixture(scope="module")

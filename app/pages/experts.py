@@ -48,8 +48,9 @@ in BENCHMARKS.md: the sparse model is much worse than the dense one, and the pag
 
 **The tiers.** Every routed expert is a file in an expert store; a background loader reads it and
 takes the time the chosen storage would (bytes ÷ bandwidth + a per-read latency; the presets
-are modelled, the reads are real). The fast tier holds at most *capacity* experts, resident or
-in flight. The model's own weights stay in memory for the all-resident reference, so the budget
+are modelled, the reads are real). The fast tier is *capacity* buffers allocated once; a load
+reads the file straight into one, as a serving engine fills a slot of device memory. The
+model's own weights stay in memory for the all-resident reference, so the budget
 is modelled, not enforced by the operating system.
 
 **The predictors (our reading, switchable).** *m2r2*: the state after block l through a trained
@@ -58,7 +59,8 @@ the dense MLPs), then through the routers of layers l+1 … l+D, top-k plus a ma
 the same routers on the unaccelerated state. *previous*: the previous token's experts. *oracle*:
 the experts this run will use (from the reference run; an upper bound). *none*: load on demand.
 **Eviction**: LRU, LFU, or *predicted* (keep what a predictor expects in this token's later
-layers, evict the rest by LRU). Demand loads jump the queue of prefetches.
+layers, evict the rest by LRU). Demand loads jump the queue of prefetches; a closer
+prediction for a layer cancels its queued prefetches that it no longer names.
 
 **Timings** are decode-phase wall-clock of this session, the setting against on-demand LRU at
 the same capacity and bandwidth, measured one after the other on the same prompt.
