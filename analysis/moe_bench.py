@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--policies", nargs="+", default=["lru", "predicted"], choices=POLICIES)
     p.add_argument("--lookahead", type=int, nargs="+", default=[2],
                    help="one or more D; the first is used in the sweeps")
-    p.add_argument("--margin", type=int, default=1)
+    p.add_argument("--margin", type=int, default=0)
     p.add_argument("--sweep-capacity", type=int, nargs="*", default=[],
                    help="capacities for the sweep (baseline and the sweep predictors)")
     p.add_argument("--sweep-bandwidth", nargs="*", default=[], choices=tuple(PRESETS))

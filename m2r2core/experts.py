@@ -174,7 +174,7 @@ class ExpertStore:
         except (struct.error, ValueError, KeyError, TypeError) as exc:
             raise AssetMissing(f"Expert file {path} is corrupt ({exc}).") from exc
         nbytes = len(raw) - 8 - size
-        if max(v[4] for v in views) > nbytes or nbytes != self.files[key]["bytes"]:
+        if not views or max(v[4] for v in views) > nbytes or nbytes != self.files[key]["bytes"]:
             raise AssetMissing(f"Expert file {path} is corrupt (its header does not match its "
                                "size).")
         self._layouts[key] = ((8 + size, nbytes), views)

@@ -53,9 +53,9 @@ class OffloadConfig:
     predictor: str = "m2r2"
     lookahead: int = 2
     """D: predictions after block l are for layers l+1 … l+D."""
-    margin: int = 1
+    margin: int = 0
     """Experts predicted per layer beyond the top-k."""
-    policy: str = "lru"
+    policy: str = "predicted"
     warm: bool = True
     """Start with the fast tier filled by the first layers' experts (else empty)."""
 

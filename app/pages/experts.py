@@ -20,10 +20,6 @@ from m2r2core.offload import OffloadConfig, OffloadEngine, OffloadRun
 from m2r2core.prefetch import PREDICTORS
 
 REPORT = "moe_bf16.json"
-# An earlier, larger run with the capacity and storage sweeps (prompts without the chat
-# template); the sweep charts use it when the main report has none. (A bare string here would be
-# drawn on the page by Streamlit's magic.)
-SWEEPS = "moe_bf16_rawtext.json"
 RESULT_KEY = "experts_result"
 MODEL_KEY = "experts_model"
 
@@ -153,7 +149,7 @@ def _offload_controls(moe: OffloadEngine) -> OffloadConfig | None:
                                   help="m2r2 = accelerated residual through later routers.")
     lookahead = cols[3].number_input("Lookahead D", value=2, step=1, key="experts_lookahead",
                                      help=f"Layers ahead to predict (1–{moe.moe.n_layers - 1}).")
-    margin = cols[4].number_input("Margin", value=1, step=1, key="experts_margin",
+    margin = cols[4].number_input("Margin", value=0, step=1, key="experts_margin",
                                   help="Experts fetched per layer beyond the top-k.")
     policy = cols[5].selectbox("Eviction", POLICIES, index=POLICIES.index("predicted"),
                                key="experts_policy")
@@ -321,17 +317,17 @@ def _report() -> None:
         "identical": f"{v['identical']}/{v['prompts']}"} for v in main.values()])
     st.dataframe(table, hide_index=True)
     recalls = {}
-    for v in main.values():
-        if v["recall_by_distance"] and v["predictor"] not in recalls:
+    for v in main.values():  # per predictor, the run that looked furthest ahead
+        if len(v["recall_by_distance"]) > len(recalls.get(v["predictor"], {})):
             recalls[v["predictor"]] = v["recall_by_distance"]
     left, right = st.columns(2)
     left.plotly_chart(expert_charts.recall_figure(recalls), key="experts_recall_report")
     left.caption("Prediction recall by lookahead distance, each predictor on the same prompts.")
-    sweep_report = report
-    if len({v["capacity"] for v in summary.values()}) < 2:
-        sweep_report = resources.benchmark_report(SWEEPS) or report
-    sweep_args = sweep_report["args"]
-    summary = {k: dict(v) for k, v in sweep_report["summary"].items() if isinstance(v, dict)}
+    sweep_args = args
+    # the sweeps ran at the first lookahead with the sweep policy (the baseline: none · LRU)
+    summary = {k: dict(v) for k, v in summary.items()
+               if v["lookahead"] == args["lookahead"][0]
+               and (v["predictor"] == "none" or v["policy"] == args["sweep_policy"])}
     bws = {k: v.bytes_per_s for k, v in PRESETS.items()}
     for v in summary.values():
         v["bandwidth_bytes_per_s"] = bws.get(v["bandwidth"], 0)
@@ -348,14 +344,10 @@ def _report() -> None:
                                                   {"capacity": sweep_args["capacity"]}),
                        key="experts_sweep_bw")
     right.caption("Tokens/s against storage speed at the main capacity.")
-    sources = [(report, "The table and recall")]
-    if sweep_report is not report:
-        sources.append((sweep_report, "The sweeps"))
-    for source, name in sources:
-        raw = "" if source.get("chat_template") else " (prompts without the chat template)"
-        st.caption(f"{name}: measured by `{source.get('command', 'python -m analysis.moe_bench')}`"
-                   f" on {len(source['prompts'])} prompts, {source['args']['max_new_tokens']} new "
-                   f"tokens, {source['args']['dtype']}, {source['args']['threads']} threads{raw}.")
+    raw = "" if report.get("chat_template") else " (prompts without the chat template)"
+    st.caption(f"Measured by `{report.get('command', 'python -m analysis.moe_bench')}` on "
+               f"{len(report['prompts'])} prompts, {args['max_new_tokens']} new tokens, "
+               f"{args['dtype']}, {args['threads']} threads{raw}.")
 
 
 render()
