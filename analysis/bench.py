@@ -9,6 +9,7 @@ and prints a table. Example:
 
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import statistics
@@ -39,6 +40,24 @@ class BenchArgs:
     repeats: int = 3
     model: str = EngineConfig.model
     out: str = field(default="bench_out/decode.json", metadata={"help": "JSON report path"})
+
+
+def run_parser(prog: str, doc: str, max_new_tokens: int, repeats: int
+               ) -> argparse.ArgumentParser:
+    """The arguments every benchmark CLI shares: prompt set and selection, budget, dtype,
+    threads, repeats.
+    """
+    p = argparse.ArgumentParser(prog=prog, description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompts", default="mt-bench", help="named set or JSONL file")
+    p.add_argument("--limit", type=int, default=0, help="first N prompts (0: all)")
+    p.add_argument("--per-category", type=int, default=0,
+                   help="first N prompts of each category (0: off)")
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=repeats)
+    return p
 
 
 def run_method(engine: Engine, method: str, text: str, max_new_tokens: int,

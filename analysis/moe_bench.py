@@ -22,7 +22,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from analysis.spec_bench import run_parser, select_prompts
+from analysis.bench import run_parser
+from analysis.prompts import select_prompts
 from m2r2core.config import DecodeConfig
 from m2r2core.engine import environment
 from m2r2core.experts import POLICIES, PRESETS

@@ -81,3 +81,19 @@ def _mt_bench_references(path: Path) -> dict[str, str]:
             row = json.loads(line)
             refs[str(row["question_id"])] = row["choices"][0]["turns"][0]
     return refs
+
+
+def select_prompts(args) -> tuple[Prompt, ...]:
+    """The prompt set of a benchmark command line (`prompts`, `limit`, `per_category`), limited
+    overall or per category.
+    """
+    prompts = load_prompts(args.prompts)
+    if args.per_category:
+        seen: dict[str, int] = {}
+        kept = []
+        for prompt in prompts:
+            if seen.get(prompt.category, 0) < args.per_category:
+                seen[prompt.category] = seen.get(prompt.category, 0) + 1
+                kept.append(prompt)
+        prompts = tuple(kept)
+    return prompts[:args.limit] if args.limit else prompts

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from analysis.bench import run_method
-from analysis.prompts import Prompt, load_prompts
+from analysis.bench import run_method, run_parser
+from analysis.prompts import select_prompts
 from analysis.speculation import acceptance
 from m2r2core.config import DecodeConfig, EngineConfig
 from m2r2core.engine import Engine, environment
@@ -41,24 +41,6 @@ from m2r2core.speculative import MAX_DRAFT_LIMIT, SpecConfig, SpecRound
 
 METHODS = ("hf_generate", "engine", "prompt_lookup", "hf_early_exit", "spec_slow", "spec_fast")
 SPEC_METHODS = ("spec_slow", "spec_fast")
-
-
-def run_parser(prog: str, doc: str, max_new_tokens: int, repeats: int
-               ) -> argparse.ArgumentParser:
-    """The arguments every benchmark CLI shares: prompt set and selection, budget, dtype,
-    threads, repeats.
-    """
-    p = argparse.ArgumentParser(prog=prog, description=doc,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prompts", default="mt-bench", help="named set or JSONL file")
-    p.add_argument("--limit", type=int, default=0, help="first N prompts (0: all)")
-    p.add_argument("--per-category", type=int, default=0,
-                   help="first N prompts of each category (0: off)")
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=repeats)
-    return p
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -81,20 +63,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
     return args
-
-
-def select_prompts(args: argparse.Namespace) -> tuple[Prompt, ...]:
-    """The prompt set, limited overall or per category."""
-    prompts = load_prompts(args.prompts)
-    if args.per_category:
-        seen: dict[str, int] = {}
-        kept = []
-        for prompt in prompts:
-            if seen.get(prompt.category, 0) < args.per_category:
-                seen[prompt.category] = seen.get(prompt.category, 0) + 1
-                kept.append(prompt)
-        prompts = tuple(kept)
-    return prompts[:args.limit] if args.limit else prompts
 
 
 def spec_config(args: argparse.Namespace, method: str) -> SpecConfig:

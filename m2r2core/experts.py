@@ -217,8 +217,6 @@ class _Slot:
     used: bool = False
     last_use: float = 0.0
     uses: int = 0
-    last_token: int = -10
-    """The forward pass that last computed with it."""
     loading: bool = False
     """The loader has started reading it (it can no longer be cancelled)."""
     error: Exception | None = None
@@ -340,7 +338,6 @@ class ExpertCache:
             raise slot.error
         with self._lock:
             slot.used, slot.uses, slot.last_use = True, slot.uses + 1, time.perf_counter()
-            slot.last_token = self.token
             self.slots.move_to_end(key)
         return slot.tensors
 

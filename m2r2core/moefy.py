@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -33,6 +34,7 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -89,28 +91,35 @@ class MoeCard:
         return f"smollm2-135m-moe-e{self.n_experts}k{self.top_k}s{self.shared_size}"
 
 
-def _read_texts(model, tokenizer, articles: list[dict], n_tokens: int, seq_len: int, seed: int,
-                hooks: list, progress=None) -> None:
-    """Run the model over about n_tokens of fitting text (seeded order) while `hooks` (forward
-    hook handles) collect what they need; the hooks are removed afterwards.
+def fitting_sequences(tokenizer, articles: list[dict], n_tokens: int, seq_len: int, seed: int,
+                      progress=None) -> Iterator[list[int]]:
+    """Token ids of about n_tokens of fitting text (seeded article order, every other one
+    chat-formatted), each cut to seq_len.
     """
     rng = random.Random(seed)
     articles = list(articles)
     rng.shuffle(articles)
     total = 0
+    for index, article in enumerate(articles):
+        ids = fitting_ids(tokenizer, article, chat=index % 2 == 1, seed=seed + index)[:seq_len]
+        if len(ids) < 16:
+            continue
+        yield ids
+        total += len(ids)
+        if progress:
+            progress(min(total, n_tokens), n_tokens)
+        if total >= n_tokens:
+            break
+
+
+def _run_hooked(model, sequences: Iterable[list[int]], hooks: list) -> None:
+    """Run the model over each sequence while `hooks` (forward hook handles) collect what they
+    need; the hooks are removed afterwards.
+    """
     try:
         with torch.inference_mode():
-            for index, article in enumerate(articles):
-                ids = fitting_ids(tokenizer, article, chat=index % 2 == 1, seed=seed + index)
-                ids = torch.tensor([ids[:seq_len]])
-                if ids.shape[1] < 16:
-                    continue
-                model(ids)
-                total += ids.shape[1]
-                if progress:
-                    progress(min(total, n_tokens), n_tokens)
-                if total >= n_tokens:
-                    break
+            for ids in sequences:
+                model(torch.tensor([ids]))
     finally:
         for hook in hooks:
             hook.remove()
@@ -124,7 +133,8 @@ def _mlp_inputs(model, tokenizer, articles: list[dict], n_tokens: int, seq_len: 
     hooks = [layer.mlp.register_forward_hook(
         lambda _m, inputs, _out, i=i: grabbed[i].append(inputs[0][0].detach().float()))
         for i, layer in enumerate(layers)]
-    _read_texts(model, tokenizer, articles, n_tokens, seq_len, seed, hooks, progress)
+    _run_hooked(model, fitting_sequences(tokenizer, articles, n_tokens, seq_len, seed, progress),
+                hooks)
     return [torch.cat(rows) for rows in grabbed]
 
 
@@ -551,11 +561,10 @@ def cmd_fit(args: argparse.Namespace) -> None:
     print(json.dumps(metrics, indent=2))
 
 
-def moe_states(model, tokenizer, articles: list[dict], n_tokens: int, seed: int,
-               answers: list | None = None
+def moe_states(model, sequences: Iterable[list[int]]
                ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
     """Per layer: the block outputs h_l (T, H) and the experts the MoE used (T, k; None for a
-    dense layer), on about n_tokens of fitting text, or on `answers` (distill Samples) if given.
+    dense layer), over the token sequences.
     """
     layers = model.model.layers
     states: list[list[torch.Tensor]] = [[] for _ in layers]
@@ -568,16 +577,7 @@ def moe_states(model, tokenizer, articles: list[dict], n_tokens: int, seed: int,
         if hasattr(layer.mlp, "gate"):
             hooks.append(layer.mlp.gate.register_forward_hook(
                 lambda _m, _inp, out, i=i: used[i].append(out[2].detach())))
-    if answers:
-        try:
-            with torch.inference_mode():
-                for sample in answers:
-                    model(torch.tensor([sample.ids]))
-        finally:
-            for hook in hooks:
-                hook.remove()
-    else:
-        _read_texts(model, tokenizer, articles, n_tokens, 256, seed, hooks)
+    _run_hooked(model, sequences, hooks)
     return [torch.cat(s) for s in states], [torch.cat(u) if u else None for u in used]
 
 
@@ -596,12 +596,22 @@ def own_answers(model, tokenizer, articles: list[dict], count: int, max_new_toke
     return samples
 
 
-def _join(*parts: tuple[list[torch.Tensor], list[torch.Tensor | None]]):
-    """Concatenate per-layer (states, used) collections token-wise."""
-    states = [torch.cat([p[0][i] for p in parts]) for i in range(len(parts[0][0]))]
-    used = [None if parts[0][1][i] is None else torch.cat([p[1][i] for p in parts])
-            for i in range(len(parts[0][1]))]
-    return states, used
+@torch.inference_mode()
+def _state_recall(moe, states: list[torch.Tensor], used: list[torch.Tensor | None], fast,
+                  distance: int, width: int) -> float:
+    """Share of the experts layer l+d used that its router picks (top `width`) from the state
+    after block l, accelerated by `fast` when given.
+    """
+    hits = total = 0
+    for layer in range(moe.n_layers - distance):
+        target = layer + distance
+        if not moe.is_moe(target):
+            continue
+        x = states[layer] if fast is None else fast(layer, states[layer])
+        picked = moe.logits(target, x).topk(width, -1).indices
+        hits += int((picked[:, :, None] == used[target][:, None, :]).any(-1).sum())
+        total += used[target].numel()
+    return hits / total
 
 
 def cmd_fit_accel(args: argparse.Namespace) -> None:
@@ -621,21 +631,22 @@ def cmd_fit_accel(args: argparse.Namespace) -> None:
                             getattr(model.config, "num_local_experts", None)
                             or model.config.num_experts)
     start = time.perf_counter()
-    states, used = moe_states(model, tokenizer, distill.wiki_articles("train"), args.tokens,
-                              args.seed)
-    held = {"text": moe_states(model, tokenizer, distill.wiki_articles("heldout"),
-                               args.tokens // 4, args.seed)}
+
+    def text(split: str, n_tokens: int) -> Iterator[list[int]]:
+        return fitting_sequences(tokenizer, distill.wiki_articles(split), n_tokens, 256,
+                                 args.seed)
+
+    bar = _bar()
+    train_answers = own_answers(model, tokenizer, distill.wiki_articles("train"), args.answers,
+                                args.answer_tokens, args.seed,
+                                lambda d, t: bar("own answers", d, t))
+    states, used = moe_states(model, itertools.chain(text("train", args.tokens),
+                                                     (a.ids for a in train_answers)))
+    held = {"text": moe_states(model, text("heldout", args.tokens // 4))}
     if args.answers:
-        bar = _bar()
-        train_answers = own_answers(model, tokenizer, distill.wiki_articles("train"),
-                                    args.answers, args.answer_tokens, args.seed,
-                                    lambda d, t: bar("own answers", d, t))
         held_answers = own_answers(model, tokenizer, distill.wiki_articles("heldout"),
                                    max(8, args.answers // 4), args.answer_tokens, args.seed + 1)
-        states, used = _join((states, used),
-                             moe_states(model, tokenizer, [], 0, args.seed, train_answers))
-        held["answers"] = moe_states(model, tokenizer, [], 0, args.seed, held_answers)
-    bar = _bar()
+        held["answers"] = moe_states(model, (a.ids for a in held_answers))
     with torch.enable_grad():
         accel = prefetch.fit_accelerator(moe, states, used, args.rank, args.lookahead,
                                          args.steps, args.seed,
@@ -645,22 +656,11 @@ def cmd_fit_accel(args: argparse.Namespace) -> None:
     width = moe.top_k + args.margin
     for kind, (held_states, held_used) in held.items():
         metrics[f"heldout_{kind}_tokens"] = int(held_states[0].shape[0])
+        suffix = "" if kind == "text" else f"_{kind}"
         for name, fast in (("pregate", None), ("m2r2", accel)):
             for d in range(1, args.lookahead + 1):
-                hits = total = 0
-                with torch.inference_mode():
-                    for layer in range(moe.n_layers - d):
-                        if not moe.is_moe(layer + d):
-                            continue
-                        x = held_states[layer] if fast is None \
-                            else fast(layer, held_states[layer])
-                        picked = moe.logits(layer + d, x).topk(width, -1).indices
-                        truth = held_used[layer + d]
-                        hits += int((picked[:, :, None] == truth[:, None, :]).any(-1).sum())
-                        total += truth.numel()
-                suffix = "" if kind == "text" else f"_{kind}"
-                metrics[f"recall_{name}_d{d}_margin{args.margin}{suffix}"] = round(hits / total,
-                                                                                   4)
+                recall = _state_recall(moe, held_states, held_used, fast, d, width)
+                metrics[f"recall_{name}_d{d}_margin{args.margin}{suffix}"] = round(recall, 4)
     card = prefetch.AccelCard(model_fingerprint=fingerprint(model), rank=args.rank,
                               lookahead=args.lookahead, tokens=int(states[0].shape[0]),
                               steps=args.steps, metrics=metrics,

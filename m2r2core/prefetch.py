@@ -157,6 +157,7 @@ class RouterPredictor(Predictor):
         super().__init__(moe, lookahead, margin)
         self.accel = accel
         self.name = "m2r2" if accel is not None else "pregate"
+        self._targets = [self.targets(layer) for layer in range(moe.n_layers)]
         self._maps = [self._fold(layer) for layer in range(moe.n_layers)]
         """Per layer, everything a prediction does folded into one matrix (or None)."""
 
@@ -170,7 +171,7 @@ class RouterPredictor(Predictor):
         prediction is one matrix-vector product instead of a norm, a low-rank update and a
         router per target. None when a norm is not a plain RMSNorm (the unfolded path runs).
         """
-        targets = self.targets(layer)
+        targets = self._targets[layer]
         if not targets:
             return None
         rows = []
@@ -189,7 +190,7 @@ class RouterPredictor(Predictor):
     @torch.inference_mode()
     def predict(self, token: int, layer: int, state: torch.Tensor) -> dict[int, list[int]]:
         """Top-k plus margin of each target layer's router on the (accelerated) state."""
-        targets = self.targets(layer)
+        targets = self._targets[layer]
         if not targets:
             return {}
         width = self.moe.top_k + self.margin

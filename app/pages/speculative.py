@@ -11,7 +11,7 @@ import pandas as pd
 import streamlit as st
 
 from analysis import speculation
-from app import resources, spec_charts, state
+from app import resources, spec_charts
 from app.components import controls
 from m2r2core.config import SamplingConfig
 from m2r2core.errors import M2R2Error
@@ -65,7 +65,6 @@ def render() -> None:
         return
     if engine.accel is None:
         st.warning(f"{engine.accel_note} Only slow-stream drafting is available.")
-    seed = int(st.session_state.get(state.SEED, 0))
     got = controls.decode_controls_or_error()
     if got is None:
         return
@@ -78,7 +77,7 @@ def render() -> None:
                          "turn sampling off for greedy decoding.")
             else:
                 if not sampling:
-                    cfg = cfg.replace(sampling=SamplingConfig(seed=seed))
+                    cfg = cfg.replace(sampling=SamplingConfig(seed=cfg.sampling.seed))
                 _generate(engine, text, cfg, spec, sampling)
     session: SpecSession | None = st.session_state.get(RESULT_KEY)
     if session is None:
