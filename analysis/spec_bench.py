@@ -8,7 +8,9 @@ Methods (`--methods`, any subset):
 - `prompt_lookup`: transformers prompt-lookup decoding (`prompt_lookup_num_tokens`);
 - `hf_early_exit`: transformers `assistant_early_exit` (LayerSkip-style self-drafting);
 - `spec_slow`: the engine's self-speculative decoder drafting from the slow stream (no adapters);
-- `spec_fast`: the same decoder drafting from the M2R2 accelerated stream.
+- `spec_fast`: the same decoder drafting from the M2R2 accelerated stream;
+- `medusa`: the same decoder drafting with Medusa-style heads on the model's final state (trained
+  on the same corpus: `python -m m2r2core.train medusa`), a chain of each head's top-1.
 
 The JSON report holds, per method and prompt: tokens/s, speed ratio against `hf_generate`,
 whether the output equals `hf_generate`'s token for token (and, where it does not, the first
@@ -39,8 +41,9 @@ from m2r2core.config import DecodeConfig, EngineConfig
 from m2r2core.engine import Engine, environment
 from m2r2core.speculative import MAX_DRAFT_LIMIT, SpecConfig, SpecRound
 
-METHODS = ("hf_generate", "engine", "prompt_lookup", "hf_early_exit", "spec_slow", "spec_fast")
-SPEC_METHODS = ("spec_slow", "spec_fast")
+METHODS = ("hf_generate", "engine", "prompt_lookup", "hf_early_exit", "spec_slow", "spec_fast",
+           "medusa")
+SPEC_METHODS = ("spec_slow", "spec_fast", "medusa")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -54,6 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--min-confidence", type=float, default=0.0,
                    help="adaptive draft length: stop below this top-1 probability (0: off)")
     p.add_argument("--draft-vocab", default="sub", choices=("full", "sub"))
+    p.add_argument("--medusa-draft", type=int, default=0,
+                   help="medusa's K (0: --max-draft, capped at the number of heads)")
     p.add_argument("--early-exit-layer", type=int, default=8, help="hf_early_exit's layer")
     p.add_argument("--lookup-tokens", type=int, default=10, help="prompt_lookup_num_tokens")
     p.add_argument("--out", default="bench_out/spec.json", help="JSON report path")
@@ -65,8 +70,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def spec_config(args: argparse.Namespace, method: str) -> SpecConfig:
-    """The speculative decoder's settings for spec_fast or spec_slow."""
+def spec_config(args: argparse.Namespace, method: str, medusa_heads: int | None = None
+                ) -> SpecConfig:
+    """The speculative decoder's settings for spec_fast, spec_slow or medusa."""
+    if method == "medusa":
+        k = args.medusa_draft or min(args.max_draft, medusa_heads or args.max_draft)
+        return SpecConfig(stream="medusa", max_draft=k, min_confidence=args.min_confidence,
+                          draft_vocab=args.draft_vocab)
     fast = method == "spec_fast"
     return SpecConfig(draft_layer=args.draft_layer if fast else args.slow_draft_layer,
                       stream="fast" if fast else "slow", max_draft=args.max_draft,
@@ -78,7 +88,7 @@ def runner(engine: Engine, args: argparse.Namespace, method: str
     """A function running one method on one prompt: (wall seconds, generated ids, rounds)."""
     cfg = DecodeConfig(max_new_tokens=args.max_new_tokens, trace=False, capture_residuals=False)
     if method in SPEC_METHODS:
-        spec = spec_config(args, method)
+        spec = spec_config(args, method, engine.medusa.n_heads if engine.medusa else None)
 
         def run_spec(text):
             start = time.perf_counter()
@@ -171,7 +181,10 @@ def bench(args: argparse.Namespace, progress: Callable[[float, str], None] | Non
             "args": vars(args), "dtype": str(engine.model.dtype).removeprefix("torch."),
             "environment": environment(), "model": engine.info.name,
             "adapters": engine.accel_note, "methods": list(methods),
-            "spec_configs": {m: vars(spec_config(args, m)) for m in methods if m in SPEC_METHODS},
+            "medusa": engine.medusa_note,
+            "spec_configs": {m: vars(spec_config(args, m, engine.medusa.n_heads
+                                                 if engine.medusa else None))
+                             for m in methods if m in SPEC_METHODS},
             "prompts": rows, "summary": summarise(rows, methods, args.max_draft)}
 
 

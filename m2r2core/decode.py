@@ -35,6 +35,9 @@ class ForwardOutput:
     """(N+1, H) residual states h_0..h_N of the last new position, when asked for."""
     all_logits: torch.Tensor | None
     """(N+1, V) logit lens of those states, when the head was fused (see lens.py)."""
+    normed: torch.Tensor | None = None
+    """The final normalised states the logits were read from ((H,), or (T, H) with
+    all_positions); None on the fused-head path. Medusa heads draft from them."""
 
 
 @dataclass
@@ -78,14 +81,19 @@ def forward(parts: DecoderParts, ids: torch.Tensor, state: DecodeState, keep_sta
                 states.append(hidden[0, -1])
         stacked = torch.stack(states) if keep_states else None  # (N+1, H)
         all_logits = lens_logits(parts, stacked) if keep_states and fused_head else None
+        normed = None
         if all_positions:
-            logits = parts.lm_head(parts.norm(hidden))[0].float()  # (T, V)
+            normed3 = parts.norm(hidden)  # (1, T, H)
+            logits = parts.lm_head(normed3)[0].float()  # (T, V)
+            normed = normed3[0]
         elif all_logits is not None:
             logits = all_logits[-1].float()  # (V,)
         else:
-            logits = parts.lm_head(parts.norm(hidden[:, -1:]))[0, -1].float()  # (V,)
+            normed3 = parts.norm(hidden[:, -1:])  # (1, 1, H)
+            logits = parts.lm_head(normed3)[0, -1].float()  # (V,)
+            normed = normed3[0, -1]
     state.position += ids.shape[1]
-    return ForwardOutput(logits, stacked, all_logits)
+    return ForwardOutput(logits, stacked, all_logits, normed)
 
 
 class TokenLoop:

@@ -24,6 +24,7 @@ from m2r2core.accel import AdapterError, find_trained, load_accelerator
 from m2r2core.config import DecodeConfig, EngineConfig
 from m2r2core.decode import TokenLoop
 from m2r2core.exits import ExitConfig, ExitLoop
+from m2r2core.medusa import load_heads
 from m2r2core.model import LoadedModel, ModelInfo, load
 from m2r2core.routers import RouterBundle, load_routers
 from m2r2core.speculative import SpecConfig, SpecLoop, SpecRound
@@ -59,6 +60,8 @@ class Engine:
         vocab = range(len(self.tokenizer))
         self._texts: list[str] = self.tokenizer.batch_decode([[i] for i in vocab])
         self.accel, self.accel_card = None, None
+        self.medusa, self.medusa_card = None, None
+        self.medusa_note = f"No trained Medusa heads for '{self.info.name}'."
         self.routers = RouterBundle(self.parts, None, {})  # untrained rules, full check head
         self.accel_note = (f"No trained adapters for '{self.info.name}': only the slow "
                            "stream's untrained exit rules are available.")
@@ -119,14 +122,25 @@ class Engine:
         ids = self._encode_clean(clean, cfg)
         sub_vocab = self.routers.check.token_ids if self.routers.card is not None else None
         loop = SpecLoop(self.parts, self.accel, sub_vocab, ids, cfg, spec, self.eos_ids,
-                        self.token_text, self._lock, self.device)
+                        self.token_text, self._lock, self.device, self.medusa)
         return Speculation(self, clean, ids, cfg, spec, loop)
 
     def load_trained(self, folder: str | Path) -> None:
         """Swap in adapters and routers from a folder (AdapterError if they do not fit; then
-        the engine keeps what it had).
+        the engine keeps what it had). Medusa heads in the folder load on their own: a problem
+        with them is reported in `medusa_note` and leaves the adapters and routers loaded.
         """
         folder = Path(folder)
+        try:
+            found = load_heads(folder, self.parts.config.hidden_size, self.info.name,
+                               self.info.fingerprint)
+        except AdapterError as err:
+            self.medusa, self.medusa_card, self.medusa_note = None, None, str(err)
+        else:
+            if found is not None:
+                self.medusa, self.medusa_card = found[0].to(self.model.dtype), found[1]
+                self.medusa_note = (f"{self.medusa_card.n_heads} Medusa heads from "
+                                    f"{folder.name}")
         accel, card = load_accelerator(folder, self.parts, self.info.name, self.info.fingerprint)
         routers = load_routers(folder, self.parts, self.info.name, self.info.fingerprint)
         self.accel, self.accel_card, self.routers = accel.to(self.model.dtype), card, routers

@@ -17,6 +17,10 @@ Each round:
    min(1, p(x)/q(x)), else draw from norm(max(0, p - q))), so every token is distributed exactly
    as the model's own (filtered) distribution. The cache is cropped to the accepted prefix.
 
+`stream="medusa"` is the Medusa-style peer (m2r2core/medusa.py): no draft stream at all; K heads
+read the model's final state at the position that produced the last token and guess the next K
+tokens at once (a chain: each head's top-1, no tree). Verification and acceptance are the same.
+
 Greedy output equals plain greedy decoding token for token, up to floating-point near-ties
 between a multi-row verification and single-row steps (tests prove identity in fp32).
 """
@@ -35,9 +39,10 @@ from m2r2core.config import DecodeConfig
 from m2r2core.decode import DecodeState, forward
 from m2r2core.errors import UnsupportedModel, require
 from m2r2core.hf_compat import DecoderParts
+from m2r2core.medusa import MedusaHeads
 from m2r2core.sampling import filtered_probs, make_generator, sample_next
 
-STREAMS = ("fast", "slow")
+STREAMS = ("fast", "slow", "medusa")
 DRAFT_VOCABS = ("full", "sub")
 MAX_DRAFT_LIMIT = 16
 
@@ -47,9 +52,11 @@ class SpecConfig:
     """How drafts are made. Every field is a choice the method leaves open."""
 
     draft_layer: int = 8
-    """Depth the draft stream exits at (1..fast blocks on the fast stream, 1..N-1 on the slow)."""
+    """Depth the draft stream exits at (1..fast blocks on the fast stream, 1..N-1 on the slow;
+    unused by 'medusa')."""
     stream: str = "fast"
-    """'fast': M2R2 accelerated stream (adapters on); 'slow': plain early-exit drafting."""
+    """'fast': M2R2 accelerated stream (adapters on); 'slow': plain early-exit drafting;
+    'medusa': Medusa-style heads on the model's final state (the peer)."""
     max_draft: int = 4
     """K, the longest draft chain per verification."""
     min_confidence: float = 0.0
@@ -58,21 +65,30 @@ class SpecConfig:
     """'full' LM head, or 'sub': the routers' frequency-ranked sub-vocabulary (cheaper; a token
     outside it can never be drafted, but verification stays exact)."""
 
-    def validate(self, n_layers: int, fast_depth: int | None) -> None:
+    def validate(self, n_layers: int, fast_depth: int | None, medusa_heads: int | None = None
+                 ) -> None:
         """Raise ConfigError on an out-of-range field.
 
         Args:
             n_layers: the model's depth N.
             fast_depth: the deepest block with accelerator adapters (None: no adapters loaded).
+            medusa_heads: how many Medusa heads are loaded (None: none).
         """
         require(self.stream in STREAMS, "stream", self.stream, f"one of {STREAMS}")
-        require(self.stream == "slow" or fast_depth is not None, "stream", self.stream,
+        require(self.stream != "fast" or fast_depth is not None, "stream", self.stream,
                 "'slow' here: no accelerator adapters are loaded for this model")
-        deepest = fast_depth if self.stream == "fast" else n_layers - 1
-        require(isinstance(self.draft_layer, int) and 1 <= self.draft_layer <= deepest,
-                "draft_layer", self.draft_layer, f"1..{deepest} on the {self.stream} stream")
-        require(isinstance(self.max_draft, int) and 1 <= self.max_draft <= MAX_DRAFT_LIMIT,
-                "max_draft", self.max_draft, f"1..{MAX_DRAFT_LIMIT}")
+        require(self.stream != "medusa" or medusa_heads is not None, "stream", self.stream,
+                "'fast' or 'slow' here: no Medusa heads are loaded for this model (train them "
+                "with `python -m m2r2core.train medusa`)")
+        if self.stream != "medusa":
+            deepest = fast_depth if self.stream == "fast" else n_layers - 1
+            require(isinstance(self.draft_layer, int) and 1 <= self.draft_layer <= deepest,
+                    "draft_layer", self.draft_layer, f"1..{deepest} on the {self.stream} stream")
+        longest = MAX_DRAFT_LIMIT if self.stream != "medusa" else medusa_heads
+        require(isinstance(self.max_draft, int) and 1 <= self.max_draft <= longest,
+                "max_draft", self.max_draft,
+                f"1..{longest}" + (" (one draft per Medusa head)" if self.stream == "medusa"
+                                   else ""))
         require(0.0 <= self.min_confidence < 1.0, "min_confidence", self.min_confidence,
                 "0 (off) to below 1")
         require(self.draft_vocab in DRAFT_VOCABS, "draft_vocab", self.draft_vocab,
@@ -110,24 +126,28 @@ class SpecLoop:
     def __init__(self, parts: DecoderParts, accel: Accelerator | None,
                  sub_vocab: torch.Tensor | None, prompt_ids: list[int], cfg: DecodeConfig,
                  spec: SpecConfig, eos_ids: frozenset[int], token_text, lock,
-                 device: torch.device) -> None:
+                 device: torch.device, medusa: MedusaHeads | None = None) -> None:
         """Prepare a run; nothing is computed until iteration."""
         if any(t != "full_attention" for t in parts.layer_types):
             raise UnsupportedModel(
                 "Speculative decoding needs full-attention layers only: this model has "
                 "sliding-window layers, whose cache cannot be cropped back after a refused draft.")
         fast_depth = accel.max_depth if accel is not None else None
-        spec.validate(parts.n_layers, fast_depth)
+        spec.validate(parts.n_layers, fast_depth,
+                      medusa.n_heads if medusa is not None else None)
         require(spec.draft_vocab == "full" or sub_vocab is not None, "draft_vocab", "sub",
                 "'full' here: no trained routers with a sub-vocabulary are loaded")
         self.parts, self.cfg, self.spec = parts, cfg, spec
         self.accel = accel if spec.stream == "fast" else None
+        self.medusa = medusa if spec.stream == "medusa" else None
+        self._normed: torch.Tensor | None = None  # final state behind the last token (Medusa)
         self.eos_ids, self.token_text, self.lock, self.device = eos_ids, token_text, lock, device
         self.prompt = torch.tensor([prompt_ids], device=device)
-        self.blocks = [hf_compat.block_parts(parts, i) for i in range(spec.draft_layer)]
+        depth = 0 if self.medusa is not None else spec.draft_layer
+        self.blocks = [hf_compat.block_parts(parts, i) for i in range(depth)]
         self.adapters = [self.accel.inference_block(i) if self.accel is not None
                          and self.accel.block(i) is not None else None
-                         for i in range(spec.draft_layer)]
+                         for i in range(depth)]
         weight = parts.lm_head.weight
         self.sub_vocab = sub_vocab.to(device) if spec.draft_vocab == "sub" else None
         self.draft_weight = weight if self.sub_vocab is None else weight[self.sub_vocab].clone()
@@ -142,8 +162,9 @@ class SpecLoop:
                             make_generator(cfg.sampling, self.device))
         start = time.perf_counter()
         with self.lock:
-            logits = forward(self.parts, self.prompt, state, keep_states=False).logits
-            first = sample_next(logits, cfg.sampling, state.generator)
+            out = forward(self.parts, self.prompt, state, keep_states=False)
+            first = sample_next(out.logits, cfg.sampling, state.generator)
+            self._normed = out.normed
         self.prefill_ms = (time.perf_counter() - start) * 1000.0
         self.tokens = [first]
         yield SpecRound(0, 0, (), (), (), 0, (first,), (self.token_text(first),), False, 0.0,
@@ -173,9 +194,9 @@ class SpecLoop:
         drafted = time.perf_counter()
         before = state.position
         ids = torch.tensor([[last, *drafts]], device=self.device)
-        logits = forward(self.parts, ids, state, keep_states=False,
-                         all_positions=True).logits  # (1 + n, V) float32
-        accepted, own = self._accept(drafts, q_dists, logits, state.generator)
+        out = forward(self.parts, ids, state, keep_states=False, all_positions=True)
+        accepted, own = self._accept(drafts, q_dists, out.logits, state.generator)
+        self._normed = out.normed[accepted]  # the row whose logits chose `own`
         hf_compat.crop_cache(state.cache, before + 1 + accepted)
         state.position = before + 1 + accepted
         emitted = _cut([*drafts[:accepted], own], self.eos_ids, remaining)
@@ -191,6 +212,8 @@ class SpecLoop:
     def _draft(self, last: int, state: DecodeState, budget: int
                ) -> tuple[list[int], list[torch.Tensor | None], list[float]]:
         """Up to `budget` draft tokens from the draft stream; keys/values stay in a side buffer."""
+        if self.medusa is not None:
+            return self._draft_medusa(budget, state.generator)
         parts, cache, greedy = self.parts, state.cache, self.cfg.sampling.greedy
         side_k: list[torch.Tensor | None] = [None] * len(self.blocks)
         side_v: list[torch.Tensor | None] = [None] * len(self.blocks)
@@ -215,6 +238,23 @@ class SpecLoop:
             token, q, prob, top1 = self._draft_choice(logits, greedy, state.generator)
             if i and top1 < self.spec.min_confidence:
                 break  # adaptive length: the first draft is always kept
+            drafts.append(token)
+            dists.append(q)
+            probs.append(prob)
+            if token in self.eos_ids:
+                break
+        return drafts, dists, probs
+
+    def _draft_medusa(self, budget: int, gen: torch.Generator
+                      ) -> tuple[list[int], list[torch.Tensor | None], list[float]]:
+        """Up to `budget` drafts at once: each head's guess from the last token's final state."""
+        inputs = self.medusa(self._normed)[:budget]  # (n, H)
+        logits = torch.nn.functional.linear(inputs, self.draft_weight).float()  # (n, V')
+        drafts, dists, probs = [], [], []
+        for i in range(len(logits)):
+            token, q, prob, top1 = self._draft_choice(logits[i], self.cfg.sampling.greedy, gen)
+            if i and top1 < self.spec.min_confidence:
+                break
             drafts.append(token)
             dists.append(q)
             probs.append(prob)

@@ -3,6 +3,7 @@
     python -m m2r2core.train data      # self-distillation corpus (m2r2core/distill.py)
     python -m m2r2core.train adapters  # accelerator adapters (resumable checkpoints)
     python -m m2r2core.train routers   # ARLA and the MLP baseline, on the trained fast stream
+    python -m m2r2core.train medusa    # Medusa-style draft heads (a speculative-decoding peer)
 
 Every command takes --out (default: the packaged `m2r2core/trained/<model>` folder for the
 adapters and routers, the model cache for data and checkpoints), fixed seeds, a progress bar,
@@ -352,12 +353,60 @@ def cmd_routers(args: argparse.Namespace) -> None:
     log.info("saved routers to %s", out)
 
 
+def cmd_medusa(args: argparse.Namespace) -> None:
+    """Train Medusa-style draft heads on the adapters' corpus (the peer of issue 4)."""
+    from m2r2core import medusa
+
+    torch.manual_seed(args.seed)
+    loaded = load(EngineConfig(model=args.model, dtype=args.dtype, threads=args.threads))
+    parts = hf_compat.decoder_parts(loaded.model)
+    for p in loaded.model.parameters():
+        p.requires_grad_(False)
+    data_path = args.data or work_dir(args.model) / "corpus.jsonl"
+    samples = distill.load(data_path)
+    train, held_out = train_split(samples), router_split(samples)
+    if args.limit:
+        train, held_out = train[:args.limit], held_out[:max(1, args.limit // 9)]
+    started = time.time()
+    data = medusa.head_data(loaded.model, train, args.seq_len, progress_bar("model states"))
+    check = medusa.head_data(loaded.model, held_out, args.seq_len)
+    states_s = time.time() - started
+    run_dir = work_dir(args.model) / "medusa"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    metrics_log = run_dir / "metrics.jsonl"
+    metrics_log.write_text("")
+
+    def log_line(metrics: dict) -> None:
+        with metrics_log.open("a") as handle:
+            handle.write(json.dumps(metrics) + "\n")
+
+    heads = medusa.train_heads(parts, data, args.heads, args.epochs, args.batch_size, args.lr,
+                               args.seed, progress_bar("training heads"), log_line)
+    accuracy = medusa.head_accuracy(parts, heads, check)
+    wall = time.time() - started
+    card = medusa.HeadsCard(
+        model_name=args.model, model_fingerprint=fingerprint(loaded.model),
+        hidden_size=parts.config.hidden_size, n_heads=args.heads,
+        training={"data": str(data_path.name), "samples": len(train),
+                  "positions": len(data[0]), "epochs": args.epochs,
+                  "batch_positions": args.batch_size, "lr": args.lr, "seq_len": args.seq_len,
+                  "seed": args.seed, "dtype": args.dtype, "threads": torch.get_num_threads(),
+                  "model_states_s": round(states_s, 1), "wall_s": round(wall, 1),
+                  "target": "the model's own greedy token k positions ahead",
+                  "lm_head": "the model's own, frozen and shared by every head"},
+        metrics={"held_out_samples": len(held_out), "held_out_positions": len(check[0]),
+                 "held_out_top1_by_head": [round(a, 4) for a in accuracy]},
+    )
+    medusa.save_heads(heads, args.out or default_out(args.model), card)
+    log.info("held-out top-1 by head: %s (%.0f s)", [round(a, 3) for a in accuracy], wall)
+
+
 def parser() -> argparse.ArgumentParser:
     """The CLI's arguments."""
     p = argparse.ArgumentParser(prog="python -m m2r2core.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    for name in ("data", "adapters", "routers"):
+    for name in ("data", "adapters", "routers", "medusa"):
         s = sub.add_parser(name)
         s.add_argument("--model", default="smollm2-135m-instruct")
         s.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
@@ -377,6 +426,13 @@ def parser() -> argparse.ArgumentParser:
                            help="sub-vocabulary of the exit-check head (0: full head)")
             s.add_argument("--per-sample", type=int, default=48)
             s.add_argument("--epochs", type=int, default=30)
+        if name == "medusa":
+            s.add_argument("--heads", type=int, default=4, help="K, drafts per verification")
+            s.add_argument("--epochs", type=int, default=4)
+            s.add_argument("--batch-size", type=int, default=512, help="positions per step")
+            s.add_argument("--lr", type=float, default=1e-3)
+            s.add_argument("--limit", type=int, default=0,
+                           help="use only this many training samples (0: all; for smoke runs)")
         if name == "adapters":
             s.add_argument("--rate", type=float, default=2.0)
             s.add_argument("--rank", type=int, default=16)
@@ -403,7 +459,8 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parser().parse_args(argv)
-    commands = {"data": cmd_data, "adapters": cmd_adapters, "routers": cmd_routers}
+    commands = {"data": cmd_data, "adapters": cmd_adapters, "routers": cmd_routers,
+                "medusa": cmd_medusa}
     try:
         commands[args.command](args)
     except M2R2Error as err:

@@ -84,8 +84,8 @@ def real_engine_fp32(real_model_dir) -> Engine:
 
 @pytest.fixture(scope="session")
 def tiny_trained_dir(tmp_path_factory, tiny_model_dir) -> Path:
-    """Adapters and routers briefly trained for the tiny Llama (a folder of trained folders, as
-    $M2R2_TRAINED_DIR expects)."""
+    """Adapters, routers and Medusa heads briefly trained for the tiny Llama (a folder of
+    trained folders, as $M2R2_TRAINED_DIR expects)."""
     from m2r2core import distill, train
 
     root = tmp_path_factory.mktemp("trained")
@@ -103,6 +103,7 @@ def tiny_trained_dir(tmp_path_factory, tiny_model_dir) -> Path:
                     "--kl-positions", "8", "--margin", "0"])
         train.main(["routers", *common, "--check-vocab", "256", "--per-sample", "8",
                     "--epochs", "1"])
+        train.main(["medusa", *common, "--heads", "3", "--epochs", "2", "--batch-size", "64"])
     finally:
         if old is None:
             os.environ.pop("M2R2_CACHE")

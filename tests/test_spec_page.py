@@ -53,6 +53,21 @@ def test_greedy_generation_is_lossless_and_charted(app):
         assert any(name in k for k in keys), keys
 
 
+def test_medusa_generation_is_lossless(app):
+    at = generate(app, k=3, stream="medusa")
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    session = at.session_state[RESULT_KEY]
+    assert session.spec.stream == "medusa"
+    assert session.spec_tokens == session.plain_tokens
+    assert any("Medusa heads" in c.value for c in at.caption)
+
+
+def test_medusa_k_is_bounded_by_its_heads(app):
+    at = generate(app, k=4, stream="medusa")
+    assert not at.exception
+    assert any("one draft per Medusa head" in e.value for e in at.error), [e.value for e in at.error]
+
+
 def test_sampling_generation(app):
     at = generate(app, sampling=True, temperature=0.8)
     assert not at.exception and not at.error, [e.value for e in at.error]
@@ -80,5 +95,6 @@ def test_compare_all_methods(app):
     at = at.run()
     assert not at.exception and not at.error, [e.value for e in at.error]
     overall = at.session_state[COMPARE_KEY]["summary"]["overall"]
-    assert {"hf_generate", "engine", "prompt_lookup", "spec_slow", "spec_fast"} <= set(overall)
+    assert {"hf_generate", "engine", "prompt_lookup", "spec_slow", "spec_fast",
+            "medusa"} <= set(overall)
     assert all(s["identical"] == 1 for s in overall.values() if s)  # fp32, greedy

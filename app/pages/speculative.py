@@ -25,7 +25,9 @@ INTRO = """
 **Self-speculative decoding** makes the model check several tokens in one pass. A cheap **draft
 stream** (the first few blocks; on M2R2's **fast stream** with its accelerator adapters, or on
 the plain slow stream) guesses a chain of tokens; the **unmodified model** then runs all of them
-at once and keeps the longest prefix it agrees with, plus one token of its own. The output is
+at once and keeps the longest prefix it agrees with, plus one token of its own. The peer
+**Medusa** drafts without any draft stream: small heads on the model's own final state guess the
+next few tokens at once. The output is
 exactly the model's own: greedy gives the same tokens as plain decoding, and sampling uses
 speculative rejection sampling so the distribution is unchanged. It pays only when drafts are
 cheap *and* usually right.
@@ -40,7 +42,9 @@ top-1 probability is below the confidence bound. Draft keys/values live in a sid
 never enter the model's cache; verification runs transformers' own blocks. Timings are engine
 time (drafting + verification), measured in this session against plain decoding of the same
 prompt. In bfloat16 a multi-token verification can round differently from one-token steps, so a
-near-tie may flip; in float32 the output is identical (tests prove it).
+near-tie may flip; in float32 the output is identical (tests prove it). The **Medusa** heads
+(`python -m m2r2core.train medusa`, same corpus as the adapters) share the model's frozen LM head
+and draft a chain of each head's top-1 (no tree); the draft layer does not apply to them.
 """
 
 
@@ -89,17 +93,24 @@ def render() -> None:
 
 def _spec_controls(engine) -> tuple[SpecConfig | None, bool]:
     """Stream, draft layer, K, adaptive bound, draft head and sampling; None if invalid."""
-    streams = ["fast", "slow"] if engine.accel is not None else ["slow"]
+    streams = (["fast"] if engine.accel is not None else []) + ["slow"] + (
+        ["medusa"] if engine.medusa is not None else [])
     cols = st.columns(6)
     stream = cols[0].selectbox("Draft stream", streams, key="spec_stream",
                                help="fast = M2R2's accelerated stream; slow = plain early-exit "
-                                    "drafting (LayerSkip-style, no adapters).")
+                                    "drafting (LayerSkip-style, no adapters); medusa = the "
+                                    "Medusa-style heads peer (no draft stream).")
     fast_depth = engine.accel.max_depth if engine.accel is not None else None
+    medusa_heads = engine.medusa.n_heads if engine.medusa is not None else None
     deepest = fast_depth if stream == "fast" else engine.parts.n_layers - 1
     layer = cols[1].number_input("Draft layer", value=min(8, deepest), step=1, key="spec_layer",
-                                 help=f"Depth the draft exits at (1–{deepest} on this stream).")
+                                 disabled=stream == "medusa",
+                                 help=f"Depth the draft exits at (1–{deepest} on this stream; "
+                                      "not used by Medusa).")
+    longest = medusa_heads if stream == "medusa" else MAX_DRAFT_LIMIT
     k = cols[2].number_input("Max drafts K", value=4, step=1, key="spec_k",
-                             help=f"Longest draft chain per verification (1–{MAX_DRAFT_LIMIT}).")
+                             help=f"Longest draft chain per verification (1–{longest}"
+                                  + (", one per Medusa head)." if stream == "medusa" else ")."))
     bound = cols[3].number_input("Adaptive bound", value=0.0, step=0.1, key="spec_conf",
                                  help="Stop the chain once a draft's top-1 probability is below "
                                       "this (0 = always draft K).")
@@ -113,7 +124,7 @@ def _spec_controls(engine) -> tuple[SpecConfig | None, bool]:
     spec = SpecConfig(draft_layer=int(layer), stream=stream, max_draft=int(k),
                       min_confidence=float(bound), draft_vocab=vocab)
     try:
-        spec.validate(engine.parts.n_layers, fast_depth)
+        spec.validate(engine.parts.n_layers, fast_depth, medusa_heads)
     except M2R2Error as exc:
         st.error(str(exc))
         return None, sampling
@@ -181,7 +192,9 @@ def _show(engine, s: SpecSession) -> None:
                    help="Greedy must match (up to bf16 near-ties); sampling draws differ by "
                         "design, only their distribution is the same.")
     spec = s.spec
-    st.caption(f"Drafted on the {spec.stream} stream at layer {spec.draft_layer}, K = "
+    source = ("by the Medusa heads" if spec.stream == "medusa"
+              else f"on the {spec.stream} stream at layer {spec.draft_layer}")
+    st.caption(f"Drafted {source}, K = "
                f"{spec.max_draft}, adaptive bound {spec.min_confidence:g}, {spec.draft_vocab} "
                f"draft head, {'sampling' if s.sampling else 'greedy'}. Drafting took "
                f"{stats['draft_ms'] / max(1e-9, stats['draft_ms'] + stats['verify_ms']):.0%} "
@@ -257,12 +270,12 @@ def _run_comparison(engine, prompts: str, count: int, tokens: int) -> None:
     if key in cache:
         st.session_state[COMPARE_KEY] = cache[key]
         return
+    methods = [m for m in spec_bench.METHODS if (m != "spec_fast" or engine.accel is not None)
+               and (m != "medusa" or engine.medusa is not None)]
     args = spec_bench.parse_args(["--prompts", prompts, "--limit", str(count),
                                   "--max-new-tokens", str(tokens), "--repeats", "1",
-                                  "--draft-vocab", "sub" if engine.routers.card else "full"]
-                                 + ([] if engine.accel else ["--methods", "hf_generate",
-                                                              "engine", "prompt_lookup",
-                                                              "hf_early_exit", "spec_slow"]))
+                                  "--draft-vocab", "sub" if engine.routers.card else "full",
+                                  "--methods", *methods])
     if engine.accel is not None:
         args.draft_layer = min(args.draft_layer, engine.accel.max_depth)
     args.slow_draft_layer = min(args.slow_draft_layer, engine.parts.n_layers - 1)

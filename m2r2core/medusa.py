@@ -1,0 +1,210 @@
+"""Medusa-style draft heads: a peer of M2R2 drafting that needs no second stream.
+
+Head k (k = 1..K) reads the model's final normalised state at the position that produced the
+next token x_{t+1} and guesses x_{t+1+k}: a residual block h + SiLU(W_k h + b_k) followed by the
+model's own (frozen, shared) LM head. As in Medusa-1 the base model is untouched; unlike Medusa-1
+the heads share the LM head instead of each training a copy of it (49,152 x 576 here), so all K
+heads together are K * (H*H + H) parameters. The speculative decoder (`stream="medusa"` in
+m2r2core/speculative.py) verifies their chain with the unmodified model, so output stays the
+model's own.
+
+Training (`python -m m2r2core.train medusa`) uses the same self-distillation corpus as the
+accelerator adapters: head k at position t learns the model's own greedy token at t + k (which,
+on the distilled answers, is the text itself).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from m2r2core.accel import AdapterError
+from m2r2core.hf_compat import DecoderParts
+
+HEADS_FILE = "medusa.safetensors"
+HEADS_CARD = "medusa.json"
+
+
+class MedusaHeads(nn.Module):
+    """K residual blocks on the final normalised state; the LM head is the model's own."""
+
+    def __init__(self, hidden_size: int, n_heads: int) -> None:
+        """Fresh heads whose blocks start as the identity (zero weights, as in Medusa)."""
+        super().__init__()
+        self.proj = nn.ModuleList(nn.Linear(hidden_size, hidden_size) for _ in range(n_heads))
+        for linear in self.proj:
+            nn.init.zeros_(linear.weight)
+            nn.init.zeros_(linear.bias)
+
+    @property
+    def n_heads(self) -> int:
+        """K, the longest chain the heads can draft."""
+        return len(self.proj)
+
+    def forward(self, normed: torch.Tensor) -> torch.Tensor:
+        """(..., H) final normalised states -> (..., K, H) inputs of the LM head."""
+        return torch.stack([normed + F.silu(linear(normed)) for linear in self.proj], dim=-2)
+
+
+@dataclass
+class HeadsCard:
+    """What the JSON card beside the heads says."""
+
+    model_name: str
+    model_fingerprint: str
+    hidden_size: int
+    n_heads: int
+    training: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+
+
+def save_heads(heads: MedusaHeads, folder: Path, card: HeadsCard) -> None:
+    """Write medusa.safetensors and medusa.json atomically (temp files, then rename)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in heads.state_dict().items()}
+    tmp_weights, tmp_card = folder / (HEADS_FILE + ".tmp"), folder / (HEADS_CARD + ".tmp")
+    save_file(tensors, str(tmp_weights))
+    tmp_card.write_text(json.dumps(asdict(card), indent=2) + "\n")
+    tmp_weights.replace(folder / HEADS_FILE)
+    tmp_card.replace(folder / HEADS_CARD)
+
+
+def load_heads(folder: Path, hidden_size: int, model_name: str, model_fingerprint: str
+               ) -> tuple[MedusaHeads, HeadsCard] | None:
+    """The heads trained for this model in `folder`; None where the folder has none.
+
+    Raises:
+        AdapterError: heads of another model, or a corrupt card or weights file.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    card_path = folder / HEADS_CARD
+    if not card_path.is_file():
+        return None
+    try:
+        card = HeadsCard(**json.loads(card_path.read_text()))
+    except (json.JSONDecodeError, TypeError) as err:
+        raise AdapterError(f"The Medusa head card {card_path} is corrupt ({err}).") from err
+    if card.model_fingerprint != model_fingerprint or card.hidden_size != hidden_size:
+        raise AdapterError(
+            f"The Medusa heads in {folder} were trained for '{card.model_name}' (fingerprint "
+            f"{card.model_fingerprint}); the loaded model is '{model_name}' (fingerprint "
+            f"{model_fingerprint}). Load that model or train heads for this one.")
+    try:
+        heads = MedusaHeads(hidden_size, card.n_heads)
+        heads.load_state_dict({k: v.float() for k, v in load_file(str(folder / HEADS_FILE))
+                               .items()})
+    except (SafetensorError, FileNotFoundError, OSError, RuntimeError) as err:
+        raise AdapterError(f"The Medusa head weights in {folder} could not be loaded ({err}); "
+                           "retrain or restore them.") from err
+    return heads.requires_grad_(False).eval(), card
+
+
+@torch.no_grad()
+def head_data(model, samples: list, seq_len: int,
+              progress: Callable[[int, int], None] | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run the frozen model over the samples once.
+
+    Returns:
+        (P, H) final normalised states, (P,) the model's greedy next token at each position, and
+        (P,) each position's index inside its sample's row (P = all positions of all samples,
+        concatenated in order; a row boundary is where the index restarts at 0).
+    """
+    states, greedy, index = [], [], []
+    for i, sample in enumerate(samples):
+        ids = torch.tensor([sample.ids[:seq_len]])
+        normed = model.model(input_ids=ids).last_hidden_state[0]  # (T, H), after the final norm
+        states.append(normed)
+        greedy.append(model.lm_head(normed).argmax(-1))
+        index.append(torch.arange(ids.shape[1]))
+        if progress:
+            progress(i + 1, len(samples))
+    return torch.cat(states), torch.cat(greedy), torch.cat(index)
+
+
+def head_pairs(greedy: torch.Tensor, index: torch.Tensor, k: int) -> tuple[torch.Tensor,
+                                                                              torch.Tensor]:
+    """(positions t, labels) for head k: the model's greedy token at t + k of the same row."""
+    total = len(greedy)
+    t = torch.arange(total - k)
+    same_row = index[t + k] == index[t] + k
+    t = t[same_row]
+    return t, greedy[t + k]
+
+
+def train_heads(parts: DecoderParts, data: tuple, n_heads: int, epochs: int, batch: int,
+                lr: float, seed: int, progress: Callable[[int, int], None] | None = None,
+                log: Callable[[dict], None] | None = None) -> MedusaHeads:
+    """Fit K heads by cross-entropy through the frozen LM head (the model's dtype), AdamW."""
+    states, greedy, index = data
+    torch.manual_seed(seed)
+    heads = MedusaHeads(states.shape[1], n_heads)
+    optim = torch.optim.AdamW(heads.parameters(), lr=lr, weight_decay=0.0)
+    weight = parts.lm_head.weight.detach()
+    pairs = [head_pairs(greedy, index, k) for k in range(1, n_heads + 1)]
+    steps_per_epoch = max(1, min(len(t) for t, _ in pairs) // batch)
+    total, step, gen = epochs * steps_per_epoch, 0, torch.Generator().manual_seed(seed)
+    started = time.time()
+    for _ in range(epochs):
+        orders = [torch.randperm(len(t), generator=gen) for t, _ in pairs]
+        for s in range(steps_per_epoch):
+            lr_now = lr * 0.5 * (1 + math.cos(math.pi * step / total))
+            for group in optim.param_groups:
+                group["lr"] = lr_now
+            losses, metrics = [], {}
+            for k, ((t, labels), order) in enumerate(zip(pairs, orders, strict=True)):
+                pick = order[s * batch:(s + 1) * batch]
+                x = states[t[pick]].float()
+                out = x + F.silu(heads.proj[k](x))
+                logits = F.linear(out.to(weight.dtype), weight).float()
+                loss = F.cross_entropy(logits, labels[pick])
+                losses.append(loss)
+                metrics[f"loss@{k + 1}"] = float(loss.detach())
+                metrics[f"top1@{k + 1}"] = float((logits.argmax(-1) == labels[pick]).float()
+                                                 .mean())
+            optim.zero_grad(set_to_none=True)
+            torch.stack(losses).sum().backward()
+            optim.step()
+            step += 1
+            if log:
+                log(metrics | {"step": step, "lr": lr_now, "elapsed_s": time.time() - started})
+            if progress:
+                progress(step, total)
+    return heads.requires_grad_(False).eval()
+
+
+@torch.no_grad()
+def head_accuracy(parts: DecoderParts, heads: MedusaHeads, data: tuple, chunk: int = 1024
+                  ) -> list[float]:
+    """Top-1 agreement of each head with the model's own greedy token k ahead (held-out data).
+
+    Head 1's figure is the first draft's acceptance rate under greedy verification when the
+    context is the model's own text; head k's is the k-th draft's, ignoring that it is only
+    reached when the drafts before it were accepted.
+    """
+    states, greedy, index = data
+    weight = parts.lm_head.weight
+    out = []
+    for k in range(1, heads.n_heads + 1):
+        t, labels = head_pairs(greedy, index, k)
+        hits = 0
+        for start in range(0, len(t), chunk):
+            x = states[t[start:start + chunk]].float()
+            y = x + F.silu(heads.proj[k - 1](x))
+            hits += int((F.linear(y.to(weight.dtype), weight).argmax(-1)
+                         == labels[start:start + chunk]).sum())
+        out.append(hits / max(1, len(t)))
+    return out
