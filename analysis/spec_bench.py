@@ -9,6 +9,8 @@ Methods (`--methods`, any subset):
 - `hf_early_exit`: transformers `assistant_early_exit` (LayerSkip-style self-drafting);
 - `spec_slow`: the engine's self-speculative decoder drafting from the slow stream (no adapters);
 - `spec_fast`: the same decoder drafting from the M2R2 accelerated stream;
+- `spec_fast_router`: the same, with an exit rule (`--draft-rule`, ARLA by default) picking each
+  draft's depth per token between `--min-draft-layer` and `--draft-layer`;
 - `medusa`: the same decoder drafting with Medusa-style heads on the model's final state (trained
   on the same corpus: `python -m m2r2core.train medusa`), a chain of each head's top-1.
 
@@ -39,11 +41,11 @@ from analysis.prompts import select_prompts
 from analysis.speculation import acceptance
 from m2r2core.config import DecodeConfig, EngineConfig
 from m2r2core.engine import Engine, environment
-from m2r2core.speculative import MAX_DRAFT_LIMIT, SpecConfig, SpecRound
+from m2r2core.speculative import DRAFT_RULES, MAX_DRAFT_LIMIT, SpecConfig, SpecRound
 
 METHODS = ("hf_generate", "engine", "prompt_lookup", "hf_early_exit", "spec_slow", "spec_fast",
-           "medusa")
-SPEC_METHODS = ("spec_slow", "spec_fast", "medusa")
+           "spec_fast_router", "medusa")
+SPEC_METHODS = ("spec_slow", "spec_fast", "spec_fast_router", "medusa")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -57,6 +59,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--min-confidence", type=float, default=0.0,
                    help="adaptive draft length: stop below this top-1 probability (0: off)")
     p.add_argument("--draft-vocab", default="sub", choices=("full", "sub"))
+    p.add_argument("--draft-rule", default="arla", choices=DRAFT_RULES[1:],
+                   help="spec_fast_router's rule choosing each draft's depth")
+    p.add_argument("--draft-threshold", type=float, default=0.5,
+                   help="spec_fast_router: exit once the rule's score reaches this")
+    p.add_argument("--min-draft-layer", type=int, default=4,
+                   help="spec_fast_router: the shallowest depth a draft may exit at")
     p.add_argument("--medusa-draft", type=int, default=0,
                    help="medusa's K (0: --max-draft, capped at the number of heads)")
     p.add_argument("--early-exit-layer", type=int, default=8, help="hf_early_exit's layer")
@@ -65,6 +73,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not 1 <= args.max_draft <= MAX_DRAFT_LIMIT:
         p.error(f"--max-draft must be 1..{MAX_DRAFT_LIMIT}")
+    if not 1 <= args.min_draft_layer <= args.draft_layer:
+        p.error("--min-draft-layer must be 1..--draft-layer")
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
     return args
@@ -77,7 +87,12 @@ def spec_config(args: argparse.Namespace, method: str, medusa_heads: int | None 
         k = args.medusa_draft or min(args.max_draft, medusa_heads or args.max_draft)
         return SpecConfig(stream="medusa", max_draft=k, min_confidence=args.min_confidence,
                           draft_vocab=args.draft_vocab)
-    fast = method == "spec_fast"
+    fast = method in ("spec_fast", "spec_fast_router")
+    if method == "spec_fast_router":
+        return SpecConfig(draft_layer=args.draft_layer, stream="fast", max_draft=args.max_draft,
+                          min_confidence=args.min_confidence, draft_vocab=args.draft_vocab,
+                          draft_rule=args.draft_rule, draft_threshold=args.draft_threshold,
+                          min_draft_layer=args.min_draft_layer)
     return SpecConfig(draft_layer=args.draft_layer if fast else args.slow_draft_layer,
                       stream="fast" if fast else "slow", max_draft=args.max_draft,
                       min_confidence=args.min_confidence, draft_vocab=args.draft_vocab)
@@ -212,6 +227,9 @@ def summarise(rows: list[dict], methods: tuple[str, ...], max_draft: int) -> dic
                           for i in range(max_draft)]
                 entry["acceptance_by_position"] = [p / r if r else None
                                                    for p, r in zip(passed, reached, strict=True)]
+                depths = [d for a in accs for d in a.get("draft_depths", [])]
+                if depths:
+                    entry["mean_draft_depth"] = sum(depths) / len(depths)
                 entry["draft_share_of_time"] = (
                     sum(a["draft_ms"] for a in accs)
                     / max(1e-9, sum(a["draft_ms"] + a["verify_ms"] for a in accs)))

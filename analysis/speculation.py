@@ -30,6 +30,7 @@ def acceptance(rounds: list[SpecRound], max_draft: int) -> dict:
         "accepted_by_position": passed,
         "acceptance_by_position": [p / n if n else None for p, n in zip(passed, reached,
                                                                           strict=True)],
+        "draft_depths": [d for r in verified for d in r.draft_depths],
         "draft_ms": sum(r.draft_ms for r in verified),
         "verify_ms": sum(r.verify_ms for r in verified),
     }
@@ -60,7 +61,8 @@ def round_rows(rounds: list[SpecRound]) -> list[dict]:
     """One flat row per round, for tables and CSV downloads."""
     return [{
         "round": r.index, "position": r.position, "drafts": "|".join(r.draft_texts),
-        "drafted": len(r.drafts), "accepted": r.accepted, "emitted": "|".join(r.emitted_texts),
+        "drafted": len(r.drafts), "draft_depths": "|".join(map(str, r.draft_depths)),
+        "accepted": r.accepted, "emitted": "|".join(r.emitted_texts),
         "own_token": ("correction" if r.correction else "bonus") if r.index else "prefill",
         "draft_ms": round(r.draft_ms, 3), "verify_ms": round(r.verify_ms, 3),
     } for r in rounds]

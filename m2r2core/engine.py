@@ -122,7 +122,7 @@ class Engine:
         ids = self._encode_clean(clean, cfg)
         sub_vocab = self.routers.check.token_ids if self.routers.card is not None else None
         loop = SpecLoop(self.parts, self.accel, sub_vocab, ids, cfg, spec, self.eos_ids,
-                        self.token_text, self._lock, self.device, self.medusa)
+                        self.token_text, self._lock, self.device, self.medusa, self.routers)
         return Speculation(self, clean, ids, cfg, spec, loop)
 
     def load_trained(self, folder: str | Path) -> None:

@@ -34,17 +34,19 @@ from dataclasses import dataclass
 import torch
 
 from m2r2core import hf_compat
-from m2r2core.accel import Accelerator, block_rows
+from m2r2core.accel import Accelerator, block_rows, keys_values
 from m2r2core.config import DecodeConfig
 from m2r2core.decode import DecodeState, forward
 from m2r2core.errors import UnsupportedModel, require
 from m2r2core.hf_compat import DecoderParts
 from m2r2core.medusa import MedusaHeads
+from m2r2core.routers import RULES, ExitRule, RouterBundle, TokenScorer
 from m2r2core.sampling import filtered_probs, make_generator, sample_next
 
 STREAMS = ("fast", "slow", "medusa")
 DRAFT_VOCABS = ("full", "sub")
 MAX_DRAFT_LIMIT = 16
+DRAFT_RULES = ("fixed", *RULES)
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,12 @@ class SpecConfig:
     draft_vocab: str = "full"
     """'full' LM head, or 'sub': the routers' frequency-ranked sub-vocabulary (cheaper; a token
     outside it can never be drafted, but verification stays exact)."""
+    draft_rule: str = "fixed"
+    """'fixed': every draft exits at draft_layer. An exit rule ('arla', 'mlp', 'confidence',
+    ...): the rule, on the draft stream, picks each draft's depth per token, the first depth from
+    min_draft_layer where its score reaches draft_threshold (draft_layer is then the deepest)."""
+    draft_threshold: float = 0.9
+    min_draft_layer: int = 2
 
     def validate(self, n_layers: int, fast_depth: int | None, medusa_heads: int | None = None
                  ) -> None:
@@ -93,6 +101,16 @@ class SpecConfig:
                 "0 (off) to below 1")
         require(self.draft_vocab in DRAFT_VOCABS, "draft_vocab", self.draft_vocab,
                 f"one of {DRAFT_VOCABS}")
+        require(self.draft_rule in DRAFT_RULES, "draft_rule", self.draft_rule,
+                f"one of {DRAFT_RULES}")
+        if self.draft_rule != "fixed":
+            require(self.stream != "medusa", "draft_rule", self.draft_rule,
+                    "'fixed' for Medusa heads (they have no depth to choose)")
+            require(0.0 <= self.draft_threshold <= 1.0, "draft_threshold",
+                    self.draft_threshold, "0 to 1")
+            require(isinstance(self.min_draft_layer, int)
+                    and 1 <= self.min_draft_layer <= self.draft_layer, "min_draft_layer",
+                    self.min_draft_layer, f"1..draft_layer ({self.draft_layer})")
 
 
 @dataclass(frozen=True)
@@ -115,6 +133,8 @@ class SpecRound:
     """The model's own token replaced a refused draft (False: a bonus after all passed)."""
     draft_ms: float
     verify_ms: float
+    draft_depths: tuple[int, ...] = ()
+    """The depth each draft exited at (all draft_layer unless a rule picks; empty for Medusa)."""
 
 
 class SpecLoop:
@@ -126,7 +146,8 @@ class SpecLoop:
     def __init__(self, parts: DecoderParts, accel: Accelerator | None,
                  sub_vocab: torch.Tensor | None, prompt_ids: list[int], cfg: DecodeConfig,
                  spec: SpecConfig, eos_ids: frozenset[int], token_text, lock,
-                 device: torch.device, medusa: MedusaHeads | None = None) -> None:
+                 device: torch.device, medusa: MedusaHeads | None = None,
+                 routers: RouterBundle | None = None) -> None:
         """Prepare a run; nothing is computed until iteration."""
         if any(t != "full_attention" for t in parts.layer_types):
             raise UnsupportedModel(
@@ -149,6 +170,15 @@ class SpecLoop:
                          and self.accel.block(i) is not None else None
                          for i in range(depth)]
         weight = parts.lm_head.weight
+        self.rule = None
+        if spec.draft_rule != "fixed":
+            require(routers is not None, "draft_rule", spec.draft_rule,
+                    "'fixed' here: no exit routers are loaded")
+            self.rule = ExitRule(spec.draft_rule, "fast" if spec.stream == "fast" else "slow",
+                                 spec.draft_threshold, spec.min_draft_layer)
+            TokenScorer(routers, self.rule, spec.draft_layer, parts)  # AdapterError if untrained
+        self.routers = routers
+        self._depths: list[int] = []  # this round's draft depths
         self.sub_vocab = sub_vocab.to(device) if spec.draft_vocab == "sub" else None
         self.draft_weight = weight if self.sub_vocab is None else weight[self.sub_vocab].clone()
         self.stop_reason = "stopped"
@@ -189,6 +219,7 @@ class SpecLoop:
         start = time.perf_counter()
         last = self.tokens[-1]
         # Never draft past the budget: the verification adds one token of its own.
+        self._depths: list[int] = []
         drafts, q_dists, draft_probs = self._draft(last, state, min(self.spec.max_draft,
                                                                      remaining - 1))
         drafted = time.perf_counter()
@@ -207,7 +238,8 @@ class SpecLoop:
             draft_probs=tuple(draft_probs), accepted=accepted, emitted=tuple(emitted),
             emitted_texts=tuple(self.token_text(t) for t in emitted),
             correction=accepted < len(drafts),
-            draft_ms=(drafted - start) * 1000.0, verify_ms=(verified - drafted) * 1000.0)
+            draft_ms=(drafted - start) * 1000.0, verify_ms=(verified - drafted) * 1000.0,
+            draft_depths=tuple(self._depths[:len(drafts)]))
 
     def _draft(self, last: int, state: DecodeState, budget: int
                ) -> tuple[list[int], list[torch.Tensor | None], list[float]]:
@@ -218,12 +250,20 @@ class SpecLoop:
         side_k: list[torch.Tensor | None] = [None] * len(self.blocks)
         side_v: list[torch.Tensor | None] = [None] * len(self.blocks)
         drafts, dists, probs = [], [], []
+        exits: list[torch.Tensor] = []  # each draft row's exit state, for copy-up keys/values
         token = last
         for i in range(budget):
             hidden = parts.embed_tokens(torch.tensor([[token]], device=self.device))
             position = torch.tensor([[state.position + i]], device=self.device)
             cos, sin = parts.rotary_emb(hidden, position)
+            scorer = (TokenScorer(self.routers, self.rule, len(self.blocks), parts)
+                      if self.rule is not None else None)
+            depth = len(self.blocks)
             for layer, bp in enumerate(self.blocks):
+                have = 0 if side_k[layer] is None else side_k[layer].shape[2]
+                if have < i:  # earlier drafts exited below this block: copy their exit states up
+                    self._copy_up(bp, layer, exits[have:], state.position + have, side_k,
+                                  side_v)
                 past_k, past_v = hf_compat.cached_keys_values(cache, layer)
                 if side_k[layer] is not None:
                     past_k = torch.cat([past_k, side_k[layer]], dim=2)
@@ -233,6 +273,14 @@ class SpecLoop:
                                           int(adapters is not None), exact=False)
                 side_k[layer] = k if side_k[layer] is None else torch.cat([side_k[layer], k], 2)
                 side_v[layer] = v if side_v[layer] is None else torch.cat([side_v[layer], v], 2)
+                if scorer is not None and layer + 1 < len(self.blocks):
+                    decide = layer + 1 >= self.rule.min_layer
+                    score = scorer.step(hidden[0, -1], layer + 1, decide)
+                    if decide and score >= self.rule.threshold:
+                        depth = layer + 1
+                        break
+            exits.append(hidden)
+            self._depths.append(depth)
             logits = torch.nn.functional.linear(parts.norm(hidden)[0, -1],
                                                 self.draft_weight).float()
             token, q, prob, top1 = self._draft_choice(logits, greedy, state.generator)
@@ -244,6 +292,19 @@ class SpecLoop:
             if token in self.eos_ids:
                 break
         return drafts, dists, probs
+
+    def _copy_up(self, bp, layer: int, states: list[torch.Tensor], first_position: int,
+                 side_k: list, side_v: list) -> None:
+        """Keys/values at `layer` for draft rows that exited below it, made from their exit
+        states (no adapters), so a deeper draft row can attend to every earlier one.
+        """
+        hidden = torch.cat(states, dim=1)  # (1, m, H)
+        positions = torch.arange(first_position, first_position + hidden.shape[1],
+                                 device=self.device)[None]
+        cos, sin = self.parts.rotary_emb(hidden, positions)
+        k, v = keys_values(bp, hidden, cos, sin)
+        side_k[layer] = k if side_k[layer] is None else torch.cat([side_k[layer], k], 2)
+        side_v[layer] = v if side_v[layer] is None else torch.cat([side_v[layer], v], 2)
 
     def _draft_medusa(self, budget: int, gen: torch.Generator
                       ) -> tuple[list[int], list[torch.Tensor | None], list[float]]:

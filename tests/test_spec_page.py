@@ -65,7 +65,25 @@ def test_medusa_generation_is_lossless(app):
 def test_medusa_k_is_bounded_by_its_heads(app):
     at = generate(app, k=4, stream="medusa")
     assert not at.exception
-    assert any("one draft per Medusa head" in e.value for e in at.error), [e.value for e in at.error]
+    errors = [e.value for e in at.error]
+    assert any("one draft per Medusa head" in e for e in errors), errors
+
+
+def test_rule_chosen_draft_depth(app):
+    at = app
+    at.selectbox(key="spec_rule").set_value("arla")
+    at = at.run()  # the threshold and depth inputs are enabled once a rule is chosen
+    at.number_input(key="spec_rule_thr").set_value(0.3)
+    at.number_input(key="spec_rule_min").set_value(1)
+    at = generate(at, layer=2)
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    session = at.session_state[RESULT_KEY]
+    assert session.spec.draft_rule == "arla" and session.spec_tokens == session.plain_tokens
+    assert any("depth chosen by arla" in c.value for c in at.caption)
+    at.number_input(key="spec_rule_thr").set_value(1.5)
+    at = generate(at, layer=2)
+    assert any("draft_threshold" in e.value for e in at.error), [e.value for e in at.error]
+    assert at.session_state[RESULT_KEY] is session
 
 
 def test_sampling_generation(app):

@@ -13,7 +13,7 @@ from m2r2core import hf_compat
 from m2r2core.config import DecodeConfig, EngineConfig, SamplingConfig
 from m2r2core.decode import DecodeState, forward
 from m2r2core.engine import Engine
-from m2r2core.errors import ConfigError, PromptTooLong, UnsupportedModel
+from m2r2core.errors import ConfigError, M2R2Error, PromptTooLong, UnsupportedModel
 from m2r2core.sampling import make_generator
 from m2r2core.speculative import SpecConfig
 
@@ -191,3 +191,55 @@ def test_sampling_matches_plain_sampling(trained_engine):
     print(f"chi-square p: speculative {same:.3g}, drafts only {drafts:.3g}")
     assert same > 0.001
     assert drafts < 0.001  # the test has power: it tells the draft distribution apart
+
+
+@pytest.mark.parametrize("spec", [
+    SpecConfig(draft_layer=2, max_draft=4, draft_rule="confidence", draft_threshold=0.02,
+               min_draft_layer=1),
+    SpecConfig(draft_layer=2, max_draft=4, draft_rule="arla", draft_threshold=0.5,
+               min_draft_layer=1),
+    SpecConfig(stream="slow", draft_layer=3, max_draft=5, draft_rule="static",
+               draft_threshold=0.3, min_draft_layer=1),
+])
+def test_router_chosen_draft_depths_are_lossless(trained_engine, spec):
+    want = hf_greedy(trained_engine, PROMPT, 30)
+    run = trained_engine.speculate(PROMPT, DecodeConfig(max_new_tokens=30, trace=False),
+                                   spec).run()
+    assert tuple(run.tokens) == want
+    for r in run.rounds[1:]:
+        assert len(r.draft_depths) == len(r.drafts)
+        assert all(spec.min_draft_layer <= d <= spec.draft_layer for d in r.draft_depths)
+
+
+def test_static_rule_exits_where_it_says(trained_engine):
+    """The static rule scores depth/D: at threshold 0.3 of 3 slow blocks every draft exits at
+    depth 1; at 1.0 no draft exits early, and drafts equal the fixed-depth ones."""
+    cfg = DecodeConfig(max_new_tokens=20, trace=False)
+
+    def rounds(**kw):
+        spec = SpecConfig(stream="slow", draft_layer=3, max_draft=3, min_draft_layer=1, **kw)
+        return trained_engine.speculate(PROMPT, cfg, spec).run().rounds[1:]
+
+    early = rounds(draft_rule="static", draft_threshold=0.3)
+    assert all(set(r.draft_depths) <= {1} for r in early) and any(r.drafts for r in early)
+    never, fixed = rounds(draft_rule="static", draft_threshold=1.0), rounds()
+    assert [r.drafts for r in never] == [r.drafts for r in fixed]
+    assert all(set(r.draft_depths) <= {3} for r in never)
+
+
+@pytest.mark.parametrize("bad, field", [
+    (SpecConfig(stream="slow", draft_layer=2, draft_rule="bogus"), "draft_rule"),
+    (SpecConfig(stream="slow", draft_layer=2, draft_rule="confidence", draft_threshold=1.5),
+     "draft_threshold"),
+    (SpecConfig(stream="slow", draft_layer=2, draft_rule="confidence", min_draft_layer=3),
+     "min_draft_layer"),
+])
+def test_bad_draft_rules_are_refused(tiny_engine, bad, field):
+    with pytest.raises(ConfigError, match=field):
+        tiny_engine.speculate(PROMPT, DecodeConfig(max_new_tokens=4), bad)
+
+
+def test_a_learned_draft_rule_needs_trained_routers(tiny_engine):
+    with pytest.raises(M2R2Error, match="No trained 'arla' router"):
+        tiny_engine.speculate(PROMPT, DecodeConfig(max_new_tokens=4),
+                              SpecConfig(stream="slow", draft_layer=2, draft_rule="arla"))

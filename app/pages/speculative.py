@@ -15,7 +15,8 @@ from app import resources, spec_charts
 from app.components import controls
 from m2r2core.config import SamplingConfig
 from m2r2core.errors import M2R2Error
-from m2r2core.speculative import DRAFT_VOCABS, MAX_DRAFT_LIMIT, SpecConfig, SpecRound
+from m2r2core.routers import LEARNED
+from m2r2core.speculative import DRAFT_RULES, DRAFT_VOCABS, MAX_DRAFT_LIMIT, SpecConfig, SpecRound
 
 REPORT = "spec_bf16.json"
 RESULT_KEY = "spec_result"
@@ -38,11 +39,13 @@ CHOICES = """
 *draft layer* and reads either the full LM head or a **sub-vocabulary head** (the 2,048 most
 frequent tokens of the training answers: about 30x cheaper; a token outside it simply cannot be
 drafted). The chain stops at *K* drafts or, with **adaptive length**, at the first draft whose
-top-1 probability is below the confidence bound. Draft keys/values live in a side buffer and
-never enter the model's cache; verification runs transformers' own blocks. Timings are engine
-time (drafting + verification), measured in this session against plain decoding of the same
-prompt. In bfloat16 a multi-token verification can round differently from one-token steps, so a
-near-tie may flip; in float32 the output is identical (tests prove it). The **Medusa** heads
+top-1 probability is below the confidence bound. The draft depth is fixed, or picked **per token by
+an exit rule** (ARLA, the MLP, confidence, ...) on the draft stream; a deeper draft reads earlier
+shallower drafts' keys/values made from their exit states (copy-up). Draft keys/values live in a
+side buffer and never enter the model's cache; verification runs transformers' own blocks. Timings
+are engine time (drafting + verification), measured in this session against plain decoding of the
+same prompt. In bfloat16 a multi-token verification can round differently from one-token steps, so
+a near-tie may flip; in float32 the output is identical (tests prove it). The **Medusa** heads
 (`python -m m2r2core.train medusa`, same corpus as the adapters) share the model's frozen LM head
 and draft a chain of each head's top-1 (no tree); the draft layer does not apply to them.
 """
@@ -121,8 +124,25 @@ def _spec_controls(engine) -> tuple[SpecConfig | None, bool]:
     sampling = cols[5].checkbox("Sampling", key="spec_sampling",
                                 help="Speculative rejection sampling at the temperature and "
                                      "top-p above (needs temperature > 0).")
+    cols = st.columns(3)
+    rules = DRAFT_RULES if engine.routers.card is not None else tuple(
+        r for r in DRAFT_RULES if r not in LEARNED)
+    rule = cols[0].selectbox("Draft depth", rules, key="spec_rule",
+                             disabled=stream == "medusa",
+                             help="fixed = every draft exits at the draft layer; a rule (ARLA, "
+                                  "confidence, ...) on the draft stream picks each draft's "
+                                  "depth, up to the draft layer.")
+    threshold = cols[1].number_input("Rule threshold", value=0.5, step=0.05, key="spec_rule_thr",
+                                     disabled=rule == "fixed",
+                                     help="A draft exits once the rule's score reaches this "
+                                          "(0–1).")
+    shallowest = cols[2].number_input("Shallowest draft depth", value=min(4, int(layer)),
+                                      step=1, key="spec_rule_min", disabled=rule == "fixed",
+                                      help="The rule is not asked before this depth.")
     spec = SpecConfig(draft_layer=int(layer), stream=stream, max_draft=int(k),
-                      min_confidence=float(bound), draft_vocab=vocab)
+                      min_confidence=float(bound), draft_vocab=vocab,
+                      draft_rule=rule if stream != "medusa" else "fixed",
+                      draft_threshold=float(threshold), min_draft_layer=int(shallowest))
     try:
         spec.validate(engine.parts.n_layers, fast_depth, medusa_heads)
     except M2R2Error as exc:
@@ -192,8 +212,13 @@ def _show(engine, s: SpecSession) -> None:
                    help="Greedy must match (up to bf16 near-ties); sampling draws differ by "
                         "design, only their distribution is the same.")
     spec = s.spec
+    depths = stats.get("draft_depths") or []
     source = ("by the Medusa heads" if spec.stream == "medusa"
-              else f"on the {spec.stream} stream at layer {spec.draft_layer}")
+              else f"on the {spec.stream} stream at layer {spec.draft_layer}"
+              if spec.draft_rule == "fixed"
+              else f"on the {spec.stream} stream, depth chosen by {spec.draft_rule} "
+                   f"(threshold {spec.draft_threshold:g}, mean depth "
+                   f"{sum(depths) / max(1, len(depths)):.1f})")
     st.caption(f"Drafted {source}, K = "
                f"{spec.max_draft}, adaptive bound {spec.min_confidence:g}, {spec.draft_vocab} "
                f"draft head, {'sampling' if s.sampling else 'greedy'}. Drafting took "
@@ -270,7 +295,9 @@ def _run_comparison(engine, prompts: str, count: int, tokens: int) -> None:
     if key in cache:
         st.session_state[COMPARE_KEY] = cache[key]
         return
-    methods = [m for m in spec_bench.METHODS if (m != "spec_fast" or engine.accel is not None)
+    methods = [m for m in spec_bench.METHODS
+               if (not m.startswith("spec_fast") or engine.accel is not None)
+               and (m != "spec_fast_router" or engine.routers.card is not None)
                and (m != "medusa" or engine.medusa is not None)]
     args = spec_bench.parse_args(["--prompts", prompts, "--limit", str(count),
                                   "--max-new-tokens", str(tokens), "--repeats", "1",
@@ -278,6 +305,7 @@ def _run_comparison(engine, prompts: str, count: int, tokens: int) -> None:
                                   "--methods", *methods])
     if engine.accel is not None:
         args.draft_layer = min(args.draft_layer, engine.accel.max_depth)
+        args.min_draft_layer = min(args.min_draft_layer, args.draft_layer)
     args.slow_draft_layer = min(args.slow_draft_layer, engine.parts.n_layers - 1)
     args.early_exit_layer = min(args.early_exit_layer, engine.parts.n_layers - 1)
     bar = st.progress(0.0, text="Warming up every method…")
