@@ -65,6 +65,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="spec_fast_router: exit once the rule's score reaches this")
     p.add_argument("--min-draft-layer", type=int, default=4,
                    help="spec_fast_router: the shallowest depth a draft may exit at")
+    p.add_argument("--medusa-min-confidence", type=float, default=0.0,
+                   help="medusa's adaptive bound (0: draft every head; its drafts cost ~nothing)")
     p.add_argument("--medusa-draft", type=int, default=0,
                    help="medusa's K (0: --max-draft, capped at the number of heads)")
     p.add_argument("--early-exit-layer", type=int, default=8, help="hf_early_exit's layer")
@@ -85,7 +87,7 @@ def spec_config(args: argparse.Namespace, method: str, medusa_heads: int | None 
     """The speculative decoder's settings for spec_fast, spec_slow or medusa."""
     if method == "medusa":
         k = args.medusa_draft or min(args.max_draft, medusa_heads or args.max_draft)
-        return SpecConfig(stream="medusa", max_draft=k, min_confidence=args.min_confidence,
+        return SpecConfig(stream="medusa", max_draft=k, min_confidence=args.medusa_min_confidence,
                           draft_vocab=args.draft_vocab)
     fast = method in ("spec_fast", "spec_fast_router")
     if method == "spec_fast_router":

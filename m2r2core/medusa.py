@@ -10,7 +10,8 @@ model's own.
 
 Training (`python -m m2r2core.train medusa`) uses the same self-distillation corpus as the
 accelerator adapters: head k at position t learns the model's own greedy token at t + k (which,
-on the distilled answers, is the text itself).
+on the distilled answers, is the text itself). Like Medusa, which trains on assistant tokens
+only, positions come from the answers and the plain text, never from the instruction template.
 """
 
 from __future__ import annotations
@@ -115,33 +116,37 @@ def load_heads(folder: Path, hidden_size: int, model_name: str, model_fingerprin
 @torch.no_grad()
 def head_data(model, samples: list, seq_len: int,
               progress: Callable[[int, int], None] | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run the frozen model over the samples once.
 
     Returns:
-        (P, H) final normalised states, (P,) the model's greedy next token at each position, and
+        (P, H) final normalised states, (P,) the model's greedy next token at each position,
         (P,) each position's index inside its sample's row (P = all positions of all samples,
-        concatenated in order; a row boundary is where the index restarts at 0).
+        concatenated in order; a row boundary is where the index restarts at 0), and (P,)
+        whether the position is in the answer (from the one that chooses its first token) or
+        in plain text.
     """
-    states, greedy, index = [], [], []
+    states, greedy, index, answer = [], [], [], []
     for i, sample in enumerate(samples):
         ids = torch.tensor([sample.ids[:seq_len]])
         normed = model.model(input_ids=ids).last_hidden_state[0]  # (T, H), after the final norm
         states.append(normed)
         greedy.append(model.lm_head(normed).argmax(-1))
         index.append(torch.arange(ids.shape[1]))
+        answer.append(index[-1] >= sample.answer_start - 1)
         if progress:
             progress(i + 1, len(samples))
-    return torch.cat(states), torch.cat(greedy), torch.cat(index)
+    return torch.cat(states), torch.cat(greedy), torch.cat(index), torch.cat(answer)
 
 
-def head_pairs(greedy: torch.Tensor, index: torch.Tensor, k: int) -> tuple[torch.Tensor,
-                                                                              torch.Tensor]:
-    """(positions t, labels) for head k: the model's greedy token at t + k of the same row."""
+def head_pairs(greedy: torch.Tensor, index: torch.Tensor, answer: torch.Tensor, k: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions t, labels) for head k: answer positions t, labelled with the model's greedy
+    token at t + k of the same row.
+    """
     total = len(greedy)
     t = torch.arange(total - k)
-    same_row = index[t + k] == index[t] + k
-    t = t[same_row]
+    t = t[(index[t + k] == index[t] + k) & answer[t]]
     return t, greedy[t + k]
 
 
@@ -149,12 +154,12 @@ def train_heads(parts: DecoderParts, data: tuple, n_heads: int, epochs: int, bat
                 lr: float, seed: int, progress: Callable[[int, int], None] | None = None,
                 log: Callable[[dict], None] | None = None) -> MedusaHeads:
     """Fit K heads by cross-entropy through the frozen LM head (the model's dtype), AdamW."""
-    states, greedy, index = data
+    states, greedy, index, answer = data
     torch.manual_seed(seed)
     heads = MedusaHeads(states.shape[1], n_heads)
     optim = torch.optim.AdamW(heads.parameters(), lr=lr, weight_decay=0.0)
     weight = parts.lm_head.weight.detach()
-    pairs = [head_pairs(greedy, index, k) for k in range(1, n_heads + 1)]
+    pairs = [head_pairs(greedy, index, answer, k) for k in range(1, n_heads + 1)]
     steps_per_epoch = max(1, min(len(t) for t, _ in pairs) // batch)
     total, step, gen = epochs * steps_per_epoch, 0, torch.Generator().manual_seed(seed)
     started = time.time()
@@ -195,11 +200,11 @@ def head_accuracy(parts: DecoderParts, heads: MedusaHeads, data: tuple, chunk: i
     context is the model's own text; head k's is the k-th draft's, ignoring that it is only
     reached when the drafts before it were accepted.
     """
-    states, greedy, index = data
+    states, greedy, index, answer = data
     weight = parts.lm_head.weight
     out = []
     for k in range(1, heads.n_heads + 1):
-        t, labels = head_pairs(greedy, index, k)
+        t, labels = head_pairs(greedy, index, answer, k)
         hits = 0
         for start in range(0, len(t), chunk):
             x = states[t[start:start + chunk]].float()

@@ -388,13 +388,14 @@ def cmd_medusa(args: argparse.Namespace) -> None:
         model_name=args.model, model_fingerprint=fingerprint(loaded.model),
         hidden_size=parts.config.hidden_size, n_heads=args.heads,
         training={"data": str(data_path.name), "samples": len(train),
-                  "positions": len(data[0]), "epochs": args.epochs,
+                  "positions": int(data[3].sum()), "epochs": args.epochs,
                   "batch_positions": args.batch_size, "lr": args.lr, "seq_len": args.seq_len,
                   "seed": args.seed, "dtype": args.dtype, "threads": torch.get_num_threads(),
                   "model_states_s": round(states_s, 1), "wall_s": round(wall, 1),
                   "target": "the model's own greedy token k positions ahead",
+                  "from": "answer and plain-text positions (not the instruction template)",
                   "lm_head": "the model's own, frozen and shared by every head"},
-        metrics={"held_out_samples": len(held_out), "held_out_positions": len(check[0]),
+        metrics={"held_out_samples": len(held_out), "held_out_positions": int(check[3].sum()),
                  "held_out_top1_by_head": [round(a, 4) for a in accuracy]},
     )
     medusa.save_heads(heads, args.out or default_out(args.model), card)

@@ -77,11 +77,15 @@ def test_heads_read_the_state_that_chose_the_last_token(medusa_engine):
         assert list(r.drafts) == guesses[row, :len(r.drafts)].tolist()
 
 
-def test_head_pairs_stay_inside_a_row():
+def test_head_pairs_stay_inside_a_row_and_the_answers():
     greedy = torch.tensor([10, 11, 12, 13, 20, 21, 22])
     index = torch.tensor([0, 1, 2, 3, 0, 1, 2])
-    t, labels = head_pairs(greedy, index, 2)
+    everywhere = torch.ones(7, dtype=torch.bool)
+    t, labels = head_pairs(greedy, index, everywhere, 2)
     assert t.tolist() == [0, 1, 4] and labels.tolist() == [12, 13, 22]
+    answers_only = torch.tensor([False, True, True, True, True, True, True])
+    t, labels = head_pairs(greedy, index, answers_only, 2)
+    assert t.tolist() == [1, 4] and labels.tolist() == [13, 22]
 
 
 @pytest.mark.parametrize("bad, match", [
