@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--draft-vocab", default="sub", choices=("full", "sub"))
     p.add_argument("--draft-rule", default="arla", choices=DRAFT_RULES[1:],
                    help="spec_fast_router's rule choosing each draft's depth")
-    p.add_argument("--draft-threshold", type=float, default=0.5,
+    p.add_argument("--draft-threshold", type=float, default=0.3,
                    help="spec_fast_router: exit once the rule's score reaches this")
     p.add_argument("--min-draft-layer", type=int, default=4,
                    help="spec_fast_router: the shallowest depth a draft may exit at")
