@@ -283,13 +283,8 @@ class SpecLoop:
             self._depths.append(depth)
             logits = torch.nn.functional.linear(parts.norm(hidden)[0, -1],
                                                 self.draft_weight).float()
-            token, q, prob, top1 = self._draft_choice(logits, greedy, state.generator)
-            if i and top1 < self.spec.min_confidence:
-                break  # adaptive length: the first draft is always kept
-            drafts.append(token)
-            dists.append(q)
-            probs.append(prob)
-            if token in self.eos_ids:
+            choice = self._draft_choice(logits, greedy, state.generator)
+            if self._extend(i, choice, drafts, dists, probs):
                 break
         return drafts, dists, probs
 
@@ -313,15 +308,22 @@ class SpecLoop:
         logits = torch.nn.functional.linear(inputs, self.draft_weight).float()  # (n, V')
         drafts, dists, probs = [], [], []
         for i in range(len(logits)):
-            token, q, prob, top1 = self._draft_choice(logits[i], self.cfg.sampling.greedy, gen)
-            if i and top1 < self.spec.min_confidence:
-                break
-            drafts.append(token)
-            dists.append(q)
-            probs.append(prob)
-            if token in self.eos_ids:
+            choice = self._draft_choice(logits[i], self.cfg.sampling.greedy, gen)
+            if self._extend(i, choice, drafts, dists, probs):
                 break
         return drafts, dists, probs
+
+    def _extend(self, i: int, choice: tuple, drafts: list, dists: list, probs: list) -> bool:
+        """Append draft i of a chain unless adaptive length stops it first (the first draft is
+        always kept); True once the chain is done (stopped, or the draft is an EOS).
+        """
+        token, q, prob, top1 = choice
+        if i and top1 < self.spec.min_confidence:
+            return True
+        drafts.append(token)
+        dists.append(q)
+        probs.append(prob)
+        return token in self.eos_ids
 
     def _draft_choice(self, logits: torch.Tensor, greedy: bool, gen: torch.Generator
                       ) -> tuple[int, torch.Tensor | None, float, float]:

@@ -150,6 +150,16 @@ def adapter_loss(parts, accel: Accelerator, ids: torch.Tensor, lengths: torch.Te
     return loss, metrics
 
 
+def frozen_model(args: argparse.Namespace) -> tuple:
+    """Seed, load the model with every weight frozen; (loaded, its parts, the corpus path)."""
+    torch.manual_seed(args.seed)
+    loaded = load(EngineConfig(model=args.model, dtype=args.dtype, threads=args.threads))
+    for p in loaded.model.parameters():
+        p.requires_grad_(False)
+    return (loaded, hf_compat.decoder_parts(loaded.model),
+            args.data or work_dir(args.model) / "corpus.jsonl")
+
+
 def cmd_data(args: argparse.Namespace) -> None:
     """Build the self-distillation corpus."""
     torch.manual_seed(args.seed)
@@ -166,12 +176,7 @@ def cmd_data(args: argparse.Namespace) -> None:
 
 def cmd_adapters(args: argparse.Namespace) -> None:
     """Train the accelerator adapters with resumable checkpoints and a metrics log."""
-    torch.manual_seed(args.seed)
-    loaded = load(EngineConfig(model=args.model, dtype=args.dtype, threads=args.threads))
-    parts = hf_compat.decoder_parts(loaded.model)
-    for p in loaded.model.parameters():
-        p.requires_grad_(False)
-    data_path = args.data or work_dir(args.model) / "corpus.jsonl"
+    loaded, parts, data_path = frozen_model(args)
     samples = train_split(distill.load(data_path))
     config = AccelConfig(rate=args.rate, rank=args.rank, alpha=2.0 * args.rank,
                          margin=args.margin, branch_layer=args.branch_layer, target=args.target)
@@ -357,12 +362,7 @@ def cmd_medusa(args: argparse.Namespace) -> None:
     """Train Medusa-style draft heads on the adapters' corpus (the peer of issue 4)."""
     from m2r2core import medusa
 
-    torch.manual_seed(args.seed)
-    loaded = load(EngineConfig(model=args.model, dtype=args.dtype, threads=args.threads))
-    parts = hf_compat.decoder_parts(loaded.model)
-    for p in loaded.model.parameters():
-        p.requires_grad_(False)
-    data_path = args.data or work_dir(args.model) / "corpus.jsonl"
+    loaded, parts, data_path = frozen_model(args)
     samples = distill.load(data_path)
     train, held_out = train_split(samples), router_split(samples)
     if args.limit:
