@@ -160,7 +160,10 @@ def _chi2_p(a: dict, b: dict) -> float:
     return float(chi2_contingency(table)[1])
 
 
-def test_sampling_matches_plain_sampling(trained_engine):
+@pytest.mark.parametrize("spec", [SpecConfig(draft_layer=1, max_draft=3),
+                                  SpecConfig(stream="medusa", max_draft=3)],
+                         ids=["fast", "medusa"])
+def test_sampling_matches_plain_sampling(trained_engine, spec):
     """Speculative rejection sampling draws (t0, t1, t2) from the same joint distribution as
     plain sampling (two-sample chi-square over 400 seeds each), while drafts alone do not."""
     engine = trained_engine
@@ -169,8 +172,6 @@ def test_sampling_matches_plain_sampling(trained_engine):
     def cfg(seed):
         return DecodeConfig(max_new_tokens=3, trace=False,
                             sampling=SamplingConfig(seed=seed, **sampling))
-
-    spec = SpecConfig(draft_layer=1, max_draft=3)
 
     def plain(seed):
         return engine.run(PROMPT, cfg(seed)).trace.token_ids
