@@ -90,14 +90,11 @@ def spec_config(args: argparse.Namespace, method: str, medusa_heads: int | None 
         return SpecConfig(stream="medusa", max_draft=k, min_confidence=args.medusa_min_confidence,
                           draft_vocab=args.draft_vocab)
     fast = method in ("spec_fast", "spec_fast_router")
-    if method == "spec_fast_router":
-        return SpecConfig(draft_layer=args.draft_layer, stream="fast", max_draft=args.max_draft,
-                          min_confidence=args.min_confidence, draft_vocab=args.draft_vocab,
-                          draft_rule=args.draft_rule, draft_threshold=args.draft_threshold,
-                          min_draft_layer=args.min_draft_layer)
+    rule = ({"draft_rule": args.draft_rule, "draft_threshold": args.draft_threshold,
+             "min_draft_layer": args.min_draft_layer} if method == "spec_fast_router" else {})
     return SpecConfig(draft_layer=args.draft_layer if fast else args.slow_draft_layer,
                       stream="fast" if fast else "slow", max_draft=args.max_draft,
-                      min_confidence=args.min_confidence, draft_vocab=args.draft_vocab)
+                      min_confidence=args.min_confidence, draft_vocab=args.draft_vocab, **rule)
 
 
 def runner(engine: Engine, args: argparse.Namespace, method: str

@@ -50,9 +50,13 @@ class MedusaHeads(nn.Module):
         """K, the longest chain the heads can draft."""
         return len(self.proj)
 
+    def head(self, k: int, normed: torch.Tensor) -> torch.Tensor:
+        """Head k's (0-based) LM-head input for (..., H) final normalised states."""
+        return normed + F.silu(self.proj[k](normed))
+
     def forward(self, normed: torch.Tensor) -> torch.Tensor:
         """(..., H) final normalised states -> (..., K, H) inputs of the LM head."""
-        return torch.stack([normed + F.silu(linear(normed)) for linear in self.proj], dim=-2)
+        return torch.stack([self.head(k, normed) for k in range(self.n_heads)], dim=-2)
 
 
 @dataclass
@@ -173,7 +177,7 @@ def train_heads(parts: DecoderParts, data: tuple, n_heads: int, epochs: int, bat
             for k, ((t, labels), order) in enumerate(zip(pairs, orders, strict=True)):
                 pick = order[s * batch:(s + 1) * batch]
                 x = states[t[pick]].float()
-                out = x + F.silu(heads.proj[k](x))
+                out = heads.head(k, x)
                 logits = F.linear(out.to(weight.dtype), weight).float()
                 loss = F.cross_entropy(logits, labels[pick])
                 losses.append(loss)
@@ -208,7 +212,7 @@ def head_accuracy(parts: DecoderParts, heads: MedusaHeads, data: tuple, chunk: i
         hits = 0
         for start in range(0, len(t), chunk):
             x = states[t[start:start + chunk]].float()
-            y = x + F.silu(heads.proj[k - 1](x))
+            y = heads.head(k - 1, x)
             hits += int((F.linear(y.to(weight.dtype), weight).argmax(-1)
                          == labels[start:start + chunk]).sum())
         out.append(hits / max(1, len(t)))

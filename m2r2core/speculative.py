@@ -40,7 +40,7 @@ from m2r2core.decode import DecodeState, forward
 from m2r2core.errors import UnsupportedModel, require
 from m2r2core.hf_compat import DecoderParts
 from m2r2core.medusa import MedusaHeads
-from m2r2core.routers import RULES, ExitRule, RouterBundle, TokenScorer
+from m2r2core.routers import LEARNED, RULES, ExitRule, RouterBundle, TokenScorer
 from m2r2core.sampling import filtered_probs, make_generator, sample_next
 
 STREAMS = ("fast", "slow", "medusa")
@@ -176,7 +176,8 @@ class SpecLoop:
                     "'fixed' here: no exit routers are loaded")
             self.rule = ExitRule(spec.draft_rule, "fast" if spec.stream == "fast" else "slow",
                                  spec.draft_threshold, spec.min_draft_layer)
-            TokenScorer(routers, self.rule, spec.draft_layer, parts)  # AdapterError if untrained
+            if self.rule.rule in LEARNED:
+                routers.net(self.rule.rule, self.rule.stream)  # AdapterError if untrained
         self.routers = routers
         self._depths: list[int] = []  # this round's draft depths
         self.sub_vocab = sub_vocab.to(device) if spec.draft_vocab == "sub" else None
@@ -219,7 +220,7 @@ class SpecLoop:
         start = time.perf_counter()
         last = self.tokens[-1]
         # Never draft past the budget: the verification adds one token of its own.
-        self._depths: list[int] = []
+        self._depths = []
         drafts, q_dists, draft_probs = self._draft(last, state, min(self.spec.max_draft,
                                                                      remaining - 1))
         drafted = time.perf_counter()

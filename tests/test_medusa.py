@@ -4,35 +4,21 @@ right state, bad settings and bad files refused with the adapters kept."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 
 import pytest
 import torch
 
-from m2r2core.config import DecodeConfig, EngineConfig
-from m2r2core.engine import Engine
+from m2r2core.config import DecodeConfig
 from m2r2core.errors import ConfigError
 from m2r2core.medusa import HEADS_CARD, HEADS_FILE, head_pairs
 from m2r2core.speculative import SpecConfig
-from tests.test_speculative import PROMPT, hf_greedy
-
-
-def _engine(trained_root, model_dir) -> Engine:
-    old = os.environ.get("M2R2_TRAINED_DIR")
-    os.environ["M2R2_TRAINED_DIR"] = str(trained_root)
-    try:
-        return Engine.load(EngineConfig(model=str(model_dir), dtype="float32"))
-    finally:
-        if old is None:
-            os.environ.pop("M2R2_TRAINED_DIR")
-        else:
-            os.environ["M2R2_TRAINED_DIR"] = old
+from tests.test_speculative import PROMPT, engine_with_trained, hf_greedy
 
 
 @pytest.fixture(scope="module")
 def medusa_engine(tiny_trained_dir, tiny_model_dir):
-    engine = _engine(tiny_trained_dir, tiny_model_dir)
+    engine = engine_with_trained(tiny_trained_dir, tiny_model_dir)
     assert engine.medusa is not None and engine.medusa.n_heads == 3
     return engine
 
@@ -118,7 +104,7 @@ def test_bad_head_files_are_reported_and_adapters_kept(tmp_path, tiny_trained_di
         (folder / HEADS_FILE).write_bytes(b"not a safetensors file")
     else:
         card_path.write_text("{ broken")
-    engine = _engine(root, tiny_model_dir)
+    engine = engine_with_trained(root, tiny_model_dir)
     assert engine.medusa is None and engine.accel is not None
     expected = {"other_model": "some-other-model", "corrupt_weights": "could not be loaded",
                 "corrupt_card": "corrupt"}[damage]

@@ -29,18 +29,23 @@ def hf_greedy(engine: Engine, text: str, n: int) -> tuple[int, ...]:
     return tuple(out[0, ids.shape[1]:].tolist())
 
 
-@pytest.fixture(scope="module")
-def trained_engine(tiny_trained_dir, tiny_model_dir):
-    """The tiny Llama with its briefly trained adapters and routers (fast stream available)."""
+def engine_with_trained(trained_root, model_dir) -> Engine:
+    """An fp32 engine that finds its trained files under `trained_root` ($M2R2_TRAINED_DIR)."""
     old = os.environ.get("M2R2_TRAINED_DIR")
-    os.environ["M2R2_TRAINED_DIR"] = str(tiny_trained_dir)
+    os.environ["M2R2_TRAINED_DIR"] = str(trained_root)
     try:
-        engine = Engine.load(EngineConfig(model=str(tiny_model_dir), dtype="float32"))
+        return Engine.load(EngineConfig(model=str(model_dir), dtype="float32"))
     finally:
         if old is None:
             os.environ.pop("M2R2_TRAINED_DIR")
         else:
             os.environ["M2R2_TRAINED_DIR"] = old
+
+
+@pytest.fixture(scope="module")
+def trained_engine(tiny_trained_dir, tiny_model_dir):
+    """The tiny Llama with its briefly trained adapters and routers (fast stream available)."""
+    engine = engine_with_trained(tiny_trained_dir, tiny_model_dir)
     assert engine.accel is not None
     return engine
 
