@@ -50,6 +50,11 @@ class AccelConfig:
     target: str = "rate"
     """'rate': h^f_d ~ h^s_tau(d); 'final': every fast depth targets h^s_N."""
     projections: tuple[str, ...] = PROJECTIONS
+    bias: bool = False
+    """Also learn a bias on each adapted block's MLP output (the fast residual's update). The
+    slow stream carries a few huge, nearly constant activations through its middle layers
+    (SmolLM2: dims 247 and 507, about half the state's energy at layer 15) that only its last
+    layers remove; a bias lets the fast stream shed them without spending adapter rank."""
 
     def validate(self, n_layers: int) -> None:
         """Raise ConfigError unless this shape makes sense for a model of n_layers blocks."""
@@ -81,21 +86,24 @@ class AccelConfig:
 
 
 class LowRank(nn.Module):
-    """delta(x) = (alpha / rank) * B A x, with B zero-initialised (LoRA, Hu et al. 2021)."""
+    """delta(x) = (alpha / rank) * B A x (+ bias), with B and the bias zero-initialised (LoRA,
+    Hu et al. 2021)."""
 
     def __init__(self, in_features: int, out_features: int, rank: int, alpha: float,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, bias: bool = False) -> None:
         """A fresh adapter whose delta is exactly zero."""
         super().__init__()
         bound = 1.0 / math.sqrt(in_features)
         a = torch.empty(rank, in_features).uniform_(-bound, bound, generator=generator)
         self.A = nn.Parameter(a)
         self.B = nn.Parameter(torch.zeros(out_features, rank))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.scale = alpha / rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The delta for (..., in) inputs, computed in the input's dtype."""
-        return F.linear(F.linear(x, self.A.to(x.dtype)), self.B.to(x.dtype)) * self.scale
+        out = F.linear(F.linear(x, self.A.to(x.dtype)), self.B.to(x.dtype)) * self.scale
+        return out if self.bias is None else out + self.bias.to(x.dtype)
 
 
 @dataclass
@@ -130,7 +138,8 @@ class Accelerator(nn.Module):
             if bp.mlp_proj is not None:
                 linears |= dict(zip(("gate", "up", "down"), bp.mlp_proj, strict=True))
             self.blocks.append(nn.ModuleDict({
-                name: LowRank(lin.in_features, lin.out_features, config.rank, config.alpha, gen)
+                name: LowRank(lin.in_features, lin.out_features, config.rank, config.alpha, gen,
+                              bias=config.bias and name == "down")
                 for name, lin in linears.items() if name in config.projections
             }))
 
@@ -187,7 +196,8 @@ class FusedAdapters:
 
     def __init__(self, adapters: nn.ModuleDict, dtype: torch.dtype) -> None:
         """Fuse a block's LowRank adapters."""
-        self.groups: dict[str, tuple[tuple[str, ...], torch.Tensor, torch.Tensor, list[int]]] = {}
+        self.groups: dict[str, tuple[tuple[str, ...], torch.Tensor, torch.Tensor,
+                                     torch.Tensor | None, list[int]]] = {}
         with torch.no_grad():
             for group, names in GROUPS.items():
                 present = tuple(n for n in names if n in adapters)
@@ -196,14 +206,19 @@ class FusedAdapters:
                 a = torch.cat([adapters[n].A for n in present]).to(dtype)
                 b = torch.block_diag(*[adapters[n].B * adapters[n].scale for n in present])
                 sizes = [adapters[n].B.shape[0] for n in present]
-                self.groups[group] = (present, a, b.to(dtype), sizes)
+                bias = None
+                if any(adapters[n].bias is not None for n in present):
+                    bias = torch.cat([torch.zeros(size) if adapters[n].bias is None
+                                      else adapters[n].bias.float()
+                                      for n, size in zip(present, sizes, strict=True)]).to(dtype)
+                self.groups[group] = (present, a, b.to(dtype), bias, sizes)
 
     def deltas(self, group: str, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """{projection: delta} for the (B, R, in) inputs of one group."""
         if group not in self.groups:
             return {}
-        names, a, b, sizes = self.groups[group]
-        out = F.linear(F.linear(x, a), b)
+        names, a, b, bias, sizes = self.groups[group]
+        out = F.linear(F.linear(x, a), b, bias)
         return dict(zip(names, out.split(sizes, dim=-1), strict=True))
 
 

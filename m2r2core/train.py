@@ -111,9 +111,13 @@ def router_split(samples: list[distill.Sample]) -> list[distill.Sample]:
 
 def adapter_loss(parts, accel: Accelerator, ids: torch.Tensor, lengths: torch.Tensor,
                  kl_weight: float, kl_positions: int, kl_every: int, generator: torch.Generator,
-                 answer_starts: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+                 answer_starts: torch.Tensor | None = None,
+                 kl_depths: tuple[int, ...] = ()) -> tuple[torch.Tensor, dict]:
     """The method note's loss: sum over fast depths of (1 - cos(h^f_d, sg h^s_tau(d))), plus
     kl_weight * KL(p^s_N || p^f_d) at exit depths, on a sample of positions.
+
+    Exit depths: `kl_depths` where given (each step's cost grows with their number: one LM-head
+    pass per depth), else every kl_every-th fast depth and the deepest one.
 
     The KL positions are drawn from the answers (chat samples; from `answer_starts`) and the
     plain text, never from the prompt template: exits happen while generating answers.
@@ -130,8 +134,8 @@ def adapter_loss(parts, accel: Accelerator, ids: torch.Tensor, lengths: torch.Te
     with torch.no_grad():
         teacher = F.log_softmax(
             parts.lm_head(parts.norm(slow[n].reshape(-1, slow[n].shape[-1])[pick])).float(), -1)
-    exit_depths = [d for d in accel.depths if (d - accel.first) % kl_every == 0 or d ==
-                   accel.first + accel.n_fast]
+    exit_depths = [d for d in accel.depths if d in kl_depths] if kl_depths else [
+        d for d in accel.depths if (d - accel.first) % kl_every == 0 or d == accel.max_depth]
     for depth, state in zip(accel.depths, fast, strict=True):
         target = slow[accel.config.target_depth(depth, n)]
         cos = F.cosine_similarity(state.float(), target.float(), dim=-1)  # (B, T)
@@ -148,6 +152,50 @@ def adapter_loss(parts, accel: Accelerator, ids: torch.Tensor, lengths: torch.Te
     loss = torch.stack(cos_terms).sum() + kl_weight * torch.stack(kl_terms).sum()
     metrics["loss"] = float(loss.detach())
     return loss, metrics
+
+
+def init_adapters(accel: Accelerator, path: Path) -> None:
+    """Start from another run's adapters: a training checkpoint (.pt) or a saved adapter folder
+    or file (safetensors). Biases the source lacks start at zero; any other mismatch is refused.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "adapters.safetensors"
+    try:
+        state = (load_file(str(path)) if path.suffix == ".safetensors"
+                 else torch.load(path, weights_only=False)["adapters"])
+        missing, unexpected = accel.load_state_dict({k: v.float() for k, v in state.items()},
+                                                    strict=False)
+    except (OSError, KeyError, RuntimeError) as err:
+        raise M2R2Error(f"Cannot start from {path}; the adapters there do not fit this shape "
+                        f"({err}).") from err
+    if unexpected or any(not k.endswith(".bias") for k in missing):
+        raise M2R2Error(f"The adapters in {path} do not fit this shape (missing {missing}, "
+                        f"unexpected {unexpected}).")
+
+
+@torch.no_grad()
+def held_out_agreement(parts, accel: Accelerator, samples: list[distill.Sample], seq_len: int
+                       ) -> dict[str, list[float]]:
+    """Teacher-forced logit-lens agreement with the full model's top-1 at every depth of both
+    streams, over the answer and plain-text positions of samples the adapters never saw.
+    """
+    hits = {"fast": torch.zeros(accel.n_fast), "slow": torch.zeros(parts.n_layers)}
+    count = 0
+    for sample in samples:
+        ids = torch.tensor([sample.ids[:seq_len]])
+        slow, rotary = slow_states(parts, ids)
+        fast = train_fast_states(parts, accel, slow, rotary)
+        first = max(0, min(sample.answer_start - 1, ids.shape[1] - 1))
+        final = parts.lm_head(parts.norm(slow[-1][0, first:])).argmax(-1)
+        for stream, states in (("slow", slow[1:]), ("fast", fast)):
+            for i, state in enumerate(states):
+                top = parts.lm_head(parts.norm(state[0, first:])).argmax(-1)
+                hits[stream][i] += float((top == final).sum())
+        count += len(final)
+    return {stream: [round(float(h) / count, 4) for h in v] for stream, v in hits.items()}
 
 
 def frozen_model(args: argparse.Namespace) -> tuple:
@@ -179,9 +227,21 @@ def cmd_adapters(args: argparse.Namespace) -> None:
     loaded, parts, data_path = frozen_model(args)
     samples = train_split(distill.load(data_path))
     config = AccelConfig(rate=args.rate, rank=args.rank, alpha=2.0 * args.rank,
-                         margin=args.margin, branch_layer=args.branch_layer, target=args.target)
+                         margin=args.margin, branch_layer=args.branch_layer, target=args.target,
+                         bias=args.bias)
     accel = Accelerator(parts, config, seed=args.seed)
-    optim = torch.optim.AdamW(accel.parameters(), lr=args.lr, weight_decay=0.0)
+    outside = sorted(set(args.kl_depths) - set(accel.depths))
+    if outside:
+        raise M2R2Error(f"--kl-depths {outside} are not fast depths; this stream has depths "
+                        f"{accel.depths.start}..{accel.depths.stop - 1}.")
+    # A bias has to move by the size of the massive activations it removes (tens to hundreds),
+    # while Adam moves every parameter by about lr per step: biases get their own multiplier.
+    biases = [p for name, p in accel.named_parameters() if name.endswith(".bias")]
+    others = [p for name, p in accel.named_parameters() if not name.endswith(".bias")]
+    groups = [{"params": others, "lr_mult": 1.0}]
+    if biases:
+        groups.append({"params": biases, "lr_mult": args.bias_lr_mult})
+    optim = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.0)
     ckpt_dir = work_dir(args.model) / (args.run_name or f"adapters-r{args.rate:g}")
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     ckpt = ckpt_dir / "checkpoint.pt"
@@ -193,7 +253,7 @@ def cmd_adapters(args: argparse.Namespace) -> None:
         step = state["step"]
         log.info("resumed from %s at step %d", ckpt, step)
     if args.init and step == 0:
-        accel.load_state_dict(torch.load(args.init, weights_only=False)["adapters"])
+        init_adapters(accel, args.init)
         log.info("initialised adapters from %s", args.init)
     gen = torch.Generator().manual_seed(args.seed)
     stream = batches(samples, args.batch_size, args.seq_len, args.seed)
@@ -208,9 +268,10 @@ def cmd_adapters(args: argparse.Namespace) -> None:
         lr = args.lr * min(1.0, (step + 1) / args.warmup) * 0.5 * (
             1 + math.cos(math.pi * step / args.steps))
         for group in optim.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_mult", 1.0)
         loss, metrics = adapter_loss(parts, accel, ids, lengths, args.kl_weight,
-                                     args.kl_positions, args.kl_every, gen, starts)
+                                     args.kl_positions, args.kl_every, gen, starts,
+                                     tuple(args.kl_depths))
         optim.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(accel.parameters(), 1.0)
@@ -224,6 +285,8 @@ def cmd_adapters(args: argparse.Namespace) -> None:
             torch.save({"adapters": accel.state_dict(), "optim": optim.state_dict(),
                         "step": step}, ckpt.with_suffix(".tmp"))
             ckpt.with_suffix(".tmp").replace(ckpt)
+    held_out = held_out_agreement(parts, accel, router_split(distill.load(data_path))[:48],
+                                  args.seq_len)
     out = args.out or default_out(args.model)
     card = AdapterCard(
         config=vars(config) | {"projections": list(config.projections)},
@@ -233,10 +296,13 @@ def cmd_adapters(args: argparse.Namespace) -> None:
                   "init": args.init.parent.name if args.init else None,
                   "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr,
                   "kl_weight": args.kl_weight, "kl_positions": args.kl_positions,
-                  "kl_every": args.kl_every, "seed": args.seed, "dtype": args.dtype,
+                  "kl_every": args.kl_every, "kl_depths": args.kl_depths,
+                  "bias_lr_mult": args.bias_lr_mult if args.bias else None, "seed": args.seed,
+                  "dtype": args.dtype,
                   "threads": torch.get_num_threads(),
                   "wall_s_this_run": round(time.time() - started, 1)},
-        metrics={k: round(v, 4) for k, v in last.items() if isinstance(v, float)},
+        metrics={k: round(v, 4) for k, v in last.items() if isinstance(v, float)}
+        | {"held_out_lens_agreement": held_out},
     )
     accel.save(out, card)
     log.info("saved adapters to %s", out)
@@ -447,10 +513,17 @@ def parser() -> argparse.ArgumentParser:
             s.add_argument("--kl-weight", type=float, default=0.5)
             s.add_argument("--kl-positions", type=int, default=128)
             s.add_argument("--kl-every", type=int, default=3)
+            s.add_argument("--kl-depths", type=int, nargs="*", default=[],
+                           help="the fast depths with the KL term (default: every --kl-every)")
+            s.add_argument("--bias", action="store_true",
+                           help="also learn a bias on each adapted block's MLP output")
+            s.add_argument("--bias-lr-mult", type=float, default=50.0,
+                           help="learning-rate multiplier of those biases")
             s.add_argument("--save-every", type=int, default=10)
             s.add_argument("--restart", action="store_true", help="ignore a checkpoint")
             s.add_argument("--init", type=Path, default=None,
-                           help="start from the adapters of another run's checkpoint")
+                           help="start from another run's adapters (checkpoint .pt, or an "
+                                "adapter folder or .safetensors file)")
             s.add_argument("--run-name", default=None,
                            help="checkpoint folder name (default adapters-r<rate>)")
     return p

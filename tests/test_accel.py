@@ -63,14 +63,16 @@ def test_zero_adapters_make_the_fast_stream_the_slow_stream(engines, family):
         torch.testing.assert_close(state, slow[depth], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral"])
-def test_parallel_training_pattern_equals_token_by_token_inference(engines, family):
+@pytest.mark.parametrize("family,bias", [("llama", False), ("mistral", False), ("llama", True)])
+def test_parallel_training_pattern_equals_token_by_token_inference(engines, family, bias):
     """Fast position t, computed alone over the slow cache of positions < t, equals row t of the
-    parallel training computation (fast query, slow keys/values before t, own key at t)."""
+    parallel training computation (fast query, slow keys/values before t, own key at t). With
+    biases, this also checks the fused decoding adapters against the training modules."""
     engine = engines[family]
     parts = engine.parts
     ids = _ids(engine)
-    acc = _random_adapters(parts)
+    acc = _random_adapters(parts, bias=bias)
+    assert bias == any(k.endswith(".bias") for k in acc.state_dict())
     slow, rotary = slow_states(parts, ids)
     fast = accel.train_fast_states(parts, acc, slow, rotary)
     cache = hf_compat.new_cache(parts)
@@ -140,3 +142,36 @@ def test_matmul_attention_matches_the_fused_kernel():
     torch.testing.assert_close(_matmul_attention(q, keys, values, None, 0.3),
                                torch.nn.functional.scaled_dot_product_attention(
                                    q, keys, values, scale=0.3, enable_gqa=True))
+
+
+def test_bias_adapters_roundtrip_and_initialise_from_unbiased(engines, tmp_path):
+    """Adapters with residual biases save and load; a biased run can start from unbiased
+    adapters (the biases start at zero), and adapters of another shape are refused."""
+    from m2r2core.errors import M2R2Error
+    from m2r2core.train import init_adapters
+
+    parts = engines["llama"].parts
+    plain = _random_adapters(parts)
+    card = accel.AdapterCard(config=vars(plain.config) | {"projections": list(accel.PROJECTIONS)},
+                             model_name="tiny", model_fingerprint="abc", n_layers=4,
+                             hidden_size=64)
+    plain.save(tmp_path / "plain", card)
+    biased = Accelerator(parts, AccelConfig(rate=2.0, rank=4, margin=0, bias=True))
+    init_adapters(biased, tmp_path / "plain")
+    for key, value in plain.state_dict().items():
+        torch.testing.assert_close(biased.state_dict()[key], value.to(torch.bfloat16).float())
+    assert all(float(v.abs().sum()) == 0 for k, v in biased.state_dict().items()
+               if k.endswith(".bias"))
+    with torch.no_grad():
+        for k, v in biased.named_parameters():
+            if k.endswith(".bias"):
+                v.fill_(0.25)
+    biased.save(tmp_path / "biased", accel.AdapterCard(
+        config=vars(biased.config) | {"projections": list(accel.PROJECTIONS)},
+        model_name="tiny", model_fingerprint="abc", n_layers=4, hidden_size=64))
+    loaded, _ = accel.load_accelerator(tmp_path / "biased", parts, "tiny", "abc")
+    assert loaded.config.bias
+    assert float(loaded.blocks[0]["down"].bias[0]) == 0.25
+    wider = Accelerator(parts, AccelConfig(rate=2.0, rank=8, margin=0))
+    with pytest.raises(M2R2Error, match="do not fit"):
+        init_adapters(wider, tmp_path / "plain")

@@ -67,3 +67,36 @@ def test_cli_reports_bad_data_without_traceback(tmp_path, tiny_model_dir, monkey
         train.main(["adapters", "--model", str(tiny_model_dir), "--data", str(empty),
                     "--out", str(out)])
     assert not out.exists()
+
+
+def test_held_out_agreement_of_zero_adapters_is_the_slow_streams(tiny_engine, corpus):
+    """With zero adapters the fast stream is the slow stream, so its teacher-forced agreement at
+    each depth is the slow stream's at the same layer; the last layer agrees with itself."""
+    from m2r2core.accel import AccelConfig, Accelerator
+
+    parts = tiny_engine.parts
+    accel = Accelerator(parts, AccelConfig(rate=2.0, rank=4, margin=0))
+    result = train.held_out_agreement(parts, accel, distill.load(corpus)[:6], 48)
+    assert len(result["fast"]) == accel.n_fast and len(result["slow"]) == parts.n_layers
+    assert result["fast"] == [result["slow"][d - 1] for d in accel.depths]
+    assert result["slow"][-1] == 1.0
+
+
+def test_biased_adapters_with_chosen_kl_depths(tmp_path, corpus, tiny_model_dir, monkeypatch):
+    """--bias and --kl-depths train and are recorded in the card with the held-out agreement;
+    a KL depth outside the fast stream is refused before anything is written."""
+    monkeypatch.setenv("M2R2_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "trained"
+    common = ["--model", str(tiny_model_dir), "--dtype", "float32", "--seq-len", "48",
+              "--data", str(corpus), "--out", str(out), "--steps", "3", "--batch-size", "4",
+              "--kl-positions", "16", "--rate", "2", "--bias"]
+    with pytest.raises(SystemExit, match="error: --kl-depths \\[9\\] are not fast depths"):
+        train.main(["adapters", *common, "--kl-depths", "2", "9"])
+    assert not out.exists()
+    train.main(["adapters", *common, "--kl-depths", "2", "--run-name", "biased"])
+    card = json.loads((out / CARD_NAME).read_text())
+    assert card["config"]["bias"] is True and card["training"]["kl_depths"] == [2]
+    assert len(card["metrics"]["held_out_lens_agreement"]["fast"]) == 4  # ceil(4 / 2) + margin 2
+    log = (train.work_dir(str(tiny_model_dir)) / "biased" / "metrics.jsonl").read_text()
+    first = json.loads(log.splitlines()[0])
+    assert "kl@2" in first and "kl@1" not in first
