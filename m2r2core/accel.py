@@ -86,8 +86,7 @@ class AccelConfig:
 
 
 class LowRank(nn.Module):
-    """delta(x) = (alpha / rank) * B A x (+ bias), with B and the bias zero-initialised (LoRA,
-    Hu et al. 2021)."""
+    """delta(x) = (alpha / rank) * B A x (+ bias); B and the bias start at zero (LoRA)."""
 
     def __init__(self, in_features: int, out_features: int, rank: int, alpha: float,
                  generator: torch.Generator | None = None, bias: bool = False) -> None:
