@@ -9,7 +9,7 @@ from pathlib import Path
 import streamlit as st
 
 from analysis.projection import TrajectoryProjection, project_trajectories
-from m2r2core.config import DEFAULT_MODEL, EngineConfig, native_dtype
+from m2r2core.config import DEFAULT_MODEL, EngineConfig
 from m2r2core.engine import Engine
 from m2r2core.trace import ResidualCapture
 
@@ -64,7 +64,7 @@ def engine_or_error() -> Engine | None:
     from app import state
 
     model = st.session_state.get(state.MODEL) or default_model()
-    dtype = st.session_state.get(state.DTYPE) or native_dtype()
+    dtype = st.session_state.get(state.DTYPE) or "bfloat16"
     threads = int(st.session_state.get(state.THREADS) or cpu_cores())
     return load_or_error("model", get_engine, model, dtype, threads)
 

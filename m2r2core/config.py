@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from m2r2core.errors import require
 
@@ -14,11 +14,12 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
 @functools.cache
-def native_dtype() -> str:
-    """The faster precision here: bfloat16 on CUDA or on a CPU with native bf16 matrix
-    instructions (AVX-512 BF16, AMX), float32 elsewhere. Without them torch emulates bf16, and a
-    matrix product of more than one row (a prompt, a verification pass, a training batch) runs
-    about 7x slower than in float32 (measured on an AVX2-only EPYC: BENCHMARKS.md).
+def batched_dtype() -> str:
+    """The faster precision for matrix products of many rows (training batches, long prompts):
+    bfloat16 on CUDA or on a CPU with native bf16 instructions (AVX-512 BF16, AMX), float32
+    elsewhere, where torch emulates bf16 (a 128-token forward pass 4.2x slower than in float32
+    on an AVX2-only EPYC: BENCHMARKS.md). A one-row decoding step goes the other way there: it
+    is bound by reading the weights, and bfloat16 reads half the bytes (2.3x faster).
     """
     import torch
 
@@ -87,8 +88,7 @@ class EngineConfig:
 
     model: str = DEFAULT_MODEL
     """The packaged default, a local HF folder, or a hub name (when the hub is reachable)."""
-    dtype: str = field(default_factory=native_dtype)
-    """bfloat16 or float32; by default whichever this machine runs faster (`native_dtype`)."""
+    dtype: str = "bfloat16"
     device: str = "auto"
     """'auto' picks CUDA when present, else CPU."""
     threads: int = 0

@@ -21,7 +21,7 @@ import transformers
 
 from m2r2core import hf_compat, lens, prompt
 from m2r2core.accel import AdapterError, find_trained, load_accelerator
-from m2r2core.config import DecodeConfig, EngineConfig, native_dtype
+from m2r2core.config import DecodeConfig, EngineConfig, batched_dtype
 from m2r2core.decode import TokenLoop
 from m2r2core.exits import ExitConfig, ExitLoop
 from m2r2core.medusa import load_heads
@@ -271,7 +271,7 @@ def environment() -> dict:
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "native_dtype": native_dtype(),
+        "batched_dtype": batched_dtype(),
     }
 
 

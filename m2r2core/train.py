@@ -31,7 +31,7 @@ from m2r2core.accel import (
     AdapterCard,
     train_fast_states,
 )
-from m2r2core.config import EngineConfig, native_dtype
+from m2r2core.config import EngineConfig, batched_dtype
 from m2r2core.errors import M2R2Error
 from m2r2core.model import default_cache_dir, fingerprint, load
 
@@ -476,8 +476,8 @@ def parser() -> argparse.ArgumentParser:
     for name in ("data", "adapters", "routers", "medusa"):
         s = sub.add_parser(name)
         s.add_argument("--model", default="smollm2-135m-instruct")
-        s.add_argument("--dtype", default=native_dtype(), choices=["bfloat16", "float32"],
-                       help="default: the faster one on this machine")
+        s.add_argument("--dtype", default=batched_dtype(), choices=["bfloat16", "float32"],
+                       help="default: the faster one for batched work on this machine")
         s.add_argument("--threads", type=int, default=0)
         s.add_argument("--seed", type=int, default=0)
         s.add_argument("--out", type=Path, default=None)

@@ -38,20 +38,20 @@ def test_defaults_are_valid_and_greedy():
         cfg.replace(max_new_tokens=0)
 
 
-def test_default_precision_is_the_native_one(monkeypatch):
-    """bfloat16 only where it is native (CUDA, or a CPU whose oneDNN has bf16 instructions);
-    float32 where torch would emulate it. EngineConfig defaults to it."""
+def test_batched_precision_is_bf16_only_where_native(monkeypatch):
+    """Training's default precision: bfloat16 only on CUDA or a CPU whose oneDNN has bf16
+    instructions, float32 where torch would emulate it."""
     import torch
 
-    from m2r2core.config import DTYPES, EngineConfig, native_dtype
+    from m2r2core.config import DTYPES, batched_dtype
 
-    assert native_dtype() in DTYPES and EngineConfig().dtype == native_dtype()
+    assert batched_dtype() in DTYPES
     for cuda, cpu_bf16, want in ((False, False, "float32"), (False, True, "bfloat16"),
                                  (True, False, "bfloat16")):
         monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
         monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported",
                             lambda cpu_bf16=cpu_bf16: cpu_bf16)
-        native_dtype.cache_clear()
-        assert native_dtype() == want
+        batched_dtype.cache_clear()
+        assert batched_dtype() == want
     monkeypatch.undo()
-    native_dtype.cache_clear()
+    batched_dtype.cache_clear()

@@ -6,7 +6,7 @@ import streamlit as st
 
 from app import state
 from app.resources import cpu_cores, default_model
-from m2r2core.config import DTYPES, DecodeConfig, SamplingConfig, native_dtype
+from m2r2core.config import DTYPES, DecodeConfig, SamplingConfig
 
 
 def sidebar_settings() -> tuple[str, str, int]:
@@ -15,12 +15,9 @@ def sidebar_settings() -> tuple[str, str, int]:
     model = st.sidebar.text_input(
         "Model", value=default_model(), key=state.MODEL,
         help="The packaged SmolLM2 (default), a local Hugging Face folder, or a hub name.")
-    native = native_dtype()
     dtype = st.sidebar.selectbox(
-        "Precision", DTYPES, index=DTYPES.index(native), key=state.DTYPE,
-        help=f"{native} is the faster one on this machine (bfloat16 needs CUDA or a CPU with "
-             "native bf16 instructions; elsewhere it is emulated and several times slower). "
-             "float32 is exact.")
+        "Precision", DTYPES, key=state.DTYPE,
+        help="bfloat16 is about 2x faster on this CPU; float32 is exact.")
     cores = cpu_cores()
     st.sidebar.number_input(
         "CPU threads", min_value=1, max_value=cores, value=cores, step=1, key=state.THREADS,

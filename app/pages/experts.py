@@ -14,7 +14,6 @@ import streamlit as st
 from analysis import expert_timeline as timeline
 from app import expert_charts, resources, state
 from app.components import controls
-from m2r2core.config import native_dtype
 from m2r2core.errors import M2R2Error
 from m2r2core.experts import POLICIES, PRESETS
 from m2r2core.offload import OffloadConfig, OffloadEngine, OffloadRun
@@ -99,7 +98,7 @@ def get_moe(model: str, dtype: str, threads: int) -> OffloadEngine:
 def moe_or_error() -> OffloadEngine | None:
     """The MoE for the page's model field, or None after saying why not."""
     model = (st.session_state.get(MODEL_KEY) or os.environ.get("M2R2_MOE_DIR", "")).strip()
-    dtype = st.session_state.get(state.DTYPE) or native_dtype()
+    dtype = st.session_state.get(state.DTYPE) or "bfloat16"
     threads = int(st.session_state.get(state.THREADS) or resources.cpu_cores())
     return resources.load_or_error("MoE model", get_moe, model, dtype, threads)
 
