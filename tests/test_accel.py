@@ -102,13 +102,19 @@ def test_bad_shapes_are_refused(bad):
         AccelConfig(**bad).validate(30)
 
 
-def test_save_load_roundtrip_and_refusals(engines, tmp_path):
-    parts = engines["llama"].parts
-    acc = _random_adapters(parts)
+def _save(acc, folder):
+    """Save adapters of the tiny model with a card naming it 'tiny' (fingerprint 'abc')."""
     card = accel.AdapterCard(config=vars(acc.config) | {"projections": list(accel.PROJECTIONS)},
                              model_name="tiny", model_fingerprint="abc", n_layers=4,
                              hidden_size=64)
-    acc.save(tmp_path / "a", card)
+    acc.save(folder, card)
+    return card
+
+
+def test_save_load_roundtrip_and_refusals(engines, tmp_path):
+    parts = engines["llama"].parts
+    acc = _random_adapters(parts)
+    card = _save(acc, tmp_path / "a")
     loaded, got = accel.load_accelerator(tmp_path / "a", parts, "tiny", "abc")
     for (k, v), (k2, v2) in zip(acc.state_dict().items(), loaded.state_dict().items(),
                                 strict=True):
@@ -152,10 +158,7 @@ def test_bias_adapters_roundtrip_and_initialise_from_unbiased(engines, tmp_path)
 
     parts = engines["llama"].parts
     plain = _random_adapters(parts)
-    card = accel.AdapterCard(config=vars(plain.config) | {"projections": list(accel.PROJECTIONS)},
-                             model_name="tiny", model_fingerprint="abc", n_layers=4,
-                             hidden_size=64)
-    plain.save(tmp_path / "plain", card)
+    _save(plain, tmp_path / "plain")
     biased = Accelerator(parts, AccelConfig(rate=2.0, rank=4, margin=0, bias=True))
     init_adapters(biased, tmp_path / "plain")
     for key, value in plain.state_dict().items():
@@ -166,9 +169,7 @@ def test_bias_adapters_roundtrip_and_initialise_from_unbiased(engines, tmp_path)
         for k, v in biased.named_parameters():
             if k.endswith(".bias"):
                 v.fill_(0.25)
-    biased.save(tmp_path / "biased", accel.AdapterCard(
-        config=vars(biased.config) | {"projections": list(accel.PROJECTIONS)},
-        model_name="tiny", model_fingerprint="abc", n_layers=4, hidden_size=64))
+    _save(biased, tmp_path / "biased")
     loaded, _ = accel.load_accelerator(tmp_path / "biased", parts, "tiny", "abc")
     assert loaded.config.bias
     assert float(loaded.blocks[0]["down"].bias[0]) == 0.25
