@@ -23,9 +23,8 @@ def batched_dtype() -> str:
     """
     import torch
 
-    if torch.cuda.is_available() or torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return "bfloat16"
-    return "float32"
+    native_bf16 = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    return "bfloat16" if torch.cuda.is_available() or native_bf16() else "float32"
 
 
 @dataclass(frozen=True)
