@@ -26,6 +26,7 @@ from torch.nn import functional as F
 from m2r2core import distill, hf_compat
 from m2r2core.accel import (
     TRAINED_DIR,
+    WEIGHTS_NAME,
     AccelConfig,
     Accelerator,
     AdapterCard,
@@ -162,7 +163,7 @@ def init_adapters(accel: Accelerator, path: Path) -> None:
 
     path = Path(path)
     if path.is_dir():
-        path = path / "adapters.safetensors"
+        path = path / WEIGHTS_NAME
     try:
         state = (load_file(str(path)) if path.suffix == ".safetensors"
                  else torch.load(path, weights_only=False)["adapters"])
@@ -191,9 +192,8 @@ def held_out_agreement(parts, accel: Accelerator, samples: list[distill.Sample],
         first = max(0, min(sample.answer_start - 1, ids.shape[1] - 1))
         final = parts.lm_head(parts.norm(slow[-1][0, first:])).argmax(-1)
         for stream, states in (("slow", slow[1:]), ("fast", fast)):
-            for i, state in enumerate(states):
-                top = parts.lm_head(parts.norm(state[0, first:])).argmax(-1)
-                hits[stream][i] += float((top == final).sum())
+            stack = torch.stack([s[0, first:] for s in states])  # (D, P, H): one head call
+            hits[stream] += (parts.lm_head(parts.norm(stack)).argmax(-1) == final).sum(1)
         count += len(final)
     return {stream: [round(float(h) / count, 4) for h in v] for stream, v in hits.items()}
 
@@ -225,7 +225,8 @@ def cmd_data(args: argparse.Namespace) -> None:
 def cmd_adapters(args: argparse.Namespace) -> None:
     """Train the accelerator adapters with resumable checkpoints and a metrics log."""
     loaded, parts, data_path = frozen_model(args)
-    samples = train_split(distill.load(data_path))
+    corpus = distill.load(data_path)
+    samples = train_split(corpus)
     config = AccelConfig(rate=args.rate, rank=args.rank, alpha=2.0 * args.rank,
                          margin=args.margin, branch_layer=args.branch_layer, target=args.target,
                          bias=args.bias)
@@ -285,8 +286,7 @@ def cmd_adapters(args: argparse.Namespace) -> None:
             torch.save({"adapters": accel.state_dict(), "optim": optim.state_dict(),
                         "step": step}, ckpt.with_suffix(".tmp"))
             ckpt.with_suffix(".tmp").replace(ckpt)
-    held_out = held_out_agreement(parts, accel, router_split(distill.load(data_path))[:48],
-                                  args.seq_len)
+    held_out = held_out_agreement(parts, accel, router_split(corpus)[:48], args.seq_len)
     out = args.out or default_out(args.model)
     card = AdapterCard(
         config=vars(config) | {"projections": list(config.projections)},
