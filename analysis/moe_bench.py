@@ -63,7 +63,9 @@ def settings(args: argparse.Namespace) -> list[OffloadConfig]:
     out = [OffloadConfig(args.capacity, args.bandwidth, BASELINE[0], args.lookahead[0],
                          args.margin, BASELINE[1])]
     for predictor in args.predictors:
-        policies = ["lru"] if predictor == "none" else args.policies
+        # without predictions `predicted` is LRU; `lfu` and `ahead` still differ
+        policies = (["lru"] + [q for q in args.policies if q in ("lfu", "ahead")]
+                    if predictor == "none" else args.policies)
         lookaheads = [args.lookahead[0]] if predictor in ("none",) else args.lookahead
         for policy in policies:
             for lookahead in lookaheads:

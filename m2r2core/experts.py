@@ -1,10 +1,12 @@
 """Expert memory tiers: a slow, disk-backed home for every expert and a bounded fast tier.
 
-On CPU the slow tier is a folder of safetensors files, one per expert, read by a background loader
-thread under a bandwidth model (bytes per second plus a per-load latency; presets below), so a load
-takes the time it would on that storage and overlaps with compute. On CUDA the same loader copies
-from pinned host memory to the device on a side stream. The fast tier holds at most `capacity`
-experts; the eviction policy picks what leaves. Every load, hit, miss, stall and eviction is
+On CPU the slow tier is a folder of safetensors files, one per expert. Loads go through one
+modelled storage channel (bytes per second plus a per-load latency; presets below): each takes the
+time it would on that storage, one after the other, while compute goes on, and an expert is
+resident once its load has ended. A background reader thread reads the real bytes into the fast
+tier's buffers as soon as a load is queued; on CUDA it copies from pinned host memory to the device
+on a side stream. The fast tier holds at most `capacity` experts; the eviction policy picks what
+leaves. Every load, hit, miss, stall and eviction is
 recorded with timestamps (`ExpertCache.events`), which the Expert Loading page draws.
 
 Prediction only changes *when* an expert arrives, never which weights compute: the weights in the
@@ -58,10 +60,12 @@ PRESETS = {b.name: b for b in (
 )}
 """Bandwidth presets. `ufs` is the flash-like default of the benchmarks."""
 
-POLICIES = ("lru", "lfu", "predicted")
+POLICIES = ("lru", "lfu", "predicted", "ahead")
 """Eviction policies. `predicted` keeps the experts a predictor expects in this token's later
 layers and evicts the rest by LRU; a prefetch under it never evicts those (it is skipped
-instead)."""
+instead). `ahead` is a Belady estimate with the layers as the clock: decoding visits layers
+1 … N, token after token, so each resident expert's next use is estimated from its layer's
+distance ahead, and the expert needed last leaves first (see `ExpertCache.next_use`)."""
 
 
 def bandwidth(name: str) -> Bandwidth:
@@ -94,6 +98,8 @@ class ExpertStore:
 
     def __init__(self, folder: Path) -> None:
         """Open an exported store; AssetMissing when the folder or its manifest is missing."""
+        self._fds: dict[tuple[int, int], int] = {}
+        """Expert files opened once and kept open for their later reads."""
         self.folder = Path(folder)
         manifest = self.folder / MANIFEST
         if not manifest.is_file():
@@ -125,38 +131,64 @@ class ExpertStore:
     def read_into(self, layer: int, expert: int, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
         """Read one expert's tensor bytes into `buffer` (flat uint8, CPU) and return views of it.
 
-        The first read of a file checks its checksum and parses its header; later reads go
-        straight from the file into the buffer (no allocation, no parsing), as a serving engine
-        reads into a fixed slot of its fast tier. AssetMissing names a missing or corrupt file.
+        AssetMissing names a missing or corrupt file.
+        """
+        self.read_raw(layer, expert, buffer.numpy())
+        return self.views(layer, expert, buffer)
+
+    def read_raw(self, layer: int, expert: int, target: np.ndarray) -> tuple:
+        """Read one expert's tensor bytes into `target` (flat uint8); its views' layout.
+
+        The first read of a file checks its checksum and parses its header; later reads are one
+        `preadv` from a file kept open straight into the buffer (no allocation, no parsing, no
+        tensor op), as a serving engine reads into a fixed slot of its fast tier: the loader
+        thread then holds the GIL for a few microseconds per load, and the compute thread keeps
+        running. AssetMissing names a missing or corrupt file.
         """
         key = (layer, expert)
-        path = self.folder / self.files[key]["file"]
+        layout = self._layouts.get(key)
         try:
-            if key not in self._layouts:
+            if layout is None:
+                path = self.path(layer, expert)
                 raw = path.read_bytes()
                 layout = self._check(key, path, raw)
                 offset, nbytes = layout[0]
-                buffer[:nbytes].numpy()[:] = np.frombuffer(raw, np.uint8, nbytes, offset)
-            else:
-                layout = self._layouts[key]
-                offset, nbytes = layout[0]
-                fd = os.open(path, os.O_RDONLY)
-                try:  # one syscall, outside the GIL: the compute thread keeps running
-                    got = os.preadv(fd, [buffer[:nbytes].numpy()], offset)
-                finally:
-                    os.close(fd)
-                if got != nbytes:
-                    raise AssetMissing(f"Expert file {path} (layer {layer}, expert {expert}) is "
-                                       f"truncated ({got} of {nbytes} bytes).")
+                target[:nbytes] = np.frombuffer(raw, np.uint8, nbytes, offset)
+                return layout[1]
+            offset, nbytes = layout[0]
+            fd = self._fds.get(key)
+            if fd is None:
+                fd = self._fds[key] = os.open(self.path(layer, expert), os.O_RDONLY)
+            got = os.preadv(fd, [target[:nbytes]], offset)
         except OSError as exc:
-            raise AssetMissing(f"Expert file {path} (layer {layer}, expert {expert}) is missing "
-                               f"or unreadable ({exc}).") from exc
-        return self.views(layer, expert, buffer)
+            raise AssetMissing(f"Expert file {self.path(layer, expert)} (layer {layer}, expert "
+                               f"{expert}) is missing or unreadable ({exc}).") from exc
+        if got != nbytes:
+            raise AssetMissing(f"Expert file {self.path(layer, expert)} (layer {layer}, expert "
+                               f"{expert}) is truncated ({got} of {nbytes} bytes).")
+        return layout[1]
+
+    def layout_views(self, spec: tuple, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Tensors laid out by `spec` (from read_raw) as views of a buffer."""
+        return {name: buffer[start:end].view(dtype).view(shape)
+                for name, dtype, shape, start, end in spec}
+
+    def close(self) -> None:
+        """Close the expert files kept open."""
+        for fd in self._fds.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fds.clear()
+
+    def __del__(self) -> None:
+        """Close the files kept open."""
+        self.close()
 
     def views(self, layer: int, expert: int, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
         """An expert's tensors as views of a buffer holding its bytes (after one read)."""
-        return {name: buffer[start:end].view(dtype).view(shape)
-                for name, dtype, shape, start, end in self._layouts[(layer, expert)][1]}
+        return self.layout_views(self._layouts[(layer, expert)][1], buffer)
 
     def _check(self, key: tuple[int, int], path: Path, raw: bytes) -> tuple:
         """Checksum and header of a file's first read → ((data offset, data bytes), views)."""
@@ -205,6 +237,7 @@ class ExpertStore:
     def check(self) -> None:
         """Verify every expert file now (missing or corrupt → AssetMissing naming it)."""
         self._layouts.clear()
+        self.close()
         for (layer, expert) in self.files:
             self.read(layer, expert, torch.device("cpu"))
 
@@ -212,24 +245,43 @@ class ExpertStore:
 @dataclass
 class _Slot:
     tensors: dict[str, torch.Tensor] | None = None
-    ready: threading.Event = field(default_factory=threading.Event)
+    """Views of its buffer, set by the loader once the bytes are there."""
+    read: threading.Event = field(default_factory=threading.Event)
+    """The loader has read its bytes (or failed to)."""
+    ready: bool = False
+    """Its modelled load has finished: it is resident (the compute thread's view)."""
     cause: str = "demand"
     used: bool = False
     last_use: float = 0.0
     uses: int = 0
     loading: bool = False
-    """The loader has started reading it (it can no longer be cancelled)."""
+    """The loader has started reading its bytes."""
     error: Exception | None = None
     buffer: int = -1
     """Which of the fast tier's preallocated buffers holds (or will hold) its bytes."""
+    queued_at: float = 0.0
+    seconds: float = 0.0
+    """When it joined the storage channel's queue, and its modelled load time (s)."""
+    start: float | None = None
+    """When the channel started its modelled load (perf_counter s); None while queued."""
+    demand: bool = False
 
 
 class ExpertCache:
-    """The fast tier: at most `capacity` experts resident or in flight, filled by one loader thread.
+    """The fast tier: at most `capacity` experts resident or in flight, filled through one
+    modelled storage channel.
 
     `acquire` returns an expert's weights, waiting (a stall) when it is not resident; `prefetch`
     queues a load ahead of time. Demand loads jump the queue of prefetches, but never interrupt the
     load in flight (one storage channel).
+
+    The channel is a clock, not a sleeping thread: each load takes `bw.seconds(bytes)` on it, one
+    after the other in queue order, and an expert is resident once its modelled load has ended.
+    A background loader thread reads the real bytes into the fast tier as soon as a load is
+    queued (on CUDA: into pinned memory, then a copy on a side stream); compute waits only for
+    the modelled end (and for the bytes, should the reader ever lag behind it). So storage time
+    overlaps with compute as a DMA engine's would, and the 2-core host pays for a read only once,
+    instead of waking a loader thread at the end of every load.
     """
 
     def __init__(self, store: ExpertStore, capacity: int, bw: Bandwidth, policy: str,
@@ -254,16 +306,22 @@ class ExpertCache:
         self.predicted: dict[tuple[int, int], int] = {}
         """Expert → the token for which a predictor last expected it (the `predicted` policy
         keeps these)."""
+        self.predicted_layers: dict[int, int] = {}
+        """Layer → the token for which a predictor last named its experts."""
         self.events: list[Event] = []
         self.token = 0
         self.layer = 0
         """The token and layer computing now (set by the runtime)."""
         self.t0 = time.perf_counter()
         self._lock = threading.Lock()
-        self._demand: queue.SimpleQueue = queue.SimpleQueue()
-        self._prefetch: queue.SimpleQueue = queue.SimpleQueue()
-        self._wake: queue.SimpleQueue = queue.SimpleQueue()
-        """One item per queued load (C-level blocking: the idle loader costs the GIL nothing)."""
+        self._plan: list[tuple[int, int]] = []
+        """The storage channel: loads not yet finished, in channel order (the head may be in
+        flight)."""
+        self._channel_free = self.t0
+        """When the channel finished its last load (perf_counter s)."""
+        self._reads: queue.SimpleQueue = queue.SimpleQueue()
+        """Loads for the reader thread (C-level blocking: the idle reader costs the GIL
+        nothing)."""
         self._stop = False
         self.bytes_loaded = 0
         self.peak = 0
@@ -271,9 +329,14 @@ class ExpertCache:
         self._pool = [torch.empty(store.expert_bytes, dtype=torch.uint8, device=device)
                       for _ in range(capacity)]
         """The fast tier's memory: one buffer per slot, allocated once; loads read into them."""
+        self._pool_np = [b.numpy() for b in self._pool] if device.type == "cpu" else []
+        self._views: dict[tuple[int, tuple], dict[str, torch.Tensor]] = {}
+        """(buffer, layout) → the tensors of an expert with that layout in that buffer, made
+        once: experts of one model share a layout, so a load needs no tensor op at all."""
         self._free = list(range(capacity))
         self._queued: set[tuple[int, int]] = set()
-        """Prefetches queued and not yet started (a newer prediction may cancel them)."""
+        """Prefetches queued on the channel and not yet started (a newer prediction may cancel
+        them)."""
         self._staging = None if device.type == "cpu" else torch.empty(
             store.expert_bytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
         """Off CPU, files are read into (pinned) host memory, then copied to the device."""
@@ -290,9 +353,9 @@ class ExpertCache:
     def warm(self, experts: list[tuple[int, int]]) -> None:
         """Make experts resident at once, without modelled time (the state before a run)."""
         for key in experts[: self.capacity]:
-            slot = _Slot(cause="warm", buffer=self._free.pop())
+            slot = _Slot(cause="warm", buffer=self._free.pop(), ready=True)
             slot.tensors = self._fill(key, slot.buffer)
-            slot.ready.set()
+            slot.read.set()
             self.slots[key] = slot
 
     def request(self, layer: int, experts: list[int]) -> None:
@@ -301,18 +364,18 @@ class ExpertCache:
         released).
         """
         with self._lock:
+            self._advance()
             first = experts[: self.capacity]
             self.pinned = {(layer, e) for e in first}
             for e in first:
                 key = (layer, e)
                 if key not in self.slots:
                     self._reserve(key, "demand")
-                elif key not in self._queued:
-                    continue
-                # missing, or a prefetch still queued: it is needed now, so it jumps the queue
-                self._queued.discard(key)
-                self._demand.put(key)
-                self._wake.put(None)
+                elif key in self._queued:
+                    # a prefetch still queued is needed now: it jumps the queue
+                    self._queued.discard(key)
+                    self._plan.remove(key)
+                    self._schedule(key, demand=True)
 
     def acquire(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
         """The weights of a resident expert, waiting for its load if needed (recorded as a
@@ -320,20 +383,21 @@ class ExpertCache:
         """
         key = (layer, expert)
         with self._lock:
+            self._advance()
             slot = self.slots.get(key)
             self.pinned.add(key)
             if slot is None:  # beyond what request() could hold, or never requested
                 slot = self._reserve(key, "demand")
-                self._demand.put(key)
-                self._wake.put(None)
+            ready = slot.ready
         now = self.now_ms()
-        ready = slot.ready.is_set()
         self.events.append(Event("hit" if ready else "miss", self.token, layer, expert, now, now,
                                  slot.cause))
         if not ready:
-            slot.ready.wait()
+            self._wait(key, slot)
             self.events.append(Event("stall", self.token, layer, expert, now, self.now_ms(),
                                      slot.cause))
+        if slot.tensors is None:
+            slot.read.wait()  # the reader lags behind the modelled clock (not seen so far)
         if slot.error is not None:
             raise slot.error
         with self._lock:
@@ -348,17 +412,20 @@ class ExpertCache:
 
     def prefetch(self, layer: int, experts: list[int], distance: int) -> None:
         """Queue ahead-of-time loads of predicted experts that are neither resident nor in
-        flight; skipped when only pinned (or, under `predicted`, only expected) experts could
-        make room.
+        flight; skipped when only pinned (or, under `predicted` and `ahead`, only experts
+        expected as soon) experts could make room.
 
         A prediction for a layer supersedes the earlier, farther one: the layer's queued
         prefetches that it no longer names are cancelled before they take the storage channel.
         """
         with self._lock:
+            self._advance()
+            self.predicted_layers[layer] = self.token
             wanted = set(experts)
             for key in [k for k in self._queued
                         if k[0] == layer and k[1] not in wanted and k not in self.pinned]:
-                self._cancel(key)
+                if not self._cancel(key):
+                    continue
                 if self.predicted.get(key) == self.token:
                     del self.predicted[key]
             for e in experts:
@@ -366,72 +433,183 @@ class ExpertCache:
                 self.predicted[key] = self.token
                 if key in self.slots:
                     continue
-                if len(self.slots) >= self.capacity and self._victim(for_prefetch=True) is None:
-                    continue
+                if len(self.slots) >= self.capacity:
+                    victim = self._victim(for_prefetch=True, need=key)
+                    if victim is None:
+                        continue
+                    self._evict(victim)
                 self._reserve(key, "prefetch")
                 now = self.now_ms()
                 self.events.append(Event("prefetch", self.token, layer, e, now, now,
                                          str(distance)))
-                self._queued.add(key)
-                self._prefetch.put(key)
-                self._wake.put(None)
-
-    def _cancel(self, key: tuple[int, int]) -> None:
-        """Drop a queued, not yet started load (caller holds the lock)."""
-        dropped = self.slots.pop(key)
-        self._queued.discard(key)
-        self._free.append(dropped.buffer)
-        now = self.now_ms()
-        self.events.append(Event("cancel", self.token, key[0], key[1], now, now, dropped.cause))
 
     def close(self) -> None:
-        """Stop the loader thread."""
+        """Stop the loader thread (after its reads in progress), recording the loads that have
+        ended by now."""
+        with self._lock:
+            self._advance()
         self._stop = True
-        self._wake.put(None)
+        self._reads.put(None)
         self._loader.join(timeout=5)
 
     def resident(self) -> list[tuple[int, int]]:
         """Experts resident now (not in flight)."""
         with self._lock:
-            return [k for k, s in self.slots.items() if s.ready.is_set()]
+            self._advance()
+            return [k for k, s in self.slots.items() if s.ready]
+
+    # -- the storage channel (caller holds the lock) ------------------------------------------
+
+    def _schedule(self, key: tuple[int, int], demand: bool) -> None:
+        """Queue a load on the channel: a demand one after the load in flight and earlier
+        demands, a prefetch at the end."""
+        slot = self.slots[key]
+        slot.demand = slot.demand or demand
+        index = len(self._plan)
+        if demand:
+            index = 0
+            for k in self._plan:
+                queued = self.slots[k]
+                if queued.start is None and not queued.demand:
+                    break
+                index += 1
+        self._plan.insert(index, key)
+
+    def _advance(self) -> None:
+        """Move the channel's clock to now: start queued loads whose turn has come and finish
+        those whose modelled time is over (they become resident; a 'load' event each)."""
+        now = time.perf_counter()
+        plan = self._plan
+        while plan:
+            slot = self.slots[plan[0]]
+            if slot.start is None:
+                start = max(self._channel_free, slot.queued_at)
+                if start > now:
+                    return
+                slot.start = start
+                self._queued.discard(plan[0])
+            end = slot.start + slot.seconds
+            if end > now:
+                return
+            key = plan.pop(0)
+            self._channel_free = end
+            slot.ready = True
+            self.bytes_loaded += self.store.files[key]["bytes"]
+            self.events.append(Event("load", self.token, key[0], key[1],
+                                     (slot.start - self.t0) * 1000.0, (end - self.t0) * 1000.0,
+                                     slot.cause))
+
+    def _end_of(self, key: tuple[int, int]) -> float:
+        """When the channel will finish loading `key`, as things are queued now."""
+        t = self._channel_free
+        for k in self._plan:
+            slot = self.slots[k]
+            start = slot.start if slot.start is not None else max(t, slot.queued_at)
+            t = start + slot.seconds
+            if k == key:
+                return t
+        return t
+
+    def _wait(self, key: tuple[int, int], slot: _Slot) -> None:
+        """Block (lock released) until `slot`'s modelled load has ended."""
+        while True:
+            with self._lock:
+                self._advance()
+                if slot.ready or key not in self.slots:
+                    return
+                left = self._end_of(key) - time.perf_counter()
+            if left > 0:
+                time.sleep(left)
+
+    def _cancel(self, key: tuple[int, int]) -> bool:
+        """Drop a queued load that has not started on the channel (nor is being read right
+        now); False when it cannot be dropped."""
+        slot = self.slots[key]
+        if slot.start is not None or (slot.loading and not slot.read.is_set()):
+            return False
+        self.slots.pop(key)
+        self._queued.discard(key)
+        self._plan.remove(key)
+        self._free.append(slot.buffer)
+        now = self.now_ms()
+        self.events.append(Event("cancel", self.token, key[0], key[1], now, now, slot.cause))
+        return True
 
     # -- eviction -----------------------------------------------------------------------------
 
     def _reserve(self, key: tuple[int, int], cause: str) -> _Slot:
-        """Take a slot for a load, evicting if the tier is full (caller holds the lock).
+        """Take a slot for a load and queue it, evicting if the tier is full (caller holds the
+        lock).
 
         A demand load that finds no resident expert to evict cancels a queued prefetch, or
         else waits (lock released) for the load in flight to land.
         """
         while len(self.slots) >= self.capacity:
-            victim = self._victim(for_prefetch=cause == "prefetch")
+            victim = self._victim(for_prefetch=cause == "prefetch", need=key)
             if victim is not None:
                 self._evict(victim)
                 continue
             if cause == "prefetch":
                 raise RuntimeError("prefetch() checks for a victim first")
-            queued = [k for k, s in self.slots.items()
-                      if not s.ready.is_set() and not s.loading and k not in self.pinned]
-            if queued:
-                self._cancel(queued[-1])
+            queued = [k for k in reversed(self._plan)
+                      if self.slots[k].start is None and k not in self.pinned]
+            if any(self._cancel(k) for k in queued[:1]):
                 continue
-            loading = [s for k, s in self.slots.items() if s.loading and not s.ready.is_set()]
-            if not loading:
+            reading = [s for k, s in self.slots.items()
+                       if s.ready and s.tensors is None and s.error is None]
+            if not self._plan and not reading:
                 raise ConfigError(f"The fast tier of {self.capacity} experts is full of experts "
                                   "in use; raise the capacity.")
+            left = self._end_of(self._plan[0]) - time.perf_counter() if self._plan else 0.0
             self._lock.release()
             try:
-                loading[0].ready.wait()
+                if left > 0:
+                    time.sleep(left)
+                elif reading:  # the modelled load is over, the real read not yet
+                    reading[0].read.wait()
             finally:
                 self._lock.acquire()
-        slot = _Slot(cause=cause, buffer=self._free.pop())
+            self._advance()
+        nbytes = self.store.files[key]["bytes"]
+        slot = _Slot(cause=cause, buffer=self._free.pop(), queued_at=time.perf_counter(),
+                     seconds=self.bw.seconds(nbytes))
         self.slots[key] = slot
         self.peak = max(self.peak, len(self.slots))
+        self._schedule(key, demand=cause == "demand")
+        if cause == "prefetch":
+            self._queued.add(key)
+        self._reads.put(key)
         return slot
 
-    def _victim(self, for_prefetch: bool) -> tuple[int, int] | None:
+    def next_use(self, key: tuple[int, int]) -> int:
+        """The `ahead` policy's estimate of when an expert is next used, in layers from now.
+
+        An expert of a later layer of this token is expected this token (d = its layer minus the
+        current one) when a predictor named it, or when no prediction for its layer has been made
+        yet (it may be routed to again, as about half of a layer's experts are from one token to
+        the next); otherwise, or when its layer is already behind, its next chance is the next
+        token (d + N). Without a predictor this keeps the same band of layers resident token
+        after token instead of cycling every expert through the tier, which is what LRU does
+        when a token needs more experts than the tier holds.
+        """
+        layer, now, token = key[0], self.layer, self.token
+        ahead = key[0] - now
+        if layer > now and (self.predicted.get(key) == token
+                            or self.predicted_layers.get(layer) != token):
+            return ahead
+        return ahead + self.store.n_layers
+
+    def _victim(self, for_prefetch: bool, need: tuple[int, int] | None = None
+                ) -> tuple[int, int] | None:
+        """Which resident expert leaves to make room for `need`; None when none may.
+
+        A prefetch under `predicted` never evicts an expert predicted for a later layer of this
+        token; under `ahead` it only evicts one expected after `need`.
+        """
+        if self.policy == "ahead":
+            return self._furthest(need if for_prefetch else None)
         candidates = [k for k, s in self.slots.items()
-                      if s.ready.is_set() and k not in self.pinned]
+                      if s.ready and s.tensors is not None and k not in self.pinned]
         if not candidates:
             return None
         if self.policy == "lfu":
@@ -446,6 +624,28 @@ class ExpertCache:
             return None if for_prefetch else candidates[0]
         return candidates[0]  # lru: OrderedDict keeps least recent first
 
+    def _furthest(self, need: tuple[int, int] | None) -> tuple[int, int] | None:
+        """`ahead`: the evictable expert with the furthest `next_use` (ties: least recently
+        used), or None when there is none or, for a prefetch of `need`, when it is not expected
+        after `need` itself (next_use inlined: this runs for every load).
+        """
+        now, token, n = self.layer, self.token, self.store.n_layers
+        predicted, layers, pinned = self.predicted, self.predicted_layers, self.pinned
+        best, best_d = None, -1
+        for key, slot in self.slots.items():
+            if not slot.ready or slot.tensors is None or key in pinned:  # in flight, or in use
+                continue
+            layer = key[0]
+            d = layer - now
+            if not (layer > now and (predicted.get(key) == token
+                                     or layers.get(layer) != token)):
+                d += n
+            if d > best_d:
+                best, best_d = key, d
+        if best is None or (need is not None and best_d <= need[0] - now):
+            return None
+        return best
+
     def _evict(self, key: tuple[int, int]) -> None:
         slot = self.slots.pop(key)
         self._free.append(slot.buffer)
@@ -454,13 +654,17 @@ class ExpertCache:
         if slot.cause == "prefetch" and not slot.used:
             self.events.append(Event("wasted", self.token, key[0], key[1], now, now))
 
-    # -- the loader thread --------------------------------------------------------------------
+    # -- the reader thread --------------------------------------------------------------------
 
     def _fill(self, key: tuple[int, int], index: int) -> dict[str, torch.Tensor]:
         """Read an expert's file into buffer `index` of the fast tier; its tensors, as views."""
         target = self._pool[index]
         if self._staging is None:
-            return self.store.read_into(*key, target)
+            spec = self.store.read_raw(*key, self._pool_np[index])
+            views = self._views.get((index, spec))
+            if views is None:
+                views = self._views[(index, spec)] = self.store.layout_views(spec, target)
+            return views
         self.store.read_into(*key, self._staging)
         nbytes = self.store.files[key]["bytes"]
         if self._stream is not None:
@@ -471,42 +675,19 @@ class ExpertCache:
             target[:nbytes].copy_(self._staging[:nbytes])
         return self.store.views(*key, target)
 
-    def _next(self) -> tuple[tuple[int, int], str] | None:
-        for q, cause in ((self._demand, "demand"), (self._prefetch, "prefetch")):
-            try:
-                return q.get_nowait(), cause
-            except queue.Empty:
-                continue
-        return None
-
     def _run(self) -> None:
+        """Read queued experts' bytes into their buffers, in the order they were queued."""
         while True:
-            self._wake.get()
+            key = self._reads.get()
             if self._stop:
                 return
-            item = self._next()
-            if item is None:
-                continue
-            key, _ = item
             with self._lock:
                 slot = self.slots.get(key)
-                if slot is None or slot.ready.is_set() or slot.loading:
-                    continue  # cancelled before its turn, or already there
+                if slot is None or slot.loading:
+                    continue  # cancelled (or evicted) before its turn, or already read
                 slot.loading = True
-                self._queued.discard(key)
-            start = time.perf_counter()
             try:
-                tensors = self._fill(key, slot.buffer)
+                slot.tensors = self._fill(key, slot.buffer)
             except Exception as exc:  # surfaced to the compute thread by acquire()
                 slot.error = exc
-                slot.ready.set()
-                continue
-            nbytes = self.store.files[key]["bytes"]
-            finish = start + self.bw.seconds(nbytes)
-            while (left := finish - time.perf_counter()) > 0:
-                time.sleep(left)
-            slot.tensors = tensors
-            self.bytes_loaded += nbytes
-            self.events.append(Event("load", self.token, key[0], key[1],
-                                     (start - self.t0) * 1000.0, self.now_ms(), slot.cause))
-            slot.ready.set()
+            slot.read.set()

@@ -52,7 +52,7 @@ def test_reference_equals_transformers_generate(offload, reference):
 
 
 @pytest.mark.parametrize("predictor", PREDICTORS)
-@pytest.mark.parametrize("policy", ["lru", "lfu", "predicted"])
+@pytest.mark.parametrize("policy", ["lru", "lfu", "predicted", "ahead"])
 def test_every_predictor_and_policy_gives_the_reference_output(offload, reference, predictor,
                                                                policy):
     cfg = OffloadConfig(capacity=3, bandwidth=FAST, predictor=predictor, lookahead=2,
@@ -132,6 +132,81 @@ def test_predicted_policy_keeps_what_is_predicted(offload):
         cache.request(1, [3])
         cache.acquire(1, 3)
         assert (0, 0) in cache.resident() and (0, 1) not in cache.resident()
+    finally:
+        cache.close()
+
+
+def fill(cache: ExpertCache, experts: list[tuple[int, int]]) -> None:
+    """Load experts on demand, one after the other, and let go of them."""
+    for layer, expert in experts:
+        cache.layer = layer
+        cache.request(layer, [expert])
+        cache.acquire(layer, expert)
+        cache.release(layer, expert)
+
+
+def test_ahead_policy_evicts_the_expert_needed_last(offload):
+    """With layers as the clock, at layer 2 of a 4-layer model: layer 3 comes next (kept), then
+    layers 0, 1 and 2 of the next token; LRU would evict layer 3's expert, the oldest."""
+    cache = ExpertCache(offload.store, 4, PRESETS[FAST], "ahead", 1)
+    try:
+        fill(cache, [(3, 0), (0, 0), (1, 0), (2, 0)])
+        assert [cache.next_use(k) for k in [(3, 0), (0, 0), (1, 0), (2, 0)]] == [1, 2, 3, 4]
+        fill(cache, [(2, 1)])  # the current layer's other expert is needed last: it leaves
+        assert set(cache.resident()) == {(3, 0), (0, 0), (1, 0), (2, 1)}
+    finally:
+        cache.close()
+
+
+def test_ahead_policy_uses_the_predictions(offload):
+    """Once layer 3 is predicted without expert 0, (3, 0) is next needed a token later and goes
+    first; a prefetch evicts only an expert expected after the one it loads."""
+    cache = ExpertCache(offload.store, 3, PRESETS[FAST], "ahead", 1)
+    try:
+        fill(cache, [(3, 0), (0, 0), (1, 0)])
+        cache.layer = 1
+        assert cache.next_use((3, 0)) == 2
+        cache.prefetch(3, [2], distance=2)  # (3, 0) is not predicted: it is evicted for (3, 2)
+        assert (3, 0) not in cache.slots and (3, 2) in cache.slots
+        assert cache.next_use((3, 2)) == 2
+        cache.acquire(3, 2)
+        cache.release(3, 2)
+        # at layer 1, (1, 0) is next used in 4 layers and (0, 0) in 3: prefetching for layer 3
+        # (in 2 layers) may evict (1, 0) but nothing expected before layer 3
+        cache.prefetch(3, [2, 1], distance=2)
+        assert (1, 0) not in cache.slots and (3, 1) in cache.slots
+        cache.acquire(3, 1)
+        cache.release(3, 1)
+        cache.prefetch(3, [2, 1, 3], distance=2)  # (0, 0), needed in 3 layers, makes room
+        assert (0, 0) not in cache.slots and (3, 3) in cache.slots
+        cache.acquire(3, 3)
+        cache.release(3, 3)
+        cache.prefetch(3, [2, 1, 3, 0], distance=2)  # all resident are needed as soon: skipped
+        assert (3, 0) not in cache.slots
+        assert [e.kind for e in cache.events].count("evict") == 3
+    finally:
+        cache.close()
+
+
+def test_loads_take_their_modelled_time_one_after_the_other(offload):
+    """The storage channel is a clock: each load lasts bw.seconds(bytes), loads do not overlap,
+    and compute that needs an expert waits (a stall) until its load has ended."""
+    slow = Bandwidth("slow", 1e9, 0.04, "slow")  # 40 ms per load, whatever the size
+    cache = ExpertCache(offload.store, 4, slow, "lru", 2)
+    try:
+        start = cache.now_ms()
+        cache.request(1, [0, 1])
+        cache.acquire(1, 1)  # queued second: ready after two loads
+        waited = cache.now_ms() - start
+        cache.acquire(1, 0)
+        loads = sorted((e.start_ms, e.end_ms) for e in cache.events if e.kind == "load")
+        assert len(loads) == 2
+        assert all(end - begin >= 40.0 for begin, end in loads)
+        assert loads[1][0] >= loads[0][1]  # one channel: the second starts when the first ends
+        assert waited >= 80.0
+        stalls = [e for e in cache.events if e.kind == "stall"]
+        assert [(e.layer, e.expert) for e in stalls] == [(1, 1)]
+        assert {(1, 0), (1, 1)} == set(cache.resident())
     finally:
         cache.close()
 
@@ -323,7 +398,7 @@ def test_benchmark_cli_in_process(offload, tmp_path):
     args = moe_bench.parse_args([
         "--prompts", str(prompts), "--max-new-tokens", "5", "--repeats", "1", "--capacity",
         "4", "--bandwidth", "nvme", "--predictors", "none", "pregate", "oracle", "--policies",
-        "lru", "predicted", "--lookahead", "1", "2", "--sweep-capacity", "2", "8",
+        "lru", "predicted", "ahead", "--lookahead", "1", "2", "--sweep-capacity", "2", "8",
         "--sweep-bandwidth", "emmc", "--dtype", "float32"])
     report = moe_bench.bench(args, offload=offload)
     summary = report["summary"]
@@ -332,6 +407,9 @@ def test_benchmark_cli_in_process(offload, tmp_path):
     assert "oracle/predicted/D2/cap4/nvme" in summary
     assert "pregate/predicted/D1/cap8/nvme" in summary and "none/lru/D1/cap2/nvme" in summary
     assert "pregate/predicted/D1/cap4/emmc" in summary
+    # on-demand loading gets the policies that differ without predictions, `predicted` does not
+    assert "none/ahead/D1/cap4/nvme" in summary and "none/predicted/D1/cap4/nvme" not in summary
+    assert "oracle/ahead/D2/cap4/nvme" in summary
     for key, row in summary.items():
         if key == "resident_tok_per_s":
             continue

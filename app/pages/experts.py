@@ -42,9 +42,10 @@ dense. It is stored as a standard Qwen2-MoE checkpoint; the same engine runs Mix
 Qwen2-MoE folders (give one below). Its perplexity and chat quality against the dense model are
 in BENCHMARKS.md: the sparse model is much worse than the dense one, and the page says so.
 
-**The tiers.** Every routed expert is a file in an expert store; a background loader reads it and
-takes the time the chosen storage would (bytes ÷ bandwidth + a per-read latency; the presets
-are modelled, the reads are real). The fast tier is *capacity* buffers allocated once; a load
+**The tiers.** Every routed expert is a file in an expert store. A load takes the time the chosen
+storage would (bytes ÷ bandwidth + a per-read latency), on one storage channel, one load after
+the other, while compute goes on: the presets and that clock are modelled, the reads are real (a
+background thread reads the file as soon as the load is queued). The fast tier is *capacity* buffers allocated once; a load
 reads the file straight into one, as a serving engine fills a slot of device memory. The
 model's own weights stay in memory for the all-resident reference, so the budget
 is modelled, not enforced by the operating system.
@@ -54,9 +55,14 @@ low-rank **rate accelerator** (the MoE model's fast residual; issue 3's block-le
 the dense MLPs), then through the routers of layers l+1 … l+D, top-k plus a margin. *pregate*:
 the same routers on the unaccelerated state. *previous*: the previous token's experts. *oracle*:
 the experts this run will use (from the reference run; an upper bound). *none*: load on demand.
-**Eviction**: LRU, LFU, or *predicted* (keep what a predictor expects in this token's later
-layers, evict the rest by LRU). Demand loads jump the queue of prefetches; a closer
-prediction for a layer cancels its queued prefetches that it no longer names.
+**Eviction**: LRU, LFU, *predicted* (keep what a predictor expects in this token's later
+layers, evict the rest by LRU), or *ahead* (a Belady estimate with the layers as the clock:
+decoding visits layers 1 … N token after token, so the expert whose layer comes round last
+leaves first; a predicted expert is expected this token, an unpredicted one of an already
+predicted layer only next token). LRU is the worst choice when one token needs more experts
+than the tier holds: it evicts exactly the expert the next token reaches first. Demand loads
+jump the queue of prefetches; a closer prediction for a layer cancels its queued prefetches
+that it no longer names.
 
 **Timings** are decode-phase wall-clock of this session, the setting against on-demand LRU at
 the same capacity and bandwidth, measured one after the other on the same prompt.
@@ -327,7 +333,8 @@ def _report() -> None:
     # the sweeps ran at the first lookahead with the sweep policy (the baseline: none · LRU)
     summary = {k: dict(v) for k, v in summary.items()
                if v["lookahead"] == args["lookahead"][0]
-               and (v["predictor"] == "none" or v["policy"] == args["sweep_policy"])}
+               and (v["policy"] == "lru" if v["predictor"] == "none"
+                    else v["policy"] == args["sweep_policy"])}
     bws = {k: v.bytes_per_s for k, v in PRESETS.items()}
     for v in summary.values():
         v["bandwidth_bytes_per_s"] = bws.get(v["bandwidth"], 0)
