@@ -445,7 +445,8 @@ class ExpertCache:
 
     def close(self) -> None:
         """Stop the loader thread (after its reads in progress), recording the loads that have
-        ended by now."""
+        ended by now.
+        """
         with self._lock:
             self._advance()
         self._stop = True
@@ -462,7 +463,8 @@ class ExpertCache:
 
     def _schedule(self, key: tuple[int, int], demand: bool) -> None:
         """Queue a load on the channel: a demand one after the load in flight and earlier
-        demands, a prefetch at the end."""
+        demands, a prefetch at the end.
+        """
         slot = self.slots[key]
         slot.demand = slot.demand or demand
         index = len(self._plan)
@@ -477,7 +479,8 @@ class ExpertCache:
 
     def _advance(self) -> None:
         """Move the channel's clock to now: start queued loads whose turn has come and finish
-        those whose modelled time is over (they become resident; a 'load' event each)."""
+        those whose modelled time is over (they become resident; a 'load' event each).
+        """
         now = time.perf_counter()
         plan = self._plan
         while plan:
@@ -523,7 +526,8 @@ class ExpertCache:
 
     def _cancel(self, key: tuple[int, int]) -> bool:
         """Drop a queued load that has not started on the channel (nor is being read right
-        now); False when it cannot be dropped."""
+        now); False when it cannot be dropped.
+        """
         slot = self.slots[key]
         if slot.start is not None or (slot.loading and not slot.read.is_set()):
             return False

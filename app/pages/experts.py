@@ -19,7 +19,7 @@ from m2r2core.experts import POLICIES, PRESETS
 from m2r2core.offload import OffloadConfig, OffloadEngine, OffloadRun
 from m2r2core.prefetch import PREDICTORS
 
-REPORT = "moe_bf16.json"
+REPORT = "moe_bf16_clock.json"
 RESULT_KEY = "experts_result"
 MODEL_KEY = "experts_model"
 
@@ -45,10 +45,10 @@ in BENCHMARKS.md: the sparse model is much worse than the dense one, and the pag
 **The tiers.** Every routed expert is a file in an expert store. A load takes the time the chosen
 storage would (bytes ÷ bandwidth + a per-read latency), on one storage channel, one load after
 the other, while compute goes on: the presets and that clock are modelled, the reads are real (a
-background thread reads the file as soon as the load is queued). The fast tier is *capacity* buffers allocated once; a load
-reads the file straight into one, as a serving engine fills a slot of device memory. The
-model's own weights stay in memory for the all-resident reference, so the budget
-is modelled, not enforced by the operating system.
+background thread reads the file as soon as the load is queued). The fast tier is *capacity*
+buffers allocated once; a load reads the file straight into one, as a serving engine fills a
+slot of device memory. The model's own weights stay in memory for the all-resident reference,
+so the budget is modelled, not enforced by the operating system.
 
 **The predictors (our reading, switchable).** *m2r2*: the state after block l through a trained
 low-rank **rate accelerator** (the MoE model's fast residual; issue 3's block-level adapters need
