@@ -143,7 +143,9 @@ def bench(args: argparse.Namespace, progress: Callable[[int, int, str], None] | 
 
 
 def _model(offload: OffloadEngine) -> dict:
-    info = vars(offload.engine.info).copy()
+    home = str(Path.home())
+    info = {k: "~" + v[len(home):] if isinstance(v, str) and v.startswith(home + "/") else v
+            for k, v in vars(offload.engine.info).items()}  # no path of this machine
     info.update(n_experts=offload.moe.n_experts, top_k=offload.moe.top_k,
                 total_experts=offload.total_experts, accelerator=offload.accel_note)
     return info
