@@ -334,9 +334,6 @@ class ExpertCache:
         """(buffer, layout) → the tensors of an expert with that layout in that buffer, made
         once: experts of one model share a layout, so a load needs no tensor op at all."""
         self._free = list(range(capacity))
-        self._queued: set[tuple[int, int]] = set()
-        """Prefetches queued on the channel and not yet started (a newer prediction may cancel
-        them)."""
         self._staging = None if device.type == "cpu" else torch.empty(
             store.expert_bytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
         """Off CPU, files are read into (pinned) host memory, then copied to the device."""
@@ -371,9 +368,8 @@ class ExpertCache:
                 key = (layer, e)
                 if key not in self.slots:
                     self._reserve(key, "demand")
-                elif key in self._queued:
+                elif self._queued_prefetch(key):
                     # a prefetch still queued is needed now: it jumps the queue
-                    self._queued.discard(key)
                     self._plan.remove(key)
                     self._schedule(key, demand=True)
 
@@ -422,8 +418,8 @@ class ExpertCache:
             self._advance()
             self.predicted_layers[layer] = self.token
             wanted = set(experts)
-            for key in [k for k in self._queued
-                        if k[0] == layer and k[1] not in wanted and k not in self.pinned]:
+            for key in [k for k in self._plan if self._queued_prefetch(k)
+                        and k[0] == layer and k[1] not in wanted and k not in self.pinned]:
                 if not self._cancel(key):
                     continue
                 if self.predicted.get(key) == self.token:
@@ -461,6 +457,13 @@ class ExpertCache:
 
     # -- the storage channel (caller holds the lock) ------------------------------------------
 
+    def _queued_prefetch(self, key: tuple[int, int]) -> bool:
+        """A prefetch waiting on the channel, not yet started (a newer prediction may cancel
+        it; a demand for it moves it forward).
+        """
+        slot = self.slots.get(key)
+        return slot is not None and not slot.ready and slot.start is None and not slot.demand
+
     def _schedule(self, key: tuple[int, int], demand: bool) -> None:
         """Queue a load on the channel: a demand one after the load in flight and earlier
         demands, a prefetch at the end.
@@ -490,7 +493,6 @@ class ExpertCache:
                 if start > now:
                     return
                 slot.start = start
-                self._queued.discard(plan[0])
             end = slot.start + slot.seconds
             if end > now:
                 return
@@ -532,7 +534,6 @@ class ExpertCache:
         if slot.start is not None or (slot.loading and not slot.read.is_set()):
             return False
         self.slots.pop(key)
-        self._queued.discard(key)
         self._plan.remove(key)
         self._free.append(slot.buffer)
         now = self.now_ms()
@@ -580,8 +581,6 @@ class ExpertCache:
         self.slots[key] = slot
         self.peak = max(self.peak, len(self.slots))
         self._schedule(key, demand=cause == "demand")
-        if cause == "prefetch":
-            self._queued.add(key)
         self._reads.put(key)
         return slot
 
@@ -631,22 +630,14 @@ class ExpertCache:
     def _furthest(self, need: tuple[int, int] | None) -> tuple[int, int] | None:
         """`ahead`: the evictable expert with the furthest `next_use` (ties: least recently
         used), or None when there is none or, for a prefetch of `need`, when it is not expected
-        after `need` itself (next_use inlined: this runs for every load).
+        after `need` itself.
         """
-        now, token, n = self.layer, self.token, self.store.n_layers
-        predicted, layers, pinned = self.predicted, self.predicted_layers, self.pinned
-        best, best_d = None, -1
-        for key, slot in self.slots.items():
-            if not slot.ready or slot.tensors is None or key in pinned:  # in flight, or in use
-                continue
-            layer = key[0]
-            d = layer - now
-            if not (layer > now and (predicted.get(key) == token
-                                     or layers.get(layer) != token)):
-                d += n
-            if d > best_d:
-                best, best_d = key, d
-        if best is None or (need is not None and best_d <= need[0] - now):
+        candidates = [k for k, s in self.slots.items()
+                      if s.ready and s.tensors is not None and k not in self.pinned]
+        if not candidates:
+            return None
+        best = max(candidates, key=self.next_use)  # max keeps the first (least recent) of ties
+        if need is not None and self.next_use(best) <= need[0] - self.layer:
             return None
         return best
 
