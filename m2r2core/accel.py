@@ -25,6 +25,8 @@ from m2r2core.hf_compat import BlockParts, DecoderParts
 
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 TARGETS = ("rate", "final")
+BLOCK_CHOICES = ("same", "rate")
+KV_CHOICES = ("shared", "own")
 CARD_NAME = "card.json"
 TRAINED_DIR = Path(__file__).parent / "trained"
 """Committed adapters and routers, one folder per model."""
@@ -53,12 +55,22 @@ class AccelConfig:
     bias: bool = False
     """Also learn a bias on each adapted block's MLP output (the fast residual's update). The
     slow stream carries a few huge, nearly constant activations through its middle layers
-    (SmolLM2: dims 247 and 507, about half the state's energy at layer 15) that only its last
-    layers remove; a bias lets the fast stream shed them without spending adapter rank."""
+    that only its last layers remove; a bias lets the fast stream shed them without spending
+    adapter rank."""
+    blocks: str = "same"
+    """Which base block fast depth d runs. 'same': block d (the method note's reading).
+    'rate': block tau(d), reading that block's slow cache, so the fast stream runs every r-th
+    block of the model with adapters (a training-study variant; decoding supports 'same')."""
+    kv: str = "shared"
+    """'shared': fast queries read the slow stream's keys/values of earlier positions (the
+    method's shared cache). 'own': the fast stream attends to its own keys/values of every
+    position (a separate cache; a training-study variant; decoding supports 'shared')."""
 
     def validate(self, n_layers: int) -> None:
         """Raise ConfigError unless this shape makes sense for a model of n_layers blocks."""
         require(self.target in TARGETS, "target", self.target, f"one of {TARGETS}")
+        require(self.blocks in BLOCK_CHOICES, "blocks", self.blocks, f"one of {BLOCK_CHOICES}")
+        require(self.kv in KV_CHOICES, "kv", self.kv, f"one of {KV_CHOICES}")
         require(0 <= self.branch_layer < n_layers, "branch_layer", self.branch_layer,
                 f"0..{n_layers - 1} for a {n_layers}-layer model")
         span = n_layers - self.branch_layer
@@ -76,6 +88,15 @@ class AccelConfig:
         """How many blocks the fast stream runs (and carries adapters): ceil((N-b)/r)+margin."""
         span = n_layers - self.branch_layer
         return min(span, math.ceil(span / self.rate) + self.margin)
+
+    @property
+    def decodable(self) -> bool:
+        """Whether the decoding paths (exits, drafting, tracing) implement this shape."""
+        return self.blocks == "same" and self.kv == "shared"
+
+    def base_block(self, depth: int, n_layers: int) -> int:
+        """The index of the base block that fast depth `depth` (1-based) runs."""
+        return depth - 1 if self.blocks == "same" else self.target_depth(depth, n_layers) - 1
 
     def target_depth(self, depth: int, n_layers: int) -> int:
         """tau(d): the slow depth fast depth d is trained to match."""
@@ -131,8 +152,8 @@ class Accelerator(nn.Module):
         self.first = config.branch_layer
         gen = torch.Generator().manual_seed(seed)
         self.blocks = nn.ModuleList()
-        for index in range(self.first, self.first + self.n_fast):
-            bp = hf_compat.block_parts(parts, index)
+        for depth in self.depths:
+            bp = hf_compat.block_parts(parts, config.base_block(depth, self.n_layers))
             linears = {"q": bp.q_proj, "k": bp.k_proj, "v": bp.v_proj, "o": bp.o_proj}
             if bp.mlp_proj is not None:
                 linears |= dict(zip(("gate", "up", "down"), bp.mlp_proj, strict=True))
@@ -381,12 +402,15 @@ def visible(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int | None,
 
 
 def train_fast_states(parts: DecoderParts, accel: Accelerator, slow: list[torch.Tensor],
-                      rotary: tuple[torch.Tensor, torch.Tensor]) -> list[torch.Tensor]:
+                      rotary: tuple[torch.Tensor, torch.Tensor], local: bool = False
+                      ) -> list[torch.Tensor]:
     """Fast states of every position in parallel, with the inference attention pattern.
 
     Args:
         slow: h^s_0..h^s_N, each (B, T, H), computed without gradients.
         rotary: (cos, sin), each (B, T, D), for positions 0..T-1.
+        local: feed each fast block the slow state its input depth targets (h^s_tau(d-1))
+            instead of the previous fast state: block-by-block training, no chain.
 
     Returns:
         h^f at depths b+1..b+n_fast, each (B, T, H), differentiable w.r.t. the adapters.
@@ -394,15 +418,25 @@ def train_fast_states(parts: DecoderParts, accel: Accelerator, slow: list[torch.
     cos, sin = rotary
     steps = slow[0].shape[1]
     pos = torch.arange(steps, device=slow[0].device)
+    config, n = accel.config, accel.n_layers
+    # Fast query t: slow keys of positions < t and its own key (the diagonal of the rows), or,
+    # with its own cache, the fast keys of every position up to t (rows attend to rows).
+    own = config.kv == "own"
     states, hidden = [], slow[accel.first]
-    for index in range(accel.first, accel.first + accel.n_fast):
+    for offset, depth in enumerate(accel.depths):
+        index = config.base_block(depth, n)
         bp = hf_compat.block_parts(parts, index)
-        with torch.no_grad():
-            past_k, past_v = keys_values(bp, slow[index], cos, sin)
-        # Fast query t: slow keys of positions < t, and its own key (the diagonal of the rows).
-        mask = torch.cat([visible(pos, pos, bp.sliding_window, strict=True),
-                          torch.eye(steps, dtype=torch.bool, device=pos.device)], dim=1)
-        hidden, _, _ = block_rows(bp, accel.block(index), hidden, cos, sin, past_k, past_v,
+        if local and offset:
+            hidden = slow[config.target_depth(depth - 1, n)]
+        if own:
+            past_k = past_v = None
+            mask = visible(pos, pos, bp.sliding_window)
+        else:
+            with torch.no_grad():
+                past_k, past_v = keys_values(bp, slow[index], cos, sin)
+            mask = torch.cat([visible(pos, pos, bp.sliding_window, strict=True),
+                              torch.eye(steps, dtype=torch.bool, device=pos.device)], dim=1)
+        hidden, _, _ = block_rows(bp, accel.blocks[offset], hidden, cos, sin, past_k, past_v,
                                   mask, n_fast=steps)
         states.append(hidden)
     return states

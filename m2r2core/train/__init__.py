@@ -1,0 +1,365 @@
+"""Training the accelerated stream's adapters and the exit routers, on CPU or CUDA.
+
+    python -m m2r2core.train corpus    # the distillation corpus (m2r2core/train/corpus.py)
+    python -m m2r2core.train data      # the first, small self-distillation corpus (distill.py)
+    python -m m2r2core.train adapters  # accelerator adapters (resumable checkpoints)
+    python -m m2r2core.train routers   # ARLA and the MLP baseline, on the trained fast stream
+    python -m m2r2core.train medusa    # Medusa-style draft heads (a speculative-decoding peer)
+
+Every command takes --out (default: the packaged `m2r2core/trained/<model>` folder for the
+adapters and routers, the model cache for data and checkpoints), fixed seeds, a progress bar,
+and writes a metrics log (JSONL) beside its output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+from m2r2core import distill, hf_compat
+from m2r2core.accel import Accelerator, train_fast_states
+from m2r2core.config import EngineConfig, batched_dtype
+from m2r2core.errors import M2R2Error
+from m2r2core.model import fingerprint, load
+from m2r2core.train.adapters import (  # noqa: F401  (the package's public names)
+    adapter_loss,
+    batches,
+    bucketed_batches,
+    cmd_adapters,
+    datasets,
+    held_out_agreement,
+    init_adapters,
+    slow_states,
+    training_dtype,
+)
+from m2r2core.train.common import (  # noqa: F401
+    default_out,
+    frozen_model,
+    progress_bar,
+    router_split,
+    train_split,
+    work_dir,
+)
+from m2r2core.train.speed import cmd_speed
+
+log = logging.getLogger("m2r2core.train")
+
+
+def cmd_data(args: argparse.Namespace) -> None:
+    """Build the self-distillation corpus."""
+    torch.manual_seed(args.seed)
+    loaded = load(EngineConfig(model=args.model, dtype=args.dtype, threads=args.threads))
+    out = args.out or work_dir(args.model) / "corpus.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    samples = distill.build(loaded.model, loaded.tokenizer, args.n_chat, args.n_text,
+                            args.max_new_tokens, args.seq_len, args.seed,
+                            progress=progress_bar("distilling answers"))
+    distill.save(samples, out)
+    log.info("wrote %d samples (%d tokens) to %s", len(samples),
+             sum(len(s.ids) for s in samples), out)
+
+
+def cmd_corpus(args: argparse.Namespace) -> None:
+    """Build or resume the distillation corpus (ShareGPT and Wikipedia; train/corpus.py)."""
+    from m2r2core.train import corpus
+
+    torch.manual_seed(args.seed)
+    loaded = load(EngineConfig(model=args.model, dtype=args.dtype, threads=args.threads,
+                               device=args.device))
+    settings = corpus.Settings(n_sharegpt=args.n_sharegpt, n_wiki=args.n_wiki,
+                               heldout_per_split=args.heldout, max_new_tokens=args.max_new_tokens,
+                               text_tokens=args.text_tokens, window=args.window, seed=args.seed)
+    folder = args.out or work_dir(args.model) / "corpus"
+    started = time.time()
+    manifest = corpus.build(folder, loaded.model, loaded.tokenizer, args.model,
+                            fingerprint(loaded.model), settings, args.batch_size,
+                            args.shard_size, progress_bar("answering instructions"))
+    counts = {split: sum(len(s.ids) for s in corpus.load(folder, split, with_text=False))
+              for split in corpus.SPLITS}
+    text = sum(len(s.ids) for s in corpus.load(folder, "train")) - counts["train"]
+    log.info("corpus in %s: chat tokens by split %s, teacher-forced text %d tokens, %d records "
+             "removed for overlapping an evaluation prompt (%.0f s)", folder, counts, text,
+             manifest.get("removed_for_overlap", 0), time.time() - started)
+
+
+@torch.no_grad()
+def collect_trajectories(parts, accel: Accelerator, check, samples: list[distill.Sample],
+                         seq_len: int, per_sample: int, seed: int) -> dict[str, dict]:
+    """Teacher-forced trajectories of both streams at sampled positions, with exit labels.
+
+    Returns {stream: {normed (P, D, H), lens (P, D, 3), labels (P, D) bool}}; a label says
+    whether the logit lens at that depth already gives the full model's top-1 token.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    out = {"fast": [], "slow": []}
+    bar = progress_bar("collecting trajectories")
+    for done, sample in enumerate(samples, 1):
+        ids = torch.tensor([sample.ids[:seq_len]])
+        slow, rotary = slow_states(parts, ids)
+        fast = train_fast_states(parts, accel, slow, rotary)
+        steps = ids.shape[1]
+        first = max(0, min(sample.answer_start - 1, steps - 1))  # answers and text, as decoded
+        pick = first + torch.randperm(steps - first, generator=gen)[:per_sample]
+        final = parts.lm_head(parts.norm(slow[-1][0, pick])).argmax(-1)  # (p,)
+        for stream, states in (("slow", slow[1:]), ("fast", fast)):
+            stack = torch.stack([s[0, pick] for s in states], dim=1)  # (p, D, H)
+            normed = parts.norm(stack)
+            labels = parts.lm_head(normed).argmax(-1) == final[:, None]
+            out[stream].append((normed.to(torch.bfloat16), check.features(normed), labels))
+        bar(done, len(samples))
+    return {k: {"normed": torch.cat([r[0] for r in v]), "lens": torch.cat([r[1] for r in v]),
+                "labels": torch.cat([r[2] for r in v])} for k, v in out.items()}
+
+
+def fit_router(kind: str, data: dict, epochs: int, seed: int, lr: float = 2e-3) -> tuple:
+    """Train one RouterNet with BCE; return it and its validation metrics."""
+    from m2r2core.routers import RouterNet
+
+    torch.manual_seed(seed)
+    normed, lens, labels = data["normed"], data["lens"], data["labels"].float()
+    count, depth = labels.shape
+    order = torch.randperm(count)
+    val, train = order[: count // 6], order[count // 6:]
+    net = RouterNet(kind, normed.shape[-1], depth)
+    depths = torch.arange(1, depth + 1)
+    optim = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    best, best_state, best_epoch = float("inf"), None, 0
+    for epoch in range(epochs):
+        for start in range(0, len(train), 256):
+            idx = train[start:start + 256]
+            logits, _ = net(normed[idx], lens[idx], depths)
+            loss = F.binary_cross_entropy_with_logits(logits, labels[idx])
+            optim.zero_grad()
+            loss.backward()
+            optim.step()
+        with torch.no_grad():  # keep the epoch with the best validation loss
+            logits, _ = net(normed[val], lens[val], depths)
+            val_loss = float(F.binary_cross_entropy_with_logits(logits, labels[val]))
+        if val_loss < best:
+            best, best_epoch = val_loss, epoch + 1
+            best_state = {k: v.clone() for k, v in net.state_dict().items()}
+    net.load_state_dict(best_state)
+    with torch.no_grad():
+        logits, _ = net(normed[val], lens[val], depths)
+        prob = torch.sigmoid(logits)
+        metrics = {"best_epoch": float(best_epoch),
+                   "val_bce": float(F.binary_cross_entropy_with_logits(logits, labels[val])),
+                   "val_accuracy": float(((prob > 0.5) == (labels[val] > 0.5)).float().mean()),
+                   "val_positive_rate": float(labels[val].mean())}
+        for cut in (0.8, 0.9, 0.95):
+            chosen = prob >= cut
+            if chosen.any():
+                metrics[f"precision@{cut}"] = float(labels[val][chosen].mean())
+            metrics[f"coverage@{cut}"] = float(chosen.float().mean())
+    return net.eval(), metrics
+
+
+def cmd_routers(args: argparse.Namespace) -> None:
+    """Train ARLA and the MLP baseline for both streams on the router split of the corpus."""
+    from m2r2core.accel import load_accelerator
+    from m2r2core.routers import CheckHead, RouterBundle, RouterCard
+
+    torch.manual_seed(args.seed)
+    loaded = load(EngineConfig(model=args.model, dtype=args.dtype, threads=args.threads))
+    parts = hf_compat.decoder_parts(loaded.model)
+    out = args.out or default_out(args.model)
+    accel, _ = load_accelerator(args.adapters or out, parts, args.model,
+                                fingerprint(loaded.model))
+    accel.to(loaded.model.dtype)
+    splits, source = datasets(args, fingerprint(loaded.model))
+    # The check head's sub-vocabulary: the most frequent tokens of the training answers.
+    counts = torch.bincount(torch.tensor([t for s in splits["train"] for t in s.ids]),
+                            minlength=parts.lm_head.weight.shape[0])
+    check_ids = counts.topk(args.check_vocab).indices.sort().values if args.check_vocab else None
+    check = CheckHead(parts, check_ids)
+    started = time.time()
+    samples = splits["router"][:args.limit or None]
+    data = collect_trajectories(parts, accel, check, samples, args.seq_len, args.per_sample,
+                                args.seed)
+    nets, metrics = {}, {}
+    for stream, stream_data in data.items():
+        metrics[f"lens_agreement/{stream}"] = [
+            round(float(x), 4) for x in stream_data["labels"].float().mean(0)]
+        for kind in ("arla", "mlp"):
+            net, m = fit_router(kind, stream_data, args.epochs, args.seed)
+            nets[f"{kind}/{stream}"] = net
+            metrics[f"{kind}/{stream}"] = {k: round(v, 4) for k, v in m.items()}
+            log.info("%s/%s: %s", kind, stream, metrics[f"{kind}/{stream}"])
+    card = RouterCard(
+        model_name=args.model, model_fingerprint=fingerprint(loaded.model),
+        check_vocab=args.check_vocab,
+        max_depth={k: v.max_depth for k, v in nets.items()},
+        training={"data": source, "samples": len(samples),
+                  "positions": int(data["fast"]["labels"].shape[0]),
+                  "per_sample": args.per_sample, "epochs": args.epochs, "seed": args.seed,
+                  "wall_s": round(time.time() - started, 1)},
+        metrics=metrics)
+    RouterBundle(parts, check_ids, nets, card).save(out)
+    log.info("saved routers to %s", out)
+
+
+def cmd_medusa(args: argparse.Namespace) -> None:
+    """Train Medusa-style draft heads on the adapters' corpus (the peer of issue 4)."""
+    from m2r2core import medusa
+
+    loaded, parts, _ = frozen_model(args)
+    splits, source = datasets(args, fingerprint(loaded.model))
+    train, held_out = splits["train"], splits["test"]
+    if args.limit:
+        train, held_out = train[:args.limit], held_out[:max(1, args.limit // 9)]
+    started = time.time()
+    data = medusa.head_data(loaded.model, train, args.seq_len, progress_bar("model states"))
+    check = medusa.head_data(loaded.model, held_out, args.seq_len)
+    states_s = time.time() - started
+    run_dir = work_dir(args.model) / "medusa"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    metrics_log = run_dir / "metrics.jsonl"
+    metrics_log.write_text("")
+
+    def log_line(metrics: dict) -> None:
+        with metrics_log.open("a") as handle:
+            handle.write(json.dumps(metrics) + "\n")
+
+    heads = medusa.train_heads(parts, data, args.heads, args.epochs, args.batch_size, args.lr,
+                               args.seed, progress_bar("training heads"), log_line)
+    accuracy = medusa.head_accuracy(parts, heads, check)
+    wall = time.time() - started
+    card = medusa.HeadsCard(
+        model_name=args.model, model_fingerprint=fingerprint(loaded.model),
+        hidden_size=parts.config.hidden_size, n_heads=args.heads,
+        training={"data": source, "samples": len(train),
+                  "positions": int(data[3].sum()), "epochs": args.epochs,
+                  "batch_positions": args.batch_size, "lr": args.lr, "seq_len": args.seq_len,
+                  "seed": args.seed, "dtype": args.dtype, "threads": torch.get_num_threads(),
+                  "model_states_s": round(states_s, 1), "wall_s": round(wall, 1),
+                  "target": "the model's own greedy token k positions ahead",
+                  "from": "answer and plain-text positions (not the instruction template)",
+                  "lm_head": "the model's own, frozen and shared by every head"},
+        metrics={"held_out_samples": len(held_out), "held_out_positions": int(check[3].sum()),
+                 "held_out_top1_by_head": [round(a, 4) for a in accuracy]},
+    )
+    medusa.save_heads(heads, args.out or default_out(args.model), card)
+    log.info("held-out top-1 by head: %s (%.0f s)", [round(a, 3) for a in accuracy], wall)
+
+
+def parser() -> argparse.ArgumentParser:
+    """The CLI's arguments."""
+    p = argparse.ArgumentParser(prog="python -m m2r2core.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    for name in ("corpus", "data", "adapters", "routers", "medusa", "speed"):
+        s = sub.add_parser(name)
+        s.add_argument("--model", default="smollm2-135m-instruct")
+        s.add_argument("--dtype", default=training_dtype() if name == "adapters"
+                       else batched_dtype(), choices=["bfloat16", "float32"],
+                       help="default: the faster one for this job on this machine")
+        s.add_argument("--threads", type=int, default=0)
+        s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--out", type=Path, default=None)
+        s.add_argument("--seq-len", type=int, default=192)
+        s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+        if name == "corpus":
+            s.add_argument("--n-sharegpt", type=int, default=3000)
+            s.add_argument("--n-wiki", type=int, default=2000)
+            s.add_argument("--heldout", type=int, default=120,
+                           help="instructions answered per held-out split (dev, test)")
+            s.add_argument("--max-new-tokens", type=int, default=160)
+            s.add_argument("--text-tokens", type=int, default=4_500_000)
+            s.add_argument("--batch-size", type=int, default=96)
+            s.add_argument("--shard-size", type=int, default=192)
+            s.add_argument("--window", type=int, default=256,
+                           help="tokens per teacher-forced text window")
+        if name == "data":
+            s.add_argument("--n-chat", type=int, default=480)
+            s.add_argument("--n-text", type=int, default=480)
+            s.add_argument("--max-new-tokens", type=int, default=128)
+        else:
+            s.add_argument("--data", type=Path, default=None,
+                           help="an old-style JSONL corpus (python -m m2r2core.train data)")
+            s.add_argument("--corpus", type=Path, default=None,
+                           help="a distillation corpus folder (default: the one `corpus` "
+                                "builds, when it exists)")
+            s.add_argument("--adapters", type=Path, default=None)
+        if name == "routers":
+            s.add_argument("--check-vocab", type=int, default=2048,
+                           help="sub-vocabulary of the exit-check head (0: full head)")
+            s.add_argument("--per-sample", type=int, default=48)
+            s.add_argument("--epochs", type=int, default=30)
+            s.add_argument("--limit", type=int, default=0,
+                           help="use only this many router samples (0: all)")
+        if name == "medusa":
+            s.add_argument("--heads", type=int, default=4, help="K, drafts per verification")
+            s.add_argument("--epochs", type=int, default=4)
+            s.add_argument("--batch-size", type=int, default=512, help="positions per step")
+            s.add_argument("--lr", type=float, default=1e-3)
+            s.add_argument("--limit", type=int, default=0,
+                           help="use only this many training samples (0: all; for smoke runs)")
+        if name == "speed":
+            s.add_argument("--report", type=Path, default=None, help="write the JSON here")
+        if name in ("adapters", "speed"):
+            s.add_argument("--rate", type=float, default=2.0)
+            s.add_argument("--rank", type=int, default=16)
+            s.add_argument("--margin", type=int, default=2)
+            s.add_argument("--branch-layer", type=int, default=0)
+            s.add_argument("--target", default="rate", choices=["rate", "final"])
+            s.add_argument("--steps", type=int, default=6 if name == "speed" else 240)
+            s.add_argument("--batch-size", type=int, default=8)
+            s.add_argument("--lr", type=float, default=2e-3)
+            s.add_argument("--warmup", type=int, default=20)
+            s.add_argument("--kl-weight", type=float, default=0.5)
+            s.add_argument("--kl-positions", type=int, default=128)
+            s.add_argument("--kl-every", type=int, default=3)
+            s.add_argument("--kl-depths", type=int, nargs="*", default=[],
+                           help="the fast depths with the KL term (default: every --kl-every)")
+            s.add_argument("--bias", action="store_true",
+                           help="also learn a bias on each adapted block's MLP output")
+            s.add_argument("--bias-lr-mult", type=float, default=50.0,
+                           help="learning-rate multiplier of those biases")
+            s.add_argument("--blocks", default="same", choices=["same", "rate"],
+                           help="the base block fast depth d runs: d, or tau(d)")
+            s.add_argument("--kv", default="shared", choices=["shared", "own"],
+                           help="fast queries read the slow cache, or the fast stream's own")
+            s.add_argument("--batching", default="bucketed", choices=["bucketed", "padded"],
+                           help="rows of similar length padded to their longest (default), or "
+                                "--batch-size rows padded to --seq-len")
+            s.add_argument("--batch-tokens", type=int, default=0,
+                           help="tokens per bucketed batch (default batch-size x seq-len)")
+            s.add_argument("--warm-start", type=int, default=0,
+                           help="first steps block by block (each fast block from its input "
+                                "depth's slow target)")
+            s.add_argument("--eval-every", type=int, default=0,
+                           help="held-out agreement every this many steps; the best adapters "
+                                "so far are written to --out (0: at the end only)")
+            s.add_argument("--eval-samples", type=int, default=48)
+            s.add_argument("--max-minutes", type=float, default=0,
+                           help="stop after this wall-clock budget (0: none)")
+            s.add_argument("--save-every", type=int, default=10)
+            s.add_argument("--restart", action="store_true", help="ignore a checkpoint")
+            s.add_argument("--init", type=Path, default=None,
+                           help="start from another run's adapters (checkpoint .pt, or an "
+                                "adapter folder or .safetensors file)")
+            s.add_argument("--run-name", default=None,
+                           help="checkpoint folder name (default adapters-r<rate>)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
+    commands = {"corpus": cmd_corpus, "data": cmd_data, "adapters": cmd_adapters,
+                "routers": cmd_routers,
+                "medusa": cmd_medusa, "speed": cmd_speed}
+    try:
+        commands[args.command](args)
+    except M2R2Error as err:
+        raise SystemExit(f"error: {err}") from None
+

@@ -1,0 +1,431 @@
+"""Training the accelerator adapters: batches, the loss, held-out agreement, the training run.
+
+    python -m m2r2core.train adapters [--corpus DIR | --data FILE] [--steps N] ...
+
+The loss is the method note's: sum over fast depths d of (1 - cos(h^f_d, sg h^s_tau(d))) plus
+kl_weight * KL(p^s_N || p^f_d) at exit depths. Training tokens are made cheap three ways:
+- batches cut by length (`bucketed`): rows of similar length, each batch padded only to its own
+  longest row and holding about `batch_tokens` tokens, instead of every row padded to seq_len;
+- the teacher (the frozen slow stream) runs once per batch without gradients, and its final
+  distribution is read at the KL positions only;
+- the precision that is faster for training on the device (`training_dtype`).
+Held-out agreement on the corpus's dev split is measured every `eval_every` steps; the best
+adapters so far are written to `out` (atomic), so a run interrupted at any point leaves its
+best result in place, and the checkpoint resumes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+from m2r2core import distill, hf_compat
+from m2r2core.accel import (
+    WEIGHTS_NAME,
+    AccelConfig,
+    Accelerator,
+    AdapterCard,
+    train_fast_states,
+)
+from m2r2core.errors import M2R2Error
+
+log = logging.getLogger("m2r2core.train")
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+"""(ids (B, T), lengths (B,), answer starts (B,)): the position that produces the first answer
+token is answer_start - 1."""
+
+
+def training_dtype() -> str:
+    """The faster precision for adapter training: bfloat16 on CUDA, float32 on CPU, where the
+    backward pass's elementwise work is slower in bfloat16 even with native bf16 matmuls
+    (measured by `python -m analysis.train_bench`; BENCHMARKS.md).
+    """
+    return "bfloat16" if torch.cuda.is_available() else "float32"
+
+
+def slow_states(parts, ids: torch.Tensor) -> tuple[list[torch.Tensor], tuple]:
+    """h^s_0..h^s_N for a (B, T) batch (no gradients), and the rotary tables."""
+    with torch.no_grad():
+        hidden = parts.embed_tokens(ids)
+        positions = torch.arange(ids.shape[1], device=ids.device)[None].expand(ids.shape[0], -1)
+        cache = hf_compat.new_cache(parts)
+        masks = hf_compat.attention_masks(parts, hidden, cache, positions)
+        rotary = parts.rotary_emb(hidden, positions)
+        states = [hidden]
+        for index in range(parts.n_layers):
+            hidden = hf_compat.call_layer(parts, index, hidden, masks[parts.layer_types[index]],
+                                          rotary, positions, None)
+            states.append(hidden)
+    return states, rotary
+
+
+def _rows(chunk: list[distill.Sample], width: int) -> Batch:
+    rows, lengths, starts = [], [], []
+    for s in chunk:
+        ids = s.ids[:width]
+        rows.append(ids + [ids[-1]] * (width - len(ids)))
+        lengths.append(len(ids))
+        starts.append(max(0, min(s.answer_start - 1, width - 1)))
+    return torch.tensor(rows), torch.tensor(lengths), torch.tensor(starts)
+
+
+def batches(samples: list[distill.Sample], batch_size: int, seq_len: int, seed: int
+            ) -> Iterator[Batch]:
+    """Endless seeded batches of batch_size rows, every row padded to seq_len ('padded')."""
+    rng = random.Random(seed)
+    usable = [s for s in samples if len(s.ids) >= 16]
+    while True:
+        rng.shuffle(usable)
+        for start in range(0, len(usable) - batch_size + 1, batch_size):
+            yield _rows(usable[start:start + batch_size], seq_len)
+
+
+def length_chunks(samples: list[distill.Sample], batch_tokens: int, seq_len: int,
+                  multiple: int = 16) -> list[list[distill.Sample]]:
+    """The samples sorted by length and cut into chunks of about batch_tokens tokens, each
+    counted at its longest row (rounded up to `multiple`, at most seq_len).
+    """
+    chunks: list[list[distill.Sample]] = [[]]
+    for s in sorted(samples, key=lambda s: len(s.ids)):
+        width = min(seq_len, -(-min(len(s.ids), seq_len) // multiple) * multiple)
+        if chunks[-1] and (len(chunks[-1]) + 1) * width > batch_tokens:
+            chunks.append([])
+        chunks[-1].append(s)
+    return [c for c in chunks if c]
+
+
+def bucketed_batches(samples: list[distill.Sample], batch_tokens: int, seq_len: int, seed: int
+                     ) -> Iterator[Batch]:
+    """Endless seeded batches of rows of similar length ('bucketed'), each padded only to its
+    own longest row and holding about batch_tokens tokens; each epoch reshuffles the samples
+    (ties in length) and the order of the batches.
+    """
+    rng = random.Random(seed)
+    usable = [s for s in samples if len(s.ids) >= 16]
+    while True:
+        rng.shuffle(usable)
+        chunks = length_chunks(usable, batch_tokens, seq_len)
+        rng.shuffle(chunks)
+        for chunk in chunks:
+            yield _rows(chunk, min(seq_len, max(len(s.ids) for s in chunk)))
+
+
+def adapter_loss(parts, accel: Accelerator, ids: torch.Tensor, lengths: torch.Tensor,
+                 kl_weight: float, kl_positions: int, kl_every: int, generator: torch.Generator,
+                 answer_starts: torch.Tensor | None = None,
+                 kl_depths: tuple[int, ...] = (), local: bool = False
+                 ) -> tuple[torch.Tensor, dict]:
+    """The method note's loss: sum over fast depths of (1 - cos(h^f_d, sg h^s_tau(d))), plus
+    kl_weight * KL(p^s_N || p^f_d) at exit depths, on a sample of positions.
+
+    Exit depths: `kl_depths` where given (each step's cost grows with their number: one LM-head
+    pass per depth), else every kl_every-th fast depth and the deepest one. `local`: each fast
+    block starts from its input depth's slow target (block-by-block warm start).
+
+    The KL positions are drawn from the answers (chat samples; from `answer_starts`) and the
+    plain text, never from the prompt template: exits happen while generating answers.
+    """
+    n, device = parts.n_layers, ids.device
+    slow, rotary = slow_states(parts, ids)
+    fast = train_fast_states(parts, accel, slow, rotary, local=local)
+    steps = torch.arange(ids.shape[1], device=device)[None]
+    valid = steps < lengths[:, None].to(device)  # (B, T)
+    cos_terms, kl_terms, metrics = [], [], {}
+    kl_valid = valid if answer_starts is None else (
+        valid & (steps >= answer_starts[:, None].to(device)))
+    flat_valid = kl_valid.reshape(-1).nonzero().squeeze(1).cpu()
+    pick = flat_valid[torch.randperm(len(flat_valid), generator=generator)[:kl_positions]]
+    pick = pick.to(device)
+    with torch.no_grad():
+        teacher = F.log_softmax(
+            parts.lm_head(parts.norm(slow[n].reshape(-1, slow[n].shape[-1])[pick])).float(), -1)
+    exit_depths = [d for d in accel.depths if d in kl_depths] if kl_depths else [
+        d for d in accel.depths if (d - accel.first) % kl_every == 0 or d == accel.max_depth]
+    for depth, state in zip(accel.depths, fast, strict=True):
+        target = slow[accel.config.target_depth(depth, n)]
+        cos = F.cosine_similarity(state.float(), target.float(), dim=-1)  # (B, T)
+        cos_terms.append(((1 - cos) * valid).sum() / valid.sum())
+        metrics[f"cos@{depth}"] = float(((cos * valid).sum() / valid.sum()).detach())
+        if depth in exit_depths:
+            student = F.log_softmax(parts.lm_head(parts.norm(
+                state.reshape(-1, state.shape[-1])[pick])).float(), -1)
+            kl = F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+            kl_terms.append(kl)
+            metrics[f"kl@{depth}"] = float(kl.detach())
+            metrics[f"agree@{depth}"] = float((student.argmax(-1) == teacher.argmax(-1))
+                                              .float().mean())
+    loss = torch.stack(cos_terms).sum()
+    if kl_terms:
+        loss = loss + kl_weight * torch.stack(kl_terms).sum()
+    metrics["loss"] = float(loss.detach())
+    return loss, metrics
+
+
+def init_adapters(accel: Accelerator, path: Path) -> None:
+    """Start from another run's adapters: a training checkpoint (.pt) or a saved adapter folder
+    or file (safetensors). Biases the source lacks start at zero; any other mismatch is refused.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / WEIGHTS_NAME
+    try:
+        state = (load_file(str(path)) if path.suffix == ".safetensors"
+                 else torch.load(path, weights_only=False)["adapters"])
+        missing, unexpected = accel.load_state_dict({k: v.float() for k, v in state.items()},
+                                                    strict=False)
+    except (OSError, KeyError, RuntimeError) as err:
+        raise M2R2Error(f"Cannot start from {path}; the adapters there do not fit this shape "
+                        f"({err}).") from err
+    if unexpected or any(not k.endswith(".bias") for k in missing):
+        raise M2R2Error(f"The adapters in {path} do not fit this shape (missing {missing}, "
+                        f"unexpected {unexpected}).")
+
+
+@torch.no_grad()
+def held_out_agreement(parts, accel: Accelerator, samples: list[distill.Sample], seq_len: int,
+                       batch_tokens: int = 4096) -> dict[str, list[float]]:
+    """Teacher-forced logit-lens agreement with the full model's top-1 at every depth of both
+    streams, over the answer and plain-text positions of samples the adapters never saw.
+    """
+    device = parts.lm_head.weight.device
+    hits = {"fast": torch.zeros(accel.n_fast), "slow": torch.zeros(parts.n_layers)}
+    count = 0
+    for chunk in length_chunks(samples, batch_tokens, seq_len):
+        ids, lengths, starts = (t.to(device) for t in _rows(chunk, min(
+            seq_len, max(len(s.ids) for s in chunk))))
+        slow, rotary = slow_states(parts, ids)
+        fast = train_fast_states(parts, accel, slow, rotary)
+        steps = torch.arange(ids.shape[1], device=device)[None]
+        keep = (steps < lengths[:, None]) & (steps >= starts[:, None])  # answers and text
+        final = parts.lm_head(parts.norm(slow[-1][keep])).argmax(-1)
+        for stream, states in (("slow", slow[1:]), ("fast", fast)):
+            for depth, state in enumerate(states):  # one head call per depth keeps memory flat
+                top = parts.lm_head(parts.norm(state[keep])).argmax(-1)
+                hits[stream][depth] += float((top == final).sum())
+        count += len(final)
+    return {stream: [round(float(h) / max(count, 1), 4) for h in v] for stream, v in hits.items()}
+
+
+def accel_config(args: argparse.Namespace) -> AccelConfig:
+    """The adapter shape a command line asks for."""
+    return AccelConfig(rate=args.rate, rank=args.rank, alpha=2.0 * args.rank,
+                       margin=args.margin, branch_layer=args.branch_layer, target=args.target,
+                       bias=args.bias, blocks=args.blocks, kv=args.kv)
+
+
+def optimizer(accel: Accelerator, args: argparse.Namespace) -> torch.optim.Optimizer:
+    """AdamW; biases get their own learning-rate multiplier."""
+    # A bias has to move by the size of the massive activations it removes (tens to hundreds),
+    # while Adam moves every parameter by about lr per step.
+    biases = [p for name, p in accel.named_parameters() if name.endswith(".bias")]
+    others = [p for name, p in accel.named_parameters() if not name.endswith(".bias")]
+    groups = [{"params": others, "lr_mult": 1.0}]
+    if biases:
+        groups.append({"params": biases, "lr_mult": args.bias_lr_mult})
+    return torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.0)
+
+
+def learning_rate(args: argparse.Namespace, step: int) -> float:
+    """Linear warmup, then cosine to zero at args.steps."""
+    return args.lr * min(1.0, (step + 1) / args.warmup) * 0.5 * (
+        1 + math.cos(math.pi * min(step, args.steps) / args.steps))
+
+
+class Run:
+    """One adapter training run: its folder, checkpoint and metrics log."""
+
+    def __init__(self, folder: Path) -> None:
+        """Use (and create) the run folder."""
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.checkpoint = folder / "checkpoint.pt"
+        self.metrics = folder / "metrics.jsonl"
+        """One line per training step."""
+        self.evals = folder / "eval.jsonl"
+        """One line per held-out evaluation."""
+
+    def resume(self, accel: Accelerator, optim, restart: bool) -> tuple[int, float]:
+        """Load the checkpoint if there is one; (step, best dev agreement so far)."""
+        if restart or not self.checkpoint.is_file():
+            return 0, -1.0
+        state = torch.load(self.checkpoint, weights_only=False, map_location="cpu")
+        accel.load_state_dict(state["adapters"])
+        optim.load_state_dict(state["optim"])
+        log.info("resumed from %s at step %d", self.checkpoint, state["step"])
+        return state["step"], state.get("best", -1.0)
+
+    def save(self, accel: Accelerator, optim, step: int, best: float) -> None:
+        """Write the checkpoint atomically."""
+        tmp = self.checkpoint.with_suffix(".tmp")
+        torch.save({"adapters": accel.state_dict(), "optim": optim.state_dict(), "step": step,
+                    "best": best}, tmp)
+        tmp.replace(self.checkpoint)
+
+    def log(self, row: dict, evaluation: bool = False) -> None:
+        """Append one line to the metrics log (or the evaluation log)."""
+        with (self.evals if evaluation else self.metrics).open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+
+
+def datasets(args: argparse.Namespace, fingerprint: str) -> tuple[dict, str]:
+    """{'train', 'router', 'dev', 'test'} samples and a description of where they came from.
+
+    The distillation corpus (--corpus, default work_dir/corpus when built) gives the train
+    split (every tenth chat answer kept out of it for the routers, which must learn the fast
+    stream's errors on answers the adapters never saw), dev and test. An old-style JSONL corpus
+    (--data) gives nine tenths to train and the tenth as router, dev and test at once.
+    """
+    from m2r2core.train import corpus
+    from m2r2core.train.common import router_split, train_split, work_dir
+
+    folder = getattr(args, "corpus", None) or work_dir(args.model) / "corpus"
+    if args.data is None and (folder / "manifest.json").is_file():
+        chat = corpus.load(folder, "train", with_text=False, model_fingerprint=fingerprint)
+        text = [s for s in corpus.load(folder, "train") if s.kind != "chat"]
+        splits = {split: corpus.load(folder, split, with_text=False)
+                  for split in ("dev", "test")}
+        return (splits | {"train": train_split(chat) + text, "router": router_split(chat)},
+                f"corpus {folder.name} (train/dev/test splits)")
+    path = args.data or work_dir(args.model) / "corpus.jsonl"
+    samples = distill.load(path)
+    held = router_split(samples)
+    return ({"train": train_split(samples), "router": held, "dev": held, "test": held},
+            path.name)
+
+
+class AdapterTraining:
+    """One training run of the adapters: data, optimiser, checkpoint, held-out evaluation."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        """Load the frozen model, the data splits and the adapters (resuming a checkpoint)."""
+        from m2r2core.model import fingerprint
+        from m2r2core.train.common import default_out, frozen_model, work_dir
+
+        self.args = args
+        loaded, self.parts, _ = frozen_model(args)
+        self.device = self.parts.lm_head.weight.device
+        self.fingerprint = fingerprint(loaded.model)
+        self.data, self.source = datasets(args, self.fingerprint)
+        self.accel = Accelerator(self.parts, accel_config(args), seed=args.seed).to(self.device)
+        outside = sorted(set(args.kl_depths) - set(self.accel.depths))
+        if outside:
+            raise M2R2Error(f"--kl-depths {outside} are not fast depths; this stream has depths "
+                            f"{self.accel.depths.start}..{self.accel.depths.stop - 1}.")
+        self.optim = optimizer(self.accel, args)
+        self.run = Run(work_dir(args.model) / (args.run_name or f"adapters-r{args.rate:g}"))
+        self.step, self.best = self.run.resume(self.accel, self.optim, args.restart)
+        if args.init and self.step == 0:
+            init_adapters(self.accel, args.init)
+            log.info("initialised adapters from %s", args.init)
+        self.out = args.out or default_out(args.model)
+        self.report_depth = min(self.accel.max_depth,
+                                math.ceil(self.parts.n_layers / args.rate))
+        self.started, self.tokens, self.last = time.time(), 0, {}
+
+    def batches(self) -> Iterator[Batch]:
+        """The training batches, positioned after the steps already taken."""
+        args = self.args
+        stream = (batches(self.data["train"], args.batch_size, args.seq_len, args.seed)
+                  if args.batching == "padded" else
+                  bucketed_batches(self.data["train"],
+                                   args.batch_tokens or args.batch_size * args.seq_len,
+                                   args.seq_len, args.seed))
+        for _ in range(self.step):  # the same data order after a resume
+            next(stream)
+        return stream
+
+    def train_step(self, batch: Batch, generator: torch.Generator) -> None:
+        """One optimiser step on one batch; logs its metrics."""
+        args = self.args
+        ids, lengths, starts = (t.to(self.device) for t in batch)
+        lr = learning_rate(args, self.step)
+        for group in self.optim.param_groups:
+            group["lr"] = lr * group.get("lr_mult", 1.0)
+        loss, metrics = adapter_loss(self.parts, self.accel, ids, lengths, args.kl_weight,
+                                     args.kl_positions, args.kl_every, generator, starts,
+                                     tuple(args.kl_depths), local=self.step < args.warm_start)
+        self.optim.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.accel.parameters(), 1.0)
+        self.optim.step()
+        self.step += 1
+        self.tokens += int(lengths.sum())
+        elapsed = time.time() - self.started
+        self.last = metrics | {"step": self.step, "lr": lr, "tokens": self.tokens,
+                               "elapsed_s": elapsed, "tokens_per_s": self.tokens / elapsed}
+        self.run.log(self.last)
+
+    def evaluate(self) -> None:
+        """Held-out agreement on the dev samples; a new best is saved with its test figures."""
+        args = self.args
+        dev = held_out_agreement(self.parts, self.accel, self.data["dev"][:args.eval_samples],
+                                 args.seq_len)
+        score = dev["fast"][self.report_depth - self.accel.depths.start]
+        self.run.log({"step": self.step, "dev_lens_agreement": dev, "dev_score": score,
+                      "elapsed_s": round(time.time() - self.started, 1)}, evaluation=True)
+        log.info("step %d: dev agreement at depth %d = %.4f (best %.4f)", self.step,
+                 self.report_depth, score, self.best)
+        if score > self.best:
+            self.best = score
+            test = held_out_agreement(self.parts, self.accel, self.data["test"], args.seq_len)
+            self.accel.save(self.out, self.card({"dev": dev, "test": test}))
+            log.info("saved adapters (step %d) to %s", self.step, self.out)
+        self.run.save(self.accel, self.optim, self.step, self.best)
+
+    def card(self, held_out: dict) -> AdapterCard:
+        """The card of the adapters as they are now."""
+        args, config = self.args, self.accel.config
+        training = {k: getattr(args, k) for k in (
+            "steps", "batching", "batch_size", "batch_tokens", "seq_len", "lr", "kl_weight",
+            "kl_positions", "kl_every", "kl_depths", "warm_start", "seed", "dtype")}
+        return AdapterCard(
+            config=vars(config) | {"projections": list(config.projections)},
+            model_name=args.model, model_fingerprint=self.fingerprint,
+            n_layers=self.parts.n_layers, hidden_size=self.parts.config.hidden_size,
+            training=training | {
+                "data": self.source, "samples": len(self.data["train"]), "step": self.step,
+                "init": args.init.name if args.init else None,
+                "bias_lr_mult": args.bias_lr_mult if args.bias else None,
+                "device": str(self.device), "threads": torch.get_num_threads(),
+                "tokens_this_run": self.tokens, "run": self.run.folder.name,
+                "wall_s_this_run": round(time.time() - self.started, 1)},
+            metrics={k: round(v, 4) for k, v in self.last.items() if isinstance(v, float)}
+            | {"report_depth": self.report_depth,
+               "held_out_lens_agreement": held_out["test"],
+               "dev_lens_agreement": held_out["dev"]},
+        )
+
+    def train(self) -> None:
+        """Train to args.steps or the wall-clock budget, evaluating every eval_every steps."""
+        from m2r2core.train.common import progress_bar
+
+        args = self.args
+        generator = torch.Generator().manual_seed(args.seed + self.step)
+        stream, bar = self.batches(), progress_bar("training adapters")
+        deadline = self.started + args.max_minutes * 60 if args.max_minutes else math.inf
+        while self.step < args.steps and time.time() < deadline:
+            self.train_step(next(stream), generator)
+            bar(self.step, args.steps)
+            if args.eval_every and self.step % args.eval_every == 0:
+                self.evaluate()
+            elif self.step % args.save_every == 0:
+                self.run.save(self.accel, self.optim, self.step, self.best)
+        if not args.eval_every or self.step % args.eval_every:
+            self.evaluate()
+
+
+def cmd_adapters(args: argparse.Namespace) -> None:
+    """Train the accelerator adapters (see AdapterTraining)."""
+    AdapterTraining(args).train()

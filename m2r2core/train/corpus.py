@@ -1,0 +1,335 @@
+"""The distillation corpus: millions of training tokens, kept apart from every evaluation set.
+
+    python -m m2r2core.train corpus     # build or resume it (progress bar, atomic shards)
+
+What it holds (one folder, `work_dir(model)/corpus`):
+- `plan.jsonl`: every instruction the model answers, with its source (ShareGPT's first user
+  turn, or an instruction written from a Wikipedia article) and its split. A ShareGPT record
+  or Wikipedia article is `dev` (one in twenty: checkpoint choice, tuning), `test` (one in
+  twenty: the figures we report) or `train`, by a hash of its id or title.
+- `chat/<split>-NNNNN.jsonl`: the model's own greedy answers to the plan's instructions
+  (on-policy self-distillation), generated in batches of similar prompt length, one shard per
+  file, each written under a temporary name and renamed: an interrupted build resumes at the
+  first missing shard and never leaves half a shard that loads.
+- `text.jsonl`: teacher-forced text of the train split only: ShareGPT conversations through
+  the chat template (the assistant turns are the answer part) and Wikipedia lead sections, cut
+  into windows.
+- `manifest.json`: the model and build settings the shards were made with; a build or a
+  trainer with another model or settings is refused, naming both.
+
+Every training prompt that matches an MT-Bench turn or an AlpacaEval instruction (normalised
+text, or a near duplicate: word-trigram Jaccard of at least `NEAR_DUPLICATE`) is removed with
+its whole record; the manifest says how many.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from m2r2core import assets
+from m2r2core.distill import Sample, answer_batch, instructions, wiki_articles
+from m2r2core.errors import M2R2Error
+
+VERSION = 1
+NEAR_DUPLICATE = 0.5
+SPLITS = ("dev", "test", "train")
+
+
+class CorpusError(M2R2Error):
+    """A corpus folder that is empty, corrupt, or was built for another model or settings."""
+
+
+def split_of(key: str) -> str:
+    """The split of a ShareGPT record id or a Wikipedia title: dev, test or train."""
+    bucket = hashlib.sha256(key.encode()).digest()[1] % 20
+    return "dev" if bucket == 0 else "test" if bucket == 1 else "train"
+
+
+def heldout_half(title: str) -> str:
+    """Which half of the held-out Wikipedia articles (distill.is_held_out) a title is in."""
+    return "dev" if hashlib.sha256(title.encode()).digest()[2] % 2 == 0 else "test"
+
+
+def sharegpt_records(path: Path | None = None) -> Iterator[dict]:
+    """The complete records of the shipped (truncated) ShareGPT file, one at a time."""
+    path = path or assets.locate(assets.SHAREGPT)
+    text = path.read_text(encoding="utf-8", errors="replace")
+    decoder = json.JSONDecoder()
+    index = text.index("[") + 1
+    while True:
+        while index < len(text) and text[index] in " \t\r\n,":
+            index += 1
+        if index >= len(text) or text[index] == "]":
+            return
+        try:
+            record, index = decoder.raw_decode(text, index)
+        except json.JSONDecodeError:
+            return  # the record cut off by the truncation
+        yield record
+
+
+def normalise(text: str) -> str:
+    """Lower-case words only: what two copies of one prompt share."""
+    return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
+
+
+def _trigrams(normalised: str) -> set[tuple[str, ...]]:
+    words = normalised.split()
+    return {tuple(words[i:i + 3]) for i in range(len(words) - 2)}
+
+
+class OverlapFilter:
+    """Says whether a training prompt copies (or nearly copies) an evaluation prompt."""
+
+    def __init__(self, eval_texts: list[str]) -> None:
+        """Index the evaluation prompts by normalised text and by word trigram."""
+        self.exact = {normalise(t) for t in eval_texts}
+        self.grams = [_trigrams(normalise(t)) for t in eval_texts]
+        self.index: dict[tuple[str, ...], list[int]] = {}
+        for number, grams in enumerate(self.grams):
+            for gram in grams:
+                self.index.setdefault(gram, []).append(number)
+
+    def overlaps(self, text: str) -> bool:
+        """Exact normalised match, or word-trigram Jaccard >= NEAR_DUPLICATE with one of them."""
+        norm = normalise(text)
+        if norm in self.exact:
+            return True
+        grams = _trigrams(norm)
+        shared: dict[int, int] = {}
+        for gram in grams:
+            for number in self.index.get(gram, ()):
+                shared[number] = shared.get(number, 0) + 1
+        return any(n / (len(grams) + len(self.grams[k]) - n) >= NEAR_DUPLICATE
+                   for k, n in shared.items())
+
+
+def evaluation_texts() -> list[str]:
+    """Every prompt any evaluation reads: MT-Bench (both turns) and all AlpacaEval slices."""
+    mt = assets.locate(assets.MT_BENCH_QUESTIONS)
+    texts = [turn for line in mt.read_text(encoding="utf-8").splitlines() if line.strip()
+             for turn in json.loads(line)["turns"]]
+    alpaca = json.loads(assets.locate(assets.ALPACA_EVAL).read_text(encoding="utf-8"))
+    return texts + [row["instruction"] for row in alpaca]
+
+
+@dataclass(frozen=True)
+class Instruction:
+    """One planned instruction."""
+
+    id: str
+    source: str
+    """'sharegpt' or 'wiki'."""
+    split: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a corpus is built with; a resume must use the same."""
+
+    n_sharegpt: int = 3000
+    n_wiki: int = 2000
+    heldout_per_split: int = 120
+    """Instructions answered per held-out split (dev, test), half from each source."""
+    max_new_tokens: int = 160
+    max_prompt_tokens: int = 320
+    text_tokens: int = 4_500_000
+    window: int = 256
+    seed: int = 0
+
+
+def plan(settings: Settings, tokenizer, overlap: OverlapFilter
+         ) -> tuple[list[Instruction], list[dict], int]:
+    """The instructions to answer, the train-split ShareGPT records for teacher forcing, and how
+    many records were removed for matching an evaluation prompt.
+    """
+    rng = random.Random(settings.seed)
+    chosen: dict[str, list[Instruction]] = {s: [] for s in SPLITS}
+    conversations, removed = [], 0
+    for record in sharegpt_records():
+        turns = record.get("conversations") or []
+        if not turns or turns[0].get("from") != "human":
+            continue
+        prompt = (turns[0].get("value") or "").strip()
+        if not prompt or overlap.overlaps(prompt):
+            removed += bool(prompt)
+            continue
+        split = split_of(str(record.get("id")))
+        if split == "train":
+            conversations.append(record)
+        if prompt.isascii() and len(tokenizer(prompt)["input_ids"]) <= settings.max_prompt_tokens:
+            chosen[split].append(Instruction(str(record["id"]), "sharegpt", split, prompt))
+    wanted = {"train": settings.n_sharegpt, "dev": settings.heldout_per_split // 2,
+              "test": settings.heldout_per_split // 2}
+    out = [i for s in SPLITS for i in rng.sample(chosen[s], min(wanted[s], len(chosen[s])))]
+    for split, count in (("train", settings.n_wiki), ("dev", settings.heldout_per_split // 2),
+                         ("test", settings.heldout_per_split // 2)):
+        articles = [a for a in wiki_articles("train" if split == "train" else "heldout")
+                    if split == "train" or heldout_half(a["title"]) == split]
+        for number, text in enumerate(instructions(articles, count, settings.seed + len(split))):
+            out.append(Instruction(f"wiki-{split}-{number}", "wiki", split, text))
+    return out, conversations, removed
+
+
+def teacher_forced(tokenizer, conversations: list[dict], settings: Settings) -> list[Sample]:
+    """Train-split ShareGPT conversations (chat template; the first assistant turn starts the
+    answer part) and Wikipedia train articles, cut into windows, up to `text_tokens` in all.
+    """
+    rng = random.Random(settings.seed + 7)
+    budget = settings.text_tokens
+    samples: list[Sample] = []
+    wiki = [tokenizer(a["extract"])["input_ids"] for a in wiki_articles("train")]
+    for ids in wiki:
+        samples += _windows(ids, 0, "text", settings.window)
+    budget -= sum(len(s.ids) for s in samples)
+    rng.shuffle(conversations)
+    roles = {"human": "user", "gpt": "assistant"}
+    for record in conversations:
+        if budget <= 0:
+            break
+        messages = [{"role": roles[t["from"]], "content": t["value"]}
+                    for t in record["conversations"] if t.get("from") in roles and t.get("value")]
+        if len(messages) < 2 or messages[1]["role"] != "assistant":
+            continue
+        first = tokenizer.apply_chat_template(messages[:1], add_generation_prompt=True,
+                                              tokenize=False)
+        start = len(tokenizer(first, add_special_tokens=False)["input_ids"])
+        ids = tokenizer(tokenizer.apply_chat_template(messages, tokenize=False),
+                        add_special_tokens=False)["input_ids"]
+        pieces = _windows(ids, start, "sharegpt", settings.window)
+        samples += pieces
+        budget -= sum(len(s.ids) for s in pieces)
+    return samples
+
+
+def _windows(ids: list[int], answer_start: int, kind: str, window: int) -> list[Sample]:
+    """Cut one sequence into windows; a window wholly before the answer is dropped."""
+    out = []
+    for begin in range(0, len(ids), window):
+        piece = ids[begin:begin + window]
+        if len(piece) >= 16 and begin + len(piece) > answer_start:
+            out.append(Sample(piece, max(0, answer_start - begin), kind))
+    return out
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """Write rows as JSONL under a temporary name, then rename (never half a file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+    tmp.replace(path)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Rows of a JSONL file; CorpusError naming the file if it is corrupt."""
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line]
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CorpusError(f"{path} is corrupt ({err}); delete it and run `python -m "
+                          "m2r2core.train corpus` again to rebuild it.") from err
+
+
+def check_manifest(folder: Path, expected: dict) -> None:
+    """Refuse a corpus folder built for another model or with other settings."""
+    path = folder / "manifest.json"
+    if not path.is_file():
+        return
+    found = json.loads(path.read_text())
+    for key in ("model_name", "model_fingerprint", "version", "settings"):
+        if found.get(key) != expected.get(key):
+            raise CorpusError(
+                f"The corpus in {folder} was built for '{found.get('model_name')}' (fingerprint "
+                f"{found.get('model_fingerprint')}, {key}: {found.get(key)}); this run is for "
+                f"'{expected['model_name']}' (fingerprint {expected['model_fingerprint']}, "
+                f"{key}: {expected.get(key)}). Use another --out folder or the same settings.")
+
+
+def build(folder: Path, model, tokenizer, model_name: str, model_fingerprint: str,
+          settings: Settings, batch_size: int, shard_size: int,
+          progress: Callable[[int, int], None] | None = None) -> dict:
+    """Build (or resume) the corpus in `folder`; returns the manifest."""
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = {"version": VERSION, "model_name": model_name,
+                "model_fingerprint": model_fingerprint, "settings": asdict(settings)}
+    check_manifest(folder, manifest)
+    plan_path, text_path = folder / "plan.jsonl", folder / "text.jsonl"
+    if not plan_path.is_file() or not text_path.is_file():
+        overlap = OverlapFilter(evaluation_texts())
+        planned, conversations, removed = plan(settings, tokenizer, overlap)
+        if not planned:
+            raise CorpusError("No instruction survived the filters; the corpus would be empty.")
+        text = teacher_forced(tokenizer, conversations, settings)
+        write_jsonl(text_path, [asdict(s) for s in text])
+        write_jsonl(plan_path, [asdict(i) for i in planned])
+        manifest["removed_for_overlap"] = removed
+        (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    planned = [Instruction(**row) for row in read_jsonl(plan_path)]
+    shards = shard_plan(planned, tokenizer, shard_size)
+    (folder / "chat").mkdir(exist_ok=True)
+    done = 0
+    for name, rows in shards:
+        path = folder / "chat" / f"{name}.jsonl"
+        if not path.is_file():
+            out = []
+            for start in range(0, len(rows), batch_size):
+                batch = rows[start:start + batch_size]
+                answers = answer_batch(model, tokenizer, [i.text for i in batch],
+                                       settings.max_new_tokens)
+                out += [asdict(s) | {"id": i.id, "source": i.source, "split": i.split}
+                        for i, s in zip(batch, answers, strict=True)]
+            write_jsonl(path, out)
+        done += len(rows)
+        if progress:
+            progress(done, len(planned))
+    return manifest
+
+
+def shard_plan(planned: list[Instruction], tokenizer, shard_size: int
+               ) -> list[tuple[str, list[Instruction]]]:
+    """Shards of similar prompt length (less padding per batch); held-out splits first, so a
+    trainer can measure itself before the train split is complete.
+    """
+    out = []
+    for split in SPLITS:
+        rows = sorted((i for i in planned if i.split == split),
+                      key=lambda i: (len(tokenizer(i.text)["input_ids"]), i.id))
+        for number, start in enumerate(range(0, len(rows), shard_size)):
+            out.append((f"{split}-{number:05d}", rows[start:start + shard_size]))
+    return out
+
+
+def load(folder: Path, split: str, with_text: bool = True,
+         model_fingerprint: str | None = None) -> list[Sample]:
+    """The finished samples of one split: chat answers (and, for train, the teacher-forced text).
+
+    Raises CorpusError for a missing, empty or corrupt corpus, or one of another model.
+    """
+    manifest_path = folder / "manifest.json"
+    if not manifest_path.is_file():
+        raise CorpusError(f"No corpus in {folder}; build it with `python -m m2r2core.train "
+                          "corpus`.")
+    manifest = json.loads(manifest_path.read_text())
+    if model_fingerprint and manifest.get("model_fingerprint") != model_fingerprint:
+        raise CorpusError(
+            f"The corpus in {folder} was built by '{manifest.get('model_name')}' (fingerprint "
+            f"{manifest.get('model_fingerprint')}); the loaded model's fingerprint is "
+            f"{model_fingerprint}. Build a corpus for this model.")
+    samples = []
+    for path in sorted((folder / "chat").glob(f"{split}-*.jsonl")):
+        samples += [Sample(r["ids"], r["answer_start"], "chat") for r in read_jsonl(path)]
+    if split == "train" and with_text and (folder / "text.jsonl").is_file():
+        samples += [Sample(**r) for r in read_jsonl(folder / "text.jsonl")]
+    samples = [s for s in samples if len(s.ids) >= 2]
+    if not samples:
+        raise CorpusError(f"The corpus in {folder} has no finished {split} samples yet.")
+    return samples
+
