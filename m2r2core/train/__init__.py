@@ -5,6 +5,8 @@
     python -m m2r2core.train adapters  # accelerator adapters (resumable checkpoints)
     python -m m2r2core.train routers   # ARLA and the MLP baseline, on the trained fast stream
     python -m m2r2core.train medusa    # Medusa-style draft heads (a speculative-decoding peer)
+    python -m m2r2core.train lens      # the tuned lens (an affine translator per slow layer)
+    python -m m2r2core.train speed     # training tokens per second, before and after
 
 Every command takes --out (default: the packaged `m2r2core/trained/<model>` folder for the
 adapters and routers, the model cache for data and checkpoints), fixed seeds, a progress bar,
@@ -47,6 +49,7 @@ from m2r2core.train.common import (  # noqa: F401
     train_split,
     work_dir,
 )
+from m2r2core.train.lens import cmd_lens
 from m2r2core.train.speed import cmd_speed
 
 log = logging.getLogger("m2r2core.train")
@@ -254,7 +257,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m m2r2core.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    for name in ("corpus", "data", "adapters", "routers", "medusa", "speed"):
+    for name in ("corpus", "data", "adapters", "routers", "medusa", "lens", "speed"):
         s = sub.add_parser(name)
         s.add_argument("--model", default="smollm2-135m-instruct")
         s.add_argument("--dtype", default=training_dtype() if name == "adapters"
@@ -301,6 +304,13 @@ def parser() -> argparse.ArgumentParser:
             s.add_argument("--lr", type=float, default=1e-3)
             s.add_argument("--limit", type=int, default=0,
                            help="use only this many training samples (0: all; for smoke runs)")
+        if name == "lens":
+            s.add_argument("--rank", type=int, default=64, help="rank of each translator's delta")
+            s.add_argument("--ridge", type=float, default=1e-3)
+            s.add_argument("--fit-samples", type=int, default=3000)
+            s.add_argument("--steps", type=int, default=200, help="KL refinement steps")
+            s.add_argument("--positions", type=int, default=64, help="positions per step")
+            s.add_argument("--lr", type=float, default=1e-3)
         if name == "speed":
             s.add_argument("--report", type=Path, default=None, help="write the JSON here")
         if name in ("adapters", "speed"):
@@ -357,7 +367,7 @@ def main(argv: list[str] | None = None) -> None:
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     commands = {"corpus": cmd_corpus, "data": cmd_data, "adapters": cmd_adapters,
                 "routers": cmd_routers,
-                "medusa": cmd_medusa, "speed": cmd_speed}
+                "medusa": cmd_medusa, "lens": cmd_lens, "speed": cmd_speed}
     try:
         commands[args.command](args)
     except M2R2Error as err:

@@ -69,7 +69,8 @@ def slow_states(parts, ids: torch.Tensor) -> tuple[list[torch.Tensor], tuple]:
     return states, rotary
 
 
-def _rows(chunk: list[distill.Sample], width: int) -> Batch:
+def pad_rows(chunk: list[distill.Sample], width: int) -> Batch:
+    """The samples cut or padded (with their last token) to `width`, as one batch."""
     rows, lengths, starts = [], [], []
     for s in chunk:
         ids = s.ids[:width]
@@ -87,7 +88,7 @@ def batches(samples: list[distill.Sample], batch_size: int, seq_len: int, seed: 
     while True:
         rng.shuffle(usable)
         for start in range(0, len(usable) - batch_size + 1, batch_size):
-            yield _rows(usable[start:start + batch_size], seq_len)
+            yield pad_rows(usable[start:start + batch_size], seq_len)
 
 
 def length_chunks(samples: list[distill.Sample], batch_tokens: int, seq_len: int,
@@ -117,7 +118,7 @@ def bucketed_batches(samples: list[distill.Sample], batch_tokens: int, seq_len: 
         chunks = length_chunks(usable, batch_tokens, seq_len)
         rng.shuffle(chunks)
         for chunk in chunks:
-            yield _rows(chunk, min(seq_len, max(len(s.ids) for s in chunk)))
+            yield pad_rows(chunk, min(seq_len, max(len(s.ids) for s in chunk)))
 
 
 def adapter_loss(parts, accel: Accelerator, ids: torch.Tensor, lengths: torch.Tensor,
@@ -203,7 +204,7 @@ def held_out_agreement(parts, accel: Accelerator, samples: list[distill.Sample],
     hits = {"fast": torch.zeros(accel.n_fast), "slow": torch.zeros(parts.n_layers)}
     count = 0
     for chunk in length_chunks(samples, batch_tokens, seq_len):
-        ids, lengths, starts = (t.to(device) for t in _rows(chunk, min(
+        ids, lengths, starts = (t.to(device) for t in pad_rows(chunk, min(
             seq_len, max(len(s.ids) for s in chunk))))
         slow, rotary = slow_states(parts, ids)
         fast = train_fast_states(parts, accel, slow, rotary)
