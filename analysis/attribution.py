@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import torch
 from captum.attr import IntegratedGradients
 
-from m2r2core import hf_compat
-from m2r2core.accel import Accelerator, block_rows, keys_values, visible
-from m2r2core.hf_compat import DecoderParts
-from m2r2core.routers import LEARNED, RouterBundle
+from m2r2core.exits.routers import LEARNED, RouterBundle
+from m2r2core.runtime import hf_compat
+from m2r2core.runtime.hf_compat import DecoderParts
+from m2r2core.stream.accel import Accelerator, block_rows, keys_values, visible
 
 
 @dataclass(frozen=True)

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from m2r2core import hf_compat
 from m2r2core.config import EngineConfig
-from m2r2core.decode import DecodeState, forward
 from m2r2core.engine import environment
-from m2r2core.model import load
+from m2r2core.runtime import hf_compat
+from m2r2core.runtime.decode import DecodeState, forward
+from m2r2core.runtime.model import load
 
 PREFIX = 64
 

@@ -28,8 +28,8 @@ from analysis import exits as ex
 from analysis.prompts import load_prompts
 from m2r2core.config import DecodeConfig, EngineConfig
 from m2r2core.engine import Engine, environment
-from m2r2core.exits import ExitConfig
-from m2r2core.routers import RULES, ExitRule
+from m2r2core.exits.early_exit import ExitConfig
+from m2r2core.exits.routers import RULES, ExitRule
 
 QUALITY_TARGET = 0.9
 

@@ -26,9 +26,9 @@ from analysis.bench import run_parser
 from analysis.prompts import select_prompts
 from m2r2core.config import DecodeConfig
 from m2r2core.engine import environment
-from m2r2core.experts import POLICIES, PRESETS
-from m2r2core.offload import OffloadConfig, OffloadEngine, load_moe
-from m2r2core.prefetch import PREDICTORS
+from m2r2core.moe.experts import POLICIES, PRESETS
+from m2r2core.moe.offload import OffloadConfig, OffloadEngine, load_moe
+from m2r2core.moe.prefetch import PREDICTORS
 
 BASELINE = ("none", "lru")
 

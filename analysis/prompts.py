@@ -9,8 +9,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from m2r2core import assets
 from m2r2core.errors import AssetMissing
+from m2r2core.runtime import assets
 
 ALPACA_SLICES = ("koala", "selfinstruct", "vicuna", "oasst", "helpful_base")
 NAMED_SETS = ("mt-bench",) + ALPACA_SLICES

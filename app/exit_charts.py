@@ -11,7 +11,7 @@ import plotly.graph_objects as go
 from analysis.exits import Decision
 from app import palette
 from app.charts import token_labels, visible
-from m2r2core.routers import RULE_LABELS
+from m2r2core.exits.routers import RULE_LABELS
 from m2r2core.trace import TokenStep
 
 STREAM_DASH = {"fast": "solid", "slow": "dot"}

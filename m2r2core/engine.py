@@ -19,15 +19,16 @@ import numpy as np
 import torch
 import transformers
 
-from m2r2core import hf_compat, lens, prompt
-from m2r2core.accel import AdapterError, find_trained, load_accelerator
 from m2r2core.config import DecodeConfig, EngineConfig, batched_dtype
-from m2r2core.decode import TokenLoop
-from m2r2core.exits import ExitConfig, ExitLoop
-from m2r2core.medusa import load_heads
-from m2r2core.model import LoadedModel, ModelInfo, load
-from m2r2core.routers import RouterBundle, load_routers
-from m2r2core.speculative import SpecConfig, SpecLoop, SpecRound
+from m2r2core.exits.early_exit import ExitConfig, ExitLoop
+from m2r2core.exits.routers import RouterBundle, load_routers
+from m2r2core.exits.tracer import FastStreamTracer
+from m2r2core.runtime import hf_compat, lens, prompt
+from m2r2core.runtime.decode import TokenLoop
+from m2r2core.runtime.model import LoadedModel, ModelInfo, load
+from m2r2core.spec.medusa import load_heads
+from m2r2core.spec.speculative import SpecConfig, SpecLoop, SpecRound
+from m2r2core.stream.accel import AdapterError, find_trained, load_accelerator
 from m2r2core.trace import ResidualCapture, RunTrace, TokenStep
 
 
@@ -98,14 +99,18 @@ class Engine:
         """Start a generation; iterate the result to receive TokenStep records as they happen."""
         clean = prompt.validate_text(text)
         ids = self._encode_clean(clean, cfg)
+        tracer = None
+        if self.accel is not None and cfg.fast_stream:
+            tracer = FastStreamTracer(self.parts, self.accel, self.routers,
+                                      cfg.capture_residuals)
         loop = TokenLoop(self.parts, ids, cfg, self.eos_ids, self.token_text, self._lock,
-                         self.device, self.fused_head, self.accel, self.routers)
+                         self.device, self.fused_head, tracer)
         extra = {"accel_rate": self.accel.config.rate} if self.accel is not None else {}
         return Generation(self, clean, ids, cfg, loop, extra=extra)
 
     def generate_exits(self, text: str | bytes, cfg: DecodeConfig = DecodeConfig(),
                        exit_cfg: ExitConfig = ExitConfig()) -> Generation:
-        """Start an early-exit generation (m2r2core/exits.py); iterate it for TokenSteps."""
+        """Start an early-exit generation (exits/early_exit.py); iterate it for TokenSteps."""
         clean = prompt.validate_text(text)
         ids = self._encode_clean(clean, cfg)
         loop = ExitLoop(self.parts, self.accel, self.routers, ids, cfg, exit_cfg, self.eos_ids,
@@ -115,7 +120,7 @@ class Engine:
 
     def speculate(self, text: str | bytes, cfg: DecodeConfig = DecodeConfig(),
                   spec: SpecConfig = SpecConfig()) -> Speculation:
-        """Start a self-speculative generation (m2r2core/speculative.py); iterate it for
+        """Start a self-speculative generation (m2r2core/spec/speculative.py); iterate it for
         SpecRound records.
         """
         clean = prompt.validate_text(text)
@@ -212,7 +217,8 @@ class Generation:
         )
         capture = None
         if getattr(loop, "capture_rows", None):
-            fast = np.stack(loop.fast_rows) if getattr(loop, "fast_rows", None) else None
+            tracer = getattr(loop, "tracer", None)
+            fast = np.stack(tracer.rows) if tracer is not None and tracer.rows else None
             capture = ResidualCapture(self.run_id, np.stack(loop.capture_rows), fast)
         return RunResult(trace, capture)
 

@@ -40,3 +40,13 @@ def require(condition: bool, field: str, value: object, allowed: str) -> None:
     """
     if not condition:
         raise ConfigError(f"{field} = {value!r} is out of range: {allowed}.")
+
+
+class ArtifactError(AssetMissing):
+    """A trained file (adapters, routers, heads, lens, accelerator, MoEfication) is missing,
+    corrupt, or was made for another model; the message names both models.
+    """
+
+
+AdapterError = ArtifactError
+"""The name the adapter code has always raised; the same class."""

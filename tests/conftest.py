@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from m2r2core.config import DecodeConfig, EngineConfig
 from m2r2core.engine import Engine
-from m2r2core.model import prepare_default_model
+from m2r2core.runtime.model import prepare_default_model
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 FAMILIES = ("llama", "mistral", "qwen2", "mixtral")
@@ -86,7 +86,8 @@ def real_engine_fp32(real_model_dir) -> Engine:
 def tiny_trained_dir(tmp_path_factory, tiny_model_dir) -> Path:
     """Adapters, routers and Medusa heads briefly trained for the tiny Llama (a folder of
     trained folders, as $M2R2_TRAINED_DIR expects)."""
-    from m2r2core import distill, train
+    from m2r2core import train
+    from m2r2core.train import distill
 
     root = tmp_path_factory.mktemp("trained")
     engine_tok = Engine.load(EngineConfig(model=str(tiny_model_dir), dtype="float32")).tokenizer

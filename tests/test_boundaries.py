@@ -1,5 +1,8 @@
-"""The engine and analysis never import streamlit or plotly; the code passes ruff."""
+"""The engine and analysis never import streamlit or plotly; the engine's packages import one
+way (runtime <- stream <- exits <- spec <- engine; moe on runtime, stream and engine; train on
+everything, nothing on train); the code passes ruff."""
 
+import ast
 import shutil
 import subprocess
 import sys
@@ -29,3 +32,65 @@ def test_ruff_is_clean():
     out = subprocess.run([ruff, "check", "m2r2core", "analysis", "app", "tests",
                           "streamlit_app.py"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+BASE = {"config", "errors", "trace", "artifacts"}
+"""Modules every room may import."""
+ROOMS = {
+    "runtime": set(),
+    "stream": {"runtime"},
+    "exits": {"runtime", "stream"},
+    "spec": {"runtime", "stream", "exits"},
+    "engine": {"runtime", "stream", "exits", "spec"},
+    "moe": {"runtime", "stream", "engine"},
+    "train": {"runtime", "stream", "exits", "spec", "engine", "moe"},
+}
+"""What each room of m2r2core may import besides itself and BASE (inside functions too)."""
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module an m2r2core file imports, at the top or inside a function."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            out |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        elif isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+    return out
+
+
+def room_of(path: Path) -> str:
+    parts = path.relative_to(ROOT / "m2r2core").with_suffix("").parts
+    return parts[0]
+
+
+def test_engine_packages_import_one_way():
+    wrong = []
+    files = sorted((ROOT / "m2r2core").rglob("*.py"))
+    assert {room_of(p) for p in files} - {"__init__"} <= set(ROOMS) | BASE, (
+        "a new module or package needs a room in ROOMS")
+    for path in files:
+        room = room_of(path)
+        for name in imported_modules(path):
+            top, *rest = name.split(".")
+            if top in ("analysis", "app") and room != "train":
+                wrong.append(f"{path.relative_to(ROOT)} imports {name}")
+            if top != "m2r2core" or not rest or rest[0] in BASE or rest[0] == room:
+                continue
+            if room in BASE or rest[0] not in ROOMS.get(room, set()):
+                wrong.append(f"{path.relative_to(ROOT)} ({room}) imports {name}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_analysis_and_app_never_import_training():
+    for folder in ("analysis", "app"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            names = imported_modules(path)
+            assert not any(n.startswith("m2r2core.train") for n in names), path
+
+
+def test_trained_files_live_outside_the_code_package():
+    code = ROOT / "m2r2core"
+    weights = [p for p in code.rglob("*") if p.suffix in (".safetensors", ".pt", ".bin")]
+    assert not weights, weights
+    assert (ROOT / "artifacts" / "smollm2-135m-instruct" / "card.json").is_file()

@@ -12,8 +12,8 @@ from analysis import exits as ex
 from analysis.attribution import explain_exit
 from m2r2core.config import DecodeConfig, EngineConfig
 from m2r2core.engine import Engine
-from m2r2core.exits import ExitConfig
-from m2r2core.routers import ExitRule
+from m2r2core.exits.early_exit import ExitConfig
+from m2r2core.exits.routers import ExitRule
 
 PROMPT = "Why is the sky blue?"
 

@@ -5,12 +5,12 @@ and bad rules are refused."""
 import pytest
 import torch
 
-from m2r2core.accel import AccelConfig, Accelerator
 from m2r2core.config import DecodeConfig, EngineConfig
 from m2r2core.engine import Engine
 from m2r2core.errors import ConfigError
-from m2r2core.exits import ExitConfig
-from m2r2core.routers import ExitRule
+from m2r2core.exits.early_exit import ExitConfig
+from m2r2core.exits.routers import ExitRule
+from m2r2core.stream.accel import AccelConfig, Accelerator
 
 from .conftest import FAMILIES
 

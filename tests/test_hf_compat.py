@@ -5,11 +5,11 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from m2r2core import hf_compat
 from m2r2core.config import DecodeConfig, EngineConfig
-from m2r2core.decode import DecodeState, forward
 from m2r2core.engine import Engine
 from m2r2core.errors import UnsupportedModel
+from m2r2core.runtime import hf_compat
+from m2r2core.runtime.decode import DecodeState, forward
 
 from .conftest import FAMILIES
 

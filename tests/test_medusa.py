@@ -11,8 +11,8 @@ import torch
 
 from m2r2core.config import DecodeConfig
 from m2r2core.errors import ConfigError
-from m2r2core.medusa import HEADS_CARD, HEADS_FILE, head_pairs
-from m2r2core.speculative import SpecConfig
+from m2r2core.spec.medusa import HEADS_CARD, HEADS_FILE, head_pairs
+from m2r2core.spec.speculative import SpecConfig
 from tests.test_speculative import PROMPT, engine_with_trained, hf_greedy
 
 

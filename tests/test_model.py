@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from m2r2core import assets, model
 from m2r2core.config import EngineConfig
 from m2r2core.errors import AssetMissing, ModelNotFound
+from m2r2core.runtime import assets, model
 
 
 def test_missing_folder_is_a_clear_error(tmp_path):
@@ -25,7 +25,8 @@ def test_corrupt_model_folder_names_the_fix(tiny_model_dir, tmp_path):
     for f in tiny_model_dir.iterdir():
         (broken / f.name).write_bytes(f.read_bytes())
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises((AssetMissing, ModelNotFound), match="m2r2core.model prepare --force"):
+    with pytest.raises((AssetMissing, ModelNotFound), 
+                       match="m2r2core.runtime.model prepare --force"):
         model.load(EngineConfig(model=str(broken)))
 
 

@@ -14,9 +14,9 @@ import torch
 from m2r2core.config import DecodeConfig, EngineConfig, SamplingConfig
 from m2r2core.engine import Engine
 from m2r2core.errors import AssetMissing, ConfigError, UnsupportedModel
-from m2r2core.experts import PRESETS, Bandwidth, ExpertCache, ExpertStore
-from m2r2core.offload import OffloadConfig, OffloadEngine
-from m2r2core.prefetch import PREDICTORS, Accelerator, recall_by_distance
+from m2r2core.moe.experts import PRESETS, Bandwidth, ExpertCache, ExpertStore
+from m2r2core.moe.offload import OffloadConfig, OffloadEngine
+from m2r2core.moe.prefetch import PREDICTORS, RouteAccelerator, recall_by_distance
 
 PROMPT = "Tell me about the sea and the ships."
 FAST = "pcie4"
@@ -27,7 +27,7 @@ def offload(tiny_model_dirs, tmp_path_factory) -> OffloadEngine:
     """The tiny Mixtral (4 layers × 4 experts, top-2) with its experts in a store."""
     engine = Engine.load(EngineConfig(model=str(tiny_model_dirs["mixtral"]), dtype="float32"))
     torch.manual_seed(0)
-    accel = Accelerator(4, 64, 4)  # untrained but non-trivial: predictions differ from pregate
+    accel = RouteAccelerator(4, 64, 4)  # untrained but non-trivial: predictions differ from pregate
     accel.b.data.normal_(0, 0.1)
     return OffloadEngine(engine, store=tmp_path_factory.mktemp("store"), accelerator=accel)
 
@@ -307,7 +307,7 @@ def test_recall_by_distance_counts_hits():
 def test_folded_router_predictions_equal_the_unfolded_ones(offload, accelerated):
     """The predictor folds norm gain, accelerator and routers into one matrix per layer: the
     top-k it picks must be the one the norm → accelerator → router path picks."""
-    from m2r2core.prefetch import RouterPredictor
+    from m2r2core.moe.prefetch import RouterPredictor
 
     moe = offload.moe
     for layer in range(moe.n_layers):  # non-trivial gains, so folding them in is tested

@@ -4,7 +4,7 @@ import pytest
 
 from m2r2core.config import DecodeConfig
 from m2r2core.errors import PromptError, PromptTooLong
-from m2r2core.prompt import check_fits, validate_text
+from m2r2core.runtime.prompt import check_fits, validate_text
 
 
 @pytest.mark.parametrize("text", ["", "   ", "\n\t"])

@@ -7,7 +7,7 @@ import torch
 
 from analysis.prompts import load_prompts
 from m2r2core.config import DecodeConfig
-from m2r2core.speculative import SpecConfig
+from m2r2core.spec.speculative import SpecConfig
 
 from .test_trace import check_against_independent
 
@@ -68,8 +68,8 @@ def test_committed_adapters_and_routers_load_by_default(real_engine_fp32):
 def test_exit_decoder_without_exits_is_plain_greedy(real_engine_fp32, fill):
     """The exit decoder's own block path (slow rows batched with fast ones) equals transformers'
     greedy output when the rule never fires, on the real model in fp32."""
-    from m2r2core.exits import ExitConfig
-    from m2r2core.routers import ExitRule
+    from m2r2core.exits.early_exit import ExitConfig
+    from m2r2core.exits.routers import ExitRule
 
     for prompt in PROMPTS[:2]:
         cfg = DecodeConfig(max_new_tokens=48, trace=False)

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from analysis.prompts import load_prompts
-from m2r2core import moefy
 from m2r2core.config import DecodeConfig
-from m2r2core.offload import OffloadConfig, load_moe
+from m2r2core.moe import moefy
+from m2r2core.moe.offload import OffloadConfig, load_moe
 
 pytestmark = pytest.mark.slow
 

@@ -3,7 +3,7 @@
 import torch
 
 from m2r2core.config import DecodeConfig, SamplingConfig
-from m2r2core.sampling import filtered_probs, make_generator, sample_next
+from m2r2core.runtime.sampling import filtered_probs, make_generator, sample_next
 
 
 def test_greedy_is_argmax():

@@ -9,13 +9,13 @@ import pytest
 import torch
 from scipy.stats import chi2_contingency
 
-from m2r2core import hf_compat
 from m2r2core.config import DecodeConfig, EngineConfig, SamplingConfig
-from m2r2core.decode import DecodeState, forward
 from m2r2core.engine import Engine
 from m2r2core.errors import ConfigError, M2R2Error, PromptTooLong, UnsupportedModel
-from m2r2core.sampling import make_generator
-from m2r2core.speculative import SpecConfig
+from m2r2core.runtime import hf_compat
+from m2r2core.runtime.decode import DecodeState, forward
+from m2r2core.runtime.sampling import make_generator
+from m2r2core.spec.speculative import SpecConfig
 
 PROMPT = "Write a short story about a lighthouse keeper."
 

@@ -5,10 +5,11 @@ import json
 
 import pytest
 
-from m2r2core import distill, train
-from m2r2core.accel import CARD_NAME, WEIGHTS_NAME
+from m2r2core import train
 from m2r2core.errors import AssetMissing
-from m2r2core.routers import ROUTER_CARD
+from m2r2core.exits.routers import ROUTER_CARD
+from m2r2core.stream.accel import CARD_NAME, WEIGHTS_NAME
+from m2r2core.train import distill
 
 
 @pytest.fixture()
@@ -72,7 +73,7 @@ def test_cli_reports_bad_data_without_traceback(tmp_path, tiny_model_dir, monkey
 def test_held_out_agreement_of_zero_adapters_is_the_slow_streams(tiny_engine, corpus):
     """With zero adapters the fast stream is the slow stream, so its teacher-forced agreement at
     each depth is the slow stream's at the same layer; the last layer agrees with itself."""
-    from m2r2core.accel import AccelConfig, Accelerator
+    from m2r2core.stream.accel import AccelConfig, Accelerator
 
     parts = tiny_engine.parts
     accel = Accelerator(parts, AccelConfig(rate=2.0, rank=4, margin=0))

@@ -16,8 +16,8 @@ from app.components import controls
 from m2r2core.config import DecodeConfig
 from m2r2core.engine import RunResult
 from m2r2core.errors import M2R2Error
-from m2r2core.exits import KV_FILLS, ExitConfig
-from m2r2core.routers import LEARNED, RULE_LABELS, RULES, ExitRule
+from m2r2core.exits.early_exit import KV_FILLS, ExitConfig
+from m2r2core.exits.routers import LEARNED, RULE_LABELS, RULES, ExitRule
 
 REPORT = "exits_fp32.json"
 RESULT_KEY = "exit_result"

@@ -15,9 +15,9 @@ from analysis import expert_timeline as timeline
 from app import expert_charts, resources, state
 from app.components import controls
 from m2r2core.errors import M2R2Error
-from m2r2core.experts import POLICIES, PRESETS
-from m2r2core.offload import OffloadConfig, OffloadEngine, OffloadRun
-from m2r2core.prefetch import PREDICTORS
+from m2r2core.moe.experts import POLICIES, PRESETS
+from m2r2core.moe.offload import OffloadConfig, OffloadEngine, OffloadRun
+from m2r2core.moe.prefetch import PREDICTORS
 
 REPORT = "moe_bf16_clock.json"
 RESULT_KEY = "experts_result"
@@ -35,7 +35,7 @@ output never changes (the same weights compute, only earlier); the waiting does.
 
 CHOICES = """
 **The model.** No MoE ships offline, so the default one is built from SmolLM2 by
-*MoEfication* (`python -m m2r2core.moefy`): each layer's 1,536 MLP neurons are split into an
+*MoEfication* (`python -m m2r2core.train.moe`): each layer's 1,536 MLP neurons are split into an
 always-on shared expert (384 neurons) and 8 routed experts clustered by co-activation, a router
 per layer picks the top 2, and the down projections are refitted by least squares. Layer 0 stays
 dense. It is stored as a standard Qwen2-MoE checkpoint; the same engine runs Mixtral and
@@ -96,7 +96,7 @@ class ExpertSession:
                    "from SmolLM2, about a minute)")
 def get_moe(model: str, dtype: str, threads: int) -> OffloadEngine:
     """The MoE engine with its expert store; shared by all sessions, read-only after this."""
-    from m2r2core.offload import load_moe
+    from m2r2core.moe.offload import load_moe
 
     return load_moe(model or None, dtype, threads)
 

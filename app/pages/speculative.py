@@ -15,8 +15,14 @@ from app import resources, spec_charts
 from app.components import controls
 from m2r2core.config import SamplingConfig
 from m2r2core.errors import M2R2Error
-from m2r2core.routers import LEARNED
-from m2r2core.speculative import DRAFT_RULES, DRAFT_VOCABS, MAX_DRAFT_LIMIT, SpecConfig, SpecRound
+from m2r2core.exits.routers import LEARNED
+from m2r2core.spec.speculative import (
+    DRAFT_RULES,
+    DRAFT_VOCABS,
+    MAX_DRAFT_LIMIT,
+    SpecConfig,
+    SpecRound,
+)
 
 REPORT = "spec_bf16.json"
 RESULT_KEY = "spec_result"

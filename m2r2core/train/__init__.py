@@ -8,7 +8,7 @@
     python -m m2r2core.train lens      # the tuned lens (an affine translator per slow layer)
     python -m m2r2core.train speed     # training tokens per second, before and after
 
-Every command takes --out (default: the packaged `m2r2core/trained/<model>` folder for the
+Every command takes --out (default: the committed `artifacts/<model>` folder for the
 adapters and routers, the model cache for data and checkpoints), fixed seeds, a progress bar,
 and writes a metrics log (JSONL) beside its output.
 """
@@ -25,11 +25,12 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from m2r2core import distill, hf_compat
-from m2r2core.accel import Accelerator, train_fast_states
 from m2r2core.config import EngineConfig, batched_dtype
 from m2r2core.errors import M2R2Error
-from m2r2core.model import fingerprint, load
+from m2r2core.runtime import hf_compat
+from m2r2core.runtime.model import fingerprint, load
+from m2r2core.stream.accel import Accelerator, train_fast_states
+from m2r2core.train import distill
 from m2r2core.train.adapters import (  # noqa: F401  (the package's public names)
     adapter_loss,
     batches,
@@ -123,7 +124,7 @@ def collect_trajectories(parts, accel: Accelerator, check, samples: list[distill
 
 def fit_router(kind: str, data: dict, epochs: int, seed: int, lr: float = 2e-3) -> tuple:
     """Train one RouterNet with BCE; return it and its validation metrics."""
-    from m2r2core.routers import RouterNet
+    from m2r2core.exits.routers import RouterNet
 
     torch.manual_seed(seed)
     normed, lens, labels = data["normed"], data["lens"], data["labels"].float()
@@ -166,8 +167,8 @@ def fit_router(kind: str, data: dict, epochs: int, seed: int, lr: float = 2e-3) 
 
 def cmd_routers(args: argparse.Namespace) -> None:
     """Train ARLA and the MLP baseline for both streams on the router split of the corpus."""
-    from m2r2core.accel import load_accelerator
-    from m2r2core.routers import CheckHead, RouterBundle, RouterCard
+    from m2r2core.exits.routers import CheckHead, RouterBundle, RouterCard
+    from m2r2core.stream.accel import load_accelerator
 
     torch.manual_seed(args.seed)
     loaded = load(EngineConfig(model=args.model, dtype=args.dtype, threads=args.threads))
@@ -210,7 +211,7 @@ def cmd_routers(args: argparse.Namespace) -> None:
 
 def cmd_medusa(args: argparse.Namespace) -> None:
     """Train Medusa-style draft heads on the adapters' corpus (the peer of issue 4)."""
-    from m2r2core import medusa
+    from m2r2core.spec import medusa
 
     loaded, parts, _ = frozen_model(args)
     splits, source = datasets(args, fingerprint(loaded.model))

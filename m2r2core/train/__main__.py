@@ -2,4 +2,5 @@
 
 from m2r2core.train import main
 
-main()
+if __name__ == "__main__":  # importing the package's modules (the boundary test) runs nothing
+    main()

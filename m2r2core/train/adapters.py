@@ -28,15 +28,16 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from m2r2core import distill, hf_compat
-from m2r2core.accel import (
+from m2r2core.errors import M2R2Error
+from m2r2core.runtime import hf_compat
+from m2r2core.stream.accel import (
     WEIGHTS_NAME,
     AccelConfig,
     Accelerator,
     AdapterCard,
     train_fast_states,
 )
-from m2r2core.errors import M2R2Error
+from m2r2core.train import distill
 
 log = logging.getLogger("m2r2core.train")
 
@@ -311,7 +312,7 @@ class AdapterTraining:
 
     def __init__(self, args: argparse.Namespace) -> None:
         """Load the frozen model, the data splits and the adapters (resuming a checkpoint)."""
-        from m2r2core.model import fingerprint
+        from m2r2core.runtime.model import fingerprint
         from m2r2core.train.common import default_out, frozen_model, work_dir
 
         self.args = args

@@ -9,15 +9,16 @@ from pathlib import Path
 
 import torch
 
-from m2r2core import distill, hf_compat
-from m2r2core.accel import TRAINED_DIR
+from m2r2core import artifacts
 from m2r2core.config import EngineConfig
-from m2r2core.model import default_cache_dir, load
+from m2r2core.runtime import hf_compat
+from m2r2core.runtime.model import default_cache_dir, load
+from m2r2core.train import distill
 
 
 def default_out(model: str) -> Path:
     """Where the committed adapters and routers of a model live."""
-    return TRAINED_DIR / model.replace("/", "--")
+    return artifacts.model_folder(model, artifacts.ARTIFACTS_DIR)
 
 
 def work_dir(model: str) -> Path:

@@ -32,9 +32,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from m2r2core import assets
-from m2r2core.distill import Sample, answer_batch, instructions, wiki_articles
 from m2r2core.errors import M2R2Error
+from m2r2core.runtime import assets
+from m2r2core.train.distill import Sample, answer_batch, instructions, wiki_articles
 
 VERSION = 1
 NEAR_DUPLICATE = 0.5

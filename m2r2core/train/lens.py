@@ -1,4 +1,4 @@
-"""Training the tuned lens (m2r2core/tuned_lens.py) on the distillation corpus.
+"""Training the tuned lens (m2r2core/stream/tuned_lens.py) on the distillation corpus.
 
     python -m m2r2core.train lens [--fit-samples N] [--steps N]
 
@@ -18,8 +18,8 @@ import time
 import torch
 from torch.nn import functional as F
 
+from m2r2core.stream.tuned_lens import LensCard, TunedLens
 from m2r2core.train.adapters import datasets, length_chunks, pad_rows, slow_states
-from m2r2core.tuned_lens import LensCard, TunedLens
 
 
 def _normed(states: torch.Tensor) -> torch.Tensor:
@@ -120,7 +120,7 @@ def agreement(parts, lens: TunedLens, samples, seq_len: int) -> dict[str, list[f
 
 def cmd_lens(args: argparse.Namespace) -> None:
     """Fit, refine, measure and save the tuned lens."""
-    from m2r2core.model import fingerprint
+    from m2r2core.runtime.model import fingerprint
     from m2r2core.train.common import default_out, frozen_model, progress_bar
 
     loaded, parts, _ = frozen_model(args)

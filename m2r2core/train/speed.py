@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from m2r2core import hf_compat
-from m2r2core.accel import Accelerator
 from m2r2core.config import EngineConfig, batched_dtype
 from m2r2core.engine import environment
-from m2r2core.model import load
+from m2r2core.runtime import hf_compat
+from m2r2core.runtime.model import load
+from m2r2core.stream.accel import Accelerator
 from m2r2core.train.adapters import (
     accel_config,
     adapter_loss,
@@ -69,7 +69,7 @@ def measure(args: argparse.Namespace, dtype: str, batching: str, samples: list) 
 
 def cmd_speed(args: argparse.Namespace) -> None:
     """Measure before and after; print and write the report."""
-    from m2r2core.model import fingerprint
+    from m2r2core.runtime.model import fingerprint
 
     torch.manual_seed(args.seed)
     probe = load(EngineConfig(model=args.model, dtype="float32", threads=args.threads))

@@ -13,7 +13,6 @@ always comes from the full head.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,9 +21,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from m2r2core.accel import AdapterError
-from m2r2core.errors import require
-from m2r2core.hf_compat import DecoderParts
+from m2r2core import artifacts
+from m2r2core.errors import AdapterError, require
+from m2r2core.runtime.hf_compat import DecoderParts
 
 RULES = ("arla", "mlp", "confidence", "entropy", "saturation", "static")
 LEARNED = ("arla", "mlp")
@@ -40,6 +39,7 @@ RULE_LABELS = {
 N_LENS_FEATURES = 3
 ROUTER_FILE = "routers.safetensors"
 ROUTER_CARD = "routers.json"
+TRAIN_ROUTERS = "python -m m2r2core.train routers"
 
 
 @dataclass(frozen=True)
@@ -162,41 +162,25 @@ class RouterBundle:
 
     def save(self, folder: Path) -> None:
         """routers.safetensors and routers.json, written atomically."""
-        from safetensors.torch import save_file
-
-        folder.mkdir(parents=True, exist_ok=True)
-        tensors = {"check_ids": self.check.token_ids.to(torch.int32).contiguous()}
+        tensors = {"check_ids": self.check.token_ids.to(torch.int32)}
         for key, net in self.nets.items():
-            tensors |= {f"{key}/{name}": t.detach().float().contiguous()
-                        for name, t in net.state_dict().items()}
-        save_file(tensors, str(folder / (ROUTER_FILE + ".tmp")))
-        (folder / (ROUTER_CARD + ".tmp")).write_text(json.dumps(asdict(self.card), indent=2))
-        (folder / (ROUTER_FILE + ".tmp")).replace(folder / ROUTER_FILE)
-        (folder / (ROUTER_CARD + ".tmp")).replace(folder / ROUTER_CARD)
+            tensors |= {f"{key}/{name}": t.float() for name, t in net.state_dict().items()}
+        artifacts.save(folder, ROUTER_FILE, tensors, ROUTER_CARD, asdict(self.card))
 
 
 def load_routers(folder: Path, parts: DecoderParts, model_name: str, model_fingerprint: str
                  ) -> RouterBundle:
     """Load routers trained for this model; AdapterError for another model or a corrupt file."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     folder = Path(folder)
-    card_path = folder / ROUTER_CARD
-    if not card_path.is_file():
-        raise AdapterError(f"No routers at {folder}; train them with "
-                           "`python -m m2r2core.train routers`.")
+    raw = artifacts.read_card(folder, ROUTER_CARD, "router", TRAIN_ROUTERS)
     try:
-        card = RouterCard(**json.loads(card_path.read_text()))
-    except (json.JSONDecodeError, TypeError) as err:
-        raise AdapterError(f"The router card {card_path} is corrupt ({err}).") from err
-    if card.model_fingerprint != model_fingerprint:
-        raise AdapterError(
-            f"The routers in {folder} were trained for '{card.model_name}' (fingerprint "
-            f"{card.model_fingerprint}); the loaded model is '{model_name}' (fingerprint "
-            f"{model_fingerprint}). Load that model or train routers for this one.")
+        card = RouterCard(**raw)
+    except TypeError as err:
+        raise AdapterError(f"The router card in {folder} is corrupt ({err}); rerun "
+                           f"`{TRAIN_ROUTERS}` or restore it.") from err
+    artifacts.check_model(raw, folder, "routers", model_name, model_fingerprint)
+    tensors = artifacts.load_tensors(folder, ROUTER_FILE, "router", TRAIN_ROUTERS)
     try:
-        tensors = load_file(str(folder / ROUTER_FILE))
         hidden = parts.config.hidden_size
         nets = {}
         for key, depth in card.max_depth.items():
@@ -207,8 +191,9 @@ def load_routers(folder: Path, parts: DecoderParts, model_name: str, model_finge
                                  if k.startswith(prefix)})
             nets[key] = net.eval()
         check_ids = tensors["check_ids"].long()
-    except (SafetensorError, FileNotFoundError, OSError, RuntimeError, KeyError) as err:
-        raise AdapterError(f"The router weights in {folder} could not be loaded ({err}).") from err
+    except (RuntimeError, KeyError) as err:
+        raise AdapterError(f"The router weights in {folder} could not be loaded ({err}); rerun "
+                           f"`{TRAIN_ROUTERS}` or restore them.") from err
     return RouterBundle(parts, check_ids if card.check_vocab else None, nets, card)
 
 

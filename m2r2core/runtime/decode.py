@@ -14,13 +14,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from m2r2core import hf_compat
-from m2r2core.accel import fast_trajectory
 from m2r2core.config import DecodeConfig
-from m2r2core.hf_compat import DecoderParts
-from m2r2core.lens import fast_stats, lens_logits, trajectory_stats
-from m2r2core.routers import scores_offline
-from m2r2core.sampling import make_generator, sample_next
+from m2r2core.runtime import hf_compat
+from m2r2core.runtime.hf_compat import DecoderParts
+from m2r2core.runtime.lens import lens_logits, trajectory_stats
+from m2r2core.runtime.sampling import make_generator, sample_next
 from m2r2core.trace import TokenStep
 
 
@@ -96,6 +94,24 @@ def forward(parts: DecoderParts, ids: torch.Tensor, state: DecodeState, keep_sta
     return ForwardOutput(logits, stacked, all_logits, normed)
 
 
+class StepTracer:
+    """What a plain decoding step may record beyond the slow stream (exits/tracer.py traces the
+    accelerated stream). The loop calls `after_forward` inside its lock, right after each forward
+    pass, and passes what it returned to `fields` when it records that step.
+    """
+
+    rows: list[np.ndarray]
+    """Per-step arrays kept for the residual capture (empty unless the tracer keeps them)."""
+
+    def after_forward(self, out: ForwardOutput, cache, position: int) -> object:
+        """Compute what must be read while the cache holds exactly this step's positions."""
+        raise NotImplementedError
+
+    def fields(self, out: ForwardOutput, traced: object) -> dict:
+        """Extra TokenStep fields of the step whose forward pass returned `traced`."""
+        raise NotImplementedError
+
+
 class TokenLoop:
     """Autoregressive decoding over a prompt; iterate it to receive TokenStep records.
 
@@ -106,15 +122,13 @@ class TokenLoop:
 
     def __init__(self, parts: DecoderParts, prompt_ids: list[int], cfg: DecodeConfig,
                  eos_ids: frozenset[int], token_text, lock, device: torch.device,
-                 fused_head: bool = False, accel=None, routers=None) -> None:
+                 fused_head: bool = False, tracer: StepTracer | None = None) -> None:
         """Prepare a run; nothing is computed until iteration.
 
-        With `accel` (and cfg.trace and cfg.fast_stream) every step also records the
-        accelerated stream and, with `routers`, every exit rule's scores on both streams.
+        With a `tracer` (used only when cfg.trace) every step also records what it traces,
+        e.g. the accelerated stream and every exit rule's scores (exits/tracer.py).
         """
-        self.accel = accel if cfg.trace and cfg.fast_stream else None
-        self.routers = routers
-        self.fast_rows: list[np.ndarray] = []
+        self.tracer = tracer if cfg.trace else None
         self.parts, self.cfg, self.eos_ids, self.fused_head = parts, cfg, eos_ids, fused_head
         self.token_text, self.lock, self.device = token_text, lock, device
         self.prompt = torch.tensor([prompt_ids], device=device)
@@ -129,14 +143,14 @@ class TokenLoop:
         state = DecodeState(hf_compat.new_cache(self.parts),
                             make_generator(cfg.sampling, self.device))
         start = time.perf_counter()
-        out = self._forward(self.prompt, state)
+        out, traced = self._forward(self.prompt, state)
         self.prefill_ms = (time.perf_counter() - start) * 1000.0
         forward_ms = self.prefill_ms
         busy_ms = 0.0  # time spent in this loop, not in the consumer between yields
         for position in range(cfg.max_new_tokens):
             step_start = time.perf_counter()
             token_id = sample_next(out.logits, cfg.sampling, state.generator)
-            step = self._record(position, token_id, out, forward_ms)
+            step = self._record(position, token_id, out, traced, forward_ms)
             latency_ms = forward_ms + (time.perf_counter() - step_start) * 1000.0
             busy_ms += latency_ms
             self.decode_ms = busy_ms - self.prefill_ms
@@ -145,42 +159,20 @@ class TokenLoop:
                 self.stop_reason = "eos" if token_id in self.eos_ids else "max_new_tokens"
                 break
             forward_start = time.perf_counter()
-            out = self._forward(torch.tensor([[token_id]], device=self.device), state)
+            out, traced = self._forward(torch.tensor([[token_id]], device=self.device), state)
             forward_ms = (time.perf_counter() - forward_start) * 1000.0
 
-    def _forward(self, ids: torch.Tensor, state: DecodeState) -> ForwardOutput:
+    def _forward(self, ids: torch.Tensor, state: DecodeState) -> tuple[ForwardOutput, object]:
+        """One forward pass and what the tracer reads right after it (None without one)."""
         with self.lock:  # one forward at a time: sessions share the model and two cores
             out = forward(self.parts, ids, state, self.cfg.trace, self.fused_head)
-            if self.accel is not None:
-                self._trace_fast(out, state)
-            return out
+            traced = None
+            if self.tracer is not None:
+                traced = self.tracer.after_forward(out, state.cache, state.position - 1)
+            return out, traced
 
-    @torch.inference_mode()
-    def _trace_fast(self, out: ForwardOutput, state: DecodeState) -> None:
-        """The accelerated stream of the position just fed, read over the slow cache."""
-        start = out.states[self.accel.first][None, None]
-        fast = fast_trajectory(self.parts, self.accel, start, state.cache, state.position - 1)
-        self._fast = torch.cat([start[0]] + [f[0] for f in fast])  # (D+1, H)
-
-    @torch.inference_mode()
-    def _fast_fields(self, out: ForwardOutput) -> dict:
-        """The fast stream's statistics and every rule's scores along both streams."""
-        fast, parts = self._fast, self.parts
-        stats = fast_stats(parts, fast, out.states[-1], int(out.logits.argmax()))
-        fields = {f"fast_{k}": v for k, v in vars(stats).items()}
-        scores = {}
-        if self.routers is not None:
-            for stream, states in (("fast", fast), ("slow", out.states)):
-                got = scores_offline(self.routers, parts, stream, states[None, 1:],
-                                     states[None, 0])
-                scores |= {f"{stream}/{k}": tuple(round(x, 5) for x in v[0].tolist())
-                           for k, v in got.items()}
-        if self.cfg.capture_residuals:
-            self.fast_rows.append(fast.float().cpu().numpy())
-        return fields | {"rule_scores": scores}
-
-    def _record(self, position: int, token_id: int, out: ForwardOutput, forward_ms: float
-                ) -> TokenStep:
+    def _record(self, position: int, token_id: int, out: ForwardOutput, traced: object,
+                forward_ms: float) -> TokenStep:
         trace_start = time.perf_counter()
         fields = {}
         if out.states is not None:
@@ -190,8 +182,8 @@ class TokenLoop:
                 tuple(self.token_text(i) for i in row) for row in stats.lens_top_ids)}
             if self.cfg.capture_residuals:
                 self.capture_rows.append(out.states.float().cpu().numpy())
-            if self.accel is not None:
-                fields |= self._fast_fields(out)
+            if self.tracer is not None:
+                fields |= self.tracer.fields(out, traced)
         trace_ms = (time.perf_counter() - trace_start) * 1000.0
         token_prob = float(torch.softmax(out.logits, -1)[token_id])
         return TokenStep(

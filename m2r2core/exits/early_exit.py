@@ -21,14 +21,14 @@ from dataclasses import dataclass
 
 import torch
 
-from m2r2core import hf_compat
-from m2r2core.accel import Accelerator, block_rows, keys_values, visible
 from m2r2core.config import DecodeConfig
-from m2r2core.decode import DecodeState, forward
 from m2r2core.errors import require
-from m2r2core.hf_compat import DecoderParts
-from m2r2core.routers import ExitRule, RouterBundle, TokenScorer
-from m2r2core.sampling import make_generator, sample_next
+from m2r2core.exits.routers import ExitRule, RouterBundle, TokenScorer
+from m2r2core.runtime import hf_compat
+from m2r2core.runtime.decode import DecodeState, forward
+from m2r2core.runtime.hf_compat import DecoderParts
+from m2r2core.runtime.sampling import make_generator, sample_next
+from m2r2core.stream.accel import Accelerator, block_rows, keys_values, visible
 from m2r2core.trace import TokenStep
 
 KV_FILLS = ("jit", "copy")

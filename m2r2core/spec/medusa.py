@@ -5,7 +5,7 @@ next token x_{t+1} and guesses x_{t+1+k}: a residual block h + SiLU(W_k h + b_k)
 model's own (frozen, shared) LM head. As in Medusa-1 the base model is untouched; unlike Medusa-1
 the heads share the LM head instead of each training a copy of it (49,152 x 576 here), so all K
 heads together are K * (H*H + H) parameters. The speculative decoder (`stream="medusa"` in
-m2r2core/speculative.py) verifies their chain with the unmodified model, so output stays the
+m2r2core/spec/speculative.py) verifies their chain with the unmodified model, so output stays the
 model's own.
 
 Training (`python -m m2r2core.train medusa`) uses the same self-distillation corpus as the
@@ -16,7 +16,6 @@ only, positions come from the answers and the plain text, never from the instruc
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
@@ -27,11 +26,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from m2r2core.accel import AdapterError
-from m2r2core.hf_compat import DecoderParts
+from m2r2core import artifacts
+from m2r2core.errors import AdapterError
+from m2r2core.runtime.hf_compat import DecoderParts
 
 HEADS_FILE = "medusa.safetensors"
 HEADS_CARD = "medusa.json"
+TRAIN_HEADS = "python -m m2r2core.train medusa"
 
 
 class MedusaHeads(nn.Module):
@@ -73,15 +74,8 @@ class HeadsCard:
 
 def save_heads(heads: MedusaHeads, folder: Path, card: HeadsCard) -> None:
     """Write medusa.safetensors and medusa.json atomically (temp files, then rename)."""
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in heads.state_dict().items()}
-    tmp_weights, tmp_card = folder / (HEADS_FILE + ".tmp"), folder / (HEADS_CARD + ".tmp")
-    save_file(tensors, str(tmp_weights))
-    tmp_card.write_text(json.dumps(asdict(card), indent=2) + "\n")
-    tmp_weights.replace(folder / HEADS_FILE)
-    tmp_card.replace(folder / HEADS_CARD)
+    artifacts.save(folder, HEADS_FILE, {k: v.to(torch.bfloat16) for k, v in
+                                        heads.state_dict().items()}, HEADS_CARD, asdict(card))
 
 
 def load_heads(folder: Path, hidden_size: int, model_name: str, model_fingerprint: str
@@ -91,30 +85,20 @@ def load_heads(folder: Path, hidden_size: int, model_name: str, model_fingerprin
     Raises:
         AdapterError: heads of another model, or a corrupt card or weights file.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     folder = Path(folder)
-    card_path = folder / HEADS_CARD
-    if not card_path.is_file():
+    if not (folder / HEADS_CARD).is_file():
         return None
+    raw = artifacts.read_card(folder, HEADS_CARD, "Medusa head", TRAIN_HEADS)
     try:
-        card = HeadsCard(**json.loads(card_path.read_text()))
-    except (json.JSONDecodeError, TypeError) as err:
-        raise AdapterError(f"The Medusa head card {card_path} is corrupt ({err}).") from err
-    if card.model_fingerprint != model_fingerprint or card.hidden_size != hidden_size:
-        raise AdapterError(
-            f"The Medusa heads in {folder} were trained for '{card.model_name}' (fingerprint "
-            f"{card.model_fingerprint}); the loaded model is '{model_name}' (fingerprint "
-            f"{model_fingerprint}). Load that model or train heads for this one.")
-    try:
-        heads = MedusaHeads(hidden_size, card.n_heads)
-        heads.load_state_dict({k: v.float() for k, v in load_file(str(folder / HEADS_FILE))
-                               .items()})
-    except (SafetensorError, FileNotFoundError, OSError, RuntimeError) as err:
-        raise AdapterError(f"The Medusa head weights in {folder} could not be loaded ({err}); "
-                           "retrain or restore them.") from err
-    return heads.requires_grad_(False).eval(), card
+        card = HeadsCard(**raw)
+    except TypeError as err:
+        raise AdapterError(f"The Medusa head card in {folder} is corrupt ({err}); rerun "
+                           f"`{TRAIN_HEADS}` or restore it.") from err
+    artifacts.check_model(raw, folder, "Medusa heads", model_name, model_fingerprint,
+                          hidden_size=(card.hidden_size, hidden_size))
+    tensors = artifacts.load_tensors(folder, HEADS_FILE, "Medusa head", TRAIN_HEADS)
+    return artifacts.fill(MedusaHeads(hidden_size, card.n_heads), tensors, folder,
+                          "Medusa head", TRAIN_HEADS), card
 
 
 @torch.no_grad()

@@ -1,7 +1,7 @@
 """Load the tokenizer and model: the packaged SmolLM2 default (prepared once into a cached HF
 folder), any local HF causal-LM folder, or a hub name when the hub is reachable.
 
-Run `python -m m2r2core.model prepare [--force]` to build the cached folder ahead of time.
+Run `python -m m2r2core.runtime.model prepare [--force]` to build the cached folder ahead of time.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from m2r2core import assets
 from m2r2core.config import DEFAULT_MODEL, EngineConfig
 from m2r2core.errors import AssetMissing, ModelNotFound
+from m2r2core.runtime import assets
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +223,7 @@ def load(cfg: EngineConfig) -> LoadedModel:
     except Exception as exc:  # safetensors, json and torch each raise their own types
         raise AssetMissing(
             f"The model files at {source} could not be loaded ({exc}). If this is the prepared "
-            f"default, rebuild it: python -m m2r2core.model prepare --force"
+            f"default, rebuild it: python -m m2r2core.runtime.model prepare --force"
         ) from exc
     model.to(device).eval()
     model.requires_grad_(False)
@@ -233,7 +233,7 @@ def load(cfg: EngineConfig) -> LoadedModel:
 def _not_found_message(name: str, source: str, exc: Exception) -> str:
     if Path(source).is_dir():
         return (f"The model folder {source} is incomplete or corrupt ({exc}). If this is the "
-                f"prepared default, rebuild it: python -m m2r2core.model prepare --force")
+                f"prepared default, rebuild it: python -m m2r2core.runtime.model prepare --force")
     return (f"Unknown model '{name}': it is not '{DEFAULT_MODEL}', not a local folder, and the "
             f"hub could not provide it (this machine may be offline).")
 
@@ -265,7 +265,7 @@ def fingerprint(model: torch.nn.Module) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """CLI: `python -m m2r2core.model prepare [--force]`."""
+    """CLI: `python -m m2r2core.runtime.model prepare [--force]`."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("command", choices=["prepare"])
     parser.add_argument("--force", action="store_true", help="rebuild even if the folder exists")

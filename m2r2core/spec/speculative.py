@@ -17,8 +17,8 @@ Each round:
    min(1, p(x)/q(x)), else draw from norm(max(0, p - q))), so every token is distributed exactly
    as the model's own (filtered) distribution. The cache is cropped to the accepted prefix.
 
-`stream="medusa"` is the Medusa-style peer (m2r2core/medusa.py): no draft stream at all; K heads
-read the model's final state at the position that produced the last token and guess the next K
+`stream="medusa"` is the Medusa-style peer (spec/medusa.py): no draft stream at all; K heads read
+the model's final state at the position that produced the last token and guess the next K
 tokens at once (a chain: each head's top-1, no tree). Verification and acceptance are the same.
 
 Greedy output equals plain greedy decoding token for token, up to floating-point near-ties
@@ -33,15 +33,15 @@ from dataclasses import dataclass
 
 import torch
 
-from m2r2core import hf_compat
-from m2r2core.accel import Accelerator, block_rows, keys_values
 from m2r2core.config import DecodeConfig
-from m2r2core.decode import DecodeState, forward
 from m2r2core.errors import UnsupportedModel, require
-from m2r2core.hf_compat import DecoderParts
-from m2r2core.medusa import MedusaHeads
-from m2r2core.routers import LEARNED, RULES, ExitRule, RouterBundle, TokenScorer
-from m2r2core.sampling import filtered_probs, make_generator, sample_next
+from m2r2core.exits.routers import LEARNED, RULES, ExitRule, RouterBundle, TokenScorer
+from m2r2core.runtime import hf_compat
+from m2r2core.runtime.decode import DecodeState, forward
+from m2r2core.runtime.hf_compat import DecoderParts
+from m2r2core.runtime.sampling import filtered_probs, make_generator, sample_next
+from m2r2core.spec.medusa import MedusaHeads
+from m2r2core.stream.accel import Accelerator, block_rows, keys_values
 
 STREAMS = ("fast", "slow", "medusa")
 DRAFT_VOCABS = ("full", "sub")

@@ -137,8 +137,8 @@ def call_layer(
 
 @dataclass(frozen=True)
 class BlockParts:
-    """One Llama-family block taken apart, for the engine's own block math (m2r2core/accel.py):
-    the fast stream swaps the attention's keys/values and adds adapter deltas to projections.
+    """One Llama-family block taken apart, for the engine's own block math (stream/accel.py): the
+    fast stream swaps the attention's keys/values and adds adapter deltas to projections.
     """
 
     input_norm: torch.nn.Module

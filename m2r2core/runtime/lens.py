@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from m2r2core.hf_compat import DecoderParts
+from m2r2core.runtime.hf_compat import DecoderParts
 
 
 @dataclass(frozen=True)

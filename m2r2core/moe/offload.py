@@ -2,8 +2,8 @@
 
 `OffloadEngine` wraps an Engine holding a Mixtral-format model: it exports every expert to the
 expert store once, and swaps each layer's experts module for `OffloadedExperts`, which takes its
-weights from the fast tier (m2r2core/experts.py), waiting when they are not there. After each
-block the predictor (m2r2core/prefetch.py) names the experts of the next layers and the loader
+weights from the fast tier (m2r2core/moe/experts.py), waiting when they are not there. After each
+block the predictor (m2r2core/moe/prefetch.py) names the experts of the next layers and the loader
 fetches them while compute goes on.
 
 Without a run in progress the swapped module calls the model's own experts module: that is the
@@ -14,7 +14,6 @@ went through the loader compute in an offloaded run), not enforced by the operat
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,22 +22,22 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from m2r2core import hf_compat, prompt
 from m2r2core.config import DecodeConfig
-from m2r2core.decode import DecodeState, forward
 from m2r2core.engine import Engine
 from m2r2core.errors import ConfigError, UnsupportedModel
-from m2r2core.experts import POLICIES, Event, ExpertCache, ExpertStore, bandwidth
-from m2r2core.model import default_cache_dir
-from m2r2core.prefetch import (
+from m2r2core.moe.experts import POLICIES, Event, ExpertCache, ExpertStore, bandwidth
+from m2r2core.moe.prefetch import (
     PREDICTORS,
-    Accelerator,
     MoeParts,
     Predictor,
+    RouteAccelerator,
     make_predictor,
     recall_by_distance,
 )
-from m2r2core.sampling import make_generator, sample_next
+from m2r2core.runtime import hf_compat, prompt
+from m2r2core.runtime.decode import DecodeState, forward
+from m2r2core.runtime.model import default_cache_dir
+from m2r2core.runtime.sampling import make_generator, sample_next
 
 MOE_MODEL_TYPES = ("mixtral", "qwen2_moe")
 
@@ -142,7 +141,7 @@ def moe_parts(engine: Engine) -> MoeParts:
         raise UnsupportedModel(
             f"Expert loading needs a Mixture-of-Experts model (Mixtral or Qwen2-MoE format); "
             f"'{engine.info.name}' is a dense {config.model_type} model. Build the MoE with: "
-            f"python -m m2r2core.moefy build")
+            f"python -m m2r2core.train.moe build")
     layers = engine.parts.layers
     n_experts = getattr(config, "num_local_experts", None) or config.num_experts
     return MoeParts(routers=tuple(layer.mlp.gate.weight if hasattr(layer.mlp, "experts")
@@ -160,7 +159,7 @@ class OffloadEngine:
     """An MoE Engine whose experts are served from a slow tier through a bounded fast tier."""
 
     def __init__(self, engine: Engine, store: Path | None = None,
-                 accelerator: Accelerator | None = None, accel_note: str = "") -> None:
+                 accelerator: RouteAccelerator | None = None, accel_note: str = "") -> None:
         """Export the expert store if needed and swap in OffloadedExperts modules.
 
         Raises UnsupportedModel for a dense model, AssetMissing for a broken store.
@@ -363,35 +362,26 @@ class OffloadRun:
         )
 
 
-def offload_config(**kwargs) -> OffloadConfig:
-    """An OffloadConfig, with unknown fields refused clearly."""
-    names = {f.name for f in dataclasses.fields(OffloadConfig)}
-    unknown = set(kwargs) - names
-    if unknown:
-        raise ConfigError(f"Unknown offload settings: {', '.join(sorted(unknown))}.")
-    return OffloadConfig(**kwargs)
-
-
-
 def load_moe(model: str | None = None, dtype: str = "bfloat16", threads: int = 0,
              progress=None) -> OffloadEngine:
     """The default MoE (built from the committed MoEfication on first use) as an OffloadEngine,
     with its trained accelerator; `model` may name another Mixtral-format folder.
     """
-    from m2r2core import moefy
     from m2r2core.config import EngineConfig
     from m2r2core.errors import M2R2Error
-    from m2r2core.prefetch import load_accelerator
+    from m2r2core.moe import moefy
+    from m2r2core.moe.prefetch import load_route_accelerator
 
     folder = Path(model) if model else moefy.build(progress=progress)
     engine = Engine.load(EngineConfig(model=str(folder), dtype=dtype, threads=threads))
     accel, note = None, ""
     try:
-        accel, card = load_accelerator(moefy.TRAINED_DIR, engine.info.fingerprint)
+        accel, card = load_route_accelerator(moefy.TRAINED_DIR, engine.info.fingerprint,
+                                             engine.info.name)
         note = f"rank-{card.rank} accelerator trained on {card.tokens} tokens"
         if model is None and card.moe_files != moefy.files_digest():
             accel, note = None, ("the committed accelerator was trained for another "
-                                 "MoEfication; retrain it: python -m m2r2core.moefy fit-accel")
+                                 "MoEfication; retrain it: python -m m2r2core.train.moe fit-accel")
     except M2R2Error as exc:
         note = f"no accelerator: {exc}"
     return OffloadEngine(engine, accelerator=accel, accel_note=note)

@@ -11,18 +11,19 @@ distribution (`python -m m2r2core.train lens`).
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from m2r2core.accel import AdapterError
-from m2r2core.hf_compat import DecoderParts
+from m2r2core import artifacts
+from m2r2core.errors import AdapterError
+from m2r2core.runtime.hf_compat import DecoderParts
 
 LENS_FILE = "tuned_lens.safetensors"
 LENS_CARD = "tuned_lens.json"
+TRAIN_LENS = "python -m m2r2core.train lens"
 
 
 @dataclass
@@ -72,15 +73,8 @@ class TunedLens(nn.Module):
 
     def save(self, folder: Path, card: LensCard) -> None:
         """Write the translators (bf16) and the card into folder, atomically."""
-        from safetensors.torch import save_file
-
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp_weights, tmp_card = folder / (LENS_FILE + ".tmp"), folder / (LENS_CARD + ".tmp")
-        save_file({k: v.detach().to(torch.bfloat16).contiguous()
-                   for k, v in self.state_dict().items()}, str(tmp_weights))
-        tmp_card.write_text(json.dumps(asdict(card), indent=2) + "\n")
-        tmp_weights.replace(folder / LENS_FILE)
-        tmp_card.replace(folder / LENS_CARD)
+        artifacts.save(folder, LENS_FILE, {k: v.to(torch.bfloat16) for k, v in
+                                           self.state_dict().items()}, LENS_CARD, asdict(card))
 
 
 def load_tuned_lens(folder: Path, parts: DecoderParts, model_name: str, model_fingerprint: str
@@ -88,26 +82,17 @@ def load_tuned_lens(folder: Path, parts: DecoderParts, model_name: str, model_fi
     """The tuned lens in folder, None when there is none; AdapterError when it belongs to
     another model or its files are corrupt.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    card_path = Path(folder) / LENS_CARD
-    if not card_path.is_file():
+    folder = Path(folder)
+    if not (folder / LENS_CARD).is_file():
         return None
+    raw = artifacts.read_card(folder, LENS_CARD, "tuned-lens", TRAIN_LENS)
     try:
-        card = LensCard(**json.loads(card_path.read_text()))
-    except (json.JSONDecodeError, TypeError) as err:
-        raise AdapterError(f"The tuned-lens card {card_path} is corrupt ({err}).") from err
-    if card.model_fingerprint != model_fingerprint or card.n_layers != parts.n_layers:
-        raise AdapterError(
-            f"The tuned lens in {folder} was trained for '{card.model_name}' (fingerprint "
-            f"{card.model_fingerprint}); the loaded model is '{model_name}' (fingerprint "
-            f"{model_fingerprint}). Train a tuned lens for this model.")
-    try:
-        lens = TunedLens(card.n_layers, card.hidden_size, card.rank)
-        lens.load_state_dict({k: v.float() for k, v in
-                              load_file(str(Path(folder) / LENS_FILE)).items()})
-    except (SafetensorError, FileNotFoundError, OSError, RuntimeError) as err:
-        raise AdapterError(f"The tuned-lens weights in {folder} could not be loaded ({err}); "
-                           "retrain or restore them.") from err
-    return lens.requires_grad_(False).eval(), card
+        card = LensCard(**raw)
+    except TypeError as err:
+        raise AdapterError(f"The tuned-lens card in {folder} is corrupt ({err}); rerun "
+                           f"`{TRAIN_LENS}` or restore it.") from err
+    artifacts.check_model(raw, folder, "tuned-lens translators", model_name, model_fingerprint,
+                          layers=(card.n_layers, parts.n_layers))
+    tensors = artifacts.load_tensors(folder, LENS_FILE, "tuned-lens", TRAIN_LENS)
+    return artifacts.fill(TunedLens(card.n_layers, card.hidden_size, card.rank), tensors,
+                          folder, "tuned-lens", TRAIN_LENS), card

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,22 +18,18 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from m2r2core import hf_compat
-from m2r2core.errors import AssetMissing, ConfigError, require
-from m2r2core.hf_compat import BlockParts, DecoderParts
+from m2r2core import artifacts
+from m2r2core.errors import AdapterError, ConfigError, require
+from m2r2core.runtime import hf_compat
+from m2r2core.runtime.hf_compat import BlockParts, DecoderParts
 
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 TARGETS = ("rate", "final")
 BLOCK_CHOICES = ("same", "rate")
 KV_CHOICES = ("shared", "own")
 CARD_NAME = "card.json"
-TRAINED_DIR = Path(__file__).parent / "trained"
-"""Committed adapters and routers, one folder per model."""
 WEIGHTS_NAME = "adapters.safetensors"
-
-
-class AdapterError(AssetMissing):
-    """An adapter or router file is missing, corrupt, or was trained for another model."""
+TRAIN_ADAPTERS = "python -m m2r2core.train adapters"
 
 
 @dataclass(frozen=True)
@@ -191,17 +186,9 @@ class Accelerator(nn.Module):
 
     def save(self, folder: Path, card: AdapterCard) -> None:
         """Write adapters.safetensors and card.json into folder, atomically (temp, then rename)."""
-        from safetensors.torch import save_file
-
-        folder.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().to(torch.bfloat16).contiguous()
-                   for k, v in self.state_dict().items()}
-        tmp_weights = folder / (WEIGHTS_NAME + ".tmp")
-        tmp_card = folder / (CARD_NAME + ".tmp")
-        save_file(tensors, str(tmp_weights))
-        tmp_card.write_text(json.dumps(asdict(card), indent=2) + "\n")
-        tmp_weights.replace(folder / WEIGHTS_NAME)
-        tmp_card.replace(folder / CARD_NAME)
+        artifacts.save(folder, WEIGHTS_NAME,
+                       {k: v.to(torch.bfloat16) for k, v in self.state_dict().items()},
+                       CARD_NAME, asdict(card))
 
 
 GROUPS = {"qkv": ("q", "k", "v"), "o": ("o",), "gate_up": ("gate", "up"), "down": ("down",)}
@@ -244,9 +231,9 @@ class FusedAdapters:
 
 def find_trained(model_fingerprint: str, root: Path | None = None) -> Path | None:
     """The folder whose adapters were trained for this model, if any: under $M2R2_TRAINED_DIR
-    when set, else the committed m2r2core/trained/.
+    when set, else the committed artifacts/ folder (m2r2core/artifacts.py).
     """
-    root = root or Path(os.environ.get("M2R2_TRAINED_DIR", TRAINED_DIR))
+    root = root or artifacts.artifacts_dir()
     for card_path in sorted(Path(root).glob(f"*/{CARD_NAME}")):
         try:
             if json.loads(card_path.read_text()).get("model_fingerprint") == model_fingerprint:
@@ -258,42 +245,30 @@ def find_trained(model_fingerprint: str, root: Path | None = None) -> Path | Non
 
 def read_card(folder: Path) -> AdapterCard:
     """The card of an adapter folder, or AdapterError naming what is wrong."""
-    path = Path(folder) / CARD_NAME
-    if not path.is_file():
-        raise AdapterError(f"No adapter card at {path}. Train adapters with "
-                           "`python -m m2r2core.train adapters` or pick another folder.")
+    card = artifacts.read_card(folder, CARD_NAME, "adapter", TRAIN_ADAPTERS)
     try:
-        return AdapterCard(**json.loads(path.read_text()))
-    except (json.JSONDecodeError, TypeError) as err:
-        raise AdapterError(f"The adapter card {path} is corrupt ({err}); retrain or restore "
-                           "it.") from err
+        return AdapterCard(**card)
+    except TypeError as err:
+        raise AdapterError(f"The adapter card {Path(folder) / CARD_NAME} is corrupt ({err}); "
+                           f"rerun `{TRAIN_ADAPTERS}` or restore it.") from err
 
 
 def load_accelerator(folder: Path, parts: DecoderParts, model_name: str,
                      model_fingerprint: str) -> tuple[Accelerator, AdapterCard]:
     """Load adapters trained for this model, refusing those of another model or a corrupt file."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     card = read_card(folder)
-    if card.model_fingerprint != model_fingerprint or card.n_layers != parts.n_layers:
-        raise AdapterError(
-            f"The adapters in {folder} were trained for '{card.model_name}' "
-            f"({card.n_layers} layers, fingerprint {card.model_fingerprint}); the loaded model is "
-            f"'{model_name}' ({parts.n_layers} layers, fingerprint {model_fingerprint}). "
-            "Load the model they were trained for, or train adapters for this one.")
+    artifacts.check_model(asdict(card), folder, "adapters", model_name, model_fingerprint,
+                          layers=(card.n_layers, parts.n_layers))
     try:
         config = AccelConfig(**{k: tuple(v) if isinstance(v, list) else v
                                 for k, v in card.config.items()})
-        accel = Accelerator(parts, config)
-        state = load_file(str(folder / WEIGHTS_NAME))
-        accel.load_state_dict({k: v.float() for k, v in state.items()})
-    except (SafetensorError, FileNotFoundError, OSError, RuntimeError, TypeError,
-            ConfigError) as err:
-        raise AdapterError(f"The adapter weights in {folder} could not be loaded ({err}); "
-                           "retrain or restore them.") from err
-    return accel.requires_grad_(False).eval(), card
+    except (TypeError, ConfigError) as err:
+        raise AdapterError(f"The adapter card in {folder} is corrupt ({err}); rerun "
+                           f"`{TRAIN_ADAPTERS}` or restore it.") from err
+    tensors = artifacts.load_tensors(folder, WEIGHTS_NAME, "adapter", TRAIN_ADAPTERS)
+    return artifacts.fill(Accelerator(parts, config), tensors, folder, "adapter",
+                          TRAIN_ADAPTERS), card
 
 
 def _projections(group: str, linears: tuple[nn.Linear, ...], x: torch.Tensor,

@@ -9,7 +9,6 @@ read here.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from collections.abc import Callable
@@ -18,36 +17,8 @@ from pathlib import Path
 
 import torch
 
-from m2r2core import assets
 from m2r2core.errors import AssetMissing
-
-TEMPLATES = (
-    "What is {title}? Answer in a few sentences.",
-    "Explain {title} to a high-school student.",
-    "Write a short paragraph about {title}.",
-    "List three facts about {title}.",
-    "Why might someone be interested in {title}?",
-    "Summarize the following text in two sentences.\n\n{extract}",
-    "Write a question about {title} and answer it.",
-    "Describe {title} ({description}) in simple words.",
-)
-
-
-def is_held_out(title: str) -> bool:
-    """Whether a Wikipedia article belongs to the held-out tenth (never trained on)."""
-    return hashlib.sha256(title.encode()).digest()[0] % 10 == 0
-
-
-def wiki_articles(split: str) -> list[dict]:
-    """The shipped Wikipedia lead sections of one split: 'train' or 'heldout'."""
-    path = assets.verify(assets.WIKI_SUMMARIES)
-    try:
-        rows = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise AssetMissing(f"{path} is not valid JSON ({err}).") from err
-    held = split == "heldout"
-    rows = list(rows.values()) if isinstance(rows, dict) else rows  # keyed by title
-    return [r for r in rows if r.get("extract") and is_held_out(r["title"]) == held]
+from m2r2core.runtime.corpora import TEMPLATES, is_held_out, wiki_articles  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -75,7 +46,7 @@ def instructions(articles: list[dict], count: int, seed: int) -> list[str]:
 @torch.inference_mode()
 def answer_batch(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[Sample]:
     """The base model's greedy answers to a batch of instructions (left-padded, one call)."""
-    from m2r2core.prompt import encode
+    from m2r2core.runtime.prompt import encode
 
     encoded = [encode(tokenizer, p) for p in prompts]
     width = max(len(e) for e in encoded)

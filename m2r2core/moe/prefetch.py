@@ -19,21 +19,20 @@ layers l+1 … l+D). `PREDICTORS` lists the choices; the Expert Loading page say
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
 
-from m2r2core.errors import AssetMissing, ConfigError
+from m2r2core import artifacts
+from m2r2core.errors import ArtifactError, ConfigError
 
 PREDICTORS = ("m2r2", "pregate", "previous", "oracle", "none")
 ACCEL_FILE = "accelerator.safetensors"
 ACCEL_CARD = "accelerator.json"
+FIT_ACCEL = "python -m m2r2core.train.moe fit-accel"
 
 
 @dataclass(frozen=True)
@@ -60,7 +59,7 @@ class MoeParts:
         return F.linear(self.norms[layer](state), self.routers[layer])
 
 
-class Accelerator(torch.nn.Module):
+class RouteAccelerator(torch.nn.Module):
     """Per-layer low-rank rate accelerator f_l(h) = h + B_l A_l h."""
 
     def __init__(self, n_layers: int, hidden: int, rank: int) -> None:
@@ -89,36 +88,32 @@ class AccelCard:
     """sha256 of the MoEfication file the MoE was built from (empty for other models)."""
 
 
-def load_accelerator(folder: Path, fingerprint: str) -> tuple[Accelerator, AccelCard]:
-    """The committed accelerator; AssetMissing for a missing or corrupt file, ConfigError when it
-    was trained for another model.
+def load_route_accelerator(folder: Path, fingerprint: str, model_name: str = "the loaded MoE"
+                           ) -> tuple[RouteAccelerator, AccelCard]:
+    """The committed route accelerator; ArtifactError for a missing or corrupt file, or one
+    trained for another model.
     """
-    card_path, weights = Path(folder) / ACCEL_CARD, Path(folder) / ACCEL_FILE
-    for path in (card_path, weights):
-        if not path.is_file():
-            raise AssetMissing(f"The accelerator file {path} is missing. Retrain it: "
-                               "python -m m2r2core.moefy fit-accel")
+    folder = Path(folder)
+    raw = artifacts.read_card(folder, ACCEL_CARD, "route accelerator", FIT_ACCEL)
     try:
-        card = AccelCard(**json.loads(card_path.read_text()))
-        tensors = load_file(str(weights))
-        n_layers, rank, hidden = tensors["a"].shape
-        accel = Accelerator(n_layers, hidden, rank)
-        accel.load_state_dict(tensors)
-    except (ValueError, TypeError, KeyError, RuntimeError, SafetensorError) as exc:
-        raise AssetMissing(f"The accelerator in {folder} is corrupt ({exc}).") from exc
-    if card.model_fingerprint != fingerprint:
-        raise ConfigError(f"The accelerator in {folder} was trained for the model with "
-                          f"fingerprint {card.model_fingerprint}, not this one ({fingerprint}).")
-    accel.requires_grad_(False)
-    return accel, card
+        card = AccelCard(**raw)
+    except TypeError as err:
+        raise ArtifactError(f"The route accelerator card in {folder} is corrupt ({err}); rerun "
+                            f"`{FIT_ACCEL}` or restore it.") from err
+    artifacts.check_model({"model_name": "the MoE it was fitted on"} | raw, folder,
+                          "route accelerator", model_name, fingerprint)
+    tensors = artifacts.load_tensors(folder, ACCEL_FILE, "route accelerator", FIT_ACCEL)
+    if "a" not in tensors:
+        raise ArtifactError(f"The route accelerator weights in {folder} are corrupt (no 'a'); "
+                            f"rerun `{FIT_ACCEL}` or restore them.")
+    n_layers, rank, hidden = tensors["a"].shape
+    return artifacts.fill(RouteAccelerator(n_layers, hidden, rank), tensors, folder,
+                          "route accelerator", FIT_ACCEL), card
 
 
-def save_accelerator(accel: Accelerator, card: AccelCard, folder: Path) -> None:
-    """Write the accelerator and its card."""
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({"a": accel.a.detach().contiguous(), "b": accel.b.detach().contiguous()},
-              str(folder / ACCEL_FILE))
-    (folder / ACCEL_CARD).write_text(json.dumps(asdict(card), indent=2) + "\n")
+def save_route_accelerator(accel: RouteAccelerator, card: AccelCard, folder: Path) -> None:
+    """Write the accelerator and its card, atomically."""
+    artifacts.save(folder, ACCEL_FILE, {"a": accel.a, "b": accel.b}, ACCEL_CARD, asdict(card))
 
 
 class Predictor:
@@ -152,7 +147,7 @@ class RouterPredictor(Predictor):
     """Routers of later layers applied to the (optionally accelerated) state."""
 
     def __init__(self, moe: MoeParts, lookahead: int, margin: int,
-                 accel: Accelerator | None = None) -> None:
+                 accel: RouteAccelerator | None = None) -> None:
         """With an accelerator, this is M2R2 ahead-of-time loading; without, pre-gating."""
         super().__init__(moe, lookahead, margin)
         self.accel = accel
@@ -236,7 +231,7 @@ class OraclePredictor(Predictor):
 
 
 def make_predictor(name: str, moe: MoeParts, lookahead: int, margin: int,
-                   accel: Accelerator | None = None,
+                   accel: RouteAccelerator | None = None,
                    reference: list[list[list[int]]] | None = None) -> Predictor:
     """A predictor by name; ConfigError for unknown names or missing ingredients."""
     if name not in PREDICTORS:
@@ -275,7 +270,7 @@ def recall_by_distance(predictions: list[tuple[int, int, int, list[int]]],
 
 def fit_accelerator(moe: MoeParts, states: list[torch.Tensor], topk: list[torch.Tensor],
                     rank: int, lookahead: int, steps: int, seed: int, progress=None
-                    ) -> Accelerator:
+                    ) -> RouteAccelerator:
     """Train the rate accelerator: f_l(h_l) must route like the states of layers l+1 … l+D.
 
     Args:
@@ -288,7 +283,7 @@ def fit_accelerator(moe: MoeParts, states: list[torch.Tensor], topk: list[torch.
     torch.manual_seed(seed)
     n_layers = moe.n_layers
     hidden = states[0].shape[1]
-    accel = Accelerator(n_layers, hidden, rank)
+    accel = RouteAccelerator(n_layers, hidden, rank)
     temperature = [float(moe.logits(t, states[t - 1]).std()) if t and moe.is_moe(t) else 1.0
                    for t in range(n_layers)]
     for layer in range(n_layers - 1):

@@ -1,0 +1,1 @@
+"""Early exit: exit-rule routers (ARLA and the baselines) and the early-exit decoding step."""
