@@ -110,7 +110,7 @@ def explain_exit(parts: DecoderParts, accel: Accelerator | None, bundle: RouterB
         token_attr, delta = IntegratedGradients(by_token).attribute(
             embeds.float(), baselines=torch.zeros_like(embeds.float()), n_steps=n_steps,
             internal_batch_size=1, return_convergence_delta=True)
-        probability = float(by_depth(normed.float())[0])
+        probability = float(by_depth(normed.float())[0].detach())
     return Attribution(
         tokens=tuple(token_text(i) for i in context_ids),
         token_scores=tuple(token_attr[0].sum(-1).tolist()),

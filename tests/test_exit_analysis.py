@@ -13,7 +13,7 @@ from analysis.attribution import explain_exit
 from m2r2core.config import DecodeConfig, EngineConfig
 from m2r2core.engine import Engine
 from m2r2core.exits.early_exit import ExitConfig
-from m2r2core.exits.routers import ExitRule
+from m2r2core.exits.routers import RULES, ExitRule
 
 PROMPT = "Why is the sky blue?"
 
@@ -58,20 +58,25 @@ def test_traced_run_records_both_streams_and_every_rule(trained_engine, traced):
     assert np.isclose(matrix[0, 0], 1.0)  # both streams start from the same embedding
 
 
+@pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("stream", ["fast", "slow"])
-def test_offline_decisions_match_real_exit_decisions(trained_engine, traced, stream):
-    """The scores recorded by the traced run are the scores the decoder uses: re-deciding the
-    first generated token offline gives the depth the early-exit decoder chose for it."""
+def test_offline_decisions_match_real_exit_decisions(trained_engine, traced, stream, rule):
+    """The scores recorded by the traced run are the scores the decoder uses, for every rule:
+    re-deciding the second generated token offline gives the depth the early-exit decoder chose
+    for it."""
     n = trained_engine.parts.n_layers
     step = traced.trace.steps[1]
-    scores = step.rule_scores[f"{stream}/confidence"]
-    ordered = sorted(scores)
+    scores = step.rule_scores[f"{stream}/{rule}"]
+    last = len(scores) if stream == "fast" else n - 1
+    ordered = sorted(set(s for s in scores[:last] if 0.0 <= s <= 1.0))
+    assert len(ordered) >= 2, scores
     middle = len(ordered) // 2  # halfway between two recorded scores: rounding cannot flip it
     threshold = float(ordered[middle - 1] + ordered[middle]) / 2
-    offline = ex.decide(step, stream, "confidence", threshold, 1, n)
+    offline = ex.decide(step, stream, rule, threshold, 1, n)
+    assert offline.exited
     gen = trained_engine.generate_exits(
         PROMPT, DecodeConfig(max_new_tokens=2, trace=False),
-        ExitConfig(ExitRule("confidence", stream, threshold, 1)))
+        ExitConfig(ExitRule(rule, stream, threshold, 1)))
     real = list(gen)[1]
     assert real.exit_layer == offline.depth
     assert real.token_id == offline.token_id

@@ -1,6 +1,6 @@
 """Dynamic-compute decoding: never exiting is the full model, just-in-time filling keeps the
 slow stream exact, both fill modes run, the fast stream with zero adapters is the slow stream,
-and bad rules are refused."""
+bad rules are refused, and every rule scores the same online and offline."""
 
 import pytest
 import torch
@@ -9,7 +9,7 @@ from m2r2core.config import DecodeConfig, EngineConfig
 from m2r2core.engine import Engine
 from m2r2core.errors import ConfigError
 from m2r2core.exits.early_exit import ExitConfig
-from m2r2core.exits.routers import ExitRule
+from m2r2core.exits.routers import RULES, ExitRule, TokenScorer, scores_offline
 from m2r2core.stream.accel import AccelConfig, Accelerator
 
 from .conftest import FAMILIES
@@ -22,6 +22,13 @@ CFG = DecodeConfig(max_new_tokens=16, trace=False)
 def engines(tiny_model_dirs):
     return {f: Engine.load(EngineConfig(model=str(d), dtype="float32"))
             for f, d in tiny_model_dirs.items()}
+
+
+@pytest.fixture(scope="module")
+def trained_routers_engine(tiny_model_dir, tiny_trained_dir):
+    engine = Engine.load(EngineConfig(model=str(tiny_model_dir), dtype="float32"))
+    engine.load_trained(tiny_trained_dir / "tiny")
+    return engine
 
 
 def _ids(generation):
@@ -97,3 +104,27 @@ def test_bad_rules_are_refused(engines):
     if engine.accel is None:
         with pytest.raises(ConfigError, match="no accelerator"):
             engine.generate_exits(PROMPT, CFG, ExitConfig(ExitRule("confidence", "fast")))
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("stream", ["fast", "slow"])
+def test_every_rule_scores_the_same_online_and_offline(trained_routers_engine, rule, stream):
+    """Decoding scores a token depth by depth (TokenScorer, deciding only at some depths);
+    the debugger re-decides from whole recorded trajectories (scores_offline). Every rule,
+    ARLA's attention over the trajectory included, gives the same score both ways."""
+    engine = trained_routers_engine
+    parts, bundle = engine.parts, engine.routers
+    depth = engine.accel.n_fast if stream == "fast" else parts.n_layers
+    gen = torch.Generator().manual_seed(3)
+    states = torch.randn(3, depth + 1, parts.config.hidden_size, generator=gen)
+    offline = scores_offline(bundle, parts, stream, states[:, 1:], states[:, 0])[rule]
+    for token in range(3):
+        scorer = TokenScorer(bundle, ExitRule(rule, stream, 0.5, 1), depth, parts)
+        scorer.start(states[token, 0])
+        for d in range(1, depth + 1):
+            decide = d % 2 == 1 or d == depth  # undecided depths still enter ARLA's trajectory
+            score = scorer.step(states[token, d], d, decide)
+            if decide:
+                assert score == pytest.approx(float(offline[token, d - 1]), abs=1e-5), (token, d)
+            else:
+                assert score is None

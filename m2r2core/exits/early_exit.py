@@ -131,6 +131,8 @@ class ExitLoop:
         pending.append(me)
         fast_hidden = hidden if fast and self.accel.first == 0 else None
         scorer = TokenScorer(self.routers, self.rule, self.max_depth, parts)
+        if not fast or self.accel.first == 0:
+            scorer.start(hidden[0, 0])
         scores, exit_state, exit_depth, source = [], None, parts.n_layers, "fallback"
         for layer in range(parts.n_layers):
             rows = [p for p in pending if p.depth == layer]
@@ -142,6 +144,7 @@ class ExitLoop:
                 fast_hidden = self._last_fast
             elif fast and self.accel.first == depth:
                 fast_hidden = me.hidden  # branch point reached
+                scorer.start(me.hidden[0, 0])
             candidate = fast_hidden if run_fast else (None if fast else me.hidden)
             if candidate is not None and depth < parts.n_layers:
                 decide = depth >= self.rule.min_layer

@@ -197,52 +197,77 @@ def load_routers(folder: Path, parts: DecoderParts, model_name: str, model_finge
     return RouterBundle(parts, check_ids if card.check_vocab else None, nets, card)
 
 
+def rule_scores(bundle: RouterBundle, parts: DecoderParts, rule: str, stream: str,
+                states: torch.Tensor, previous: torch.Tensor, depths: torch.Tensor,
+                max_depth: int) -> torch.Tensor:
+    """One exit rule's scores at every column of recorded trajectories: the one implementation
+    of each rule, used by decoding (TokenScorer) and by the debugger's re-decisions alike.
+
+    Args:
+        stream: 'fast' or 'slow' (which learned routers apply).
+        states: (T, D, H) states at depths `depths` of T tokens. ARLA attends over every column,
+            so its columns must be the trajectory from depth 1 on.
+        previous: (T, H) the state just before the first column (saturation's reference).
+        depths: (D,) the depth of each column.
+        max_depth: the stream's deepest depth (the static rule's denominator).
+
+    Returns:
+        (T, D) float scores.
+    """
+    if rule == "static":
+        return (depths.float() / max_depth)[None].expand(states.shape[0], -1)
+    if rule == "saturation":
+        before = torch.cat([previous[:, None], states[:, :-1]], dim=1)
+        return F.cosine_similarity(states.float(), before.float(), dim=-1)
+    normed = parts.norm(states)
+    lens = bundle.check.features(normed)  # (T, D, 3)
+    if rule in ("confidence", "entropy"):
+        return lens[..., 0 if rule == "confidence" else 1]
+    logits, _ = bundle.net(rule, stream)(normed, lens, depths)
+    return torch.sigmoid(logits)
+
+
 class TokenScorer:
-    """Scores one token's states depth by depth, keeping what ARLA attends over.
+    """Scores one token's states depth by depth, keeping the trajectory ARLA attends over.
 
     Call `step` at every depth from 1 (ARLA attends over the whole trajectory so far, as in
-    training); it returns a score only where the rule is asked to decide.
+    training); it returns a score only where the rule is asked to decide, computed by
+    `rule_scores` on the newest column (on the whole trajectory for ARLA).
     """
 
     def __init__(self, bundle: RouterBundle, rule: ExitRule, max_depth: int, parts: DecoderParts
                  ) -> None:
         """Start a token; `max_depth` is the deepest depth of the chosen stream."""
         self.bundle, self.rule, self.max_depth, self.parts = bundle, rule, max_depth, parts
-        self.net = bundle.net(rule.rule, rule.stream) if rule.rule in LEARNED else None
-        self.latents: list[torch.Tensor] = []
-        self.previous: torch.Tensor | None = None
+        if rule.rule in LEARNED:
+            bundle.net(rule.rule, rule.stream)  # AdapterError now, not mid-run
+        self.states: list[torch.Tensor] = []
+        self.depths: list[int] = []
+        self.before: torch.Tensor | None = None
+
+    def start(self, state: torch.Tensor) -> None:
+        """The (H,) state at depth 0 of the stream (embedding or branch state): saturation's
+        reference at depth 1, as in `scores_offline`.
+        """
+        self.before = state
 
     @torch.inference_mode()
     def step(self, state: torch.Tensor, depth: int, decide: bool) -> float | None:
         """Observe the (H,) state at `depth`; when `decide`, return the rule's score there."""
-        rule, previous = self.rule.rule, self.previous
-        self.previous = state
-        if rule == "static":
-            return depth / self.max_depth if decide else None
-        if rule == "saturation":
-            if not decide:
-                return None
-            return float(F.cosine_similarity(state.float(), previous.float(), dim=-1))
-        if rule in ("confidence", "entropy"):
-            if not decide:
-                return None
-            lens = self.bundle.check.features(self.parts.norm(state))
-            return float(lens[0] if rule == "confidence" else lens[1])
-        normed = self.parts.norm(state)
-        if rule == "mlp":
-            if not decide:
-                return None
-            return float(torch.sigmoid(self.net(normed[None, None], None, None)[0][0, 0]))
-        net = self.net
-        z = net.proj(normed.float()) + net.depth_embed.weight[depth]
-        self.latents.append(z)
+        previous = self.states[-1] if self.states else self.before
+        if previous is None:
+            previous = state
+        self.states.append(state)
+        self.depths.append(depth)
         if not decide:
             return None
-        lens = self.bundle.check.features(normed)
-        stack = torch.stack(self.latents)  # (d, latent)
-        weights = (net.query(z) @ net.key(stack).T / math.sqrt(z.shape[-1])).softmax(-1)
-        context = weights @ net.value(stack)
-        return float(torch.sigmoid(net.head(torch.cat([z, context, lens]))[0]))
+        if self.rule.rule == "arla":
+            states, before, depths = torch.stack(self.states), state, self.depths
+        else:
+            states, before, depths = state[None], previous, [depth]
+        scores = rule_scores(self.bundle, self.parts, self.rule.rule, self.rule.stream,
+                             states[None], before[None], torch.tensor(depths), self.max_depth)
+        return float(scores[0, -1])
 
 
 def scores_offline(bundle: RouterBundle, parts: DecoderParts, stream: str, states: torch.Tensor,
@@ -257,21 +282,9 @@ def scores_offline(bundle: RouterBundle, parts: DecoderParts, stream: str, state
     Returns:
         {rule: (T, D) float scores} for the rules available in the bundle.
     """
+    max_depth = states.shape[1]
+    depths = torch.arange(1, max_depth + 1)
+    available = [r for r in RULES if r not in LEARNED or f"{r}/{stream}" in bundle.nets]
     with torch.inference_mode():
-        max_depth = states.shape[1]
-        depths = torch.arange(1, max_depth + 1)
-        normed = parts.norm(states)
-        lens = bundle.check.features(normed)
-        prev = torch.cat([previous0[:, None], states[:, :-1]], dim=1)
-        out = {
-            "confidence": lens[..., 0],
-            "entropy": lens[..., 1],
-            "saturation": F.cosine_similarity(states.float(), prev.float(), dim=-1),
-            "static": (depths.float() / max_depth)[None].expand(states.shape[0], -1),
-        }
-        for kind in LEARNED:
-            key = f"{kind}/{stream}"
-            if key in bundle.nets:
-                logits, _ = bundle.nets[key](normed, lens, depths)
-                out[kind] = torch.sigmoid(logits)
-    return {k: v.float().cpu() for k, v in out.items()}
+        return {rule: rule_scores(bundle, parts, rule, stream, states, previous0, depths,
+                                  max_depth).float().cpu() for rule in available}

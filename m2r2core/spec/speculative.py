@@ -259,6 +259,8 @@ class SpecLoop:
             cos, sin = parts.rotary_emb(hidden, position)
             scorer = (TokenScorer(self.routers, self.rule, len(self.blocks), parts)
                       if self.rule is not None else None)
+            if scorer is not None:
+                scorer.start(hidden[0, -1])
             depth = len(self.blocks)
             for layer, bp in enumerate(self.blocks):
                 have = 0 if side_k[layer] is None else side_k[layer].shape[2]
