@@ -27,7 +27,8 @@ from m2r2core.runtime import hf_compat, lens, prompt
 from m2r2core.runtime.decode import TokenLoop
 from m2r2core.runtime.model import LoadedModel, ModelInfo, load
 from m2r2core.spec.medusa import load_heads
-from m2r2core.spec.speculative import SpecConfig, SpecLoop, SpecRound
+from m2r2core.spec.proposers import Proposer
+from m2r2core.spec.speculative import SpecConfig, SpecLoop, SpecRound, make_proposer
 from m2r2core.stream.accel import AdapterError, find_trained, load_accelerator
 from m2r2core.trace import ResidualCapture, RunTrace, TokenStep
 
@@ -119,15 +120,20 @@ class Engine:
                           extra={"exit": dataclasses.asdict(exit_cfg)})
 
     def speculate(self, text: str | bytes, cfg: DecodeConfig = DecodeConfig(),
-                  spec: SpecConfig = SpecConfig()) -> Speculation:
+                  spec: SpecConfig = SpecConfig(), proposer: Proposer | None = None
+                  ) -> Speculation:
         """Start a self-speculative generation (m2r2core/spec/speculative.py); iterate it for
-        SpecRound records.
+        SpecRound records. The drafts come from the proposer `spec` names, or from `proposer`
+        (any spec/proposers.Proposer; `spec.max_draft` still bounds each round).
         """
         clean = prompt.validate_text(text)
         ids = self._encode_clean(clean, cfg)
-        sub_vocab = self.routers.check.token_ids if self.routers.card is not None else None
-        loop = SpecLoop(self.parts, self.accel, sub_vocab, ids, cfg, spec, self.eos_ids,
-                        self.token_text, self._lock, self.device, self.medusa, self.routers)
+        if proposer is None:
+            sub_vocab = self.routers.check.token_ids if self.routers.card is not None else None
+            proposer = make_proposer(self.parts, spec, cfg, self.eos_ids, self.accel, sub_vocab,
+                                     self.medusa, self.routers)
+        loop = SpecLoop(self.parts, proposer, ids, cfg, self.eos_ids, self.token_text,
+                        self._lock, spec.max_draft)
         return Speculation(self, clean, ids, cfg, spec, loop)
 
     def load_trained(self, folder: str | Path) -> None:

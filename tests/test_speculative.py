@@ -1,5 +1,7 @@
 """Self-speculative decoding: lossless against transformers, drafts never touch the slow cache,
-bad settings refused, and sampling mode draws from the model's own distribution."""
+accepted drafts, the bonus token and the cache crop are right (a replay proposer), the draft
+stream is the truncated model, bad settings refused, and sampling mode draws from the model's
+own distribution."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from m2r2core.errors import ConfigError, M2R2Error, PromptTooLong, UnsupportedMo
 from m2r2core.runtime import hf_compat
 from m2r2core.runtime.decode import DecodeState, forward
 from m2r2core.runtime.sampling import make_generator
+from m2r2core.spec.proposers import DraftContext, ReplayProposer
 from m2r2core.spec.speculative import SpecConfig
 
 PROMPT = "Write a short story about a lighthouse keeper."
@@ -108,8 +111,8 @@ def test_drafts_never_reach_the_slow_cache(trained_engine):
     state = DecodeState(hf_compat.new_cache(engine.parts), make_generator(cfg.sampling))
     forward(engine.parts, loop.prompt, state, keep_states=False)
     before = [t.clone() for t in hf_compat.cached_keys_values(state.cache, 0)]
-    drafts, _, _ = loop._draft(5, state, 5)
-    assert len(drafts) == 5
+    draft = loop.proposer.propose(DraftContext([5], None, state, 5))
+    assert len(draft.tokens) == 5
     after = hf_compat.cached_keys_values(state.cache, 0)
     assert hf_compat.cache_length(state.cache) == loop.prompt.shape[1]
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
@@ -249,3 +252,103 @@ def test_a_learned_draft_rule_needs_trained_routers(tiny_engine):
     with pytest.raises(M2R2Error, match="No trained 'arla' router"):
         tiny_engine.speculate(PROMPT, DecodeConfig(max_new_tokens=4),
                               SpecConfig(stream="slow", draft_layer=2, draft_rule="arla"))
+
+
+def _replay(engine, continuation, max_draft, budget, greedy=True, seed=0):
+    cfg = DecodeConfig(max_new_tokens=budget, trace=False,
+                       sampling=SamplingConfig() if greedy else SamplingConfig(1.0, seed=seed))
+    proposer = ReplayProposer(continuation, engine.parts.lm_head.weight.shape[0], greedy)
+    return engine.speculate(PROMPT, cfg, SpecConfig(stream="slow", draft_layer=1,
+                                                    max_draft=max_draft), proposer=proposer).run()
+
+
+@pytest.mark.parametrize("max_draft", [1, 3, 5])
+def test_replayed_own_continuation_is_accepted_whole_with_a_bonus(tiny_engine, max_draft):
+    """Drafts that are the model's own greedy tokens are all accepted; every round then adds
+    the model's bonus token, so a round emits K+1 tokens and the cache crop keeps them all."""
+    want = hf_greedy(tiny_engine, PROMPT, 24)
+    run = _replay(tiny_engine, list(want), max_draft, len(want))
+    assert tuple(run.tokens) == want
+    for r in run.rounds[1:-1]:
+        assert r.accepted == len(r.drafts) == max_draft and not r.correction
+        assert len(r.emitted) == max_draft + 1
+    assert len(run.rounds) - 1 == -(-(len(want) - 1) // (max_draft + 1))
+
+
+def test_an_edited_draft_is_refused_at_exactly_that_token(tiny_engine):
+    """Replaying the continuation with token j changed: the round that drafts j accepts exactly
+    the drafts before it, emits the model's own token as a correction, and the cache crop
+    leaves later rounds exact (the whole output is still transformers' greedy output)."""
+    want = hf_greedy(tiny_engine, PROMPT, 24)
+    edited = list(want)
+    j = 9
+    edited[j] = (want[j] + 1) % tiny_engine.parts.lm_head.weight.shape[0]
+    run = _replay(tiny_engine, edited, 4, len(want))
+    assert tuple(run.tokens) == want
+    hit = [r for r in run.rounds[1:] if r.position <= j < r.position + len(r.drafts)]
+    assert len(hit) == 1
+    r = hit[0]
+    assert r.accepted == j - r.position and r.correction and r.emitted[-1] == want[j]
+    assert all(x.accepted == len(x.drafts) for x in run.rounds[1:] if x is not r)
+
+
+def test_point_mass_drafts_keep_sampling_exact(tiny_engine):
+    """A replayed draft has q = 1 on itself: it is kept with probability p(x), and a refused one
+    is replaced from p without x. With the model's own sampled continuation as drafts (same
+    seed), every round is accepted whole unless the sampler disagrees; tokens stay valid."""
+    run = _replay(tiny_engine, [5] * 16, 3, 16, greedy=False, seed=1)
+    assert 1 <= len(run.tokens) <= 16
+    assert all(0 <= r.accepted <= len(r.drafts) for r in run.rounds[1:])
+
+
+@pytest.fixture(scope="module")
+def mixing_engine(tmp_path_factory, tiny_model_dir):
+    """A tiny Llama whose blocks outweigh its embedding (initializer range 0.3), so that a
+    truncated model does not just copy its input token as the default tiny models do."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from .conftest import TOKENIZER_FILES, tiny_config
+
+    torch.manual_seed(1)
+    config = tiny_config("llama")
+    config.initializer_range = 0.3
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    folder = tmp_path_factory.mktemp("tiny-mixing")
+    model.generation_config.eos_token_id = 2
+    model.generation_config.pad_token_id = 2
+    model.save_pretrained(folder)
+    for name in TOKENIZER_FILES:
+        if (tiny_model_dir / name).exists():
+            shutil.copy(tiny_model_dir / name, folder / name)
+    return Engine.load(EngineConfig(model=str(folder), dtype="float32"))
+
+
+@pytest.mark.parametrize("draft_layer", [1, 3])
+def test_slow_draft_chain_is_the_truncated_model_greedy(mixing_engine, draft_layer):
+    """The slow draft stream at depth d is the model cut to its first d blocks: a chain of K
+    drafts equals transformers' greedy decoding of that truncated model, token for token (each
+    draft row is fed the draft before it)."""
+    import copy
+
+    engine = mixing_engine
+    cfg = DecodeConfig(max_new_tokens=8, trace=False)
+    ids = engine.encode(PROMPT, cfg)
+    truncated = copy.deepcopy(engine.model)
+    truncated.model.layers = truncated.model.layers[:draft_layer]
+    truncated.config.num_hidden_layers = draft_layer
+    if getattr(truncated.config, "layer_types", None):
+        truncated.config.layer_types = truncated.config.layer_types[:draft_layer]
+    prompt = torch.tensor([ids])
+    with torch.inference_mode():
+        out = truncated.generate(prompt, attention_mask=torch.ones_like(prompt),
+                                 do_sample=False, max_new_tokens=6, min_new_tokens=6)
+    want = out[0, len(ids):].tolist()
+    assert len(set(want)) >= 3, want  # a chain that a repeated input token would not give
+    loop = engine.speculate(PROMPT, cfg, SpecConfig(stream="slow", draft_layer=draft_layer,
+                                                    max_draft=6)).loop
+    state = DecodeState(hf_compat.new_cache(engine.parts), make_generator(cfg.sampling))
+    forward(engine.parts, torch.tensor([ids[:-1]]), state, keep_states=False)
+    draft = loop.proposer.propose(DraftContext([ids[-1]], None, state, 6))
+    assert draft.tokens == want[:len(draft.tokens)] and len(draft.tokens) >= 3

@@ -1,6 +1,6 @@
 """Lossless self-speculative decoding: a cheap stream drafts, the unmodified model verifies.
 
-Each round:
+Each round is propose (spec/proposers.py) -> verify -> accept -> crop (spec/verify.py) -> record:
 
 1. **Draft.** From the last emitted token, the draft stream runs the first `draft_layer` blocks
    for one position and reads a token off the LM head (the full head, or a frequency-ranked
@@ -35,13 +35,21 @@ import torch
 
 from m2r2core.config import DecodeConfig
 from m2r2core.errors import UnsupportedModel, require
-from m2r2core.exits.routers import LEARNED, RULES, ExitRule, RouterBundle, TokenScorer
+from m2r2core.exits.routers import LEARNED, RULES, ExitRule, RouterBundle
 from m2r2core.runtime import hf_compat
 from m2r2core.runtime.decode import DecodeState, forward
 from m2r2core.runtime.hf_compat import DecoderParts
-from m2r2core.runtime.sampling import filtered_probs, make_generator, sample_next
+from m2r2core.runtime.sampling import make_generator, sample_next
 from m2r2core.spec.medusa import MedusaHeads
-from m2r2core.stream.accel import Accelerator, block_rows, keys_values
+from m2r2core.spec.proposers import (
+    DraftContext,
+    DraftPicker,
+    MedusaProposer,
+    Proposer,
+    StreamProposer,
+)
+from m2r2core.spec.verify import verify
+from m2r2core.stream.accel import Accelerator
 
 STREAMS = ("fast", "slow", "medusa")
 DRAFT_VOCABS = ("full", "sub")
@@ -140,48 +148,23 @@ class SpecRound:
 class SpecLoop:
     """Self-speculative decoding over a prompt; iterate it to receive SpecRound records.
 
-    After iteration: `stop_reason`, `prefill_ms`, `decode_ms` and `tokens` are set.
+    Each round reads as the method: propose (spec/proposers.py) -> verify, accept and crop
+    (spec/verify.py) -> record. After iteration: `stop_reason`, `prefill_ms`, `decode_ms` and
+    `tokens` are set.
     """
 
-    def __init__(self, parts: DecoderParts, accel: Accelerator | None,
-                 sub_vocab: torch.Tensor | None, prompt_ids: list[int], cfg: DecodeConfig,
-                 spec: SpecConfig, eos_ids: frozenset[int], token_text, lock,
-                 device: torch.device, medusa: MedusaHeads | None = None,
-                 routers: RouterBundle | None = None) -> None:
+    def __init__(self, parts: DecoderParts, proposer: Proposer, prompt_ids: list[int],
+                 cfg: DecodeConfig, eos_ids: frozenset[int], token_text, lock,
+                 max_draft: int) -> None:
         """Prepare a run; nothing is computed until iteration."""
         if any(t != "full_attention" for t in parts.layer_types):
             raise UnsupportedModel(
                 "Speculative decoding needs full-attention layers only: this model has "
                 "sliding-window layers, whose cache cannot be cropped back after a refused draft.")
-        fast_depth = accel.max_depth if accel is not None else None
-        spec.validate(parts.n_layers, fast_depth,
-                      medusa.n_heads if medusa is not None else None)
-        require(spec.draft_vocab == "full" or sub_vocab is not None, "draft_vocab", "sub",
-                "'full' here: no trained routers with a sub-vocabulary are loaded")
-        self.parts, self.cfg, self.spec = parts, cfg, spec
-        self.accel = accel if spec.stream == "fast" else None
-        self.medusa = medusa if spec.stream == "medusa" else None
-        self._normed: torch.Tensor | None = None  # final state behind the last token (Medusa)
-        self.eos_ids, self.token_text, self.lock, self.device = eos_ids, token_text, lock, device
-        self.prompt = torch.tensor([prompt_ids], device=device)
-        depth = 0 if self.medusa is not None else spec.draft_layer
-        self.blocks = [hf_compat.block_parts(parts, i) for i in range(depth)]
-        self.adapters = [self.accel.inference_block(i) if self.accel is not None
-                         and self.accel.block(i) is not None else None
-                         for i in range(depth)]
-        weight = parts.lm_head.weight
-        self.rule = None
-        if spec.draft_rule != "fixed":
-            require(routers is not None, "draft_rule", spec.draft_rule,
-                    "'fixed' here: no exit routers are loaded")
-            self.rule = ExitRule(spec.draft_rule, "fast" if spec.stream == "fast" else "slow",
-                                 spec.draft_threshold, spec.min_draft_layer)
-            if self.rule.rule in LEARNED:
-                routers.net(self.rule.rule, self.rule.stream)  # AdapterError if untrained
-        self.routers = routers
-        self._depths: list[int] = []  # this round's draft depths
-        self.sub_vocab = sub_vocab.to(device) if spec.draft_vocab == "sub" else None
-        self.draft_weight = weight if self.sub_vocab is None else weight[self.sub_vocab].clone()
+        self.parts, self.proposer, self.cfg, self.max_draft = parts, proposer, cfg, max_draft
+        self.eos_ids, self.token_text, self.lock = eos_ids, token_text, lock
+        self.device = parts.embed_tokens.weight.device
+        self.prompt = torch.tensor([prompt_ids], device=self.device)
         self.stop_reason = "stopped"
         self.prefill_ms = self.decode_ms = 0.0
         self.tokens: list[int] = []
@@ -195,7 +178,7 @@ class SpecLoop:
         with self.lock:
             out = forward(self.parts, self.prompt, state, keep_states=False)
             first = sample_next(out.logits, cfg.sampling, state.generator)
-            self._normed = out.normed
+        normed = out.normed
         self.prefill_ms = (time.perf_counter() - start) * 1000.0
         self.tokens = [first]
         yield SpecRound(0, 0, (), (), (), 0, (first,), (self.token_text(first),), False, 0.0,
@@ -203,9 +186,8 @@ class SpecLoop:
         index = 0
         while not self._finished():
             index += 1
-            remaining = cfg.max_new_tokens - len(self.tokens)
             with self.lock:
-                round_ = self._round(index, state, remaining)
+                round_, normed = self._round(index, state, normed)
             self.decode_ms += round_.draft_ms + round_.verify_ms
             self.tokens.extend(round_.emitted)
             yield round_
@@ -216,157 +198,56 @@ class SpecLoop:
         return self.tokens[-1] in self.eos_ids or len(self.tokens) >= self.cfg.max_new_tokens
 
     @torch.inference_mode()
-    def _round(self, index: int, state: DecodeState, remaining: int) -> SpecRound:
+    def _round(self, index: int, state: DecodeState, normed: torch.Tensor
+               ) -> tuple[SpecRound, torch.Tensor]:
+        """One round; returns its record and the final state behind its last emitted token."""
+        remaining = self.cfg.max_new_tokens - len(self.tokens)
         start = time.perf_counter()
-        last = self.tokens[-1]
         # Never draft past the budget: the verification adds one token of its own.
-        self._depths = []
-        drafts, q_dists, draft_probs = self._draft(last, state, min(self.spec.max_draft,
-                                                                     remaining - 1))
+        budget = min(self.max_draft, remaining - 1)
+        draft = self.proposer.propose(DraftContext(list(self.tokens), normed, state, budget))
         drafted = time.perf_counter()
-        before = state.position
-        ids = torch.tensor([[last, *drafts]], device=self.device)
-        out = forward(self.parts, ids, state, keep_states=False, all_positions=True)
-        accepted, own = self._accept(drafts, q_dists, out.logits, state.generator)
-        self._normed = out.normed[accepted]  # the row whose logits chose `own`
-        hf_compat.crop_cache(state.cache, before + 1 + accepted)
-        state.position = before + 1 + accepted
-        emitted = _cut([*drafts[:accepted], own], self.eos_ids, remaining)
+        verdict = verify(self.parts, state, self.tokens[-1], draft.tokens, draft.dists,
+                         self.cfg.sampling)
+        emitted = _cut([*draft.tokens[:verdict.accepted], verdict.own], self.eos_ids, remaining)
         verified = time.perf_counter()
         return SpecRound(
-            index=index, position=len(self.tokens), drafts=tuple(drafts),
-            draft_texts=tuple(self.token_text(t) for t in drafts),
-            draft_probs=tuple(draft_probs), accepted=accepted, emitted=tuple(emitted),
+            index=index, position=len(self.tokens), drafts=tuple(draft.tokens),
+            draft_texts=tuple(self.token_text(t) for t in draft.tokens),
+            draft_probs=tuple(draft.probs), accepted=verdict.accepted, emitted=tuple(emitted),
             emitted_texts=tuple(self.token_text(t) for t in emitted),
-            correction=accepted < len(drafts),
+            correction=verdict.accepted < len(draft.tokens),
             draft_ms=(drafted - start) * 1000.0, verify_ms=(verified - drafted) * 1000.0,
-            draft_depths=tuple(self._depths[:len(drafts)]))
+            draft_depths=tuple(draft.depths)), verdict.normed
 
-    def _draft(self, last: int, state: DecodeState, budget: int
-               ) -> tuple[list[int], list[torch.Tensor | None], list[float]]:
-        """Up to `budget` draft tokens from the draft stream; keys/values stay in a side buffer."""
-        if self.medusa is not None:
-            return self._draft_medusa(budget, state.generator)
-        parts, cache, greedy = self.parts, state.cache, self.cfg.sampling.greedy
-        side_k: list[torch.Tensor | None] = [None] * len(self.blocks)
-        side_v: list[torch.Tensor | None] = [None] * len(self.blocks)
-        drafts, dists, probs = [], [], []
-        exits: list[torch.Tensor] = []  # each draft row's exit state, for copy-up keys/values
-        token = last
-        for i in range(budget):
-            hidden = parts.embed_tokens(torch.tensor([[token]], device=self.device))
-            position = torch.tensor([[state.position + i]], device=self.device)
-            cos, sin = parts.rotary_emb(hidden, position)
-            scorer = (TokenScorer(self.routers, self.rule, len(self.blocks), parts)
-                      if self.rule is not None else None)
-            if scorer is not None:
-                scorer.start(hidden[0, -1])
-            depth = len(self.blocks)
-            for layer, bp in enumerate(self.blocks):
-                have = 0 if side_k[layer] is None else side_k[layer].shape[2]
-                if have < i:  # earlier drafts exited below this block: copy their exit states up
-                    self._copy_up(bp, layer, exits[have:], state.position + have, side_k,
-                                  side_v)
-                past_k, past_v = hf_compat.cached_keys_values(cache, layer)
-                if side_k[layer] is not None:
-                    past_k = torch.cat([past_k, side_k[layer]], dim=2)
-                    past_v = torch.cat([past_v, side_v[layer]], dim=2)
-                adapters = self.adapters[layer]
-                hidden, k, v = block_rows(bp, adapters, hidden, cos, sin, past_k, past_v, None,
-                                          int(adapters is not None), exact=False)
-                side_k[layer] = k if side_k[layer] is None else torch.cat([side_k[layer], k], 2)
-                side_v[layer] = v if side_v[layer] is None else torch.cat([side_v[layer], v], 2)
-                if scorer is not None and layer + 1 < len(self.blocks):
-                    decide = layer + 1 >= self.rule.min_layer
-                    score = scorer.step(hidden[0, -1], layer + 1, decide)
-                    if decide and score >= self.rule.threshold:
-                        depth = layer + 1
-                        break
-            exits.append(hidden)
-            self._depths.append(depth)
-            logits = torch.nn.functional.linear(parts.norm(hidden)[0, -1],
-                                                self.draft_weight).float()
-            choice = self._draft_choice(logits, greedy, state.generator)
-            if self._extend(i, choice, drafts, dists, probs):
-                break
-        return drafts, dists, probs
 
-    def _copy_up(self, bp, layer: int, states: list[torch.Tensor], first_position: int,
-                 side_k: list, side_v: list) -> None:
-        """Keys/values at `layer` for draft rows that exited below it, made from their exit
-        states (no adapters), so a deeper draft row can attend to every earlier one.
-        """
-        hidden = torch.cat(states, dim=1)  # (1, m, H)
-        positions = torch.arange(first_position, first_position + hidden.shape[1],
-                                 device=self.device)[None]
-        cos, sin = self.parts.rotary_emb(hidden, positions)
-        k, v = keys_values(bp, hidden, cos, sin)
-        side_k[layer] = k if side_k[layer] is None else torch.cat([side_k[layer], k], 2)
-        side_v[layer] = v if side_v[layer] is None else torch.cat([side_v[layer], v], 2)
-
-    def _draft_medusa(self, budget: int, gen: torch.Generator
-                      ) -> tuple[list[int], list[torch.Tensor | None], list[float]]:
-        """Up to `budget` drafts at once: each head's guess from the last token's final state."""
-        inputs = self.medusa(self._normed)[:budget]  # (n, H)
-        logits = torch.nn.functional.linear(inputs, self.draft_weight).float()  # (n, V')
-        drafts, dists, probs = [], [], []
-        for i in range(len(logits)):
-            choice = self._draft_choice(logits[i], self.cfg.sampling.greedy, gen)
-            if self._extend(i, choice, drafts, dists, probs):
-                break
-        return drafts, dists, probs
-
-    def _extend(self, i: int, choice: tuple, drafts: list, dists: list, probs: list) -> bool:
-        """Append draft i of a chain unless adaptive length stops it first (the first draft is
-        always kept); True once the chain is done (stopped, or the draft is an EOS).
-        """
-        token, q, prob, top1 = choice
-        if i and top1 < self.spec.min_confidence:
-            return True
-        drafts.append(token)
-        dists.append(q)
-        probs.append(prob)
-        return token in self.eos_ids
-
-    def _draft_choice(self, logits: torch.Tensor, greedy: bool, gen: torch.Generator
-                      ) -> tuple[int, torch.Tensor | None, float, float]:
-        """(token id, its draft distribution over the full vocabulary or None when greedy,
-        its draft probability, the draft's top-1 probability).
-        """
-        if greedy:
-            probs = torch.softmax(logits, -1)
-            top = int(probs.argmax())
-            prob = float(probs[top])
-            token = top if self.sub_vocab is None else int(self.sub_vocab[top])
-            return token, None, prob, prob
-        sub = filtered_probs(logits, self.cfg.sampling)
-        q = sub if self.sub_vocab is None else torch.zeros(
-            self.parts.lm_head.weight.shape[0], device=sub.device).index_copy_(
-                0, self.sub_vocab, sub)
-        token = int(torch.multinomial(q, 1, generator=gen))
-        return token, q, float(q[token]), float(sub.max())
-
-    def _accept(self, drafts: list[int], q_dists: list[torch.Tensor | None],
-                logits: torch.Tensor, gen: torch.Generator) -> tuple[int, int]:
-        """(accepted prefix length, the model's own next token after it)."""
-        if self.cfg.sampling.greedy:
-            targets = logits.argmax(-1).tolist()
-            accepted = 0
-            while accepted < len(drafts) and drafts[accepted] == targets[accepted]:
-                accepted += 1
-            return accepted, targets[accepted]
-        for j, token in enumerate(drafts):
-            p = filtered_probs(logits[j], self.cfg.sampling)
-            q = q_dists[j]
-            ratio = float(p[token] / q[token])
-            if float(torch.rand((), generator=gen)) < min(1.0, ratio):
-                continue
-            residual = torch.clamp(p - q, min=0.0)
-            total = float(residual.sum())
-            residual = residual / total if total > 0 else p
-            return j, int(torch.multinomial(residual, 1, generator=gen))
-        p = filtered_probs(logits[len(drafts)], self.cfg.sampling)
-        return len(drafts), int(torch.multinomial(p, 1, generator=gen))
+def make_proposer(parts: DecoderParts, spec: SpecConfig, cfg: DecodeConfig,
+                  eos_ids: frozenset[int], accel: Accelerator | None,
+                  sub_vocab: torch.Tensor | None, medusa: MedusaHeads | None,
+                  routers: RouterBundle | None) -> Proposer:
+    """The proposer a SpecConfig names, validated against what is loaded (ConfigError, or
+    AdapterError for an untrained learned draft rule).
+    """
+    spec.validate(parts.n_layers, accel.max_depth if accel is not None else None,
+                  medusa.n_heads if medusa is not None else None)
+    require(spec.draft_vocab == "full" or sub_vocab is not None, "draft_vocab", "sub",
+            "'full' here: no trained routers with a sub-vocabulary are loaded")
+    weight = parts.lm_head.weight
+    sub = sub_vocab.to(weight.device) if spec.draft_vocab == "sub" else None
+    draft_weight = weight if sub is None else weight[sub].clone()
+    picker = DraftPicker(cfg.sampling, sub, weight.shape[0], spec.min_confidence, eos_ids)
+    if spec.stream == "medusa":
+        return MedusaProposer(medusa, draft_weight, picker)
+    rule = None
+    if spec.draft_rule != "fixed":
+        require(routers is not None, "draft_rule", spec.draft_rule,
+                "'fixed' here: no exit routers are loaded")
+        rule = ExitRule(spec.draft_rule, "fast" if spec.stream == "fast" else "slow",
+                        spec.draft_threshold, spec.min_draft_layer)
+        if rule.rule in LEARNED:
+            routers.net(rule.rule, rule.stream)  # AdapterError if untrained
+    return StreamProposer(parts, accel if spec.stream == "fast" else None, spec.draft_layer,
+                          draft_weight, picker, rule, routers)
 
 
 def _cut(tokens: list[int], eos_ids: frozenset[int], remaining: int) -> list[int]:
