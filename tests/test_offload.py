@@ -15,7 +15,7 @@ from m2r2core.config import DecodeConfig, EngineConfig, SamplingConfig
 from m2r2core.engine import Engine
 from m2r2core.errors import AssetMissing, ConfigError, UnsupportedModel
 from m2r2core.moe.experts import PRESETS, Bandwidth, ExpertCache, ExpertStore
-from m2r2core.moe.offload import OffloadConfig, OffloadEngine
+from m2r2core.moe.offload import OffloadConfig, OffloadedExperts, OffloadEngine
 from m2r2core.moe.prefetch import PREDICTORS, RouteAccelerator, recall_by_distance
 
 PROMPT = "Tell me about the sea and the ships."
@@ -285,7 +285,9 @@ def test_a_bad_expert_file_is_named_and_nothing_half_loads(offload, tmp_path, re
             ExpertStore(store).check()
     finally:
         offload.store = original
-    assert offload.cache is None  # the failed run let go of its tier
+    layers = offload.engine.parts.layers  # the failed run left the shared model as it was
+    assert not any(isinstance(getattr(layer.mlp, "experts", None), OffloadedExperts)
+               for layer in layers)
     again = offload.generate(PROMPT, DecodeConfig(max_new_tokens=16, trace=False), None).run()
     assert again.token_ids == reference.token_ids
 
@@ -339,7 +341,7 @@ def test_loads_read_into_the_tiers_fixed_buffers(offload, reference):
                 cache.request(layer, [expert])
                 weights = cache.acquire(layer, expert)
                 assert weights["down_proj"].data_ptr() in pointers
-                original = offload.engine.parts.layers[layer].mlp.experts.original
+                original = offload.engine.parts.layers[layer].mlp.experts  # the model keeps its own
                 assert torch.equal(weights["down_proj"], original.down_proj[expert])
                 assert torch.equal(weights["gate_up_proj"], original.gate_up_proj[expert])
                 cache.release(layer, expert)
@@ -417,3 +419,30 @@ def test_benchmark_cli_in_process(offload, tmp_path):
         assert row["speedup_vs_ondemand_lru"] > 0 and 0 <= row["hit_rate"] <= 1
     assert summary["oracle/predicted/D2/cap4/nvme"]["recall_by_distance"] == {"1": 1.0,
                                                                               "2": 1.0}
+
+
+def test_an_abandoned_run_blocks_no_other_run_and_leaves_the_model_alone(offload, reference):
+    """A consumer that stops reading mid-run (a browser session that went away) holds no lock:
+    a second run in another thread finishes with the reference output; between forward passes
+    the shared model has its own expert modules, never a run's."""
+    import threading
+
+    cfg = OffloadConfig(capacity=3, bandwidth=FAST, predictor="m2r2", lookahead=2, warm=False)
+    abandoned = iter(offload.generate(PROMPT, DecodeConfig(max_new_tokens=16, trace=False), cfg))
+    next(abandoned), next(abandoned)  # two tokens, then the reader goes away (never closed)
+    layers = offload.engine.parts.layers
+    assert not any(isinstance(getattr(layer.mlp, "experts", None), OffloadedExperts)
+                   for layer in layers)
+    done = {}
+
+    def second() -> None:
+        done["run"] = offload.generate(PROMPT, DecodeConfig(max_new_tokens=16, trace=False),
+                                       cfg).run()
+
+    worker = threading.Thread(target=second, daemon=True)
+    worker.start()
+    worker.join(timeout=120)
+    assert not worker.is_alive(), "the second run waited on the abandoned one"
+    assert done["run"].token_ids == reference.token_ids
+    rest = [t.token_id for t in abandoned]  # the abandoned run can still finish, unharmed
+    assert rest == reference.token_ids[2:]

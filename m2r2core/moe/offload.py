@@ -14,6 +14,7 @@ went through the loader compute in an offloaded run), not enforced by the operat
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -98,10 +99,12 @@ class OffloadToken:
 
 
 class OffloadedExperts(nn.Module):
-    """Stands in for a layer's experts module: weights from the fast tier during a run."""
+    """Stands in for a layer's experts module during one forward pass of one run: weights come
+    from that run's fast tier, and the experts used are recorded in that run's routes.
+    """
 
-    def __init__(self, original: nn.Module, layer: int, owner: OffloadEngine) -> None:
-        """Wrap the model's own experts module of `layer`."""
+    def __init__(self, original: nn.Module, layer: int, owner: OffloadRun) -> None:
+        """Wrap the model's own experts module of `layer` for the run `owner`."""
         super().__init__()
         self.original = original
         self.layer = layer
@@ -160,7 +163,8 @@ class OffloadEngine:
 
     def __init__(self, engine: Engine, store: Path | None = None,
                  accelerator: RouteAccelerator | None = None, accel_note: str = "") -> None:
-        """Export the expert store if needed and swap in OffloadedExperts modules.
+        """Export the expert store if needed. The shared model is left as it is: a run installs
+        its OffloadedExperts for each forward pass and removes them in `finally` (`installed`).
 
         Raises UnsupportedModel for a dense model, AssetMissing for a broken store.
         """
@@ -168,8 +172,6 @@ class OffloadEngine:
         self.moe = moe_parts(engine)
         self.accel = accelerator.to(engine.model.dtype) if accelerator is not None else None
         self.accel_note = accel_note
-        self.cache: ExpertCache | None = None
-        self.routes_now: dict[int, tuple[int, ...]] = {}
         folder = Path(store) if store is not None else store_dir(engine)
         if not (folder / "experts.json").is_file():
             ExpertStore.export(self._weights(), folder, self.moe.n_layers, self.moe.n_experts)
@@ -177,9 +179,23 @@ class OffloadEngine:
         if set(self.store.files) != set(self._keys()):
             raise ConfigError(f"The expert store at {folder} does not hold this model's "
                               f"{len(self._keys())} experts.")
-        for index, layer in enumerate(engine.parts.layers):
-            if self.moe.is_moe(index) and not isinstance(layer.mlp.experts, OffloadedExperts):
-                layer.mlp.experts = OffloadedExperts(layer.mlp.experts, index, self)
+
+    @contextlib.contextmanager
+    def installed(self, run: OffloadRun) -> Iterator[None]:
+        """Serve every MoE layer's experts through `run`'s fast tier for the duration (hold the
+        engine lock around it); the model's own modules are back in place afterwards, whatever
+        happened.
+        """
+        layers = self.engine.parts.layers
+        originals = {i: layers[i].mlp.experts for i in range(self.moe.n_layers)
+                     if self.moe.is_moe(i)}
+        try:
+            for index, original in originals.items():
+                layers[index].mlp.experts = OffloadedExperts(original, index, run)
+            yield
+        finally:
+            for index, original in originals.items():
+                layers[index].mlp.experts = original
 
     def _keys(self) -> list[tuple[int, int]]:
         """(layer, expert) of every routed expert, in layer order."""
@@ -233,43 +249,49 @@ class OffloadRun:
         self.bytes_loaded = 0
         self.peak_occupancy = 0
         self.predictor: Predictor | None = None
+        self.cache: ExpertCache | None = None
+        """This run's fast tier while it runs (None for the all-resident reference run)."""
+        self.routes_now: dict[int, tuple[int, ...]] = {}
+        """The experts each layer used in the forward pass under way."""
         self._seen = 0  # cache events already counted into a token
         self._layer_start = 0.0
 
     def __iter__(self) -> Iterator[OffloadToken]:
-        """Prefill, then one OffloadToken per generated token until EOS or the budget."""
+        """Prefill, then one OffloadToken per generated token until EOS or the budget.
+
+        The engine lock is taken for each forward pass, never across a `yield`: a consumer
+        that stops reading keeps no other run waiting.
+        """
         owner, offload = self.owner, self.offload
-        engine = owner.engine
-        with engine._lock:
-            cache = None
-            if offload is not None:
-                cache = ExpertCache(owner.store, offload.capacity, bandwidth(offload.bandwidth),
-                                    offload.policy, owner.moe.top_k, engine.device)
-                try:
-                    if offload.warm:
-                        cache.warm(owner._keys())
-                    self.predictor = make_predictor(
-                        offload.predictor, owner.moe, offload.lookahead, offload.margin,
-                        owner.accel, self.reference)
-                except BaseException:
-                    cache.close()
-                    raise
-                self.predictor.routes = self.routes
-            owner.cache = cache
+        cache = None
+        if offload is not None:
+            cache = ExpertCache(owner.store, offload.capacity, bandwidth(offload.bandwidth),
+                                offload.policy, owner.moe.top_k, owner.engine.device)
             try:
-                yield from self._loop(cache)
-            finally:
-                owner.cache = None
-                if cache is not None:
-                    cache.close()
-                    self.events = sorted(cache.events, key=lambda e: e.start_ms)
-                    self.bytes_loaded = cache.bytes_loaded
-                    self.peak_occupancy = cache.peak
+                if offload.warm:
+                    cache.warm(owner._keys())
+                self.predictor = make_predictor(
+                    offload.predictor, owner.moe, offload.lookahead, offload.margin,
+                    owner.accel, self.reference)
+            except BaseException:
+                cache.close()
+                raise
+            self.predictor.routes = self.routes
+        self.cache = cache
+        try:
+            yield from self._loop(cache)
+        finally:
+            self.cache = None
+            if cache is not None:
+                cache.close()
+                self.events = sorted(cache.events, key=lambda e: e.start_ms)
+                self.bytes_loaded = cache.bytes_loaded
+                self.peak_occupancy = cache.peak
 
     def _forward(self, ids: torch.Tensor, state: DecodeState, cache: ExpertCache | None,
                  number: int):
         owner = self.owner
-        owner.routes_now = {}
+        self.routes_now = {}
         if cache is not None:
             cache.token = number
         start = time.perf_counter()
@@ -288,9 +310,9 @@ class OffloadRun:
         if cache is not None:
             cache.layer = 0
             self._layer_start = cache.now_ms()
-        with torch.inference_mode():
+        with owner.engine._lock, owner.installed(self), torch.inference_mode():
             out = forward(owner.engine.parts, ids, state, False, after_layer=after_layer)
-        self.routes.append([owner.routes_now.get(i, ()) for i in range(owner.moe.n_layers)])
+        self.routes.append([self.routes_now.get(i, ()) for i in range(owner.moe.n_layers)])
         return out, (time.perf_counter() - start) * 1000.0
 
     def _loop(self, cache: ExpertCache | None) -> Iterator[OffloadToken]:
