@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import platform
 import threading
@@ -21,7 +22,7 @@ import transformers
 
 from m2r2core.config import DecodeConfig, EngineConfig, batched_dtype
 from m2r2core.exits.early_exit import ExitConfig, ExitLoop
-from m2r2core.exits.routers import RouterBundle, load_routers
+from m2r2core.exits.routers import LEARNED, RouterBundle, load_routers
 from m2r2core.exits.tracer import FastStreamTracer
 from m2r2core.runtime import hf_compat, lens, prompt
 from m2r2core.runtime.decode import TokenLoop
@@ -39,6 +40,38 @@ class RunResult:
 
     trace: RunTrace
     capture: ResidualCapture | None
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a loaded engine can do, for pages and CLIs to ask instead of probing internals."""
+
+    n_layers: int
+    streams: tuple[str, ...]
+    """Residual streams with exit rules: ('fast', 'slow'), or ('slow',) without adapters."""
+    fast_depth: int | None
+    """The deepest fast depth (None without adapters)."""
+    n_fast: int
+    """How many fast depths there are (0 without adapters)."""
+    rate: float | None
+    """The accelerated stream's rate r (None without adapters)."""
+    draft_streams: tuple[str, ...]
+    """What can draft for speculative decoding: 'fast', 'slow', 'medusa'."""
+    medusa_heads: int | None
+    sub_vocab: bool
+    """Whether trained routers brought a sub-vocabulary (draft_vocab='sub')."""
+    learned_rules: dict[str, tuple[str, ...]]
+    """Per stream, the learned exit rules (ARLA, MLP) that were trained."""
+    accel_note: str
+    medusa_note: str
+
+    def max_depth(self, stream: str) -> int:
+        """The deepest depth an exit rule can look at on a stream."""
+        return self.fast_depth if stream == "fast" and self.fast_depth else self.n_layers
+
+    def has_rule(self, rule: str, stream: str) -> bool:
+        """Whether `rule` can score `stream` (heuristic rules always can)."""
+        return rule not in LEARNED or rule in self.learned_rules.get(stream, ())
 
 
 class Engine:
@@ -80,6 +113,32 @@ class Engine:
         if config.threads:
             torch.set_num_threads(config.threads)
         return cls(load(config), config)
+
+    def capabilities(self) -> Capabilities:
+        """What this engine can do with the trained files it has loaded."""
+        accel = self.accel
+        nets = self.routers.nets
+        learned = {stream: tuple(rule for rule in LEARNED if f"{rule}/{stream}" in nets)
+                   for stream in ("fast", "slow")}
+        return Capabilities(
+            n_layers=self.parts.n_layers,
+            streams=("fast", "slow") if accel is not None else ("slow",),
+            fast_depth=accel.max_depth if accel is not None else None,
+            n_fast=accel.n_fast if accel is not None else 0,
+            rate=accel.config.rate if accel is not None else None,
+            draft_streams=(("fast",) if accel is not None else ()) + ("slow",)
+            + (("medusa",) if self.medusa is not None else ()),
+            medusa_heads=self.medusa.n_heads if self.medusa is not None else None,
+            sub_vocab=self.routers.card is not None, learned_rules=learned,
+            accel_note=self.accel_note, medusa_note=self.medusa_note)
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the model for work outside a run (attribution's backward passes): no forward
+        pass of any run interleaves with it.
+        """
+        with self._lock:
+            yield
 
     def token_text(self, token_id: int) -> str:
         """The text of one token id."""

@@ -352,3 +352,19 @@ def test_slow_draft_chain_is_the_truncated_model_greedy(mixing_engine, draft_lay
     forward(engine.parts, torch.tensor([ids[:-1]]), state, keep_states=False)
     draft = loop.proposer.propose(DraftContext([ids[-1]], None, state, 6))
     assert draft.tokens == want[:len(draft.tokens)] and len(draft.tokens) >= 3
+
+
+def test_capabilities_say_what_is_loaded(trained_engine, tiny_engine):
+    """Pages ask the engine what it can do instead of probing its internals."""
+    bare = tiny_engine.capabilities()
+    assert bare.streams == ("slow",) and bare.draft_streams == ("slow",)
+    assert bare.fast_depth is None and bare.medusa_heads is None and not bare.sub_vocab
+    assert not bare.has_rule("arla", "slow") and bare.has_rule("confidence", "slow")
+    assert bare.max_depth("slow") == tiny_engine.parts.n_layers
+    caps = trained_engine.capabilities()
+    assert caps.streams == ("fast", "slow")
+    assert caps.draft_streams == ("fast", "slow", "medusa")
+    assert caps.fast_depth == trained_engine.accel.max_depth == caps.max_depth("fast")
+    assert caps.medusa_heads == trained_engine.medusa.n_heads and caps.sub_vocab
+    assert caps.has_rule("arla", "fast") and caps.has_rule("mlp", "slow")
+    assert caps.rate == trained_engine.accel.config.rate

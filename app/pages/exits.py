@@ -58,7 +58,7 @@ def render() -> None:
     engine = resources.page_start("Exit Threshold debugger", INTRO, CHOICES)
     if engine is None:
         return
-    if engine.accel is None:
+    if "fast" not in engine.capabilities().streams:
         st.warning(f"{engine.accel_note} The fast stream is unavailable; slow-stream rules "
                    "still work.")
     got = controls.decode_controls_or_error()
@@ -81,7 +81,8 @@ def render() -> None:
 
 def _rule_controls(engine, prefix: str) -> ExitConfig | None:
     """Rule, stream, threshold, minimum layer and KV fill; None (with a message) if invalid."""
-    streams = ["fast", "slow"] if engine.accel is not None else ["slow"]
+    caps = engine.capabilities()
+    streams = list(caps.streams)
     cols = st.columns(5)
     rule = cols[0].selectbox("Exit rule", RULES, key=f"{prefix}_rule",
                              format_func=lambda r: RULE_LABELS[r])
@@ -90,22 +91,22 @@ def _rule_controls(engine, prefix: str) -> ExitConfig | None:
     threshold = cols[2].number_input("Threshold", value=0.9, step=0.05, key=f"{prefix}_thr",
                                      help="0 to 1; a token exits at the first depth whose "
                                           "score reaches it.")
-    shallow = engine.accel.n_fast if engine.accel is not None else engine.parts.n_layers - 1
+    shallow = caps.n_fast or caps.n_layers - 1
     min_layer = cols[3].number_input("Minimum layer", value=min(4, shallow), step=1,
                                      key=f"{prefix}_min",
                                      help="No exit before this depth.")
     fill = cols[4].selectbox("Missing KV", KV_FILLS, key=f"{prefix}_fill",
                              help="jit: computed with the next token that goes deeper; copy: "
                                   "projected from the exit state (CALM).")
-    max_depth = (engine.accel.max_depth if stream == "fast"
-                 else engine.parts.n_layers)
     cfg = ExitConfig(ExitRule(rule, stream, float(threshold), int(min_layer)), fill)
     try:
-        cfg.validate(max_depth)
-        if rule in LEARNED:
-            engine.routers.net(rule, stream)
+        cfg.validate(caps.max_depth(stream))
     except M2R2Error as exc:
         st.error(str(exc))
+        return None
+    if not caps.has_rule(rule, stream):
+        st.error(f"No trained '{rule}' router for the {stream} stream; train routers with "
+                 "`python -m m2r2core.train routers`.")
         return None
     return cfg
 
@@ -136,7 +137,7 @@ def _generate(engine, text, cfg, exit_cfg: ExitConfig) -> None:
                                        f"speedup {plain_ms / ms if ms else 1:.2f}x")
                 strip.markdown(exit_charts.exit_strip_html(
                     exiting.steps, [s.exit_layer for s in exiting.steps],
-                    engine.parts.n_layers), unsafe_allow_html=True)
+                    engine.capabilities().n_layers), unsafe_allow_html=True)
         exit_ms = exiting.ms_per_token
         traced = engine.generate(text, cfg.replace(trace=True))
         for step in traced:
@@ -155,7 +156,7 @@ def _generate(engine, text, cfg, exit_cfg: ExitConfig) -> None:
 
 
 def _live_summary(engine, s: ExitSession) -> None:
-    n = engine.parts.n_layers
+    n = engine.capabilities().n_layers
     st.subheader("The generation")
     st.caption("Each token coloured by the depth it left at (light: early, dark: full depth). "
                "Hover a token for its exit depth.")
@@ -175,7 +176,7 @@ def _live_summary(engine, s: ExitSession) -> None:
 
 
 def _redecide(engine, s: ExitSession) -> None:
-    n = engine.parts.n_layers
+    n = engine.capabilities().n_layers
     steps = s.traced.trace.steps[1:]  # the first token comes from the prompt's prefill
     if not steps or not steps[0].rule_scores:
         st.info("This run recorded no rule scores (no adapters loaded), so thresholds cannot "
@@ -267,7 +268,7 @@ def _disagreements(engine, s: ExitSession, steps, decisions, stream: str, rule: 
     curves = {"slow": list(step.cosine_to_final)}
     if step.fast_cosine_to_final:
         curves["fast"] = list(step.fast_cosine_to_final)
-    rate = engine.accel.config.rate if engine.accel else None
+    rate = engine.capabilities().rate
     st.plotly_chart(exit_charts.stream_curves(
         curves, f"Alignment with the final state for {visible(step.text)}",
         "cos(h_d, h^s_N)", rate), key="exit_traj")
@@ -299,7 +300,7 @@ def _attribution(engine, s: ExitSession, index: int, stream: str, rule: str, dep
     context = prompt_ids + [x.token_id for x in trace.steps[:index + 1]]
     with st.spinner("Integrated Gradients: 8 forward and backward passes…"):
         try:
-            with engine._lock:
+            with engine.exclusive():
                 att = explain_exit(engine.parts, engine.accel, engine.routers, engine.token_text,
                                    context, stream, rule, depth)
         except Exception as exc:  # noqa: BLE001

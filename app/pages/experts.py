@@ -206,7 +206,7 @@ def _generate(moe: OffloadEngine, text: str, cfg, offload: OffloadConfig) -> Non
 
 def _session(moe: OffloadEngine, offload: OffloadConfig, reference: OffloadRun,
              baseline: OffloadRun, run: OffloadRun) -> ExpertSession:
-    keys = moe._keys()
+    keys = moe.expert_keys()
     return ExpertSession(
         offload=offload, texts=[t.text for t in run.tokens], tokens=run.token_ids,
         stalls=[t.stall_ms for t in run.tokens], misses=[t.misses for t in run.tokens],

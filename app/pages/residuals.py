@@ -97,7 +97,7 @@ def _generate(engine, text, cfg) -> None:
             progress.progress((step.position + 1) / cfg.max_new_tokens,
                               text=f"token {step.position + 1}/{cfg.max_new_tokens} · "
                                    f"{step.latency_ms:.0f} ms")
-            strip.markdown(token_strip_html(generation.steps, engine.parts.n_layers),
+            strip.markdown(token_strip_html(generation.steps, engine.capabilities().n_layers),
                            unsafe_allow_html=True)
     except Exception as exc:  # noqa: BLE001
         st.error(f"Generation failed: {type(exc).__name__}: {exc}. Earlier results are kept.")

@@ -15,7 +15,6 @@ from app import resources, spec_charts
 from app.components import controls
 from m2r2core.config import SamplingConfig
 from m2r2core.errors import M2R2Error
-from m2r2core.exits.routers import LEARNED
 from m2r2core.spec.speculative import (
     DRAFT_RULES,
     DRAFT_VOCABS,
@@ -76,7 +75,7 @@ def render() -> None:
     engine = resources.page_start("Speculative Decoding", INTRO, CHOICES)
     if engine is None:
         return
-    if engine.accel is None:
+    if "fast" not in engine.capabilities().draft_streams:
         st.warning(f"{engine.accel_note} Only slow-stream drafting is available.")
     got = controls.decode_controls_or_error()
     if got is None:
@@ -102,16 +101,15 @@ def render() -> None:
 
 def _spec_controls(engine) -> tuple[SpecConfig | None, bool]:
     """Stream, draft layer, K, adaptive bound, draft head and sampling; None if invalid."""
-    streams = (["fast"] if engine.accel is not None else []) + ["slow"] + (
-        ["medusa"] if engine.medusa is not None else [])
+    caps = engine.capabilities()
+    streams = list(caps.draft_streams)
     cols = st.columns(6)
     stream = cols[0].selectbox("Draft stream", streams, key="spec_stream",
                                help="fast = M2R2's accelerated stream; slow = plain early-exit "
                                     "drafting (LayerSkip-style, no adapters); medusa = the "
                                     "Medusa-style heads peer (no draft stream).")
-    fast_depth = engine.accel.max_depth if engine.accel is not None else None
-    medusa_heads = engine.medusa.n_heads if engine.medusa is not None else None
-    deepest = fast_depth if stream == "fast" else engine.parts.n_layers - 1
+    fast_depth, medusa_heads = caps.fast_depth, caps.medusa_heads
+    deepest = fast_depth if stream == "fast" else caps.n_layers - 1
     layer = cols[1].number_input("Draft layer", value=min(8, deepest), step=1, key="spec_layer",
                                  disabled=stream == "medusa",
                                  help=f"Depth the draft exits at (1–{deepest} on this stream; "
@@ -123,7 +121,7 @@ def _spec_controls(engine) -> tuple[SpecConfig | None, bool]:
     bound = cols[3].number_input("Adaptive bound", value=0.0, step=0.1, key="spec_conf",
                                  help="Stop the chain once a draft's top-1 probability is below "
                                       "this (0 = always draft K).")
-    has_sub = engine.routers.card is not None
+    has_sub = caps.sub_vocab
     vocab = cols[4].selectbox("Draft head", DRAFT_VOCABS if has_sub else ("full",),
                               index=1 if has_sub else 0, key="spec_vocab",
                               help="sub = the 2,048 most frequent tokens (about 30x cheaper).")
@@ -131,8 +129,8 @@ def _spec_controls(engine) -> tuple[SpecConfig | None, bool]:
                                 help="Speculative rejection sampling at the temperature and "
                                      "top-p above (needs temperature > 0).")
     cols = st.columns(3)
-    rules = DRAFT_RULES if engine.routers.card is not None else tuple(
-        r for r in DRAFT_RULES if r not in LEARNED)
+    draft_stream = "fast" if stream == "fast" else "slow"
+    rules = tuple(r for r in DRAFT_RULES if r == "fixed" or caps.has_rule(r, draft_stream))
     rule = cols[0].selectbox("Draft depth", rules, key="spec_rule",
                              disabled=stream == "medusa",
                              help="fixed = every draft exits at the draft layer; a rule (ARLA, "
@@ -150,7 +148,7 @@ def _spec_controls(engine) -> tuple[SpecConfig | None, bool]:
                       draft_rule=rule if stream != "medusa" else "fixed",
                       draft_threshold=float(threshold), min_draft_layer=int(shallowest))
     try:
-        spec.validate(engine.parts.n_layers, fast_depth, medusa_heads)
+        spec.validate(caps.n_layers, fast_depth, medusa_heads)
     except M2R2Error as exc:
         st.error(str(exc))
         return None, sampling
@@ -301,19 +299,20 @@ def _run_comparison(engine, prompts: str, count: int, tokens: int) -> None:
     if key in cache:
         st.session_state[COMPARE_KEY] = cache[key]
         return
+    caps = engine.capabilities()
     methods = [m for m in spec_bench.METHODS
-               if (not m.startswith("spec_fast") or engine.accel is not None)
-               and (m != "spec_fast_router" or engine.routers.card is not None)
-               and (m != "medusa" or engine.medusa is not None)]
+               if (not m.startswith("spec_fast") or "fast" in caps.draft_streams)
+               and (m != "spec_fast_router" or caps.has_rule("arla", "fast"))
+               and (m != "medusa" or "medusa" in caps.draft_streams)]
     args = spec_bench.parse_args(["--prompts", prompts, "--limit", str(count),
                                   "--max-new-tokens", str(tokens), "--repeats", "1",
-                                  "--draft-vocab", "sub" if engine.routers.card else "full",
+                                  "--draft-vocab", "sub" if caps.sub_vocab else "full",
                                   "--methods", *methods])
-    if engine.accel is not None:
-        args.draft_layer = min(args.draft_layer, engine.accel.max_depth)
+    if caps.fast_depth is not None:
+        args.draft_layer = min(args.draft_layer, caps.fast_depth)
         args.min_draft_layer = min(args.min_draft_layer, args.draft_layer)
-    args.slow_draft_layer = min(args.slow_draft_layer, engine.parts.n_layers - 1)
-    args.early_exit_layer = min(args.early_exit_layer, engine.parts.n_layers - 1)
+    args.slow_draft_layer = min(args.slow_draft_layer, caps.n_layers - 1)
+    args.early_exit_layer = min(args.early_exit_layer, caps.n_layers - 1)
     bar = st.progress(0.0, text="Warming up every method…")
     try:
         result = spec_bench.bench(args, lambda f, what: bar.progress(f, text=what), engine)

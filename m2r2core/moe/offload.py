@@ -176,9 +176,9 @@ class OffloadEngine:
         if not (folder / "experts.json").is_file():
             ExpertStore.export(self._weights(), folder, self.moe.n_layers, self.moe.n_experts)
         self.store = ExpertStore(folder)
-        if set(self.store.files) != set(self._keys()):
+        if set(self.store.files) != set(self.expert_keys()):
             raise ConfigError(f"The expert store at {folder} does not hold this model's "
-                              f"{len(self._keys())} experts.")
+                              f"{len(self.expert_keys())} experts.")
 
     @contextlib.contextmanager
     def installed(self, run: OffloadRun) -> Iterator[None]:
@@ -197,14 +197,14 @@ class OffloadEngine:
             for index, original in originals.items():
                 layers[index].mlp.experts = original
 
-    def _keys(self) -> list[tuple[int, int]]:
+    def expert_keys(self) -> list[tuple[int, int]]:
         """(layer, expert) of every routed expert, in layer order."""
         return [(layer, e) for layer in range(self.moe.n_layers) if self.moe.is_moe(layer)
                 for e in range(self.moe.n_experts)]
 
     def _weights(self) -> dict[tuple[int, int], dict[str, torch.Tensor]]:
         out = {}
-        for index, e in self._keys():
+        for index, e in self.expert_keys():
             experts = self.engine.parts.layers[index].mlp.experts
             experts = getattr(experts, "original", experts)
             out[(index, e)] = {"gate_up_proj": experts.gate_up_proj[e].detach(),
@@ -214,7 +214,7 @@ class OffloadEngine:
     @property
     def total_experts(self) -> int:
         """Routed experts in the model (the ones that live in the slow tier)."""
-        return len(self._keys())
+        return len(self.expert_keys())
 
     def generate(self, text: str | bytes, cfg: DecodeConfig, offload: OffloadConfig | None,
                  reference: list[list[tuple[int, ...]]] | None = None) -> OffloadRun:
@@ -269,7 +269,7 @@ class OffloadRun:
                                 offload.policy, owner.moe.top_k, owner.engine.device)
             try:
                 if offload.warm:
-                    cache.warm(owner._keys())
+                    cache.warm(owner.expert_keys())
                 self.predictor = make_predictor(
                     offload.predictor, owner.moe, offload.lookahead, offload.margin,
                     owner.accel, self.reference)
