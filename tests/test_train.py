@@ -101,3 +101,22 @@ def test_biased_adapters_with_chosen_kl_depths(tmp_path, corpus, tiny_model_dir,
     log = (train.work_dir(str(tiny_model_dir)) / "biased" / "metrics.jsonl").read_text()
     first = json.loads(log.splitlines()[0])
     assert "kl@2" in first and "kl@1" not in first
+
+
+def test_a_run_from_init_must_beat_its_start_to_replace_it(tmp_path, corpus, tiny_model_dir,
+                                                            monkeypatch):
+    """Continuing from saved adapters, the adapters started from are evaluated first (step 0)
+    and are replaced only by an evaluation that beats them: a run that does not improve leaves
+    the committed files as they were."""
+    monkeypatch.setenv("M2R2_CACHE", str(tmp_path / "cache"))
+    start, out = tmp_path / "start", tmp_path / "out"
+    common = ["--model", str(tiny_model_dir), "--dtype", "float32", "--seq-len", "48",
+              "--data", str(corpus), "--batch-size", "4", "--kl-positions", "16", "--rate", "2"]
+    train.main(["adapters", *common, "--steps", "4", "--out", str(start), "--run-name", "a"])
+    train.main(["adapters", *common, "--steps", "4", "--out", str(out), "--run-name", "b",
+                "--init", str(start), "--eval-every", "2", "--lr", "1e-9"])
+    evals = [json.loads(line) for line in (train.work_dir(str(tiny_model_dir)) / "b"
+                                           / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [0, 2, 4]
+    improved = any(e["dev_score"] > evals[0]["dev_score"] for e in evals[1:])
+    assert (out / WEIGHTS_NAME).is_file() == improved

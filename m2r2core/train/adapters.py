@@ -47,11 +47,14 @@ token is answer_start - 1."""
 
 
 def training_dtype() -> str:
-    """The faster precision for adapter training: bfloat16 on CUDA, float32 on CPU, where the
-    backward pass's elementwise work is slower in bfloat16 even with native bf16 matmuls
-    (measured by `python -m analysis.train_bench`; BENCHMARKS.md).
+    """The precision of the frozen model during adapter training: the machine's native one
+    (`config.batched_dtype`: bfloat16 on CUDA or a CPU with native bf16 instructions, float32
+    where torch emulates bf16). The adapters themselves stay float32; `python -m
+    m2r2core.train speed` measures the difference on the machine at hand (BENCHMARKS.md).
     """
-    return "bfloat16" if torch.cuda.is_available() else "float32"
+    from m2r2core.config import batched_dtype
+
+    return batched_dtype()
 
 
 def slow_states(parts, ids: torch.Tensor) -> tuple[list[torch.Tensor], tuple]:
@@ -369,8 +372,10 @@ class AdapterTraining:
                                "elapsed_s": elapsed, "tokens_per_s": self.tokens / elapsed}
         self.run.log(self.last)
 
-    def evaluate(self) -> None:
-        """Held-out agreement on the dev samples; a new best is saved with its test figures."""
+    def evaluate(self, save: bool = True) -> None:
+        """Held-out agreement on the dev samples; a new best is saved with its test figures
+        (with save=False it only becomes the figure to beat: the adapters a run starts from).
+        """
         args = self.args
         dev = held_out_agreement(self.parts, self.accel, self.data["dev"][:args.eval_samples],
                                  args.seq_len)
@@ -379,7 +384,9 @@ class AdapterTraining:
                       "elapsed_s": round(time.time() - self.started, 1)}, evaluation=True)
         log.info("step %d: dev agreement at depth %d = %.4f (best %.4f)", self.step,
                  self.report_depth, score, self.best)
-        if score > self.best:
+        if not save:
+            self.best = max(self.best, score)
+        elif score > self.best:
             self.best = score
             test = held_out_agreement(self.parts, self.accel, self.data["test"], args.seq_len)
             self.accel.save(self.out, self.card({"dev": dev, "test": test}))
@@ -417,6 +424,8 @@ class AdapterTraining:
         generator = torch.Generator().manual_seed(args.seed + self.step)
         stream, bar = self.batches(), progress_bar("training adapters")
         deadline = self.started + args.max_minutes * 60 if args.max_minutes else math.inf
+        if args.init and args.eval_every and self.step == 0:
+            self.evaluate(save=False)  # the adapters started from are the figure to beat
         while self.step < args.steps and time.time() < deadline:
             self.train_step(next(stream), generator)
             bar(self.step, args.steps)

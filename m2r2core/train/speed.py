@@ -1,13 +1,13 @@
 """Training tokens per second of the adapter trainer, before and after, in one run.
 
-    python -m m2r2core.train speed --steps 6 --out benchmarks/train_speed.json
+    python -m m2r2core.train speed --steps 6 --report benchmarks/train_speed.json
 
-"Before" is the trainer as it was: every batch --batch-size rows padded to --seq-len, in the
-precision `config.batched_dtype()` picks (bfloat16 on a CPU with native bf16). "After" is the
-default now: bucketed batches of the same token budget, in `training_dtype()`. Both train
-fresh adapters on the same corpus samples, with the same loss settings and threads; a token
-counts when it is a real (not padding) position. Reports the median over steps after a warm-up
-step, and the share of each step spent in the slow (teacher) pass.
+"Before" is the trainer as it was on CPU: every batch --batch-size rows padded to --seq-len, in
+float32. "After" is the default now: bucketed batches of the same token budget, in
+`training_dtype()` (the machine's native precision: bfloat16 where the CPU has native bf16).
+Both train fresh adapters on the same corpus samples, with the same loss settings and threads;
+a token counts when it is a real (not padding) position. Reports the median over steps after a
+warm-up step.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from m2r2core.config import EngineConfig, batched_dtype
+from m2r2core.config import EngineConfig
 from m2r2core.engine import environment
 from m2r2core.runtime import hf_compat
 from m2r2core.runtime.model import load
@@ -75,7 +75,7 @@ def cmd_speed(args: argparse.Namespace) -> None:
     probe = load(EngineConfig(model=args.model, dtype="float32", threads=args.threads))
     data, source = datasets(args, fingerprint(probe.model))
     del probe
-    before = measure(args, batched_dtype(), "padded", data["train"])
+    before = measure(args, "float32", "padded", data["train"])
     after = measure(args, training_dtype(), "bucketed", data["train"])
     report = {
         "command": "python -m m2r2core.train speed " + " ".join(args.argv),
