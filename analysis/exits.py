@@ -39,7 +39,7 @@ def decide(step: TokenStep, stream: str, rule: str, threshold: float, min_layer:
     last = len(scores) if stream == "fast" else min(len(scores), n_layers - 1)
     for depth in range(max(1, min_layer), last + 1):
         if scores[depth - 1] >= threshold:
-            token = (step.fast_lens_top1[depth] if stream == "fast"
+            token = (step.fast.lens_top1[depth] if stream == "fast"
                      else step.lens_top_ids[depth][0])
             return Decision(depth, token, token == step.token_id, True)
     return Decision(n_layers, step.token_id, True, False)
@@ -86,7 +86,7 @@ def lens_agreement_by_layer(steps: tuple[TokenStep, ...]) -> dict[str, list[floa
     slow = [s.lens_agrees for s in steps if s.lens_agrees]
     if slow:
         out["slow"] = np.mean(np.array(slow, dtype=float), axis=0).tolist()
-    fast = [s.fast_lens_agrees for s in steps if s.fast_lens_agrees]
+    fast = [s.fast.lens_agrees for s in steps if s.fast is not None]
     if fast:
         out["fast"] = np.mean(np.array(fast, dtype=float), axis=0).tolist()
     return out
@@ -98,7 +98,7 @@ def alignment_by_layer(steps: tuple[TokenStep, ...]) -> dict[str, list[float]]:
     slow = [s.cosine_to_final for s in steps if s.cosine_to_final]
     if slow:
         out["slow"] = np.median(np.array(slow), axis=0).tolist()
-    fast = [s.fast_cosine_to_final for s in steps if s.fast_cosine_to_final]
+    fast = [s.fast.cosine_to_final for s in steps if s.fast is not None]
     if fast:
         out["fast"] = np.median(np.array(fast), axis=0).tolist()
     return out

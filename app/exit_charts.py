@@ -59,7 +59,7 @@ def router_heatmap(steps: tuple[TokenStep, ...], stream: str, rule: str, thresho
     z = np.array(rows, dtype=float)
     depths = list(range(1, z.shape[1] + 1))
     labels = token_labels(tuple(s.text for s in steps))
-    lens = [[(s.fast_lens_top1 and s.fast_lens_top1[d]) if stream == "fast"
+    lens = [[(s.fast is not None and s.fast.lens_top1[d]) if stream == "fast"
              else s.lens_top_ids[d][0] for d in depths] for s in steps]
     custom = np.empty(z.shape + (2,), dtype=object)
     for i, label in enumerate(labels):

@@ -1,7 +1,11 @@
-"""Typed records the engine emits and the UI renders: one TokenStep per generated token, one
-RunTrace per generation, and a ResidualCapture holding the raw hidden states (numpy) for views
-that need vectors (projections). Records hold only Python scalars, strings and tuples so that they
-serialise to JSON, download from the UI and diff in tests.
+"""Typed records the engine emits and the UI renders, for all four run types: one TokenStep per
+generated token of a plain or early-exit run (with the accelerated stream's FastStats when it
+was traced), one SpecRound per draft-and-verify round, one OffloadToken per token of an
+offloaded MoE run and an Event per timed thing in the expert tiers; one RunTrace per plain or
+early-exit generation, and a ResidualCapture holding the raw hidden states (numpy) for views that
+need vectors (projections). Records hold only Python scalars, strings, tuples and (for
+rule_scores) a dict of tuples, so that they serialise to JSON (`to_dict`, `from_dict`), download
+from the UI and diff in tests.
 
 Layer axis convention: index 0 is the embedding output h_0, index l the output of block l, index N
 the last block's output (before the final norm). The statistics of a generated token describe the
@@ -17,7 +21,26 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+"""3: the accelerated stream's per-depth statistics moved from seven fast_* fields of TokenStep
+into one FastStats record (older traces still open)."""
+
+
+@dataclass(frozen=True)
+class FastStats:
+    """Per-depth statistics of the fast stream h^f_0..h^f_D, measured against the slow final
+    state (each a (D+1,) tuple).
+    """
+
+    residual_norm: tuple[float, ...]
+    relative_speed: tuple[float, ...]
+    cosine_to_final: tuple[float, ...]
+    """cos(h^f_d, h^s_N): alignment with the slow stream's final state."""
+    lens_entropy: tuple[float, ...]
+    lens_top1: tuple[int, ...]
+    lens_top1_prob: tuple[float, ...]
+    lens_agrees: tuple[bool, ...]
+    """argmax p^f_d == argmax p^s_N."""
 
 
 @dataclass(frozen=True)
@@ -64,15 +87,9 @@ class TokenStep:
     """Early exit only: the exit rule's score at depths check_from, check_from+1, ..."""
     check_from: int = 0
     """Depth of the first entry of exit_scores."""
-    fast_residual_norm: tuple[float, ...] = ()
-    """(D+1,) ‖h^f_d‖ of the accelerated stream, d = 0 (branch state) .. D; empty without it."""
-    fast_relative_speed: tuple[float, ...] = ()
-    fast_cosine_to_final: tuple[float, ...] = ()
-    """(D+1,) cos(h^f_d, h^s_N): how close the fast state is to the slow final state."""
-    fast_lens_entropy: tuple[float, ...] = ()
-    fast_lens_top1: tuple[int, ...] = ()
-    fast_lens_top1_prob: tuple[float, ...] = ()
-    fast_lens_agrees: tuple[bool, ...] = ()
+    fast: FastStats | None = None
+    """The accelerated stream of the same position, d = 0 (branch state) .. D; None when it was
+    not traced."""
     rule_scores: dict = field(default_factory=dict)
     """{'fast/arla': (D,) scores at depths 1..D, 'slow/confidence': (N,) ...}: every exit
     rule's score along both trajectories, so thresholds can be re-decided without regenerating."""
@@ -128,8 +145,9 @@ class RunTrace:
     def from_json(cls, text: str) -> RunTrace:
         """Rebuild a RunTrace from `to_json` output."""
         data = json.loads(text)
-        # Version 2 only added fields with defaults, so version-1 traces still open.
-        if data.get("schema_version") not in (1, SCHEMA_VERSION):
+        # Version 2 only added fields with defaults; version 3 nests the fast_* fields
+        # (_step_from_dict moves them), so older traces still open.
+        if data.get("schema_version") not in (1, 2, SCHEMA_VERSION):
             raise ValueError(
                 f"trace schema {data.get('schema_version')} is not {SCHEMA_VERSION}; "
                 "re-run the generation with this version of the app"
@@ -139,13 +157,95 @@ class RunTrace:
         return cls(**data)
 
 
+FAST_FIELDS = ("residual_norm", "relative_speed", "cosine_to_final", "lens_entropy",
+               "lens_top1", "lens_top1_prob", "lens_agrees")
+
+
 def _step_from_dict(data: dict) -> TokenStep:
-    nested = ("lens_top_ids", "lens_top_tokens", "lens_top_probs")
+    data = dict(data)
+    flat = {k: data.pop(f"fast_{k}") for k in FAST_FIELDS if f"fast_{k}" in data}  # schema 1-2
+    if flat and flat.get("residual_norm"):
+        data["fast"] = flat
+    if data.get("fast") is not None:
+        data["fast"] = FastStats(**{k: tuple(v) for k, v in data["fast"].items()})
     data["rule_scores"] = {k: tuple(v) for k, v in data.get("rule_scores", {}).items()}
-    for key, value in data.items():
-        if isinstance(value, list):
-            data[key] = tuple(tuple(row) for row in value) if key in nested else tuple(value)
-    return TokenStep(**data)
+    return TokenStep(**{k: _tuples(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+def _tuples(value: object) -> object:
+    """Lists (what JSON gives back for tuples) as tuples, nested ones too."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def to_dict(record: object) -> dict:
+    """A record as plain JSON-ready values."""
+    return dataclasses.asdict(record)
+
+
+def from_dict(cls: type, data: dict) -> object:
+    """Rebuild a record of `cls` from `to_dict` output (or its JSON round trip); TypeError names
+    a field that does not belong.
+    """
+    if cls is TokenStep:
+        return _step_from_dict(data)
+    return cls(**{k: _tuples(v) for k, v in data.items()})
+
+
+@dataclass(frozen=True)
+class SpecRound:
+    """One draft-and-verify round (round 0 is the prefill, which emits one token, no drafts)."""
+
+    index: int
+    position: int
+    """Index in the continuation of the first token this round emitted."""
+    drafts: tuple[int, ...]
+    draft_texts: tuple[str, ...]
+    draft_probs: tuple[float, ...]
+    """Each draft's probability under the draft distribution."""
+    accepted: int
+    """How many drafts (a prefix) the model accepted."""
+    emitted: tuple[int, ...]
+    """Accepted drafts plus the model's own token (cut at EOS or the budget)."""
+    emitted_texts: tuple[str, ...]
+    correction: bool
+    """The model's own token replaced a refused draft (False: a bonus after all passed)."""
+    draft_ms: float
+    verify_ms: float
+    draft_depths: tuple[int, ...] = ()
+    """The depth each draft exited at (all draft_layer unless a rule picks; empty for Medusa)."""
+
+
+@dataclass(frozen=True)
+class OffloadToken:
+    """One generated token of an offloaded run."""
+
+    position: int
+    token_id: int
+    text: str
+    latency_ms: float
+    """Wall time of the forward pass that produced this token (and its sampling)."""
+    stall_ms: float
+    hits: int
+    misses: int
+    routes: tuple[tuple[int, ...], ...]
+    """Per layer, the experts the forward pass that produced this token used."""
+
+
+@dataclass(frozen=True)
+class Event:
+    """One timed thing that happened to an expert or a layer (times in ms from the run start)."""
+
+    kind: str
+    """'compute' (a layer), 'load' (the loader), 'stall' (compute waiting), 'hit', 'miss',
+    'evict', 'prefetch' (a prediction queued), 'wasted' (a prefetched expert evicted unused),
+    'cancel' (a queued prefetch dropped to make room for a demand load)."""
+    token: int
+    layer: int
+    expert: int
+    start_ms: float
+    end_ms: float
+    cause: str = ""
+    """For loads: 'demand' or 'prefetch'; for prefetches: the lookahead distance."""
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ def test_speedup_at_quality_interpolates():
 def test_traced_run_records_both_streams_and_every_rule(trained_engine, traced):
     step = traced.trace.steps[1]
     d = trained_engine.accel.n_fast
-    assert len(step.fast_lens_top1) == d + 1 and len(step.fast_cosine_to_final) == d + 1
+    assert len(step.fast.lens_top1) == d + 1 and len(step.fast.cosine_to_final) == d + 1
     assert {k.split("/")[0] for k in step.rule_scores} == {"fast", "slow"}
     assert len(step.rule_scores["slow/arla"]) == trained_engine.parts.n_layers
     assert len(step.rule_scores["fast/arla"]) == d

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from m2r2core.trace import ResidualCapture, RunTrace
+from m2r2core.trace import SCHEMA_VERSION, ResidualCapture, RunTrace
 
 
 def independent_trajectories(model, prompt_ids, generated_ids):
@@ -81,7 +81,9 @@ def test_json_round_trip_is_lossless(tiny_run):
 
 
 def test_json_from_other_schema_is_refused(tiny_run):
-    text = tiny_run.trace.to_json().replace('"schema_version": 2', '"schema_version": 99')
+    text = tiny_run.trace.to_json().replace(f'"schema_version": {SCHEMA_VERSION}',
+                                            '"schema_version": 99')
+    assert '"schema_version": 99' in text
     with pytest.raises(ValueError, match="schema"):
         RunTrace.from_json(text)
 
@@ -99,3 +101,54 @@ def test_capture_validates_its_array():
         ResidualCapture("r", np.zeros((2, 3, 4), dtype=np.float64))
     with pytest.raises(ValueError, match="T, N\\+1, H"):
         ResidualCapture("r", np.zeros((2, 3), dtype=np.float32))
+
+
+def test_every_record_type_survives_a_json_round_trip(tiny_engine):
+    """The trace contract covers all four run types: TokenStep (with the fast stream's
+    FastStats), SpecRound, OffloadToken and Event come back equal from JSON."""
+    import dataclasses
+    import json
+
+    from m2r2core.trace import (
+        Event,
+        FastStats,
+        OffloadToken,
+        SpecRound,
+        TokenStep,
+        from_dict,
+        to_dict,
+    )
+
+    fast = FastStats((1.0, 2.0), (0.5,), (0.1, 0.9), (3.0, 2.0), (7, 8), (0.2, 0.6), (False, True))
+    records = [
+        TokenStep(0, 5, "a", 0.5, 30, "exit", 1.0, 0.8, 0.1, fast=fast,
+                  rule_scores={"fast/arla": (0.1, 0.9)}, lens_top_ids=((1, 2), (3, 4))),
+        SpecRound(1, 1, (4, 5), ("x", "y"), (0.9, 0.4), 1, (4, 6), ("x", "z"), True, 1.5, 2.5,
+                  (2, 3)),
+        OffloadToken(0, 9, "b", 3.0, 0.5, 4, 2, ((0, 1), (2, 3))),
+        Event("load", 1, 2, 3, 0.5, 1.5, "prefetch"),
+    ]
+    for record in records:
+        back = from_dict(type(record), json.loads(json.dumps(to_dict(record))))
+        assert back == record, type(record).__name__
+    with pytest.raises(TypeError):
+        from_dict(Event, dataclasses.asdict(records[3]) | {"bogus": 1})
+
+
+def test_a_schema_2_trace_with_flat_fast_fields_still_opens(tiny_run):
+    """Traces downloaded before the FastStats record (schema 2) open with the fast stream in
+    its record."""
+    import json
+
+    data = json.loads(tiny_run.trace.to_json())
+    data["schema_version"] = 2
+    for step in data["steps"]:
+        step.pop("fast")
+        step["fast_residual_norm"], step["fast_relative_speed"] = [1.0, 2.0], [0.5]
+        step["fast_cosine_to_final"], step["fast_lens_entropy"] = [0.1, 0.9], [3.0, 2.0]
+        step["fast_lens_top1"], step["fast_lens_top1_prob"] = [7, 8], [0.2, 0.6]
+        step["fast_lens_agrees"] = [False, True]
+    back = RunTrace.from_json(json.dumps(data))
+    assert back.steps[0].fast.lens_top1 == (7, 8) and back.steps[0].fast.lens_agrees == (False,
+                                                                                         True)
+    assert back.schema_version == 3

@@ -266,8 +266,8 @@ def _disagreements(engine, s: ExitSession, steps, decisions, stream: str, rule: 
                         key="exit_wrong")
     step, decision = steps[pick], decisions[pick]
     curves = {"slow": list(step.cosine_to_final)}
-    if step.fast_cosine_to_final:
-        curves["fast"] = list(step.fast_cosine_to_final)
+    if step.fast is not None:
+        curves["fast"] = list(step.fast.cosine_to_final)
     rate = engine.capabilities().rate
     st.plotly_chart(exit_charts.stream_curves(
         curves, f"Alignment with the final state for {visible(step.text)}",
@@ -275,11 +275,12 @@ def _disagreements(engine, s: ExitSession, steps, decisions, stream: str, rule: 
     st.caption("How close each depth's state already is to the full model's final state, on "
                "both streams; the dotted curve redraws the fast stream at depth × r, where it "
                "should meet the slow one.")
+    fast_top1 = step.fast.lens_top1 if step.fast is not None else ()
     table = pd.DataFrame({
         "depth": range(len(step.lens_top_ids)),
         "slow lens top-1": [engine.token_text(r[0]) for r in step.lens_top_ids],
-        "fast lens top-1": [engine.token_text(t) for t in step.fast_lens_top1]
-        + [""] * (len(step.lens_top_ids) - len(step.fast_lens_top1)),
+        "fast lens top-1": [engine.token_text(t) for t in fast_top1]
+        + [""] * (len(step.lens_top_ids) - len(fast_top1)),
     })
     st.dataframe(table, hide_index=True, height=260)
     if rule in LEARNED and decision.exited:

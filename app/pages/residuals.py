@@ -193,7 +193,7 @@ def _two_streams(run) -> None:
     trace = run.trace
     steps = velocity.traced_steps(trace)
     st.subheader("Slow stream and accelerated (fast) stream")
-    if not steps or not steps[0].fast_lens_agrees:
+    if not steps or steps[0].fast is None:
         st.info("This run has no accelerated stream: no adapters trained for this model are "
                 "loaded (see the Exit Threshold debugger page).")
         return

@@ -37,7 +37,7 @@ class FastStreamTracer(StepTracer):
     def fields(self, out: ForwardOutput, fast: torch.Tensor) -> dict:
         """The fast stream's TokenStep fields and every rule's scores along both streams."""
         stats = fast_stats(self.parts, fast, out.states[-1], int(out.logits.argmax()))
-        fields = {f"fast_{k}": v for k, v in vars(stats).items()}
+        fields = {"fast": stats}
         scores = {}
         if self.routers is not None:
             for stream, states in (("fast", fast), ("slow", out.states)):

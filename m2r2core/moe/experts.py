@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import save_file
 
 from m2r2core.errors import AssetMissing, ConfigError
+from m2r2core.trace import Event  # noqa: F401  (defined with every record)
 
 MANIFEST = "experts.json"
 _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,
@@ -74,23 +75,6 @@ def bandwidth(name: str) -> Bandwidth:
         raise ConfigError(f"Unknown bandwidth preset '{name}'; choose one of "
                           f"{', '.join(PRESETS)}.")
     return PRESETS[name]
-
-
-@dataclass(frozen=True)
-class Event:
-    """One timed thing that happened to an expert or a layer (times in ms from the run start)."""
-
-    kind: str
-    """'compute' (a layer), 'load' (the loader), 'stall' (compute waiting), 'hit', 'miss',
-    'evict', 'prefetch' (a prediction queued), 'wasted' (a prefetched expert evicted unused),
-    'cancel' (a queued prefetch dropped to make room for a demand load)."""
-    token: int
-    layer: int
-    expert: int
-    start_ms: float
-    end_ms: float
-    cause: str = ""
-    """For loads: 'demand' or 'prefetch'; for prefetches: the lookahead distance."""
 
 
 class ExpertStore:

@@ -39,6 +39,7 @@ from m2r2core.runtime import hf_compat, prompt
 from m2r2core.runtime.decode import DecodeState, forward
 from m2r2core.runtime.model import default_cache_dir
 from m2r2core.runtime.sampling import make_generator, sample_next
+from m2r2core.trace import OffloadToken
 
 MOE_MODEL_TYPES = ("mixtral", "qwen2_moe")
 
@@ -80,22 +81,6 @@ class OffloadConfig:
         if not 0 <= self.margin <= n_experts - top_k:
             raise ConfigError(f"Margin {self.margin} is out of range; choose 0 to "
                               f"{n_experts - top_k}.")
-
-
-@dataclass(frozen=True)
-class OffloadToken:
-    """One generated token of an offloaded run."""
-
-    position: int
-    token_id: int
-    text: str
-    latency_ms: float
-    """Wall time of the forward pass that produced this token (and its sampling)."""
-    stall_ms: float
-    hits: int
-    misses: int
-    routes: tuple[tuple[int, ...], ...]
-    """Per layer, the experts the forward pass that produced this token used."""
 
 
 class OffloadedExperts(nn.Module):

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from m2r2core.runtime.hf_compat import DecoderParts
+from m2r2core.trace import FastStats
 
 
 @dataclass(frozen=True)
@@ -95,21 +96,6 @@ def trajectory_stats(parts: DecoderParts, states: torch.Tensor, final_logits: to
         lens_top_probs=tuple(map(tuple, top_probs.tolist())),
         lens_agrees=tuple(agrees.tolist()),
     )
-
-
-@dataclass(frozen=True)
-class FastStats:
-    """Per-depth statistics of the fast stream h^f_0..h^f_D, measured against the slow final."""
-
-    residual_norm: tuple[float, ...]
-    relative_speed: tuple[float, ...]
-    cosine_to_final: tuple[float, ...]
-    """cos(h^f_d, h^s_N): alignment with the slow stream's final state."""
-    lens_entropy: tuple[float, ...]
-    lens_top1: tuple[int, ...]
-    lens_top1_prob: tuple[float, ...]
-    lens_agrees: tuple[bool, ...]
-    """argmax p^f_d == argmax p^s_N."""
 
 
 @torch.inference_mode()

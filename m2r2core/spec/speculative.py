@@ -50,6 +50,7 @@ from m2r2core.spec.proposers import (
 )
 from m2r2core.spec.verify import verify
 from m2r2core.stream.accel import Accelerator
+from m2r2core.trace import SpecRound  # noqa: F401  (defined with every record)
 
 STREAMS = ("fast", "slow", "medusa")
 DRAFT_VOCABS = ("full", "sub")
@@ -119,30 +120,6 @@ class SpecConfig:
             require(isinstance(self.min_draft_layer, int)
                     and 1 <= self.min_draft_layer <= self.draft_layer, "min_draft_layer",
                     self.min_draft_layer, f"1..draft_layer ({self.draft_layer})")
-
-
-@dataclass(frozen=True)
-class SpecRound:
-    """One draft-and-verify round (round 0 is the prefill, which emits one token, no drafts)."""
-
-    index: int
-    position: int
-    """Index in the continuation of the first token this round emitted."""
-    drafts: tuple[int, ...]
-    draft_texts: tuple[str, ...]
-    draft_probs: tuple[float, ...]
-    """Each draft's probability under the draft distribution."""
-    accepted: int
-    """How many drafts (a prefix) the model accepted."""
-    emitted: tuple[int, ...]
-    """Accepted drafts plus the model's own token (cut at EOS or the budget)."""
-    emitted_texts: tuple[str, ...]
-    correction: bool
-    """The model's own token replaced a refused draft (False: a bonus after all passed)."""
-    draft_ms: float
-    verify_ms: float
-    draft_depths: tuple[int, ...] = ()
-    """The depth each draft exited at (all draft_layer unless a rule picks; empty for Medusa)."""
 
 
 class SpecLoop:
