@@ -10,7 +10,7 @@ import pandas as pd
 import streamlit as st
 
 from analysis import exits as ex
-from app import exit_charts, resources
+from app import exit_charts, resources, state
 from app.charts import visible
 from app.components import controls
 from m2r2core.config import DecodeConfig
@@ -66,7 +66,7 @@ def render() -> None:
         return
     text, cfg = got
     exit_cfg = _rule_controls(engine, "exit_gen")
-    if st.button("Generate with early exit", key="exit_generate", type="primary"):
+    if st.button("Generate with early exit", key=state.EXIT_GENERATE, type="primary"):
         if exit_cfg is not None:
             _generate(engine, text, cfg, exit_cfg)
     session: ExitSession | None = st.session_state.get(RESULT_KEY)
@@ -189,16 +189,16 @@ def _redecide(engine, s: ExitSession) -> None:
     cols = st.columns(4)
     streams = list(available)
     used = s.rule.rule  # start from the setting the generation used
-    stream = cols[0].selectbox("Stream ", streams, key="exit_re_stream",
+    stream = cols[0].selectbox("Stream ", streams, key=state.EXIT_RE_STREAM,
                                index=streams.index(used.stream) if used.stream in streams else 0)
     rules = available[stream]
-    rule = cols[1].selectbox("Rule ", rules, key="exit_re_rule",
+    rule = cols[1].selectbox("Rule ", rules, key=state.EXIT_RE_RULE,
                              index=rules.index(used.rule) if used.rule in rules else 0,
                              format_func=lambda x: RULE_LABELS[x])
     threshold = cols[2].slider("Threshold ", 0.0, 1.0, float(min(1.0, s.rule.rule.threshold)),
-                               0.01, key="exit_re_thr")
+                               0.01, key=state.EXIT_RE_THR)
     min_layer = cols[3].slider("Minimum layer ", 1, n - 1, min(s.rule.rule.min_layer, n - 1),
-                               key="exit_re_min")
+                               key=state.EXIT_RE_MIN)
     decisions = ex.decide_all(steps, stream, rule, threshold, min_layer, n)
     summ = ex.summary(decisions, n)
     m = st.columns(4)
@@ -211,12 +211,12 @@ def _redecide(engine, s: ExitSession) -> None:
     st.markdown(exit_charts.exit_strip_html(steps, [d.depth for d in decisions], n, would),
                 unsafe_allow_html=True)
     st.plotly_chart(exit_charts.router_heatmap(steps, stream, rule, threshold, decisions),
-                    key="exit_heatmap")
+                    key=state.EXIT_HEATMAP)
     st.caption("Each cell is the rule's score for a token (row) at a depth (column). A token "
                "leaves at the first cell right of the minimum layer that crosses the red "
                "threshold line (marked ×).")
     left, right = st.columns(2)
-    left.plotly_chart(exit_charts.exit_histogram(decisions, n), key="exit_hist")
+    left.plotly_chart(exit_charts.exit_histogram(decisions, n), key=state.EXIT_HIST)
     left.caption("Where tokens leave. A tall bar at depth N means the rule rarely fires.")
     with right:
         _pareto(s, {"stream": stream, "rule": rule, "threshold": threshold,
@@ -235,7 +235,7 @@ def _pareto(session: ExitSession | None, current: dict | None) -> None:
             if same:
                 near = min(same, key=lambda c: abs(c["threshold"] - current["threshold"]))
                 point = {"speedup": near["speedup"], "rouge_full": near["rouge_full"]}
-        st.plotly_chart(exit_charts.pareto_figure(report["configs"], point), key="exit_pareto")
+        st.plotly_chart(exit_charts.pareto_figure(report["configs"], point), key=state.EXIT_PARETO)
         st.caption(f"Measured by `{report.get('command', 'analysis.exit_eval')}` on "
                    f"{', '.join(report['prompt_sets'])} ({report['limit']} prompts each, "
                    f"{report['max_new_tokens']} tokens, {report['environment']['dtype']}). The "
@@ -248,7 +248,7 @@ def _pareto(session: ExitSession | None, current: dict | None) -> None:
                   for row in ex.threshold_sweep(steps, st_, r, current["min_layer"], n)]
         st.plotly_chart(exit_charts.pareto_figure(
             sweeps, {"layer_ratio": current["layer_ratio"], "agreement": current["agreement"]},
-            x="layer_ratio", y="agreement"), key="exit_pareto_session")
+            x="layer_ratio", y="agreement"), key=state.EXIT_PARETO_SESSION)
         st.caption("The same trade-off on this generation, teacher-forced: agreement with the "
                    "full model against the layer ratio, for every rule and threshold.")
 
@@ -263,7 +263,7 @@ def _disagreements(engine, s: ExitSession, steps, decisions, stream: str, rule: 
                  f"{visible(engine.token_text(decisions[i].token_id))} at depth "
                  f"{decisions[i].depth}" for i in wrong}
     pick = st.selectbox("Open a token's trajectory", wrong, format_func=labels.get,
-                        key="exit_wrong")
+                        key=state.EXIT_WRONG)
     step, decision = steps[pick], decisions[pick]
     curves = {"slow": list(step.cosine_to_final)}
     if step.fast is not None:
@@ -271,7 +271,7 @@ def _disagreements(engine, s: ExitSession, steps, decisions, stream: str, rule: 
     rate = engine.capabilities().rate
     st.plotly_chart(exit_charts.stream_curves(
         curves, f"Alignment with the final state for {visible(step.text)}",
-        "cos(h_d, h^s_N)", rate), key="exit_traj")
+        "cos(h_d, h^s_N)", rate), key=state.EXIT_TRAJ)
     st.caption("How close each depth's state already is to the full model's final state, on "
                "both streams; the dotted curve redraws the fast stream at depth × r, where it "
                "should meet the slow one.")
@@ -290,7 +290,7 @@ def _disagreements(engine, s: ExitSession, steps, decisions, stream: str, rule: 
 def _attribution(engine, s: ExitSession, index: int, stream: str, rule: str, depth: int) -> None:
     st.markdown("**Why did the router let it exit?** Integrated Gradients (captum) on the "
                 "router's probability at the exit depth.")
-    if not st.button("Explain this exit", key="exit_explain"):
+    if not st.button("Explain this exit", key=state.EXIT_EXPLAIN):
         return
     from analysis.attribution import explain_exit
 
@@ -329,9 +329,9 @@ def _downloads(s: ExitSession, steps, decisions, stream, rule, threshold, min_la
     cols[0].download_button(
         "Download decisions (CSV)", table.to_csv(index=False),
         file_name=f"exits-{stream}-{rule}-{threshold:.2f}-min{min_layer}.csv",
-        key="exit_dl_csv")
+        key=state.EXIT_DL_CSV)
     cols[1].download_button("Download trace (JSON)", s.traced.trace.to_json(),
-                            file_name=f"trace-{s.traced.trace.run_id}.json", key="exit_dl_json")
+                            file_name=f"trace-{s.traced.trace.run_id}.json", key=state.EXIT_DL_JSON)
 
 
 render()

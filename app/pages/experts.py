@@ -127,7 +127,7 @@ def render() -> None:
         return
     text, cfg = got
     offload = _offload_controls(moe)
-    if st.button("Generate with offloaded experts", key="experts_generate", type="primary"):
+    if st.button("Generate with offloaded experts", key=state.EXPERTS_GENERATE, type="primary"):
         if offload is not None:
             _generate(moe, text, cfg.replace(trace=False, capture_residuals=False), offload)
     session: ExpertSession | None = st.session_state.get(RESULT_KEY)
@@ -145,20 +145,20 @@ def _offload_controls(moe: OffloadEngine) -> OffloadConfig | None:
     total, top_k = moe.total_experts, moe.moe.top_k
     cols = st.columns(6)
     capacity = cols[0].number_input(
-        "Capacity (experts)", value=max(top_k, total // 3), step=1, key="experts_capacity",
+        "Capacity (experts)", value=max(top_k, total // 3), step=1, key=state.EXPERTS_CAPACITY,
         help=f"Experts the fast tier holds ({top_k}–{total}; {total} routed experts in all).")
     names = list(PRESETS)
     preset = cols[1].selectbox("Storage", names, index=names.index("ufs"),
-                               format_func=lambda n: PRESETS[n].label, key="experts_bandwidth")
+                               format_func=lambda n: PRESETS[n].label, key=state.EXPERTS_BANDWIDTH)
     choices = [p for p in PREDICTORS if p != "m2r2" or moe.accel is not None]
-    predictor = cols[2].selectbox("Predictor", choices, key="experts_predictor",
+    predictor = cols[2].selectbox("Predictor", choices, key=state.EXPERTS_PREDICTOR,
                                   help="m2r2 = accelerated residual through later routers.")
-    lookahead = cols[3].number_input("Lookahead D", value=2, step=1, key="experts_lookahead",
+    lookahead = cols[3].number_input("Lookahead D", value=2, step=1, key=state.EXPERTS_LOOKAHEAD,
                                      help=f"Layers ahead to predict (1–{moe.moe.n_layers - 1}).")
-    margin = cols[4].number_input("Margin", value=0, step=1, key="experts_margin",
+    margin = cols[4].number_input("Margin", value=0, step=1, key=state.EXPERTS_MARGIN,
                                   help="Experts fetched per layer beyond the top-k.")
     policy = cols[5].selectbox("Eviction", POLICIES, index=POLICIES.index("predicted"),
-                               key="experts_policy")
+                               key=state.EXPERTS_POLICY)
     offload = OffloadConfig(capacity=int(capacity), bandwidth=preset, predictor=predictor,
                             lookahead=int(lookahead), margin=int(margin), policy=policy)
     try:
@@ -252,11 +252,11 @@ def _show(s: ExpertSession) -> None:
                "token, layer, expert and timing; click a mark to list its events.")
     last = len(s.routes) - 1
     first, end = st.slider("Forward passes (0 = the prompt)", 0, last,
-                           (min(1, last), min(last, 3)), key="experts_range")
+                           (min(1, last), min(last, 3)), key=state.EXPERTS_RANGE)
     rows = timeline.gantt_rows(s.events, first, end)
     texts = {i: (s.texts[i - 1] if i >= 1 else "prompt") for i in range(len(s.routes))}
     chosen = st.plotly_chart(expert_charts.gantt(rows, s.n_layers, texts),
-                             key="experts_gantt", on_select="rerun",
+                             key=state.EXPERTS_GANTT, on_select="rerun",
                              selection_mode="points")
     picked = _picked_events(chosen, rows)
     if picked is not None:
@@ -264,34 +264,34 @@ def _show(s: ExpertSession) -> None:
 
     left, right = st.columns(2)
     token = left.number_input("Forward pass for the fast tier", 0, last, min(1, last),
-                              key="experts_token")
+                              key=state.EXPERTS_TOKEN)
     state_matrix = timeline.residency_at(s.events, int(token), s.n_layers, s.n_experts, s.warm)
     hits = {(e.layer, e.expert): e.kind for e in s.events
             if e.token == token and e.kind in ("hit", "miss")}
     label = "the prompt" if token == 0 else f"token {token} ({s.texts[token - 1]!r})"
     left.plotly_chart(expert_charts.residency_heatmap(state_matrix, s.routes[token], hits,
-                                                      label), key="experts_residency")
+                                                      label), key=state.EXPERTS_RESIDENCY)
     left.caption("Which experts were in the fast tier when this pass began (dark blue resident, "
                  "orange in flight, white absent) and which the token used: ● found, ✕ waited.")
     matrix = timeline.hits_by_layer(s.events, len(s.routes), s.n_layers)
     right.plotly_chart(expert_charts.hits_heatmap(matrix, ["prompt"] + s.texts, s.routes),
-                       key="experts_hits")
+                       key=state.EXPERTS_HITS)
     right.caption("For every pass and layer, the share of the experts it routed to that were "
                   "already resident (green) or had to be waited for (red). Hover for the "
                   "experts the token used.")
     if s.summary["recall_by_distance"]:
         st.plotly_chart(expert_charts.recall_figure(
             {f"{o.predictor} (this run)": s.summary["recall_by_distance"]}),
-            key="experts_recall_run")
+            key=state.EXPERTS_RECALL_RUN)
         st.caption("Of the experts a layer used, the share predicted that many layers earlier.")
     frame = timeline.events_frame(s.events)
     cols = st.columns(2)
     cols[0].download_button("Download events (CSV)", frame.to_csv(index=False),
-                            file_name="expert-events.csv", key="experts_dl_csv")
+                            file_name="expert-events.csv", key=state.EXPERTS_DL_CSV)
     cols[1].download_button("Download run (JSON)", json.dumps({
         "config": asdict(s.offload), "summary": s.summary, "on_demand_lru": s.baseline,
         "identical_to_all_resident": s.identical, "completion": "".join(s.texts),
-        "routes": s.routes}, indent=2), file_name="expert-run.json", key="experts_dl_json")
+        "routes": s.routes}, indent=2), file_name="expert-run.json", key=state.EXPERTS_DL_JSON)
 
 
 def _picked_events(chosen, rows: pd.DataFrame) -> pd.DataFrame | None:
@@ -327,7 +327,7 @@ def _report() -> None:
         if len(v["recall_by_distance"]) > len(recalls.get(v["predictor"], {})):
             recalls[v["predictor"]] = v["recall_by_distance"]
     left, right = st.columns(2)
-    left.plotly_chart(expert_charts.recall_figure(recalls), key="experts_recall_report")
+    left.plotly_chart(expert_charts.recall_figure(recalls), key=state.EXPERTS_RECALL_REPORT)
     left.caption("Prediction recall by lookahead distance, each predictor on the same prompts.")
     sweep_args = args
     # the sweeps ran at the first lookahead with the sweep policy (the baseline: none · LRU)
@@ -340,16 +340,16 @@ def _report() -> None:
         v["bandwidth_bytes_per_s"] = bws.get(v["bandwidth"], 0)
     right.plotly_chart(expert_charts.sweep_figure(summary, "capacity", "speedup_vs_ondemand_lru",
                                                   {"bandwidth": sweep_args["bandwidth"]}),
-                       key="experts_sweep_capacity")
+                       key=state.EXPERTS_SWEEP_CAPACITY)
     right.caption("Speedup over on-demand LRU as the fast tier grows (same storage).")
     left, right = st.columns(2)
     left.plotly_chart(expert_charts.sweep_figure(summary, "capacity", "hit_rate",
                                                  {"bandwidth": sweep_args["bandwidth"]}),
-                      key="experts_sweep_hits")
+                      key=state.EXPERTS_SWEEP_HITS)
     left.caption("Hit rate against capacity: prediction and eviction together.")
     right.plotly_chart(expert_charts.sweep_figure(summary, "bandwidth", "tok_per_s",
                                                   {"capacity": sweep_args["capacity"]}),
-                       key="experts_sweep_bw")
+                       key=state.EXPERTS_SWEEP_BW)
     right.caption("Tokens/s against storage speed at the main capacity.")
     raw = "" if report.get("chat_template") else " (prompts without the chat template)"
     st.caption(f"Measured by `{report.get('command', 'python -m analysis.moe_bench')}` on "

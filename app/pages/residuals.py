@@ -162,7 +162,7 @@ def _heatmaps(trace: RunTrace) -> None:
     st.caption(EXPLAIN[quantity] + " Hover a cell for the lens's top tokens; pick a token "
                "below to see its whole table.")
     fig = charts.token_layer_heatmap(velocity.layer_matrix(trace, quantity))
-    st.plotly_chart(fig, key="heatmap", alt=f"Heat map of {velocity.QUANTITIES[quantity]}")
+    st.plotly_chart(fig, key=state.HEATMAP, alt=f"Heat map of {velocity.QUANTITIES[quantity]}")
 
 
 def _profiles(trace: RunTrace) -> None:
@@ -172,8 +172,9 @@ def _profiles(trace: RunTrace) -> None:
     speed_fig, align_fig = _profile_figures(trace)
     agree = velocity.layer_profile(trace, "lens_agrees")
     left, right = st.columns(2)
-    left.plotly_chart(speed_fig, key="profile_speed", alt="Median relative speed per layer")
-    right.plotly_chart(align_fig, key="profile_alignment", alt="Median cosine to final per layer")
+    left.plotly_chart(speed_fig, key=state.PROFILE_SPEED, alt="Median relative speed per layer")
+    right.plotly_chart(align_fig,
+                       key=state.PROFILE_ALIGNMENT, alt="Median cosine to final per layer")
     first = next((layer for layer, share in zip(agree.layers, agree.mean) if share >= 0.5), None)
     st.caption(f"The logit lens agrees with the final token for half of the tokens from layer "
                f"{first} on." if first is not None else "")
@@ -206,13 +207,13 @@ def _two_streams(run) -> None:
     left, right = st.columns(2)
     left.plotly_chart(exit_charts.stream_curves(
         exits.alignment_by_layer(steps), "Alignment cos(h_d, h^s_N) by depth",
-        "median cosine", rate), key="streams_alignment")
+        "median cosine", rate), key=state.STREAMS_ALIGNMENT)
     right.plotly_chart(exit_charts.stream_curves(
         exits.lens_agreement_by_layer(steps), "Logit lens agrees with the final token",
-        "share of tokens", rate), key="streams_agreement")
+        "share of tokens", rate), key=state.STREAMS_AGREEMENT)
     if run.capture is not None and run.capture.fast is not None:
         st.plotly_chart(exit_charts.cosine_matrix_figure(exits.fast_slow_cosine(run.capture),
-                                                         rate), key="streams_matrix")
+                                                         rate), key=state.STREAMS_MATRIX)
         st.caption("Mean cosine between fast depth i and slow depth j over the generated "
                    f"tokens. A ridge along the dotted line j = {rate:g}·i means fast depth i "
                    "matches slow depth r·i: the stream is accelerated.")
@@ -237,8 +238,8 @@ def _token_inspector(trace: RunTrace) -> None:
         "agrees": "✔" if r.agrees else "",
         "cos to final": round(r.cosine_to_final, 3),
         "rel. speed": None if r.relative_speed is None else round(r.relative_speed, 4),
-    } for r in rows]), hide_index=True, height=420, key="lens_table")
-    right.plotly_chart(charts.lens_trajectory_figure(rows, step.text), key="lens_trajectory",
+    } for r in rows]), hide_index=True, height=420, key=state.LENS_TABLE)
+    right.plotly_chart(charts.lens_trajectory_figure(rows, step.text), key=state.LENS_TRAJECTORY,
                        alt="Lens top-1 probability and cosine across layers for one token")
 
 
@@ -268,15 +269,16 @@ def _projection(run) -> None:
         st.error(str(exc))
         return
     st.plotly_chart(charts.projection_figure(proj, tuple(s.text for s in trace.steps)),
-                    key="projection", alt="2-D projection of residual trajectories")
+                    key=state.PROJECTION, alt="2-D projection of residual trajectories")
 
 
 def _downloads(trace: RunTrace) -> None:
     st.subheader("Download")
     left, right = st.columns(2)
-    left.download_button("Trace (JSON)", data=trace.to_json, key="download_trace",
+    left.download_button("Trace (JSON)", data=trace.to_json, key=state.DOWNLOAD_TRACE,
                          file_name=f"m2r2-trace-{trace.run_id}.json", mime="application/json")
-    right.download_button("Charts (HTML)", data=lambda: _charts_html(trace), key="download_charts",
+    right.download_button("Charts (HTML)", data=lambda: _charts_html(trace),
+                          key=state.DOWNLOAD_CHARTS,
                           file_name=f"m2r2-charts-{trace.run_id}.html", mime="text/html",
                           help="Every heat map and curve in one offline HTML file. For a PNG, "
                                "use the camera icon on any chart.")

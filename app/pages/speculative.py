@@ -11,7 +11,7 @@ import pandas as pd
 import streamlit as st
 
 from analysis import speculation
-from app import resources, spec_charts
+from app import resources, spec_charts, state
 from app.components import controls
 from m2r2core.config import SamplingConfig
 from m2r2core.errors import M2R2Error
@@ -82,7 +82,7 @@ def render() -> None:
         return
     text, cfg = got
     spec, sampling = _spec_controls(engine)
-    if st.button("Generate speculatively", key="spec_generate", type="primary"):
+    if st.button("Generate speculatively", key=state.SPEC_GENERATE, type="primary"):
         if spec is not None:
             if sampling and cfg.sampling.greedy:
                 st.error("Sampling needs a temperature above 0: set the temperature slider, or "
@@ -104,44 +104,45 @@ def _spec_controls(engine) -> tuple[SpecConfig | None, bool]:
     caps = engine.capabilities()
     streams = list(caps.draft_streams)
     cols = st.columns(6)
-    stream = cols[0].selectbox("Draft stream", streams, key="spec_stream",
+    stream = cols[0].selectbox("Draft stream", streams, key=state.SPEC_STREAM,
                                help="fast = M2R2's accelerated stream; slow = plain early-exit "
                                     "drafting (LayerSkip-style, no adapters); medusa = the "
                                     "Medusa-style heads peer (no draft stream).")
     fast_depth, medusa_heads = caps.fast_depth, caps.medusa_heads
     deepest = fast_depth if stream == "fast" else caps.n_layers - 1
-    layer = cols[1].number_input("Draft layer", value=min(8, deepest), step=1, key="spec_layer",
+    layer = cols[1].number_input("Draft layer", value=min(8, deepest), step=1, key=state.SPEC_LAYER,
                                  disabled=stream == "medusa",
                                  help=f"Depth the draft exits at (1–{deepest} on this stream; "
                                       "not used by Medusa).")
     longest = medusa_heads if stream == "medusa" else MAX_DRAFT_LIMIT
-    k = cols[2].number_input("Max drafts K", value=4, step=1, key="spec_k",
+    k = cols[2].number_input("Max drafts K", value=4, step=1, key=state.SPEC_K,
                              help=f"Longest draft chain per verification (1–{longest}"
                                   + (", one per Medusa head)." if stream == "medusa" else ")."))
-    bound = cols[3].number_input("Adaptive bound", value=0.0, step=0.1, key="spec_conf",
+    bound = cols[3].number_input("Adaptive bound", value=0.0, step=0.1, key=state.SPEC_CONF,
                                  help="Stop the chain once a draft's top-1 probability is below "
                                       "this (0 = always draft K).")
     has_sub = caps.sub_vocab
     vocab = cols[4].selectbox("Draft head", DRAFT_VOCABS if has_sub else ("full",),
-                              index=1 if has_sub else 0, key="spec_vocab",
+                              index=1 if has_sub else 0, key=state.SPEC_VOCAB,
                               help="sub = the 2,048 most frequent tokens (about 30x cheaper).")
-    sampling = cols[5].checkbox("Sampling", key="spec_sampling",
+    sampling = cols[5].checkbox("Sampling", key=state.SPEC_SAMPLING,
                                 help="Speculative rejection sampling at the temperature and "
                                      "top-p above (needs temperature > 0).")
     cols = st.columns(3)
     draft_stream = "fast" if stream == "fast" else "slow"
     rules = tuple(r for r in DRAFT_RULES if r == "fixed" or caps.has_rule(r, draft_stream))
-    rule = cols[0].selectbox("Draft depth", rules, key="spec_rule",
+    rule = cols[0].selectbox("Draft depth", rules, key=state.SPEC_RULE,
                              disabled=stream == "medusa",
                              help="fixed = every draft exits at the draft layer; a rule (ARLA, "
                                   "confidence, ...) on the draft stream picks each draft's "
                                   "depth, up to the draft layer.")
-    threshold = cols[1].number_input("Rule threshold", value=0.5, step=0.05, key="spec_rule_thr",
+    threshold = cols[1].number_input("Rule threshold", value=0.5, step=0.05,
+                                     key=state.SPEC_RULE_THR,
                                      disabled=rule == "fixed",
                                      help="A draft exits once the rule's score reaches this "
                                           "(0–1).")
     shallowest = cols[2].number_input("Shallowest draft depth", value=min(4, int(layer)),
-                                      step=1, key="spec_rule_min", disabled=rule == "fixed",
+                                      step=1, key=state.SPEC_RULE_MIN, disabled=rule == "fixed",
                                       help="The rule is not asked before this depth.")
     spec = SpecConfig(draft_layer=int(layer), stream=stream, max_draft=int(k),
                       min_confidence=float(bound), draft_vocab=vocab,
@@ -230,19 +231,19 @@ def _show(engine, s: SpecSession) -> None:
                "of decoding time.")
     left, right = st.columns(2)
     left.plotly_chart(spec_charts.acceptance_by_position(
-        {"this run": stats["acceptance_by_position"]}), key="spec_accept_pos")
+        {"this run": stats["acceptance_by_position"]}), key=state.SPEC_ACCEPT_POS)
     left.caption("Of the chains that drafted that far, how often the i-th draft was accepted. "
                  "A draft only counts once every draft before it passed.")
     right.plotly_chart(spec_charts.accepted_histogram(stats["accepted_lengths"],
-                                                      spec.max_draft), key="spec_accept_hist")
+                                                      spec.max_draft), key=state.SPEC_ACCEPT_HIST)
     right.caption("How many drafts each verification kept. A pile at 0 means the model paid "
                   "for drafts it did not use.")
     left, right = st.columns(2)
-    left.plotly_chart(spec_charts.step_timeline(s.rounds), key="spec_timeline")
+    left.plotly_chart(spec_charts.step_timeline(s.rounds), key=state.SPEC_TIMELINE)
     left.caption("Where the time goes, round by round: drafting (red) then one verification "
                  "pass (blue). Hover a round for what it drafted and kept.")
     right.plotly_chart(spec_charts.running_rate_figure(speculation.running_rate(s.rounds),
-                                                       s.plain_rate), key="spec_rate")
+                                                       s.plain_rate), key=state.SPEC_RATE)
     right.caption("Tokens per second so far, speculative against plain decoding of the same "
                   "prompt in this session.")
     rows = pd.DataFrame(speculation.round_rows(s.rounds))
@@ -250,12 +251,12 @@ def _show(engine, s: SpecSession) -> None:
         st.dataframe(rows, hide_index=True)
     cols = st.columns(2)
     cols[0].download_button("Download rounds (CSV)", rows.to_csv(index=False),
-                            file_name="speculative-rounds.csv", key="spec_dl_csv")
+                            file_name="speculative-rounds.csv", key=state.SPEC_DL_CSV)
     cols[1].download_button("Download run (JSON)", json.dumps({
         "config": vars(s.spec), "sampling": s.sampling, "completion": s.completion,
         "speculative_ms_per_token": s.spec_ms, "plain_ms_per_token": s.plain_ms,
         "acceptance": stats, "rounds": speculation.round_rows(s.rounds)}, indent=2),
-        file_name="speculative-run.json", key="spec_dl_json")
+        file_name="speculative-run.json", key=state.SPEC_DL_JSON)
 
 
 def _comparison(engine) -> None:
@@ -263,7 +264,7 @@ def _comparison(engine) -> None:
     report = resources.benchmark_report(REPORT)
     if report is not None:
         overall = report["summary"]["overall"]
-        st.plotly_chart(spec_charts.methods_figure(overall), key="spec_methods_report")
+        st.plotly_chart(spec_charts.methods_figure(overall), key=state.SPEC_METHODS_REPORT)
         st.dataframe(_methods_table(overall), hide_index=True)
         st.caption(f"Measured by `{report['command']}` ({len(report['prompts'])} prompts, "
                    f"{report['args']['max_new_tokens']} new tokens, {report['args']['dtype']}, "
@@ -272,12 +273,12 @@ def _comparison(engine) -> None:
     st.markdown("**Run the comparison here** (same engine, same prompts, one repeat):")
     cols = st.columns(3)
     prompts = cols[0].selectbox("Prompt set", ("mt-bench", "koala", "selfinstruct", "vicuna"),
-                                key="spec_cmp_set")
-    count = cols[1].number_input("Prompts", value=2, step=1, key="spec_cmp_n",
+                                key=state.SPEC_CMP_SET)
+    count = cols[1].number_input("Prompts", value=2, step=1, key=state.SPEC_CMP_N,
                                  help="1 to 8 (each runs every method once).")
-    tokens = cols[2].number_input("New tokens", value=32, step=16, key="spec_cmp_tokens",
+    tokens = cols[2].number_input("New tokens", value=32, step=16, key=state.SPEC_CMP_TOKENS,
                                   help="8 to 256.")
-    if st.button("Compare all methods", key="spec_compare"):
+    if st.button("Compare all methods", key=state.SPEC_COMPARE):
         if not (1 <= count <= 8 and 8 <= tokens <= 256):
             st.error(f"Prompts must be 1–8 and new tokens 8–256 (got {count} and {tokens}).")
         else:
@@ -285,10 +286,10 @@ def _comparison(engine) -> None:
     result = st.session_state.get(COMPARE_KEY)
     if result is not None:
         overall = result["summary"]["overall"]
-        st.plotly_chart(spec_charts.methods_figure(overall), key="spec_methods_live")
+        st.plotly_chart(spec_charts.methods_figure(overall), key=state.SPEC_METHODS_LIVE)
         st.dataframe(_methods_table(overall), hide_index=True)
         st.download_button("Download comparison (JSON)", json.dumps(result, indent=2),
-                           file_name="speculative-comparison.json", key="spec_dl_cmp")
+                           file_name="speculative-comparison.json", key=state.SPEC_DL_CMP)
 
 
 def _run_comparison(engine, prompts: str, count: int, tokens: int) -> None:
