@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import save_file
 
 from m2r2core.errors import AssetMissing, ConfigError
+from m2r2core.moe.eviction import POLICIES, POLICY_CLASSES, next_use
 from m2r2core.trace import Event  # noqa: F401  (defined with every record)
 
 MANIFEST = "experts.json"
@@ -61,7 +62,6 @@ PRESETS = {b.name: b for b in (
 )}
 """Bandwidth presets. `ufs` is the flash-like default of the benchmarks."""
 
-POLICIES = ("lru", "lfu", "predicted", "ahead")
 """Eviction policies. `predicted` keeps the experts a predictor expects in this token's later
 layers and evicts the rest by LRU; a prefetch under it never evicts those (it is skipped
 instead). `ahead` is a Belady estimate with the layers as the clock: decoding visits layers
@@ -284,6 +284,8 @@ class ExpertCache:
             raise ConfigError(f"Unknown eviction policy '{policy}'; choose one of "
                               f"{', '.join(POLICIES)}.")
         self.store, self.capacity, self.bw, self.policy = store, capacity, bw, policy
+        self.eviction = POLICY_CLASSES[policy]()
+        self.n_layers = store.n_layers
         self.device = device
         self.slots: OrderedDict[tuple[int, int], _Slot] = OrderedDict()
         self.pinned: set[tuple[int, int]] = set()
@@ -569,61 +571,22 @@ class ExpertCache:
         return slot
 
     def next_use(self, key: tuple[int, int]) -> int:
-        """The `ahead` policy's estimate of when an expert is next used, in layers from now.
+        """The `ahead` policy's estimate of when an expert is next used, in layers from now."""
+        return next_use(self, key)
 
-        An expert of a later layer of this token is expected this token (d = its layer minus the
-        current one) when a predictor named it, or when no prediction for its layer has been made
-        yet (it may be routed to again, as about half of a layer's experts are from one token to
-        the next); otherwise, or when its layer is already behind, its next chance is the next
-        token (d + N). Without a predictor this keeps the same band of layers resident token
-        after token instead of cycling every expert through the tier, which is what LRU does
-        when a token needs more experts than the tier holds.
-        """
-        layer, now, token = key[0], self.layer, self.token
-        ahead = key[0] - now
-        if layer > now and (self.predicted.get(key) == token
-                            or self.predicted_layers.get(layer) != token):
-            return ahead
-        return ahead + self.store.n_layers
+    def uses(self, key: tuple[int, int]) -> tuple[int, float]:
+        """(how often, when last) an expert in the tier was used (the `lfu` policy's key)."""
+        slot = self.slots[key]
+        return slot.uses, slot.last_use
 
     def _victim(self, for_prefetch: bool, need: tuple[int, int] | None = None
                 ) -> tuple[int, int] | None:
-        """Which resident expert leaves to make room for `need`; None when none may.
-
-        A prefetch under `predicted` never evicts an expert predicted for a later layer of this
-        token; under `ahead` it only evicts one expected after `need`.
-        """
-        if self.policy == "ahead":
-            return self._furthest(need if for_prefetch else None)
-        candidates = [k for k, s in self.slots.items()
-                      if s.ready and s.tensors is not None and k not in self.pinned]
-        if not candidates:
-            return None
-        if self.policy == "lfu":
-            return min(candidates, key=lambda k: (self.slots[k].uses, self.slots[k].last_use))
-        if self.policy == "predicted":
-            # Keep what a predictor expects in this token's later layers; evict by LRU among
-            # the rest. A prefetch that finds nothing else to evict is not made.
-            token, layer, predicted = self.token, self.layer, self.predicted
-            for k in candidates:  # slots are in LRU order
-                if k[0] <= layer or predicted.get(k) != token:
-                    return k
-            return None if for_prefetch else candidates[0]
-        return candidates[0]  # lru: OrderedDict keeps least recent first
-
-    def _furthest(self, need: tuple[int, int] | None) -> tuple[int, int] | None:
-        """`ahead`: the evictable expert with the furthest `next_use` (ties: least recently
-        used), or None when there is none or, for a prefetch of `need`, when it is not expected
-        after `need` itself.
+        """Which resident expert leaves to make room for `need`; None when none may (the
+        eviction policy decides, moe/eviction.py).
         """
         candidates = [k for k, s in self.slots.items()
                       if s.ready and s.tensors is not None and k not in self.pinned]
-        if not candidates:
-            return None
-        best = max(candidates, key=self.next_use)  # max keeps the first (least recent) of ties
-        if need is not None and self.next_use(best) <= need[0] - self.layer:
-            return None
-        return best
+        return self.eviction.victim(self, candidates, for_prefetch, need)
 
     def _evict(self, key: tuple[int, int]) -> None:
         slot = self.slots.pop(key)
