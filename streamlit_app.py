@@ -15,5 +15,6 @@ page = st.navigation([
     st.Page("app/pages/speculative.py", title="Speculative Decoding", icon="🎯",
             url_path="speculative"),
     st.Page("app/pages/experts.py", title="Expert Loading", icon="📦", url_path="experts"),
+    st.Page("app/pages/training.py", title="Training", icon="🏋️", url_path="training"),
 ])
 page.run()

@@ -117,3 +117,10 @@ def store_result(run: RunResult) -> None:
     st.session_state[TRACE] = run.trace
     st.session_state.pop(SELECTED_TOKEN, None)
     st.session_state.pop(PROJECTION_TOKENS, None)
+
+# widget keys of training.py
+TRAIN_BY_DEPTH = "train_by_depth"
+TRAIN_OVER_STEPS = "train_over_steps"
+TRAIN_LOSS = "train_loss"
+TRAIN_CARD = "train_card"
+TRAIN_DOWNLOAD = "train_download"

@@ -95,6 +95,8 @@ class Engine:
         vocab = range(len(self.tokenizer))
         self._texts: list[str] = self.tokenizer.batch_decode([[i] for i in vocab])
         self.accel, self.accel_card = None, None
+        self.trained_folder: Path | None = None
+        """Where the loaded adapters and routers came from (their cards and training logs)."""
         self.medusa, self.medusa_card = None, None
         self.medusa_note = f"No trained Medusa heads for '{self.info.name}'."
         self.routers = RouterBundle(self.parts, None, {})  # untrained rules, full check head
@@ -220,6 +222,7 @@ class Engine:
         routers = load_routers(folder, self.parts, self.info.name, self.info.fingerprint)
         self.accel, self.accel_card, self.routers = accel.to(self.model.dtype), card, routers
         self.accel_note = f"trained files in {folder.name}"
+        self.trained_folder = folder
 
     def run(self, text: str | bytes, cfg: DecodeConfig = DecodeConfig()) -> RunResult:
         """Generate to the end and return the trace."""

@@ -349,6 +349,9 @@ def parser() -> argparse.ArgumentParser:
                            help="held-out agreement every this many steps; the best adapters "
                                 "so far are written to --out (0: at the end only)")
             s.add_argument("--eval-samples", type=int, default=48)
+            s.add_argument("--text-share", type=float, default=None,
+                           help="teacher-forced text windows as this share of the training "
+                                "rows (the rest: the model's own answers; default: all text)")
             s.add_argument("--max-minutes", type=float, default=0,
                            help="stop after this wall-clock budget (0: none)")
             s.add_argument("--save-every", type=int, default=10)

@@ -284,6 +284,29 @@ class Run:
             handle.write(json.dumps(row) + "\n")
 
 
+TRAINING_LOG = "adapters_log.json"
+"""Beside the committed adapters: the run's held-out curve and a thinned loss log (the Training
+page draws them)."""
+
+
+def write_training_log(run: Run, out: Path, every: int = 5) -> None:
+    """Write the run's held-out evaluations and every `every`-th step's metrics into
+    out/TRAINING_LOG (atomic), so the committed adapters carry the curve that chose them.
+    """
+    def rows(path: Path) -> list[dict]:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] \
+            if path.is_file() else []
+
+    steps = [r for r in rows(run.metrics) if r.get("step", 0) % every == 0]
+    keep = ("step", "loss", "tokens", "elapsed_s", "tokens_per_s", "lr")
+    log_rows = [{k: v for k, v in r.items() if k in keep or k.startswith(("kl@", "agree@"))}
+                for r in steps]
+    body = {"run": run.folder.name, "evaluations": rows(run.evals), "steps": log_rows}
+    tmp = Path(out) / (TRAINING_LOG + ".tmp")
+    tmp.write_text(json.dumps(body) + "\n")
+    tmp.replace(Path(out) / TRAINING_LOG)
+
+
 def datasets(args: argparse.Namespace, fingerprint: str) -> tuple[dict, str]:
     """{'train', 'router', 'dev', 'test'} samples and a description of where they came from.
 
@@ -301,8 +324,14 @@ def datasets(args: argparse.Namespace, fingerprint: str) -> tuple[dict, str]:
         text = [s for s in corpus.load(folder, "train") if s.kind != "chat"]
         splits = {split: corpus.load(folder, split, with_text=False)
                   for split in ("dev", "test")}
-        return (splits | {"train": train_split(chat) + text, "router": router_split(chat)},
-                f"corpus {folder.name} (train/dev/test splits)")
+        answers = train_split(chat)
+        share = getattr(args, "text_share", None)
+        if share is not None and 0 <= share < 1:  # teacher-forced text as this share of rows
+            keep = min(len(text), round(len(answers) * share / (1 - share)))
+            text = random.Random(args.seed).sample(text, keep)
+        return (splits | {"train": answers + text, "router": router_split(chat)},
+                f"corpus {folder.name} (train/dev/test splits; {len(answers)} answers, "
+                f"{len(text)} text windows)")
     path = args.data or work_dir(args.model) / "corpus.jsonl"
     samples = distill.load(path)
     held = router_split(samples)
@@ -390,6 +419,7 @@ class AdapterTraining:
             self.best = score
             test = held_out_agreement(self.parts, self.accel, self.data["test"], args.seq_len)
             self.accel.save(self.out, self.card({"dev": dev, "test": test}))
+            write_training_log(self.run, self.out)
             log.info("saved adapters (step %d) to %s", self.step, self.out)
         self.run.save(self.accel, self.optim, self.step, self.best)
 

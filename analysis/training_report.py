@@ -1,0 +1,79 @@
+"""What the committed trained files say about themselves: each artifact's card (data, steps,
+settings, held-out figures) and the adapters' training log (held-out agreement by depth over
+steps, the loss). Read from the files only; nothing here trains or runs the model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ARTIFACT_CARDS = {
+    "adapters": "card.json",
+    "routers": "routers.json",
+    "Medusa heads": "medusa.json",
+    "tuned lens": "tuned_lens.json",
+}
+"""The artifact kinds of a model folder, by the card each writes."""
+TRAINING_LOG = "adapters_log.json"
+
+
+@dataclass(frozen=True)
+class TrainingReport:
+    """The cards and the adapters' training curve of one artifact folder."""
+
+    folder: str
+    cards: dict[str, dict] = field(default_factory=dict)
+    """{artifact kind: its card} for every card present and readable."""
+    problems: tuple[str, ...] = ()
+    """A line for every card or log that could not be read."""
+    evaluations: tuple[dict, ...] = ()
+    """The adapters' held-out evaluations: step, dev agreement by depth for both streams."""
+    steps: tuple[dict, ...] = ()
+    """Thinned training metrics: step, loss, tokens, per-depth KL and agreement."""
+
+    def agreement_curve(self, depths: tuple[int, ...], stream: str = "fast") -> dict[int, list]:
+        """{depth: [(step, dev agreement)]} of the chosen fast (or slow) depths (1-based)."""
+        curve: dict[int, list] = {d: [] for d in depths}
+        for row in self.evaluations:
+            values = row.get("dev_lens_agreement", {}).get(stream, [])
+            for d in depths:
+                if 1 <= d <= len(values):
+                    curve[d].append((row["step"], values[d - 1]))
+        return curve
+
+    def held_out_by_depth(self) -> dict[str, list[float]]:
+        """The committed adapters' held-out (test split) agreement by depth, per stream."""
+        metrics = self.cards.get("adapters", {}).get("metrics", {})
+        found = metrics.get("held_out_lens_agreement", {})
+        return found if isinstance(found, dict) else {"fast": list(found)}
+
+
+def _read(path: Path, problems: list[str]) -> object | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        problems.append(f"{path.name} could not be read ({err}).")
+        return None
+
+
+def training_report(folder: str | Path | None) -> TrainingReport:
+    """Everything the folder's cards and training log say; an empty report without a folder."""
+    if folder is None:
+        return TrainingReport(folder="", problems=("No trained files are loaded for this model; "
+                                                   "train them with `python -m m2r2core.train`.",))
+    folder = Path(folder)
+    problems: list[str] = []
+    cards = {}
+    for kind, name in ARTIFACT_CARDS.items():
+        card = _read(folder / name, problems)
+        if isinstance(card, dict):
+            cards[kind] = card
+    log = _read(folder / TRAINING_LOG, problems)
+    log = log if isinstance(log, dict) else {}
+    return TrainingReport(folder=folder.name, cards=cards, problems=tuple(problems),
+                          evaluations=tuple(log.get("evaluations", ())),
+                          steps=tuple(log.get("steps", ())))

@@ -1,0 +1,78 @@
+"""Training: what the committed trained files are, on what data, and how well they do held out.
+Read from the cards and logs beside the files; nothing is trained here."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import streamlit as st
+
+from analysis.training_report import training_report
+from app import resources, state, training_charts
+
+INTRO = """Every learned part of M2R2 (the fast stream's adapters, the exit routers, the Medusa
+heads of the peer, the tuned lens) is trained offline by `python -m m2r2core.train …` and
+committed with a **card**: the data it saw, its settings, and its held-out figures. This page
+reads those cards and the adapters' training log. The figure that matters is **held-out
+agreement**: on text the adapters never saw, how often the logit lens at a depth already names
+the token the full model picks."""
+
+CHOICES = """- Agreement is teacher-forced: each position sees the real preceding text, and the lens
+at depth d is read through the model's own final norm and head (`W_U LN_f(h_d)`).
+- *dev* is the split the training run used to keep its best adapters; *test* (the curve by
+depth) was never used for any choice.
+- The fast stream's depth d is meant to look like slow depth r·d (rate r); the method's goal is
+agreement near 0.9 at depth N/r."""
+
+
+def render() -> None:
+    engine = resources.page_start("Training", INTRO, CHOICES)
+    if engine is None:
+        return
+    report = training_report(engine.trained_folder)
+    for problem in report.problems:
+        st.warning(problem)
+    if not report.cards:
+        st.info("No cards to show. Train the adapters with `python -m m2r2core.train adapters` "
+                "(the README lists every training command).")
+        return
+    caps = engine.capabilities()
+    st.subheader(f"Trained files: `{report.folder}`")
+    if report.held_out_by_depth():
+        st.plotly_chart(training_charts.agreement_by_depth(report), key=state.TRAIN_BY_DEPTH,
+                        alt="Held-out agreement by depth, fast and slow streams")
+        st.caption("Each point: the share of held-out tokens whose logit lens at that depth "
+                   "already gives the full model's token. The fast stream should rise far "
+                   "earlier than the slow one; hover for the exact value.")
+    if report.evaluations:
+        n_over_r = round(caps.n_layers / caps.rate) if caps.rate else 15
+        depths = tuple(sorted({d for d in (4, 8, n_over_r, caps.n_fast) if 1 <= d <= caps.n_fast}))
+        st.plotly_chart(training_charts.agreement_over_steps(report, depths),
+                        key=state.TRAIN_OVER_STEPS, alt="Dev agreement over training steps")
+        st.caption("How the held-out figure moved while training: still rising at the end means "
+                   "more training would help. Step 0 is the adapters the run started from.")
+    if report.steps:
+        st.plotly_chart(training_charts.loss_over_steps(report), key=state.TRAIN_LOSS,
+                        alt="Training loss over steps")
+    _cards(report)
+
+
+def _cards(report) -> None:
+    rows = []
+    for kind, card in report.cards.items():
+        training = card.get("training", {})
+        rows.append({"artifact": kind, "data": str(training.get("data", "")),
+                     "steps / epochs": training.get("step", training.get("steps",
+                                                                          training.get("epochs"))),
+                     "wall time (s)": training.get("wall_s_this_run", training.get("wall_s")),
+                     "samples": training.get("samples")})
+    st.dataframe(pd.DataFrame(rows), hide_index=True)
+    kind = st.selectbox("Card", list(report.cards), key=state.TRAIN_CARD)
+    st.json(report.cards[kind], expanded=False)
+    st.download_button("Download every card (JSON)", key=state.TRAIN_DOWNLOAD,
+                       data=json.dumps(report.cards, indent=2), file_name="cards.json",
+                       mime="application/json")
+
+
+render()

@@ -1,0 +1,66 @@
+"""Figures of the Training page: what the committed trained files say, plotted (records in,
+plotly out)."""
+
+from __future__ import annotations
+
+import plotly.colors
+import plotly.graph_objects as go
+
+from analysis.training_report import TrainingReport
+from app import palette
+
+DEPTH_COLOURS = plotly.colors.qualitative.D3
+
+
+def agreement_by_depth(report: TrainingReport) -> go.Figure:
+    """Held-out logit-lens agreement with the final token at every depth, fast vs slow."""
+    fig = go.Figure()
+    colours = {"fast": palette.FAST_STREAM, "slow": palette.SLOW_STREAM}
+    for stream, values in report.held_out_by_depth().items():
+        depths = list(range(1, len(values) + 1))
+        fig.add_trace(go.Scatter(
+            x=depths, y=values, mode="lines+markers", name=f"{stream} stream",
+            line={"color": colours.get(stream)},
+            hovertemplate=(f"{stream} stream<br>depth %{{x}}<br>agreement %{{y:.3f}}"
+                           "<extra></extra>")))
+    fig.update_layout(
+        title={"text": "Held-out agreement with the full model's token, by depth"},
+        xaxis={"title": {"text": "depth (layers run)"}},
+        yaxis={"title": {"text": "logit-lens top-1 = final top-1 (share of tokens)"},
+               "range": [0, 1]},
+        height=380, margin={"l": 60, "r": 20, "t": 50, "b": 50})
+    return fig
+
+
+def agreement_over_steps(report: TrainingReport, depths: tuple[int, ...]) -> go.Figure:
+    """The fast stream's dev agreement at chosen depths over training steps."""
+    fig = go.Figure()
+    for colour, (depth, points) in zip(DEPTH_COLOURS, report.agreement_curve(depths).items(),
+                                       strict=False):
+        fig.add_trace(go.Scatter(
+            x=[p[0] for p in points], y=[p[1] for p in points], mode="lines+markers",
+            name=f"depth {depth}", line={"color": colour},
+            hovertemplate=(f"depth {depth}<br>step %{{x}}<br>dev agreement %{{y:.3f}}"
+                           "<extra></extra>")))
+    fig.update_layout(
+        title={"text": "Fast-stream dev agreement over training steps"},
+        xaxis={"title": {"text": "training step"}},
+        yaxis={"title": {"text": "dev agreement (share of tokens)"}},
+        height=360, margin={"l": 60, "r": 20, "t": 50, "b": 50})
+    return fig
+
+
+def loss_over_steps(report: TrainingReport) -> go.Figure:
+    """The training loss (cosine terms + weighted KL) over steps."""
+    rows = [r for r in report.steps if "loss" in r]
+    fig = go.Figure(go.Scatter(
+        x=[r["step"] for r in rows], y=[r["loss"] for r in rows], mode="lines",
+        line={"color": palette.FAST_STREAM}, name="loss",
+        customdata=[[r.get("tokens", 0)] for r in rows],
+        hovertemplate="step %{x}<br>loss %{y:.3f}<br>tokens seen %{customdata[0]:,}"
+                      "<extra></extra>"))
+    fig.update_layout(
+        title={"text": "Training loss"}, xaxis={"title": {"text": "training step"}},
+        yaxis={"title": {"text": "loss (sum of 1 - cos terms + λ KL, nats)"}},
+        height=320, margin={"l": 60, "r": 20, "t": 50, "b": 50})
+    return fig

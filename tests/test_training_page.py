@@ -1,0 +1,61 @@
+"""The Training page and its report: cards and training logs read from the trained-files folder,
+charts drawn from them, an unreadable card reported without losing the rest."""
+
+import json
+from pathlib import Path
+
+from streamlit.testing.v1 import AppTest
+
+from analysis.training_report import training_report
+from app import state
+
+ENTRY = str(Path(__file__).resolve().parent.parent / "streamlit_app.py")
+
+
+def _log(folder: Path) -> None:
+    evaluations = [{"step": s, "dev_lens_agreement": {"fast": [0.1 + s / 100, 0.2 + s / 100],
+                                                      "slow": [0.05, 0.06]}}
+                   for s in (0, 10, 20)]
+    steps = [{"step": s, "loss": 3.0 - s / 10, "tokens": 100 * s} for s in (5, 10, 15, 20)]
+    (folder / "adapters_log.json").write_text(json.dumps({"run": "r", "evaluations": evaluations,
+                                                          "steps": steps}))
+
+
+def test_report_reads_cards_and_curve(tmp_path):
+    (tmp_path / "card.json").write_text(json.dumps(
+        {"training": {"data": "corpus", "step": 20},
+         "metrics": {"held_out_lens_agreement": {"fast": [0.3, 0.4], "slow": [0.1, 0.2]}}}))
+    (tmp_path / "routers.json").write_text("{not json")
+    _log(tmp_path)
+    report = training_report(tmp_path)
+    assert set(report.cards) == {"adapters"}
+    assert len(report.problems) == 1 and "routers.json" in report.problems[0]
+    curve = report.agreement_curve((2,))[2]
+    assert [s for s, _ in curve] == [0, 10, 20]
+    assert [round(v, 6) for _, v in curve] == [0.2, 0.3, 0.4]
+    assert report.held_out_by_depth()["fast"] == [0.3, 0.4]
+    assert training_report(None).problems  # nothing loaded: said, not an error
+
+
+def test_page_shows_the_committed_cards(tiny_model_dir, tiny_trained_dir, monkeypatch,
+                                        tmp_path):
+    import shutil
+
+    trained = tmp_path / "trained"
+    shutil.copytree(tiny_trained_dir, trained)
+    _log(trained / "tiny")
+    monkeypatch.setenv("M2R2_MODEL_DIR", str(tiny_model_dir))
+    monkeypatch.setenv("M2R2_TRAINED_DIR", str(trained))
+    at = AppTest.from_file(ENTRY, default_timeout=180)
+    at.session_state[state.DTYPE] = "float32"
+    at.run()
+    at.switch_page("app/pages/training.py")
+    at.run()
+    assert not at.exception
+    assert at.title[0].value == "Training"
+    charts = [c.proto.id for c in at.get("plotly_chart")]
+    assert len(charts) == 3, charts  # by depth, over steps, loss
+    assert set(at.selectbox(key=state.TRAIN_CARD).options) >= {"adapters", "routers",
+                                                               "Medusa heads"}
+    at.selectbox(key=state.TRAIN_CARD).set_value("routers").run()
+    assert not at.exception
