@@ -78,7 +78,7 @@ def cmd_speed(args: argparse.Namespace) -> None:
     before = measure(args, "float32", "padded", data["train"])
     after = measure(args, training_dtype(), "bucketed", data["train"])
     report = {
-        "command": "python -m m2r2core.train speed " + " ".join(args.argv),
+        "command": "python -m m2r2core.train " + " ".join(args.argv),
         "data": source, "environment": environment(),
         "settings": {k: getattr(args, k) for k in (
             "batch_size", "seq_len", "rank", "kl_positions", "kl_depths", "kl_weight")},
