@@ -48,10 +48,9 @@ class AccelConfig:
     """'rate': h^f_d ~ h^s_tau(d); 'final': every fast depth targets h^s_N."""
     projections: tuple[str, ...] = PROJECTIONS
     bias: bool = False
-    """Also learn a bias on each adapted block's MLP output (the fast residual's update). The
-    slow stream carries a few huge, nearly constant activations through its middle layers
-    that only its last layers remove; a bias lets the fast stream shed them without spending
-    adapter rank."""
+    """Also learn a bias on each adapted block's MLP output (the fast residual's update): a
+    constant shift the fast stream can make without spending adapter rank (why it helps on
+    SmolLM2 is in the README)."""
     blocks: str = "same"
     """Which base block fast depth d runs. 'same': block d (the method note's reading).
     'rate': block tau(d), reading that block's slow cache, so the fast stream runs every r-th
