@@ -4,17 +4,16 @@ token's exit decision change, without regenerating."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import pandas as pd
 import streamlit as st
 
+from analysis import compare
 from analysis import exits as ex
 from app import exit_charts, resources, state
 from app.charts import visible
 from app.components import controls
 from m2r2core.config import DecodeConfig
-from m2r2core.engine import RunResult
 from m2r2core.errors import M2R2Error
 from m2r2core.exits.early_exit import KV_FILLS, ExitConfig
 from m2r2core.exits.routers import LEARNED, RULE_LABELS, RULES, ExitRule
@@ -41,17 +40,8 @@ model. Re-decided tokens are *teacher-forced* (the context stays the full model'
 """
 
 
-@dataclass
-class ExitSession:
-    """What one Generate press produced."""
-
-    rule: ExitConfig
-    traced: RunResult
-    exit_steps: list
-    exit_ms: float
-    plain_ms: float
-    exit_text: str
-    plain_text: str
+ExitSession = compare.ExitComparison
+"""What one Generate press produced (analysis/compare.py)."""
 
 
 def render() -> None:
@@ -112,47 +102,41 @@ def _rule_controls(engine, prefix: str) -> ExitConfig | None:
 
 
 def _generate(engine, text, cfg, exit_cfg: ExitConfig) -> None:
-    plain_cfg = cfg.replace(trace=False)
+    progress = st.progress(0.0, text="Full model (the speed baseline)…")
+    strip = st.empty()
+    budget, shown = cfg.max_new_tokens, [0.0, 0.0]
+    phases = {"plain": (0, "full model"), "exit": (1, "early exit"),
+              "trace": (2, "recording trajectories")}
+
+    def on_token(kind: str, count: int, run) -> None:
+        offset, label = phases[kind]
+        note = ""
+        if kind == "plain":
+            shown[1] = run.ms_per_token
+        elif kind == "exit":
+            ms = run.ms_per_token
+            note = f" · running speedup {shown[1] / ms if ms else 1:.2f}x"
+        if time.monotonic() - shown[0] > 0.5 or kind == "plain":
+            shown[0] = time.monotonic()
+            progress.progress(min(1.0, (offset * budget + count) / (3 * budget)),
+                              text=f"{label}: token {count}{note}")
+            if kind == "exit":
+                strip.markdown(exit_charts.exit_strip_html(
+                    run.steps, [s.exit_layer for s in run.steps],
+                    engine.capabilities().n_layers), unsafe_allow_html=True)
+
     try:
-        plain = engine.generate(text, plain_cfg)
-        exiting = engine.generate_exits(text, plain_cfg, exit_cfg)
+        session = compare.compare_exit(engine, text, cfg, exit_cfg, on_token)
     except M2R2Error as exc:
         st.error(str(exc))
         return
-    progress = st.progress(0.0, text="Full model (the speed baseline)…")
-    strip = st.empty()
-    try:
-        for step in plain:
-            progress.progress((step.position + 1) / (3 * cfg.max_new_tokens),
-                              text=f"full model: token {step.position + 1}")
-        plain_ms = plain.ms_per_token
-        shown = 0.0
-        for step in exiting:
-            if time.monotonic() - shown > 0.5:
-                shown = time.monotonic()
-                ms = exiting.ms_per_token
-                progress.progress((cfg.max_new_tokens + step.position + 1)
-                                  / (3 * cfg.max_new_tokens),
-                                  text=f"early exit: token {step.position + 1} · running "
-                                       f"speedup {plain_ms / ms if ms else 1:.2f}x")
-                strip.markdown(exit_charts.exit_strip_html(
-                    exiting.steps, [s.exit_layer for s in exiting.steps],
-                    engine.capabilities().n_layers), unsafe_allow_html=True)
-        exit_ms = exiting.ms_per_token
-        traced = engine.generate(text, cfg.replace(trace=True))
-        for step in traced:
-            progress.progress(min(1.0, (2 * cfg.max_new_tokens + step.position + 1)
-                                  / (3 * cfg.max_new_tokens)),
-                              text=f"recording trajectories: token {step.position + 1}")
     except Exception as exc:  # noqa: BLE001
         st.error(f"Generation failed: {type(exc).__name__}: {exc}. Earlier results are kept.")
         return
     finally:
         progress.empty()
         strip.empty()
-    st.session_state[RESULT_KEY] = ExitSession(
-        exit_cfg, traced.result, list(exiting.steps), exit_ms, plain_ms,
-        exiting.result.trace.completion, plain.result.trace.completion)
+    st.session_state[RESULT_KEY] = session
 
 
 def _live_summary(engine, s: ExitSession) -> None:

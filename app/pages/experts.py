@@ -6,17 +6,18 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import pandas as pd
 import streamlit as st
 
+from analysis import compare
 from analysis import expert_timeline as timeline
 from app import expert_charts, resources, state
 from app.components import controls
 from m2r2core.errors import M2R2Error
 from m2r2core.moe.experts import POLICIES, PRESETS
-from m2r2core.moe.offload import OffloadConfig, OffloadEngine, OffloadRun
+from m2r2core.moe.offload import OffloadConfig, OffloadEngine
 from m2r2core.moe.prefetch import PREDICTORS
 
 REPORT = "moe_bf16_clock.json"
@@ -69,27 +70,8 @@ the same capacity and bandwidth, measured one after the other on the same prompt
 """
 
 
-@dataclass
-class ExpertSession:
-    """What one Generate press produced."""
-
-    offload: OffloadConfig
-    texts: list[str]
-    tokens: list[int]
-    stalls: list[float]
-    """Per generated token, ms its forward pass waited (OffloadToken.stall_ms)."""
-    misses: list[int]
-    events: list
-    routes: list
-    summary: dict
-    baseline: dict
-    identical: bool
-    warm: list[tuple[int, int]]
-    n_layers: int
-    n_experts: int
-    total: int
-    top_k: int
-    accel_note: str
+ExpertSession = compare.ExpertComparison
+"""What one Generate press produced (analysis/compare.py)."""
 
 
 @st.cache_resource(max_entries=1, show_spinner="Loading the MoE… (the first start builds it "
@@ -173,25 +155,20 @@ def _generate(moe: OffloadEngine, text: str, cfg, offload: OffloadConfig) -> Non
     budget = cfg.max_new_tokens
     progress = st.progress(0.0, text="Every expert resident (the reference)…")
     strip = st.empty()
+    phases = {"reference": (0, "reference"), "baseline": (1, "on-demand LRU"),
+              "offload": (2, offload.predictor)}
+
+    def on_token(kind: str, count: int, run) -> None:
+        offset, label = phases[kind]
+        progress.progress(min(1.0, (offset * budget + count) / (3 * budget)),
+                          text=f"{label}: token {count}")
+        if kind == "offload" and (count - 1) % 4 == 0:
+            strip.markdown(expert_charts.token_strip_html(
+                [t.text for t in run.tokens], [t.stall_ms for t in run.tokens],
+                [t.misses for t in run.tokens]), unsafe_allow_html=True)
+
     try:
-        reference = moe.generate(text, cfg, None)
-        for token in reference:
-            progress.progress((token.position + 1) / (3 * budget),
-                              text=f"reference: token {token.position + 1}")
-        base_cfg = OffloadConfig(offload.capacity, offload.bandwidth, "none", offload.lookahead,
-                                 offload.margin, "lru")
-        baseline = moe.generate(text, cfg, base_cfg, reference.routes)
-        for token in baseline:
-            progress.progress((budget + token.position + 1) / (3 * budget),
-                              text=f"on-demand LRU: token {token.position + 1}")
-        run = moe.generate(text, cfg, offload, reference.routes)
-        for token in run:
-            progress.progress(min(1.0, (2 * budget + token.position + 1) / (3 * budget)),
-                              text=f"{offload.predictor}: token {token.position + 1}")
-            if token.position % 4 == 0:
-                strip.markdown(expert_charts.token_strip_html(
-                    [t.text for t in run.tokens], [t.stall_ms for t in run.tokens],
-                    [t.misses for t in run.tokens]), unsafe_allow_html=True)
+        session = compare.compare_experts(moe, text, cfg, offload, on_token)
     except M2R2Error as exc:
         st.error(f"{exc} Earlier results are kept.")
         return
@@ -201,20 +178,7 @@ def _generate(moe: OffloadEngine, text: str, cfg, offload: OffloadConfig) -> Non
     finally:
         progress.empty()
         strip.empty()
-    st.session_state[RESULT_KEY] = _session(moe, offload, reference, baseline, run)
-
-
-def _session(moe: OffloadEngine, offload: OffloadConfig, reference: OffloadRun,
-             baseline: OffloadRun, run: OffloadRun) -> ExpertSession:
-    keys = moe.expert_keys()
-    return ExpertSession(
-        offload=offload, texts=[t.text for t in run.tokens], tokens=run.token_ids,
-        stalls=[t.stall_ms for t in run.tokens], misses=[t.misses for t in run.tokens],
-        events=run.events, routes=run.routes, summary=run.summary(),
-        baseline=baseline.summary(), identical=run.token_ids == reference.token_ids,
-        warm=keys[: offload.capacity] if offload.warm else [], n_layers=moe.moe.n_layers,
-        n_experts=moe.moe.n_experts, total=len(keys), top_k=moe.moe.top_k,
-        accel_note=moe.accel_note)
+    st.session_state[RESULT_KEY] = session
 
 
 def _show(s: ExpertSession) -> None:

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 
 import pandas as pd
 import streamlit as st
 
-from analysis import speculation
+from analysis import compare, speculation
 from app import resources, spec_charts, state
 from app.components import controls
 from m2r2core.config import SamplingConfig
@@ -20,7 +19,6 @@ from m2r2core.spec.speculative import (
     DRAFT_VOCABS,
     MAX_DRAFT_LIMIT,
     SpecConfig,
-    SpecRound,
 )
 
 REPORT = "spec_bf16.json"
@@ -56,19 +54,8 @@ and draft a chain of each head's top-1 (no tree); the draft layer does not apply
 """
 
 
-@dataclass
-class SpecSession:
-    """What one Generate press produced."""
-
-    spec: SpecConfig
-    sampling: bool
-    rounds: list[SpecRound]
-    spec_ms: float
-    plain_ms: float
-    plain_rate: list[tuple[int, float]]
-    spec_tokens: list[int]
-    plain_tokens: list[int]
-    completion: str
+SpecSession = compare.SpecComparison
+"""What one Generate press produced (analysis/compare.py)."""
 
 
 def render() -> None:
@@ -157,43 +144,33 @@ def _spec_controls(engine) -> tuple[SpecConfig | None, bool]:
 
 
 def _generate(engine, text, cfg, spec: SpecConfig, sampling: bool) -> None:
-    plain_cfg = cfg.replace(trace=False, capture_residuals=False)
+    progress = st.progress(0.0, text="Plain decoding (the speed baseline)…")
+    strip = st.empty()
+    budget, shown = cfg.max_new_tokens, [0.0]
+
+    def on_token(kind: str, count: int, run) -> None:
+        if kind == "plain":
+            progress.progress(count / (2 * budget), text=f"plain decoding: token {count}")
+        elif time.monotonic() - shown[0] > 0.4:
+            shown[0] = time.monotonic()
+            rate = speculation.running_rate(run.rounds)
+            now = f" · {rate[-1][1]:.1f} tok/s" if rate else ""
+            progress.progress(min(1.0, (budget + count) / (2 * budget)),
+                              text=f"speculative: token {count}{now}")
+            strip.markdown(spec_charts.round_strip_html(run.rounds), unsafe_allow_html=True)
+
     try:
-        plain = engine.generate(text, plain_cfg)
-        run = engine.speculate(text, plain_cfg, spec)
+        session = compare.compare_spec(engine, text, cfg, spec, sampling, on_token)
     except M2R2Error as exc:
         st.error(str(exc))
         return
-    progress = st.progress(0.0, text="Plain decoding (the speed baseline)…")
-    strip = st.empty()
-    budget = cfg.max_new_tokens
-    try:
-        for step in plain:
-            progress.progress((step.position + 1) / (2 * budget),
-                              text=f"plain decoding: token {step.position + 1}")
-        plain_ms = plain.ms_per_token
-        shown = 0.0
-        for _ in run:
-            if time.monotonic() - shown > 0.4:
-                shown = time.monotonic()
-                done = len(run.tokens)
-                rate = speculation.running_rate(run.rounds)
-                now = f" · {rate[-1][1]:.1f} tok/s" if rate else ""
-                progress.progress(min(1.0, (budget + done) / (2 * budget)),
-                                  text=f"speculative: token {done}{now}")
-                strip.markdown(spec_charts.round_strip_html(run.rounds), unsafe_allow_html=True)
     except Exception as exc:  # noqa: BLE001 — a traceback must never reach the page
         st.error(f"Generation failed: {type(exc).__name__}: {exc}. Earlier results are kept.")
         return
     finally:
         progress.empty()
         strip.empty()
-    decoded = max(1, len(run.tokens) - 1)
-    latencies = [s.latency_ms for s in plain.steps[1:]]
-    st.session_state[RESULT_KEY] = SpecSession(
-        spec, sampling, list(run.rounds), run.decode_ms / decoded, plain_ms,
-        speculation.plain_running_rate(latencies), run.tokens,
-        [s.token_id for s in plain.steps], run.completion)
+    st.session_state[RESULT_KEY] = session
 
 
 def _show(engine, s: SpecSession) -> None:

@@ -1,0 +1,161 @@
+"""Side-by-side runs on one prompt: the plain model against a method (early exit, speculative
+decoding, offloaded MoE decoding with a predictor), same prompt, settings, dtype and threads, one
+after the other in one process. Each returns the record a page keeps and downloads;
+`on_token(kind, count, run)` reports progress after every token ('plain', 'exit', 'trace',
+'spec', 'reference', 'baseline', 'offload') so a page can draw it live.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from analysis import speculation
+from m2r2core.config import DecodeConfig
+from m2r2core.engine import Engine, RunResult
+from m2r2core.exits.early_exit import ExitConfig
+from m2r2core.moe.offload import OffloadConfig, OffloadEngine
+from m2r2core.spec.speculative import SpecConfig
+from m2r2core.trace import SpecRound, TokenStep
+
+Progress = Callable[[str, int, object], None]
+
+
+def _quiet(kind: str, count: int, run: object) -> None:
+    del kind, count, run
+
+
+@dataclass
+class ExitComparison:
+    """One prompt decoded by the full model and with early exit, plus a traced full run whose
+    recorded trajectories let every threshold be re-decided without regenerating.
+    """
+
+    rule: ExitConfig
+    traced: RunResult
+    """The full model's run with both streams and every rule's scores recorded."""
+    exit_steps: list[TokenStep]
+    exit_ms: float
+    """Early-exit decoding time per token (after the first)."""
+    plain_ms: float
+    """The full model's decoding time per token, same prompt and settings."""
+    exit_text: str
+    plain_text: str
+
+    @property
+    def speedup(self) -> float:
+        """Measured speedup of early exit over the full model."""
+        return self.plain_ms / self.exit_ms if self.exit_ms else 1.0
+
+
+def compare_exit(engine: Engine, text: str, cfg: DecodeConfig, exit_cfg: ExitConfig,
+                 on_token: Progress = _quiet) -> ExitComparison:
+    """The full model, then early exit, then a traced full run, on one prompt."""
+    plain_cfg = cfg.replace(trace=False)
+    plain = engine.generate(text, plain_cfg)
+    exiting = engine.generate_exits(text, plain_cfg, exit_cfg)
+    for step in plain:
+        on_token("plain", step.position + 1, plain)
+    for step in exiting:
+        on_token("exit", step.position + 1, exiting)
+    traced = engine.generate(text, cfg.replace(trace=True))
+    for step in traced:
+        on_token("trace", step.position + 1, traced)
+    return ExitComparison(exit_cfg, traced.result, list(exiting.steps), exiting.ms_per_token,
+                          plain.ms_per_token, exiting.result.trace.completion,
+                          plain.result.trace.completion)
+
+
+@dataclass
+class SpecComparison:
+    """One prompt decoded plainly and speculatively."""
+
+    spec: SpecConfig
+    sampling: bool
+    rounds: list[SpecRound]
+    spec_ms: float
+    """Speculative decoding time per token (after the first)."""
+    plain_ms: float
+    plain_rate: list[tuple[int, float]]
+    """Plain decoding's running tokens/s after each token."""
+    spec_tokens: list[int]
+    plain_tokens: list[int]
+    completion: str
+
+    @property
+    def speedup(self) -> float:
+        """Measured speedup of speculative over plain decoding."""
+        return self.plain_ms / self.spec_ms if self.spec_ms else 1.0
+
+    @property
+    def identical(self) -> bool:
+        """Whether both runs produced the same tokens (greedy speculation must)."""
+        return self.spec_tokens == self.plain_tokens
+
+
+def compare_spec(engine: Engine, text: str, cfg: DecodeConfig, spec: SpecConfig,
+                 sampling: bool, on_token: Progress = _quiet) -> SpecComparison:
+    """Plain decoding, then speculative decoding, on one prompt."""
+    plain_cfg = cfg.replace(trace=False, capture_residuals=False)
+    plain = engine.generate(text, plain_cfg)
+    run = engine.speculate(text, plain_cfg, spec)
+    for step in plain:
+        on_token("plain", step.position + 1, plain)
+    for _ in run:
+        on_token("spec", len(run.tokens), run)
+    decoded = max(1, len(run.tokens) - 1)
+    latencies = [s.latency_ms for s in plain.steps[1:]]
+    return SpecComparison(spec, sampling, list(run.rounds), run.decode_ms / decoded,
+                          plain.ms_per_token, speculation.plain_running_rate(latencies),
+                          run.tokens, [s.token_id for s in plain.steps], run.completion)
+
+
+@dataclass
+class ExpertComparison:
+    """One prompt through the offloaded MoE: every expert resident (the reference output),
+    on-demand LRU (the speed baseline) and the chosen setting, at the same capacity and storage.
+    """
+
+    offload: OffloadConfig
+    texts: list[str]
+    tokens: list[int]
+    stalls: list[float]
+    """Per generated token, ms its forward pass waited (OffloadToken.stall_ms)."""
+    misses: list[int]
+    events: list
+    routes: list
+    summary: dict
+    baseline: dict
+    identical: bool
+    """The setting's output equals the all-resident reference's."""
+    warm: list[tuple[int, int]]
+    n_layers: int
+    n_experts: int
+    total: int
+    top_k: int
+    accel_note: str
+
+
+def compare_experts(moe: OffloadEngine, text: str, cfg: DecodeConfig, offload: OffloadConfig,
+                    on_token: Progress = _quiet) -> ExpertComparison:
+    """All resident, then on-demand LRU, then the setting, on one prompt."""
+    reference = moe.generate(text, cfg, None)
+    for token in reference:
+        on_token("reference", token.position + 1, reference)
+    base_cfg = OffloadConfig(offload.capacity, offload.bandwidth, "none", offload.lookahead,
+                             offload.margin, "lru")
+    baseline = moe.generate(text, cfg, base_cfg, reference.routes)
+    for token in baseline:
+        on_token("baseline", token.position + 1, baseline)
+    run = moe.generate(text, cfg, offload, reference.routes)
+    for token in run:
+        on_token("offload", token.position + 1, run)
+    keys = moe.expert_keys()
+    return ExpertComparison(
+        offload=offload, texts=[t.text for t in run.tokens], tokens=run.token_ids,
+        stalls=[t.stall_ms for t in run.tokens], misses=[t.misses for t in run.tokens],
+        events=run.events, routes=run.routes, summary=run.summary(),
+        baseline=baseline.summary(), identical=run.token_ids == reference.token_ids,
+        warm=keys[: offload.capacity] if offload.warm else [], n_layers=moe.moe.n_layers,
+        n_experts=moe.moe.n_experts, total=len(keys), top_k=moe.moe.top_k,
+        accel_note=moe.accel_note)
