@@ -17,9 +17,9 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 def batched_dtype() -> str:
     """The faster precision for matrix products of many rows (training batches, long prompts):
     bfloat16 on CUDA or on a CPU with native bf16 instructions (AVX-512 BF16, AMX), float32
-    elsewhere, where torch emulates bf16 and batched work is several times slower. (A one-row
+    elsewhere, where torch emulates bf16 and batched work is several times slower. A one-row
     decoding step is bound by reading the weights, so bfloat16 can still pay there; the figures
-    are in BENCHMARKS.md, "Precision on this CPU".)
+    are in BENCHMARKS.md ("Precision on this CPU").
     """
     import torch
 

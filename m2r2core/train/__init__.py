@@ -7,6 +7,7 @@
     python -m m2r2core.train medusa    # Medusa-style draft heads (a speculative-decoding peer)
     python -m m2r2core.train lens      # the tuned lens (an affine translator per slow layer)
     python -m m2r2core.train speed     # training tokens per second, before and after
+    python -m m2r2core.train agreement # held-out lens agreement of saved adapters, by depth
 
 Every command takes --out (default: the committed `artifacts/<model>` folder for the
 adapters and routers, the model cache for data and checkpoints), fixed seeds, a progress bar,
@@ -253,15 +254,38 @@ def cmd_medusa(args: argparse.Namespace) -> None:
     log.info("held-out top-1 by head: %s (%.0f s)", [round(a, 3) for a in accuracy], wall)
 
 
+def cmd_agreement(args: argparse.Namespace) -> None:
+    """Held-out teacher-forced lens agreement of saved adapters on a corpus split, by depth."""
+    from m2r2core.stream.accel import load_accelerator
+
+    loaded, parts, _ = frozen_model(args)
+    folder = args.adapters or default_out(args.model)
+    accel, _ = load_accelerator(folder, parts, args.model, fingerprint(loaded.model))
+    accel.to(parts.lm_head.weight.device)
+    splits, source = datasets(args, fingerprint(loaded.model))
+    samples = splits[args.split][:args.limit or None]
+    started = time.time()
+    found = held_out_agreement(parts, accel, samples, args.seq_len)
+    report = {"command": "python -m m2r2core.train " + " ".join(args.argv),
+              "adapters": str(folder), "data": source, "split": args.split,
+              "samples": len(samples), "dtype": args.dtype, "seq_len": args.seq_len,
+              "wall_s": round(time.time() - started, 1), "agreement": found}
+    print(json.dumps(report))
+    if args.report:
+        args.report.parent.mkdir(parents=True, exist_ok=True)
+        args.report.write_text(json.dumps(report, indent=1) + "\n")
+
+
 def parser() -> argparse.ArgumentParser:
     """The CLI's arguments."""
     p = argparse.ArgumentParser(prog="python -m m2r2core.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    for name in ("corpus", "data", "adapters", "routers", "medusa", "lens", "speed"):
+    for name in ("corpus", "data", "adapters", "routers", "medusa", "lens", "speed",
+                 "agreement"):
         s = sub.add_parser(name)
         s.add_argument("--model", default="smollm2-135m-instruct")
-        s.add_argument("--dtype", default=training_dtype() if name == "adapters"
+        s.add_argument("--dtype", default=training_dtype() if name in ("adapters", "agreement")
                        else batched_dtype(), choices=["bfloat16", "float32"],
                        help="default: the faster one for this job on this machine")
         s.add_argument("--threads", type=int, default=0)
@@ -312,8 +336,11 @@ def parser() -> argparse.ArgumentParser:
             s.add_argument("--steps", type=int, default=200, help="KL refinement steps")
             s.add_argument("--positions", type=int, default=64, help="positions per step")
             s.add_argument("--lr", type=float, default=1e-3)
-        if name == "speed":
+        if name in ("speed", "agreement"):
             s.add_argument("--report", type=Path, default=None, help="write the JSON here")
+        if name == "agreement":
+            s.add_argument("--split", default="test", choices=["dev", "test"])
+            s.add_argument("--limit", type=int, default=0, help="first N samples (0: all)")
         if name in ("adapters", "speed"):
             s.add_argument("--rate", type=float, default=2.0)
             s.add_argument("--rank", type=int, default=16)
@@ -371,7 +398,8 @@ def main(argv: list[str] | None = None) -> None:
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     commands = {"corpus": cmd_corpus, "data": cmd_data, "adapters": cmd_adapters,
                 "routers": cmd_routers,
-                "medusa": cmd_medusa, "lens": cmd_lens, "speed": cmd_speed}
+                "medusa": cmd_medusa, "lens": cmd_lens, "speed": cmd_speed,
+                "agreement": cmd_agreement}
     try:
         commands[args.command](args)
     except M2R2Error as err:
