@@ -73,6 +73,19 @@ def read_card(folder: Path, card_file: str, what: str, remedy: str) -> dict:
     return card
 
 
+def read_record(folder: Path, card_file: str, record: type, what: str, remedy: str
+                ) -> tuple[object, dict]:
+    """An artifact's card as its dataclass `record`, and as the raw dict; ArtifactError when
+    the card is missing, corrupt, or has fields the record does not know.
+    """
+    raw = read_card(folder, card_file, what, remedy)
+    try:
+        return record(**raw), raw
+    except TypeError as err:
+        raise ArtifactError(f"The {what} card in {folder} is corrupt ({err}); rerun `{remedy}` "
+                            "or restore it.") from err
+
+
 def check_model(card: dict, folder: Path, what: str, model_name: str, model_fingerprint: str,
                 **shape: tuple[object, object]) -> None:
     """Refuse an artifact made for another model, naming both.

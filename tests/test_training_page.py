@@ -41,6 +41,9 @@ def test_page_shows_the_committed_cards(tiny_model_dir, tiny_trained_dir, monkey
                                         tmp_path):
     import shutil
 
+    from app import resources
+
+    resources.get_engine.clear()  # an engine cached by an earlier test read other trained files
     trained = tmp_path / "trained"
     shutil.copytree(tiny_trained_dir, trained)
     _log(trained / "tiny")

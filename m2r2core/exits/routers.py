@@ -172,12 +172,7 @@ def load_routers(folder: Path, parts: DecoderParts, model_name: str, model_finge
                  ) -> RouterBundle:
     """Load routers trained for this model; AdapterError for another model or a corrupt file."""
     folder = Path(folder)
-    raw = artifacts.read_card(folder, ROUTER_CARD, "router", TRAIN_ROUTERS)
-    try:
-        card = RouterCard(**raw)
-    except TypeError as err:
-        raise AdapterError(f"The router card in {folder} is corrupt ({err}); rerun "
-                           f"`{TRAIN_ROUTERS}` or restore it.") from err
+    card, raw = artifacts.read_record(folder, ROUTER_CARD, RouterCard, "router", TRAIN_ROUTERS)
     artifacts.check_model(raw, folder, "routers", model_name, model_fingerprint)
     tensors = artifacts.load_tensors(folder, ROUTER_FILE, "router", TRAIN_ROUTERS)
     try:

@@ -94,12 +94,7 @@ def load_route_accelerator(folder: Path, fingerprint: str, model_name: str = "th
     trained for another model.
     """
     folder = Path(folder)
-    raw = artifacts.read_card(folder, ACCEL_CARD, "route accelerator", FIT_ACCEL)
-    try:
-        card = AccelCard(**raw)
-    except TypeError as err:
-        raise ArtifactError(f"The route accelerator card in {folder} is corrupt ({err}); rerun "
-                            f"`{FIT_ACCEL}` or restore it.") from err
+    card, raw = artifacts.read_record(folder, ACCEL_CARD, AccelCard, "route accelerator", FIT_ACCEL)
     artifacts.check_model({"model_name": "the MoE it was fitted on"} | raw, folder,
                           "route accelerator", model_name, fingerprint)
     tensors = artifacts.load_tensors(folder, ACCEL_FILE, "route accelerator", FIT_ACCEL)

@@ -27,7 +27,6 @@ from torch import nn
 from torch.nn import functional as F
 
 from m2r2core import artifacts
-from m2r2core.errors import AdapterError
 from m2r2core.runtime.hf_compat import DecoderParts
 
 HEADS_FILE = "medusa.safetensors"
@@ -88,12 +87,7 @@ def load_heads(folder: Path, hidden_size: int, model_name: str, model_fingerprin
     folder = Path(folder)
     if not (folder / HEADS_CARD).is_file():
         return None
-    raw = artifacts.read_card(folder, HEADS_CARD, "Medusa head", TRAIN_HEADS)
-    try:
-        card = HeadsCard(**raw)
-    except TypeError as err:
-        raise AdapterError(f"The Medusa head card in {folder} is corrupt ({err}); rerun "
-                           f"`{TRAIN_HEADS}` or restore it.") from err
+    card, raw = artifacts.read_record(folder, HEADS_CARD, HeadsCard, "Medusa head", TRAIN_HEADS)
     artifacts.check_model(raw, folder, "Medusa heads", model_name, model_fingerprint,
                           hidden_size=(card.hidden_size, hidden_size))
     tensors = artifacts.load_tensors(folder, HEADS_FILE, "Medusa head", TRAIN_HEADS)

@@ -244,12 +244,7 @@ def find_trained(model_fingerprint: str, root: Path | None = None) -> Path | Non
 
 def read_card(folder: Path) -> AdapterCard:
     """The card of an adapter folder, or AdapterError naming what is wrong."""
-    card = artifacts.read_card(folder, CARD_NAME, "adapter", TRAIN_ADAPTERS)
-    try:
-        return AdapterCard(**card)
-    except TypeError as err:
-        raise AdapterError(f"The adapter card {Path(folder) / CARD_NAME} is corrupt ({err}); "
-                           f"rerun `{TRAIN_ADAPTERS}` or restore it.") from err
+    return artifacts.read_record(folder, CARD_NAME, AdapterCard, "adapter", TRAIN_ADAPTERS)[0]
 
 
 def load_accelerator(folder: Path, parts: DecoderParts, model_name: str,

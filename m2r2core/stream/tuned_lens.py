@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from m2r2core import artifacts
-from m2r2core.errors import AdapterError
 from m2r2core.runtime.hf_compat import DecoderParts
 
 LENS_FILE = "tuned_lens.safetensors"
@@ -85,12 +84,7 @@ def load_tuned_lens(folder: Path, parts: DecoderParts, model_name: str, model_fi
     folder = Path(folder)
     if not (folder / LENS_CARD).is_file():
         return None
-    raw = artifacts.read_card(folder, LENS_CARD, "tuned-lens", TRAIN_LENS)
-    try:
-        card = LensCard(**raw)
-    except TypeError as err:
-        raise AdapterError(f"The tuned-lens card in {folder} is corrupt ({err}); rerun "
-                           f"`{TRAIN_LENS}` or restore it.") from err
+    card, raw = artifacts.read_record(folder, LENS_CARD, LensCard, "tuned-lens", TRAIN_LENS)
     artifacts.check_model(raw, folder, "tuned-lens translators", model_name, model_fingerprint,
                           layers=(card.n_layers, parts.n_layers))
     tensors = artifacts.load_tensors(folder, LENS_FILE, "tuned-lens", TRAIN_LENS)

@@ -297,7 +297,8 @@ def write_training_log(run: Run, out: Path, every: int = 5) -> None:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] \
             if path.is_file() else []
 
-    steps = [r for r in rows(run.metrics) if r.get("step", 0) % every == 0]
+    every_step = rows(run.metrics)
+    steps = [r for r in every_step if r.get("step", 0) % every == 0 or r is every_step[-1]]
     keep = ("step", "loss", "tokens", "elapsed_s", "tokens_per_s", "lr")
     log_rows = [{k: v for k, v in r.items() if k in keep or k.startswith(("kl@", "agree@"))}
                 for r in steps]
