@@ -40,22 +40,26 @@ def real_model_dir() -> Path:
     return prepare_default_model()
 
 
+def save_tiny_model(config: AutoConfig, folder: Path, tokenizer_dir: Path, seed: int = 0
+                    ) -> Path:
+    """A seeded random model of `config` saved in `folder` with the real tokenizer's files."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.generation_config.eos_token_id = 2
+    model.generation_config.pad_token_id = 2
+    model.save_pretrained(folder)
+    for name in TOKENIZER_FILES:
+        if (tokenizer_dir / name).exists():
+            shutil.copy(tokenizer_dir / name, folder / name)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory, real_model_dir) -> dict[str, Path]:
     """Folder per family: a seeded random tiny model plus the real tokenizer files."""
-    dirs = {}
-    for family in FAMILIES:
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(tiny_config(family), dtype=torch.float32)
-        folder = tmp_path_factory.mktemp(f"tiny-{family}")
-        model.generation_config.eos_token_id = 2
-        model.generation_config.pad_token_id = 2
-        model.save_pretrained(folder)
-        for name in TOKENIZER_FILES:
-            if (real_model_dir / name).exists():
-                shutil.copy(real_model_dir / name, folder / name)
-        dirs[family] = folder
-    return dirs
+    return {family: save_tiny_model(tiny_config(family),
+                                    tmp_path_factory.mktemp(f"tiny-{family}"), real_model_dir)
+            for family in FAMILIES}
 
 
 @pytest.fixture(scope="session")

@@ -305,23 +305,13 @@ def test_point_mass_drafts_keep_sampling_exact(tiny_engine):
 def mixing_engine(tmp_path_factory, tiny_model_dir):
     """A tiny Llama whose blocks outweigh its embedding (initializer range 0.3), so that a
     truncated model does not just copy its input token as the default tiny models do."""
-    import shutil
 
-    from transformers import AutoModelForCausalLM
+    from .conftest import save_tiny_model, tiny_config
 
-    from .conftest import TOKENIZER_FILES, tiny_config
-
-    torch.manual_seed(1)
     config = tiny_config("llama")
     config.initializer_range = 0.3
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    folder = tmp_path_factory.mktemp("tiny-mixing")
-    model.generation_config.eos_token_id = 2
-    model.generation_config.pad_token_id = 2
-    model.save_pretrained(folder)
-    for name in TOKENIZER_FILES:
-        if (tiny_model_dir / name).exists():
-            shutil.copy(tiny_model_dir / name, folder / name)
+    folder = save_tiny_model(config, tmp_path_factory.mktemp("tiny-mixing"), tiny_model_dir,
+                             seed=1)
     return Engine.load(EngineConfig(model=str(folder), dtype="float32"))
 
 
