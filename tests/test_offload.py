@@ -446,3 +446,26 @@ def test_an_abandoned_run_blocks_no_other_run_and_leaves_the_model_alone(offload
     assert done["run"].token_ids == reference.token_ids
     rest = [t.token_id for t in abandoned]  # the abandoned run can still finish, unharmed
     assert rest == reference.token_ids[2:]
+
+
+def test_the_moefication_files_are_checked(tmp_path):
+    """The committed MoEfication loads; a missing card, a corrupt weights file, or weights that
+    do not match the card are refused with ArtifactError naming the folder."""
+    from m2r2core.errors import ArtifactError
+    from m2r2core.moe import moefy
+
+    card, tensors = moefy.load_trained()
+    assert card.n_experts > card.top_k and tensors
+    folder = tmp_path / "moe"
+    shutil.copytree(moefy.TRAINED_DIR, folder)
+    (folder / moefy.WEIGHTS).write_bytes(b"not safetensors")
+    with pytest.raises(ArtifactError, match="could not be loaded"):
+        moefy.load_trained(folder)
+    shutil.copy(moefy.TRAINED_DIR / moefy.WEIGHTS, folder / moefy.WEIGHTS)
+    (folder / moefy.CARD).write_text((folder / moefy.CARD).read_text().replace(
+        '"dense_layers": [', '"dense_layers": [29, '))
+    with pytest.raises(ArtifactError, match="does not hold the tensors"):
+        moefy.load_trained(folder)
+    (folder / moefy.CARD).unlink()
+    with pytest.raises(ArtifactError, match="No MoEfication card"):
+        moefy.load_trained(folder)

@@ -34,8 +34,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch.nn import functional as F
 
 from m2r2core import artifacts
@@ -56,6 +54,7 @@ TRAINED_DIR = artifacts.model_folder("smollm2-135m-moe", artifacts.ARTIFACTS_DIR
 """The committed MoEfication (clustering and routers) and its route accelerator."""
 CARD = "card.json"
 WEIGHTS = "moefy.safetensors"
+FIT = "python -m m2r2core.train.moe fit"
 _COMPLETE_MARK = "m2r2_moe.json"
 _BUILD_VERSION = 2
 """Raised when `build` writes something new (2: the chat template is copied too)."""
@@ -264,24 +263,21 @@ def moe_model(config, state: dict[str, torch.Tensor]):
 
 
 def load_trained(folder: Path = TRAINED_DIR) -> tuple[MoeCard, dict[str, torch.Tensor]]:
-    """The committed clustering and routers, checked; ArtifactError names a bad file."""
-    card_path, weights_path = folder / CARD, folder / WEIGHTS
-    for path in (card_path, weights_path):
-        if not path.is_file():
-            raise ArtifactError(f"The MoEfication file {path} is missing. Rebuild it: "
-                               f"python -m m2r2core.train.moe fit")
+    """The committed clustering and routers, checked; ArtifactError names a missing, corrupt or
+    inconsistent file.
+    """
+    card, _ = artifacts.read_record(folder, CARD, MoeCard, "MoEfication", FIT)
+    tensors = artifacts.load_tensors(folder, WEIGHTS, "MoEfication", FIT)
     try:
-        card = MoeCard(**json.loads(card_path.read_text()))
-        tensors = load_file(str(weights_path))
-    except (ValueError, TypeError, SafetensorError, OSError, RuntimeError) as exc:
-        raise ArtifactError(f"The MoEfication file in {folder} is corrupt ({exc}). Rebuild it: "
-                           f"python -m m2r2core.train.moe fit") from exc
-    expected = {f"layers.{i}.{k}" for i in range(len(card.metrics["router_recall_by_layer"])
-                                                 + len(card.dense_layers))
-                if i not in card.dense_layers for k in ("shared", "experts", "router")}
+        n_layers = len(card.metrics["router_recall_by_layer"]) + len(card.dense_layers)
+    except (KeyError, TypeError) as err:
+        raise ArtifactError(f"The MoEfication card in {folder} is corrupt ({err}); rerun "
+                            f"`{FIT}` or restore it.") from err
+    expected = {f"layers.{i}.{k}" for i in range(n_layers) if i not in card.dense_layers
+                for k in ("shared", "experts", "router")}
     if set(tensors) != expected:
-        raise ArtifactError(f"{weights_path} does not hold the tensors its card describes. "
-                           f"Rebuild it: python -m m2r2core.train.moe fit")
+        raise ArtifactError(f"{folder / WEIGHTS} does not hold the tensors its card describes; "
+                            f"rerun `{FIT}` or restore it.")
     return card, tensors
 
 
