@@ -9,7 +9,7 @@ from dataclasses import asdict
 import numpy as np
 import pandas as pd
 
-from m2r2core.moe.experts import Event
+from m2r2core.trace import Event
 
 GANTT_KINDS = ("compute", "load", "stall")
 MARK_KINDS = ("hit", "miss", "prefetch", "evict", "wasted", "cancel")

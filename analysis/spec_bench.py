@@ -41,7 +41,8 @@ from analysis.prompts import select_prompts
 from analysis.speculation import acceptance
 from m2r2core.config import DecodeConfig, EngineConfig
 from m2r2core.engine import Engine, environment
-from m2r2core.spec.speculative import DRAFT_RULES, MAX_DRAFT_LIMIT, SpecConfig, SpecRound
+from m2r2core.spec.speculative import DRAFT_RULES, MAX_DRAFT_LIMIT, SpecConfig
+from m2r2core.trace import SpecRound
 
 METHODS = ("hf_generate", "engine", "prompt_lookup", "hf_early_exit", "spec_slow", "spec_fast",
            "spec_fast_router", "medusa")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from m2r2core.spec.speculative import SpecRound
+from m2r2core.trace import SpecRound
 
 
 def acceptance(rounds: list[SpecRound], max_draft: int) -> dict:

@@ -9,7 +9,7 @@ import plotly.graph_objects as go
 
 from app import palette
 from app.charts import visible
-from m2r2core.spec.speculative import SpecRound
+from m2r2core.trace import SpecRound
 
 ACCEPTED = "#1a9850"
 REJECTED = "#d73027"

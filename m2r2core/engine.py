@@ -29,9 +29,9 @@ from m2r2core.runtime.decode import TokenLoop
 from m2r2core.runtime.model import LoadedModel, ModelInfo, load
 from m2r2core.spec.medusa import load_heads
 from m2r2core.spec.proposers import Proposer
-from m2r2core.spec.speculative import SpecConfig, SpecLoop, SpecRound, make_proposer
+from m2r2core.spec.speculative import SpecConfig, SpecLoop, make_proposer
 from m2r2core.stream.accel import AdapterError, find_trained, load_accelerator
-from m2r2core.trace import ResidualCapture, RunTrace, TokenStep
+from m2r2core.trace import ResidualCapture, RunTrace, SpecRound, TokenStep
 
 
 @dataclass(frozen=True)

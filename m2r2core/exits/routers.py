@@ -194,7 +194,8 @@ def load_routers(folder: Path, parts: DecoderParts, model_name: str, model_finge
 
 def rule_scores(bundle: RouterBundle, parts: DecoderParts, rule: str, stream: str,
                 states: torch.Tensor, previous: torch.Tensor, depths: torch.Tensor,
-                max_depth: int) -> torch.Tensor:
+                max_depth: int, normed: torch.Tensor | None = None,
+                lens: torch.Tensor | None = None) -> torch.Tensor:
     """One exit rule's scores at every column of recorded trajectories: the one implementation
     of each rule, used by decoding (TokenScorer) and by the debugger's re-decisions alike.
 
@@ -205,6 +206,8 @@ def rule_scores(bundle: RouterBundle, parts: DecoderParts, rule: str, stream: st
         previous: (T, H) the state just before the first column (saturation's reference).
         depths: (D,) the depth of each column.
         max_depth: the stream's deepest depth (the static rule's denominator).
+        normed: (T, D, H) the states through the final norm, when the caller has them.
+        lens: (T, D, 3) their lens features, when the caller has them.
 
     Returns:
         (T, D) float scores.
@@ -214,8 +217,8 @@ def rule_scores(bundle: RouterBundle, parts: DecoderParts, rule: str, stream: st
     if rule == "saturation":
         before = torch.cat([previous[:, None], states[:, :-1]], dim=1)
         return F.cosine_similarity(states.float(), before.float(), dim=-1)
-    normed = parts.norm(states)
-    lens = bundle.check.features(normed)  # (T, D, 3)
+    normed = parts.norm(states) if normed is None else normed
+    lens = bundle.check.features(normed) if lens is None else lens  # (T, D, 3)
     if rule in ("confidence", "entropy"):
         return lens[..., 0 if rule == "confidence" else 1]
     logits, _ = bundle.net(rule, stream)(normed, lens, depths)
@@ -237,6 +240,8 @@ class TokenScorer:
         if rule.rule in LEARNED:
             bundle.net(rule.rule, rule.stream)  # AdapterError now, not mid-run
         self.states: list[torch.Tensor] = []
+        self.normed: list[torch.Tensor] = []
+        """ARLA: each observed state through the final norm, computed once."""
         self.depths: list[int] = []
         self.before: torch.Tensor | None = None
 
@@ -254,14 +259,23 @@ class TokenScorer:
             previous = state
         self.states.append(state)
         self.depths.append(depth)
+        arla = self.rule.rule == "arla"
+        if arla:
+            self.normed.append(self.parts.norm(state))
         if not decide:
             return None
-        if self.rule.rule == "arla":
-            states, before, depths = torch.stack(self.states), state, self.depths
-        else:
-            states, before, depths = state[None], previous, [depth]
-        scores = rule_scores(self.bundle, self.parts, self.rule.rule, self.rule.stream,
-                             states[None], before[None], torch.tensor(depths), self.max_depth)
+        if not arla:
+            return float(rule_scores(self.bundle, self.parts, self.rule.rule, self.rule.stream,
+                                     state[None, None], previous[None], torch.tensor([depth]),
+                                     self.max_depth)[0, 0])
+        # ARLA attends over every depth's latent, but a depth's lens features enter only its own
+        # row of the head (RouterNet.forward), so the newest row's are the only ones needed.
+        normed = torch.stack(self.normed)[None]  # (1, d, H)
+        lens = torch.zeros(1, len(self.normed), N_LENS_FEATURES, device=normed.device)
+        lens[0, -1] = self.bundle.check.features(normed[0, -1])
+        scores = rule_scores(self.bundle, self.parts, "arla", self.rule.stream,
+                             torch.stack(self.states)[None], state[None],
+                             torch.tensor(self.depths), self.max_depth, normed, lens)
         return float(scores[0, -1])
 
 

@@ -37,7 +37,6 @@ class FastStreamTracer(StepTracer):
     def fields(self, out: ForwardOutput, fast: torch.Tensor) -> dict:
         """The fast stream's TokenStep fields and every rule's scores along both streams."""
         stats = fast_stats(self.parts, fast, out.states[-1], int(out.logits.argmax()))
-        fields = {"fast": stats}
         scores = {}
         if self.routers is not None:
             for stream, states in (("fast", fast), ("slow", out.states)):
@@ -47,4 +46,4 @@ class FastStreamTracer(StepTracer):
                            for k, v in got.items()}
         if self.capture:
             self.rows.append(fast.float().cpu().numpy())
-        return fields | {"rule_scores": scores}
+        return {"fast": stats, "rule_scores": scores}

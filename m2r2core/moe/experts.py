@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 
 from m2r2core.errors import AssetMissing, ConfigError
 from m2r2core.moe.eviction import POLICIES, POLICY_CLASSES, next_use
-from m2r2core.trace import Event  # noqa: F401  (defined with every record)
+from m2r2core.trace import Event
 
 MANIFEST = "experts.json"
 _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,

@@ -26,7 +26,7 @@ from torch import nn
 from m2r2core.config import DecodeConfig
 from m2r2core.engine import Engine
 from m2r2core.errors import ConfigError, UnsupportedModel
-from m2r2core.moe.experts import POLICIES, Event, ExpertCache, ExpertStore, bandwidth
+from m2r2core.moe.experts import POLICIES, ExpertCache, ExpertStore, bandwidth
 from m2r2core.moe.prefetch import (
     PREDICTORS,
     MoeParts,
@@ -39,7 +39,7 @@ from m2r2core.runtime import hf_compat, prompt
 from m2r2core.runtime.decode import DecodeState, forward
 from m2r2core.runtime.model import default_cache_dir
 from m2r2core.runtime.sampling import make_generator, sample_next
-from m2r2core.trace import OffloadToken
+from m2r2core.trace import Event, OffloadToken
 
 MOE_MODEL_TYPES = ("mixtral", "qwen2_moe")
 
@@ -172,15 +172,16 @@ class OffloadEngine:
         happened.
         """
         layers = self.engine.parts.layers
-        originals = {i: layers[i].mlp.experts for i in range(self.moe.n_layers)
-                     if self.moe.is_moe(i)}
+        if run.wrappers is None:  # made once per run, installed for each of its passes
+            run.wrappers = {i: OffloadedExperts(layers[i].mlp.experts, i, run)
+                            for i in range(self.moe.n_layers) if self.moe.is_moe(i)}
         try:
-            for index, original in originals.items():
-                layers[index].mlp.experts = OffloadedExperts(original, index, run)
+            for index, wrapper in run.wrappers.items():
+                layers[index].mlp.experts = wrapper
             yield
         finally:
-            for index, original in originals.items():
-                layers[index].mlp.experts = original
+            for index, wrapper in run.wrappers.items():
+                layers[index].mlp.experts = wrapper.original
 
     def expert_keys(self) -> list[tuple[int, int]]:
         """(layer, expert) of every routed expert, in layer order."""
@@ -238,6 +239,8 @@ class OffloadRun:
         """This run's fast tier while it runs (None for the all-resident reference run)."""
         self.routes_now: dict[int, tuple[int, ...]] = {}
         """The experts each layer used in the forward pass under way."""
+        self.wrappers: dict[int, OffloadedExperts] | None = None
+        """Per MoE layer, the experts module serving this run (OffloadEngine.installed)."""
         self._seen = 0  # cache events already counted into a token
         self._layer_start = 0.0
 

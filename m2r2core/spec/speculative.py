@@ -50,7 +50,7 @@ from m2r2core.spec.proposers import (
 )
 from m2r2core.spec.verify import verify
 from m2r2core.stream.accel import Accelerator
-from m2r2core.trace import SpecRound  # noqa: F401  (defined with every record)
+from m2r2core.trace import SpecRound
 
 STREAMS = ("fast", "slow", "medusa")
 DRAFT_VOCABS = ("full", "sub")
