@@ -55,6 +55,10 @@ def render() -> None:
     if report.steps:
         st.plotly_chart(training_charts.loss_over_steps(report), key=state.TRAIN_LOSS,
                         alt="Training loss over steps")
+        st.caption("The quantity the optimiser lowers (cosine distance to the rate targets plus "
+                   "the weighted KL to the final distribution), on training batches: a falling "
+                   "loss with a flat held-out curve above means the adapters fit the training "
+                   "text without generalising.")
     _cards(report)
 
 
