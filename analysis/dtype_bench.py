@@ -25,8 +25,9 @@ import torch
 from m2r2core.config import EngineConfig
 from m2r2core.engine import environment
 from m2r2core.runtime import hf_compat
-from m2r2core.runtime.decode import DecodeState, forward
+from m2r2core.runtime.decode import forward
 from m2r2core.runtime.model import load
+from m2r2core.runtime.state import DecodeState
 
 PREFIX = 64
 

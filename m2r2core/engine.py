@@ -166,7 +166,7 @@ class Engine:
             tracer = FastStreamTracer(self.parts, self.accel, self.routers,
                                       cfg.capture_residuals)
         loop = TokenLoop(self.parts, ids, cfg, self.eos_ids, self.token_text, self._lock,
-                         self.device, self.fused_head, tracer)
+                         self.fused_head, tracer)
         extra = {"accel_rate": self.accel.config.rate} if self.accel is not None else {}
         return Generation(self, clean, ids, cfg, loop, extra=extra)
 
@@ -176,7 +176,7 @@ class Engine:
         clean = prompt.validate_text(text)
         ids = self._encode_clean(clean, cfg)
         loop = ExitLoop(self.parts, self.accel, self.routers, ids, cfg, exit_cfg, self.eos_ids,
-                        self.token_text, self._lock, self.device)
+                        self.token_text, self._lock)
         return Generation(self, clean, ids, cfg, loop, mode="early_exit",
                           extra={"exit": dataclasses.asdict(exit_cfg)})
 

@@ -15,8 +15,9 @@ from m2r2core.config import DecodeConfig, EngineConfig, SamplingConfig
 from m2r2core.engine import Engine
 from m2r2core.errors import ConfigError, M2R2Error, PromptTooLong, UnsupportedModel
 from m2r2core.runtime import hf_compat
-from m2r2core.runtime.decode import DecodeState, forward
+from m2r2core.runtime.decode import forward
 from m2r2core.runtime.sampling import make_generator
+from m2r2core.runtime.state import DecodeState
 from m2r2core.spec.proposers import DraftContext, ReplayProposer
 from m2r2core.spec.speculative import SpecConfig
 

@@ -15,8 +15,6 @@ key/value projections.
 from __future__ import annotations
 
 import dataclasses
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -25,9 +23,11 @@ from m2r2core.config import DecodeConfig
 from m2r2core.errors import require
 from m2r2core.exits.routers import ExitRule, RouterBundle, TokenScorer
 from m2r2core.runtime import hf_compat
-from m2r2core.runtime.decode import DecodeState, forward
+from m2r2core.runtime.decode import forward
 from m2r2core.runtime.hf_compat import DecoderParts
-from m2r2core.runtime.sampling import make_generator, sample_next
+from m2r2core.runtime.loop import DecodeRun
+from m2r2core.runtime.sampling import sample_next
+from m2r2core.runtime.state import DecodeState
 from m2r2core.stream.accel import Accelerator, block_rows, keys_values, visible
 from m2r2core.trace import TokenStep
 
@@ -57,76 +57,48 @@ class _Pending:
     """(1, 1, H) its slow state at `depth`."""
 
 
-class ExitLoop:
+class ExitLoop(DecodeRun[TokenStep]):
     """Early-exit decoding over a prompt; iterate it to receive TokenStep records.
 
-    After iteration: `stop_reason`, `prefill_ms`, `decode_ms` are set, and `blocks_run` counts
-    block calls (a block call over several rows counts once).
+    After iteration: `stop_reason`, `prefill_ms`, `decode_ms` (runtime/loop.py), and
+    `rows.blocks_run` counts block calls (a block call over several rows counts once).
     """
 
     def __init__(self, parts: DecoderParts, accel: Accelerator | None, routers: RouterBundle,
                  prompt_ids: list[int], cfg: DecodeConfig, exit_cfg: ExitConfig,
-                 eos_ids: frozenset[int], token_text, lock, device: torch.device) -> None:
+                 eos_ids: frozenset[int], token_text, lock) -> None:
         """Prepare a run; nothing is computed until iteration."""
+        super().__init__(parts, prompt_ids, cfg, eos_ids, lock)
         fast = exit_cfg.rule.stream == "fast"
         require(not fast or accel is not None, "stream", "fast",
                 "'slow' here: no accelerator adapters are loaded for this model")
-        self.parts, self.accel, self.routers = parts, accel if fast else None, routers
+        self.accel, self.routers = accel if fast else None, routers
         self.max_depth = accel.max_depth if fast else parts.n_layers
         exit_cfg.validate(self.max_depth)
-        self.cfg, self.exit_cfg, self.rule = cfg, exit_cfg, exit_cfg.rule
-        self.eos_ids, self.token_text, self.lock, self.device = eos_ids, token_text, lock, device
-        self.prompt = torch.tensor([prompt_ids], device=device)
-        self.blocks = [hf_compat.block_parts(parts, i) for i in range(parts.n_layers)]
-        self.stop_reason = "stopped"
-        self.prefill_ms = self.decode_ms = 0.0
-        self.blocks_run = 0
-        self._last_fast: torch.Tensor | None = None
-        # [slow row, fast row] x [slow key, fast key] of the current position
-        self._pair = torch.eye(2, dtype=torch.bool, device=device)
-        self._ones_cache = torch.ones(2, 0, dtype=torch.bool, device=device)
+        self.exit_cfg, self.rule, self.token_text = exit_cfg, exit_cfg.rule, token_text
+        self.rows = BlockRows(parts, self.accel)
 
-    def __iter__(self) -> Iterator[TokenStep]:
-        """Prefill with the full model, then one early-exit step per generated token."""
-        cfg = self.cfg
-        state = DecodeState(hf_compat.new_cache(self.parts),
-                            make_generator(cfg.sampling, self.device))
-        pending: list[_Pending] = []
-        start = time.perf_counter()
-        with self.lock:
-            logits = forward(self.parts, self.prompt, state, keep_states=False).logits
-        self.prefill_ms = (time.perf_counter() - start) * 1000.0
-        busy_ms = self.prefill_ms
-        token_id = sample_next(logits, cfg.sampling, state.generator)
-        first = TokenStep(position=0, token_id=token_id, text=self.token_text(token_id),
-                          token_prob=float(torch.softmax(logits, -1)[token_id]),
-                          exit_layer=self.parts.n_layers, source="full",
-                          latency_ms=self.prefill_ms, forward_ms=self.prefill_ms, trace_ms=0.0)
-        step = first
-        for position in range(cfg.max_new_tokens):
-            if position:
-                step_start = time.perf_counter()
-                with self.lock:
-                    step = self._step(token_id, state, pending, position)
-                latency = (time.perf_counter() - step_start) * 1000.0
-                busy_ms += latency
-                step = _with_latency(step, latency)
-                token_id = step.token_id
-            self.decode_ms = busy_ms - self.prefill_ms
-            yield step
-            if token_id in self.eos_ids or position + 1 == cfg.max_new_tokens:
-                self.stop_reason = "eos" if token_id in self.eos_ids else "max_new_tokens"
-                break
+    def prefill(self, state: DecodeState) -> tuple[TokenStep, tuple[int, ...]]:
+        """The prompt runs the full model; the first token is never an exit."""
+        logits = forward(self.parts, self.prompt, state, keep_states=False).logits
+        state.carry = []  # positions whose slow stream stopped short of the last block
+        token_id = sample_next(logits, self.cfg.sampling, state.generator)
+        return TokenStep(position=0, token_id=token_id, text=self.token_text(token_id),
+                         token_prob=float(torch.softmax(logits, -1)[token_id]),
+                         exit_layer=self.parts.n_layers, source="full", latency_ms=0.0,
+                         forward_ms=0.0, trace_ms=0.0), (token_id,)
 
-    @torch.inference_mode()
-    def _step(self, previous: int, state: DecodeState, pending: list[_Pending], index: int
-              ) -> TokenStep:
-        """Feed the previous token; return the next one, emitted from its exit depth."""
-        parts, t, fast = self.parts, state.position, self.accel is not None
-        hidden = parts.embed_tokens(torch.tensor([[previous]], device=self.device))
+    def stamp(self, record: TokenStep, ms: float) -> TokenStep:
+        """An exit step is one call: its latency is its forward time."""
+        return dataclasses.replace(record, latency_ms=ms, forward_ms=ms)
+
+    def step(self, state: DecodeState, index: int) -> tuple[TokenStep, tuple[int, ...]]:
+        """Feed the previous token; emit the next one from its exit depth."""
+        parts, t, fast, pending = self.parts, state.position, self.accel is not None, state.carry
+        hidden = parts.embed_tokens(torch.tensor([self.token_ids[-1:]], device=self.device))
         lowest = min([p.position for p in pending], default=t)
         positions = torch.arange(lowest, t + 1, device=self.device)
-        cos_all, sin_all = parts.rotary_emb(hidden, positions[None])
+        rotary = parts.rotary_emb(hidden, positions[None])
         me = _Pending(t, 0, hidden)
         pending.append(me)
         fast_hidden = hidden if fast and self.accel.first == 0 else None
@@ -137,11 +109,11 @@ class ExitLoop:
         for layer in range(parts.n_layers):
             rows = [p for p in pending if p.depth == layer]
             run_fast = fast_hidden is not None and self.accel.block(layer) is not None
-            self._run_block(layer, rows, fast_hidden if run_fast else None, state, cos_all,
-                            sin_all, lowest)
+            fast_out = self.rows.run(layer, rows, fast_hidden if run_fast else None, state,
+                                     rotary, lowest)
             depth = layer + 1
             if run_fast:
-                fast_hidden = self._last_fast
+                fast_hidden = fast_out
             elif fast and self.accel.first == depth:
                 fast_hidden = me.hidden  # branch point reached
                 scorer.start(me.hidden[0, 0])
@@ -157,7 +129,7 @@ class ExitLoop:
         if exit_state is None:
             exit_state = me.hidden
         if self.exit_cfg.kv_fill == "copy" and exit_depth < parts.n_layers:
-            self._copy_fill(pending, exit_state, state)
+            self.rows.copy_fill(pending, exit_state, state)
         pending[:] = [p for p in pending if p.depth < parts.n_layers]
         state.position += 1
         logits = parts.lm_head(parts.norm(exit_state))[0, -1].float()
@@ -167,20 +139,38 @@ class ExitLoop:
             token_prob=float(torch.softmax(logits, -1)[token_id]), exit_layer=exit_depth,
             source=source, latency_ms=0.0, forward_ms=0.0, trace_ms=0.0,
             stream="fast" if fast and source == "exit" else "slow",
-            exit_scores=tuple(scores), check_from=self.rule.min_layer)
+            exit_scores=tuple(scores), check_from=self.rule.min_layer), (token_id,)
 
-    def _run_block(self, layer: int, rows: list[_Pending], fast_hidden: torch.Tensor | None,
-                   state: DecodeState, cos_all: torch.Tensor, sin_all: torch.Tensor,
-                   lowest: int) -> None:
-        """One block call over the slow rows due at this layer (and the fast row, if any)."""
+
+class BlockRows:
+    """Runs one block over several rows in one call: the slow rows due at that layer (the
+    current token's, and older exited tokens' catching up) and the current token's fast row.
+    """
+
+    def __init__(self, parts: DecoderParts, accel: Accelerator | None) -> None:
+        """Bind the model's blocks (and the adapters, for the fast row)."""
+        self.parts, self.accel = parts, accel
+        self.device = parts.embed_tokens.weight.device
+        self.blocks = [hf_compat.block_parts(parts, i) for i in range(parts.n_layers)]
+        self.blocks_run = 0
+        # [slow row, fast row] x [slow key, fast key] of the current position
+        self._pair = torch.eye(2, dtype=torch.bool, device=self.device)
+        self._ones_cache = torch.ones(2, 0, dtype=torch.bool, device=self.device)
+
+    def run(self, layer: int, rows: list[_Pending], fast_hidden: torch.Tensor | None,
+            state: DecodeState, rotary: tuple[torch.Tensor, torch.Tensor], lowest: int
+            ) -> torch.Tensor | None:
+        """One block call over the slow rows due at this layer (and the fast row, if any);
+        the fast row's output (None without one). The slow rows advance in place.
+        """
         if not rows and fast_hidden is None:
-            return
+            return None
+        cos_all, sin_all = rotary
         bp = self.blocks[layer]
         past_k, past_v = hf_compat.cached_keys_values(state.cache, layer)
         if (bp.sliding_window is None and len(rows) == 1 and rows[0].position == state.position):
-            self._run_current(layer, bp, rows[0], fast_hidden, past_k, past_v, state, cos_all,
-                              sin_all)
-            return
+            return self._run_current(layer, bp, rows[0], fast_hidden, past_k, past_v, state,
+                                     cos_all, sin_all)
         stored = 0 if past_k is None else past_k.shape[2]
         first_row = rows[0].position if rows else state.position
         past_pos = torch.arange(first_row - stored, first_row, device=self.device)
@@ -215,11 +205,11 @@ class ExitLoop:
                                          values[:, :, :n_slow])
             for i, p in enumerate(rows):
                 p.hidden, p.depth = out[:, i:i + 1], layer + 1
-        self._last_fast = out[:, -1:] if n_fast else None
+        return out[:, -1:] if n_fast else None
 
     def _run_current(self, layer: int, bp, row: _Pending, fast_hidden: torch.Tensor | None,
                      past_k, past_v, state: DecodeState, cos_all: torch.Tensor,
-                     sin_all: torch.Tensor) -> None:
+                     sin_all: torch.Tensor) -> torch.Tensor | None:
         """The common case, with fewer small ops: only the current token's slow row (plus its
         fast row) on a full-attention block; every past key is visible to both.
         """
@@ -236,7 +226,7 @@ class ExitLoop:
         self.blocks_run += 1
         hf_compat.append_keys_values(state.cache, layer, keys[:, :, :1], values[:, :, :1])
         row.hidden, row.depth = out[:, :1], layer + 1
-        self._last_fast = out[:, 1:] if fast_hidden is not None else None
+        return out[:, 1:] if fast_hidden is not None else None
 
     def _ones(self, stored: int) -> torch.Tensor:
         if self._ones_cache.shape[1] < stored:
@@ -244,7 +234,7 @@ class ExitLoop:
                                           device=self.device)
         return self._ones_cache[:, :stored]
 
-    def _copy_fill(self, pending: list[_Pending], exit_state: torch.Tensor,
+    def copy_fill(self, pending: list[_Pending], exit_state: torch.Tensor,
                    state: DecodeState) -> None:
         """CALM-style: every pending position's missing layers get keys/values projected from
         the exit state (its own, for the exiting token; its last slow state, for older ones).
@@ -258,7 +248,3 @@ class ExitLoop:
                 k, v = keys_values(self.blocks[layer], source, cos, sin)
                 hf_compat.append_keys_values(state.cache, layer, k, v)
             p.depth = parts.n_layers
-
-
-def _with_latency(step: TokenStep, latency: float) -> TokenStep:
-    return dataclasses.replace(step, latency_ms=latency, forward_ms=latency)

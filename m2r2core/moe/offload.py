@@ -15,7 +15,7 @@ went through the loader compute in an offloaded run), not enforced by the operat
 from __future__ import annotations
 
 import contextlib
-import time
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,10 +35,12 @@ from m2r2core.moe.prefetch import (
     make_predictor,
     recall_by_distance,
 )
-from m2r2core.runtime import hf_compat, prompt
-from m2r2core.runtime.decode import DecodeState, forward
+from m2r2core.runtime import prompt
+from m2r2core.runtime.decode import forward
+from m2r2core.runtime.loop import DecodeRun
 from m2r2core.runtime.model import default_cache_dir
-from m2r2core.runtime.sampling import make_generator, sample_next
+from m2r2core.runtime.sampling import sample_next
+from m2r2core.runtime.state import DecodeState
 from m2r2core.trace import Event, OffloadToken
 
 MOE_MODEL_TYPES = ("mixtral", "qwen2_moe")
@@ -215,23 +217,21 @@ class OffloadEngine:
         return OffloadRun(self, ids, cfg, offload, reference)
 
 
-class OffloadRun:
-    """One generation through the expert tiers. After iteration: tokens, events, predictions,
-    routes, stop_reason, prefill_ms, decode_ms.
+class OffloadRun(DecodeRun[OffloadToken]):
+    """One generation through the expert tiers. After iteration: tokens (the records),
+    token_ids, events, predictions, routes, stop_reason, prefill_ms, decode_ms.
     """
 
     def __init__(self, owner: OffloadEngine, ids: list[int], cfg: DecodeConfig,
                  offload: OffloadConfig | None, reference) -> None:
         """Prepare; nothing runs until iteration."""
-        self.owner, self.ids, self.cfg, self.offload = owner, ids, cfg, offload
-        self.reference = reference
+        engine = owner.engine
+        super().__init__(engine.parts, ids, cfg, engine.eos_ids, engine._lock)
+        self.owner, self.offload, self.reference = owner, offload, reference
         self.tokens: list[OffloadToken] = []
         self.events: list[Event] = []
         self.predictions: list[tuple[int, int, int, list[int]]] = []
         self.routes: list[list[tuple[int, ...]]] = []
-        self.stop_reason = "stopped"
-        self.prefill_ms = 0.0
-        self.decode_ms = 0.0
         self.bytes_loaded = 0
         self.peak_occupancy = 0
         self.predictor: Predictor | None = None
@@ -245,10 +245,8 @@ class OffloadRun:
         self._layer_start = 0.0
 
     def __iter__(self) -> Iterator[OffloadToken]:
-        """Prefill, then one OffloadToken per generated token until EOS or the budget.
-
-        The engine lock is taken for each forward pass, never across a `yield`: a consumer
-        that stops reading keeps no other run waiting.
+        """Open this run's fast tier, decode (runtime/loop.py), then close the tier and keep its
+        events, whether the run ended or was abandoned.
         """
         owner, offload = self.owner, self.offload
         cache = None
@@ -267,7 +265,9 @@ class OffloadRun:
             self.predictor.routes = self.routes
         self.cache = cache
         try:
-            yield from self._loop(cache)
+            for record in super().__iter__():
+                self.tokens.append(record)
+                yield record
         finally:
             self.cache = None
             if cache is not None:
@@ -276,17 +276,52 @@ class OffloadRun:
                 self.bytes_loaded = cache.bytes_loaded
                 self.peak_occupancy = cache.peak
 
-    def _forward(self, ids: torch.Tensor, state: DecodeState, cache: ExpertCache | None,
-                 number: int):
-        owner = self.owner
+    def guard(self):
+        """The engine lock, with this run's experts installed in the model (for one call)."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.lock)
+        stack.enter_context(self.owner.installed(self))
+        return stack
+
+    def prefill(self, state: DecodeState) -> tuple[OffloadToken, tuple[int, ...]]:
+        """The prompt's forward pass through the tiers, and the first token."""
+        return self._emit(self.prompt, state, 0)
+
+    def step(self, state: DecodeState, index: int) -> tuple[OffloadToken, tuple[int, ...]]:
+        """The last token's forward pass through the tiers, and the next token."""
+        return self._emit(torch.tensor([self.token_ids[-1:]], device=self.device), state, index)
+
+    def stamp(self, record: OffloadToken, ms: float) -> OffloadToken:
+        """A token's latency: its forward pass (stalls included) and sampling."""
+        return dataclasses.replace(record, latency_ms=ms)
+
+    def _emit(self, ids: torch.Tensor, state: DecodeState, position: int
+              ) -> tuple[OffloadToken, tuple[int, ...]]:
+        cache, number = self.cache, len(self.routes)
         self.routes_now = {}
         if cache is not None:
-            cache.token = number
-        start = time.perf_counter()
+            cache.token, cache.layer = number, 0
+            self._layer_start = cache.now_ms()
+        out = forward(self.parts, ids, state, False,
+                      after_layer=None if cache is None else self._after_layer(cache, number))
+        self.routes.append([self.routes_now.get(i, ()) for i in range(self.owner.moe.n_layers)])
+        token_id = sample_next(out.logits, self.cfg.sampling, state.generator)
+        stall = hits = misses = 0
+        if cache is not None:
+            for event in cache.events[self._seen:]:
+                if event.token != number:
+                    continue
+                if event.kind == "stall":
+                    stall += event.end_ms - event.start_ms
+                hits += event.kind == "hit"
+                misses += event.kind == "miss"
+            self._seen = len(cache.events)
+        return OffloadToken(position, token_id, self.owner.engine.token_text(token_id), 0.0,
+                            stall, hits, misses, tuple(self.routes[-1])), (token_id,)
 
+    def _after_layer(self, cache: ExpertCache, number: int):
+        """After each block: record its compute span and prefetch what the predictor names."""
         def after_layer(index: int, hidden: torch.Tensor) -> None:
-            if cache is None:
-                return
             now = cache.now_ms()
             cache.events.append(Event("compute", number, index, -1, self._layer_start, now))
             for target, experts in self.predictor.predict(number, index, hidden[0, -1]).items():
@@ -294,58 +329,13 @@ class OffloadRun:
                 cache.prefetch(target, experts, target - index)
             self._layer_start = cache.now_ms()
             cache.layer = index + 1
-
-        if cache is not None:
-            cache.layer = 0
-            self._layer_start = cache.now_ms()
-        with owner.engine._lock, owner.installed(self), torch.inference_mode():
-            out = forward(owner.engine.parts, ids, state, False, after_layer=after_layer)
-        self.routes.append([self.routes_now.get(i, ()) for i in range(owner.moe.n_layers)])
-        return out, (time.perf_counter() - start) * 1000.0
-
-    def _loop(self, cache: ExpertCache | None) -> Iterator[OffloadToken]:
-        cfg, engine = self.cfg, self.owner.engine
-        state = DecodeState(hf_compat.new_cache(engine.parts),
-                            make_generator(cfg.sampling, engine.device))
-        out, ms = self._forward(torch.tensor([self.ids], device=engine.device), state, cache, 0)
-        self.prefill_ms = ms
-        for position in range(cfg.max_new_tokens):
-            start = time.perf_counter()
-            token_id = sample_next(out.logits, cfg.sampling, state.generator)
-            latency = ms + (time.perf_counter() - start) * 1000.0
-            number = len(self.routes) - 1
-            stall = hits = misses = 0
-            if cache is not None:
-                for event in cache.events[self._seen:]:
-                    if event.token != number:
-                        continue
-                    if event.kind == "stall":
-                        stall += event.end_ms - event.start_ms
-                    hits += event.kind == "hit"
-                    misses += event.kind == "miss"
-                self._seen = len(cache.events)
-            record = OffloadToken(position, token_id, engine.token_text(token_id), latency,
-                                  stall, hits, misses, tuple(self.routes[-1]))
-            self.tokens.append(record)
-            if position:
-                self.decode_ms += latency
-            yield record
-            if token_id in engine.eos_ids or position + 1 == cfg.max_new_tokens:
-                self.stop_reason = "eos" if token_id in engine.eos_ids else "max_new_tokens"
-                break
-            out, ms = self._forward(torch.tensor([[token_id]], device=engine.device), state,
-                                    cache, len(self.routes))
+        return after_layer
 
     def run(self) -> OffloadRun:
         """Generate to the end."""
         for _ in self:
             pass
         return self
-
-    @property
-    def token_ids(self) -> list[int]:
-        """The generated ids."""
-        return [t.token_id for t in self.tokens]
 
     def summary(self) -> dict:
         """Decode-phase figures: tok/s, stall per token, hit rate, recall by distance."""

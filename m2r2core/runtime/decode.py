@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +17,9 @@ from m2r2core.config import DecodeConfig
 from m2r2core.runtime import hf_compat
 from m2r2core.runtime.hf_compat import DecoderParts
 from m2r2core.runtime.lens import lens_logits, trajectory_stats
-from m2r2core.runtime.sampling import make_generator, sample_next
+from m2r2core.runtime.loop import DecodeRun
+from m2r2core.runtime.sampling import sample_next
+from m2r2core.runtime.state import DecodeState
 from m2r2core.trace import TokenStep
 
 
@@ -36,16 +37,6 @@ class ForwardOutput:
     normed: torch.Tensor | None = None
     """The final normalised states the logits were read from ((H,), or (T, H) with
     all_positions); None on the fused-head path. Medusa heads draft from them."""
-
-
-@dataclass
-class DecodeState:
-    """Per-run mutable state: the KV cache and the sampling generator. Never shared."""
-
-    cache: object
-    generator: torch.Generator
-    position: int = 0
-    """Absolute position of the next token to feed."""
 
 
 def forward(parts: DecoderParts, ids: torch.Tensor, state: DecodeState, keep_states: bool,
@@ -112,64 +103,48 @@ class StepTracer:
         raise NotImplementedError
 
 
-class TokenLoop:
-    """Autoregressive decoding over a prompt; iterate it to receive TokenStep records.
+class TokenLoop(DecodeRun[TokenStep]):
+    """Plain autoregressive decoding over a prompt; iterate it to receive TokenStep records.
 
-    After iteration: `stop_reason`, `prefill_ms`, `decode_ms` and `capture_rows` are set.
-    Timings count the loop's own work (forward passes, sampling, tracing), not the time a
-    consumer spends between records, so a slow page does not make the engine look slow.
+    After iteration: `stop_reason`, `prefill_ms`, `decode_ms` (runtime/loop.py) and
+    `capture_rows` are set.
     """
 
     def __init__(self, parts: DecoderParts, prompt_ids: list[int], cfg: DecodeConfig,
-                 eos_ids: frozenset[int], token_text, lock, device: torch.device,
-                 fused_head: bool = False, tracer: StepTracer | None = None) -> None:
+                 eos_ids: frozenset[int], token_text, lock, fused_head: bool = False,
+                 tracer: StepTracer | None = None) -> None:
         """Prepare a run; nothing is computed until iteration.
 
         With a `tracer` (used only when cfg.trace) every step also records what it traces,
         e.g. the accelerated stream and every exit rule's scores (exits/tracer.py).
         """
+        super().__init__(parts, prompt_ids, cfg, eos_ids, lock)
         self.tracer = tracer if cfg.trace else None
-        self.parts, self.cfg, self.eos_ids, self.fused_head = parts, cfg, eos_ids, fused_head
-        self.token_text, self.lock, self.device = token_text, lock, device
-        self.prompt = torch.tensor([prompt_ids], device=device)
-        self.stop_reason = "stopped"
-        self.prefill_ms = 0.0
-        self.decode_ms = 0.0
+        self.fused_head, self.token_text = fused_head, token_text
         self.capture_rows: list[np.ndarray] = []
 
-    def __iter__(self) -> Iterator[TokenStep]:
-        """Prefill, then yield one TokenStep per generated token until EOS or the budget."""
-        cfg = self.cfg
-        state = DecodeState(hf_compat.new_cache(self.parts),
-                            make_generator(cfg.sampling, self.device))
-        start = time.perf_counter()
-        out, traced = self._forward(self.prompt, state)
-        self.prefill_ms = (time.perf_counter() - start) * 1000.0
-        forward_ms = self.prefill_ms
-        busy_ms = 0.0  # time spent in this loop, not in the consumer between yields
-        for position in range(cfg.max_new_tokens):
-            step_start = time.perf_counter()
-            token_id = sample_next(out.logits, cfg.sampling, state.generator)
-            step = self._record(position, token_id, out, traced, forward_ms)
-            latency_ms = forward_ms + (time.perf_counter() - step_start) * 1000.0
-            busy_ms += latency_ms
-            self.decode_ms = busy_ms - self.prefill_ms
-            yield dataclasses.replace(step, latency_ms=latency_ms)
-            if token_id in self.eos_ids or position + 1 == cfg.max_new_tokens:
-                self.stop_reason = "eos" if token_id in self.eos_ids else "max_new_tokens"
-                break
-            forward_start = time.perf_counter()
-            out, traced = self._forward(torch.tensor([[token_id]], device=self.device), state)
-            forward_ms = (time.perf_counter() - forward_start) * 1000.0
+    def prefill(self, state: DecodeState) -> tuple[TokenStep, tuple[int, ...]]:
+        """The prompt's forward pass and the first token."""
+        return self._emit(self.prompt, state, 0)
 
-    def _forward(self, ids: torch.Tensor, state: DecodeState) -> tuple[ForwardOutput, object]:
-        """One forward pass and what the tracer reads right after it (None without one)."""
-        with self.lock:  # one forward at a time: sessions share the model and two cores
-            out = forward(self.parts, ids, state, self.cfg.trace, self.fused_head)
-            traced = None
-            if self.tracer is not None:
-                traced = self.tracer.after_forward(out, state.cache, state.position - 1)
-            return out, traced
+    def step(self, state: DecodeState, index: int) -> tuple[TokenStep, tuple[int, ...]]:
+        """The last token's forward pass and the next token."""
+        return self._emit(torch.tensor([self.token_ids[-1:]], device=self.device), state, index)
+
+    def stamp(self, record: TokenStep, ms: float) -> TokenStep:
+        """Forward pass, sampling and tracing: the token's latency."""
+        return dataclasses.replace(record, latency_ms=ms)
+
+    def _emit(self, ids: torch.Tensor, state: DecodeState, position: int
+              ) -> tuple[TokenStep, tuple[int, ...]]:
+        start = time.perf_counter()
+        out = forward(self.parts, ids, state, self.cfg.trace, self.fused_head)
+        traced = None
+        if self.tracer is not None:
+            traced = self.tracer.after_forward(out, state.cache, state.position - 1)
+        forward_ms = (time.perf_counter() - start) * 1000.0
+        token_id = sample_next(out.logits, self.cfg.sampling, state.generator)
+        return self._record(position, token_id, out, traced, forward_ms), (token_id,)
 
     def _record(self, position: int, token_id: int, out: ForwardOutput, traced: object,
                 forward_ms: float) -> TokenStep:

@@ -23,9 +23,9 @@ import torch
 from m2r2core.config import SamplingConfig
 from m2r2core.exits.routers import ExitRule, RouterBundle, TokenScorer
 from m2r2core.runtime import hf_compat
-from m2r2core.runtime.decode import DecodeState
 from m2r2core.runtime.hf_compat import DecoderParts
 from m2r2core.runtime.sampling import filtered_probs
+from m2r2core.runtime.state import DecodeState
 from m2r2core.spec.medusa import MedusaHeads
 from m2r2core.stream.accel import Accelerator, block_rows, keys_values
 

@@ -27,8 +27,8 @@ between a multi-row verification and single-row steps (tests prove identity in f
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -36,10 +36,11 @@ import torch
 from m2r2core.config import DecodeConfig
 from m2r2core.errors import UnsupportedModel, require
 from m2r2core.exits.routers import LEARNED, RULES, ExitRule, RouterBundle
-from m2r2core.runtime import hf_compat
-from m2r2core.runtime.decode import DecodeState, forward
+from m2r2core.runtime.decode import forward
 from m2r2core.runtime.hf_compat import DecoderParts
-from m2r2core.runtime.sampling import make_generator, sample_next
+from m2r2core.runtime.loop import DecodeRun, cut
+from m2r2core.runtime.sampling import sample_next
+from m2r2core.runtime.state import DecodeState
 from m2r2core.spec.medusa import MedusaHeads
 from m2r2core.spec.proposers import (
     DraftContext,
@@ -122,12 +123,12 @@ class SpecConfig:
                     self.min_draft_layer, f"1..draft_layer ({self.draft_layer})")
 
 
-class SpecLoop:
+class SpecLoop(DecodeRun[SpecRound]):
     """Self-speculative decoding over a prompt; iterate it to receive SpecRound records.
 
     Each round reads as the method: propose (spec/proposers.py) -> verify, accept and crop
     (spec/verify.py) -> record. After iteration: `stop_reason`, `prefill_ms`, `decode_ms` and
-    `tokens` are set.
+    `token_ids` are set (runtime/loop.py).
     """
 
     def __init__(self, parts: DecoderParts, proposer: Proposer, prompt_ids: list[int],
@@ -138,64 +139,43 @@ class SpecLoop:
             raise UnsupportedModel(
                 "Speculative decoding needs full-attention layers only: this model has "
                 "sliding-window layers, whose cache cannot be cropped back after a refused draft.")
-        self.parts, self.proposer, self.cfg, self.max_draft = parts, proposer, cfg, max_draft
-        self.eos_ids, self.token_text, self.lock = eos_ids, token_text, lock
-        self.device = parts.embed_tokens.weight.device
-        self.prompt = torch.tensor([prompt_ids], device=self.device)
-        self.stop_reason = "stopped"
-        self.prefill_ms = self.decode_ms = 0.0
-        self.tokens: list[int] = []
+        super().__init__(parts, prompt_ids, cfg, eos_ids, lock)
+        self.proposer, self.max_draft, self.token_text = proposer, max_draft, token_text
 
-    def __iter__(self) -> Iterator[SpecRound]:
-        """Prefill with the full model, then draft-and-verify rounds until EOS or the budget."""
-        cfg = self.cfg
-        state = DecodeState(hf_compat.new_cache(self.parts),
-                            make_generator(cfg.sampling, self.device))
-        start = time.perf_counter()
-        with self.lock:
-            out = forward(self.parts, self.prompt, state, keep_states=False)
-            first = sample_next(out.logits, cfg.sampling, state.generator)
-        normed = out.normed
-        self.prefill_ms = (time.perf_counter() - start) * 1000.0
-        self.tokens = [first]
-        yield SpecRound(0, 0, (), (), (), 0, (first,), (self.token_text(first),), False, 0.0,
-                        self.prefill_ms)
-        index = 0
-        while not self._finished():
-            index += 1
-            with self.lock:
-                round_, normed = self._round(index, state, normed)
-            self.decode_ms += round_.draft_ms + round_.verify_ms
-            self.tokens.extend(round_.emitted)
-            yield round_
-        last = self.tokens[-1]
-        self.stop_reason = "eos" if last in self.eos_ids else "max_new_tokens"
+    def prefill(self, state: DecodeState) -> tuple[SpecRound, tuple[int, ...]]:
+        """The prompt's forward pass chooses the first token (round 0: no drafts)."""
+        out = forward(self.parts, self.prompt, state, keep_states=False)
+        first = sample_next(out.logits, self.cfg.sampling, state.generator)
+        state.carry = out.normed  # the final state behind the last emitted token
+        return SpecRound(0, 0, (), (), (), 0, (first,), (self.token_text(first),), False, 0.0,
+                         0.0), (first,)
 
-    def _finished(self) -> bool:
-        return self.tokens[-1] in self.eos_ids or len(self.tokens) >= self.cfg.max_new_tokens
+    def stamp(self, record: SpecRound, ms: float) -> SpecRound:
+        """Round 0 is the prefill: its time is the verification's."""
+        return dataclasses.replace(record, verify_ms=ms) if record.index == 0 else record
 
-    @torch.inference_mode()
-    def _round(self, index: int, state: DecodeState, normed: torch.Tensor
-               ) -> tuple[SpecRound, torch.Tensor]:
-        """One round; returns its record and the final state behind its last emitted token."""
-        remaining = self.cfg.max_new_tokens - len(self.tokens)
+    def step(self, state: DecodeState, index: int) -> tuple[SpecRound, tuple[int, ...]]:
+        """One round: propose, verify (accept and crop), record."""
+        remaining = self.remaining
         start = time.perf_counter()
         # Never draft past the budget: the verification adds one token of its own.
         budget = min(self.max_draft, remaining - 1)
-        draft = self.proposer.propose(DraftContext(list(self.tokens), normed, state, budget))
+        draft = self.proposer.propose(DraftContext(list(self.token_ids), state.carry, state,
+                                                   budget))
         drafted = time.perf_counter()
-        verdict = verify(self.parts, state, self.tokens[-1], draft.tokens, draft.dists,
+        verdict = verify(self.parts, state, self.token_ids[-1], draft.tokens, draft.dists,
                          self.cfg.sampling)
-        emitted = _cut([*draft.tokens[:verdict.accepted], verdict.own], self.eos_ids, remaining)
+        emitted = cut([*draft.tokens[:verdict.accepted], verdict.own], self.eos_ids, remaining)
         verified = time.perf_counter()
+        state.carry = verdict.normed
         return SpecRound(
-            index=index, position=len(self.tokens), drafts=tuple(draft.tokens),
+            index=index, position=len(self.token_ids), drafts=tuple(draft.tokens),
             draft_texts=tuple(self.token_text(t) for t in draft.tokens),
             draft_probs=tuple(draft.probs), accepted=verdict.accepted, emitted=tuple(emitted),
             emitted_texts=tuple(self.token_text(t) for t in emitted),
             correction=verdict.accepted < len(draft.tokens),
             draft_ms=(drafted - start) * 1000.0, verify_ms=(verified - drafted) * 1000.0,
-            draft_depths=tuple(draft.depths)), verdict.normed
+            draft_depths=tuple(draft.depths)), tuple(emitted)
 
 
 def make_proposer(parts: DecoderParts, spec: SpecConfig, cfg: DecodeConfig,
@@ -225,11 +205,3 @@ def make_proposer(parts: DecoderParts, spec: SpecConfig, cfg: DecodeConfig,
             routers.net(rule.rule, rule.stream)  # AdapterError if untrained
     return StreamProposer(parts, accel if spec.stream == "fast" else None, spec.draft_layer,
                           draft_weight, picker, rule, routers)
-
-
-def _cut(tokens: list[int], eos_ids: frozenset[int], remaining: int) -> list[int]:
-    """Tokens up to and including the first EOS, at most `remaining` of them."""
-    for i, token in enumerate(tokens):
-        if token in eos_ids:
-            return tokens[:i + 1][:remaining]
-    return tokens[:remaining]

@@ -17,9 +17,10 @@ import torch
 
 from m2r2core.config import SamplingConfig
 from m2r2core.runtime import hf_compat
-from m2r2core.runtime.decode import DecodeState, forward
+from m2r2core.runtime.decode import forward
 from m2r2core.runtime.hf_compat import DecoderParts
 from m2r2core.runtime.sampling import filtered_probs
+from m2r2core.runtime.state import DecodeState
 
 
 @dataclass(frozen=True)
