@@ -26,7 +26,8 @@ from analysis.bench import run_parser
 from analysis.prompts import select_prompts
 from m2r2core.config import DecodeConfig
 from m2r2core.engine import environment
-from m2r2core.moe.experts import POLICIES, PRESETS
+from m2r2core.moe.channel import PRESETS
+from m2r2core.moe.eviction import POLICIES
 from m2r2core.moe.offload import OffloadConfig, OffloadEngine, load_moe
 from m2r2core.moe.prefetch import PREDICTORS
 

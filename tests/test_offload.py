@@ -14,9 +14,11 @@ import torch
 from m2r2core.config import DecodeConfig, EngineConfig, SamplingConfig
 from m2r2core.engine import Engine
 from m2r2core.errors import AssetMissing, ConfigError, UnsupportedModel
-from m2r2core.moe.experts import PRESETS, Bandwidth, ExpertCache, ExpertStore
+from m2r2core.moe.channel import PRESETS, Bandwidth
+from m2r2core.moe.experts import ExpertCache
 from m2r2core.moe.offload import OffloadConfig, OffloadedExperts, OffloadEngine
 from m2r2core.moe.prefetch import PREDICTORS, RouteAccelerator, recall_by_distance
+from m2r2core.moe.store import ExpertStore
 
 PROMPT = "Tell me about the sea and the ships."
 FAST = "pcie4"
@@ -334,7 +336,7 @@ def test_loads_read_into_the_tiers_fixed_buffers(offload, reference):
     """Every load lands in one of the tier's preallocated buffers: no memory is allocated per
     load, and a reused buffer holds exactly the new expert's bytes."""
     cache = ExpertCache(offload.store, 2, PRESETS[FAST], "lru", 2)
-    pointers = {b.data_ptr() for b in cache._pool}
+    pointers = {b.data_ptr() for b in cache.reader.buffers}
     try:
         for layer in range(4):
             for expert in range(4):

@@ -16,7 +16,8 @@ from analysis import expert_timeline as timeline
 from app import expert_charts, resources, state
 from app.components import controls
 from m2r2core.errors import M2R2Error
-from m2r2core.moe.experts import POLICIES, PRESETS
+from m2r2core.moe.channel import PRESETS
+from m2r2core.moe.eviction import POLICIES
 from m2r2core.moe.offload import OffloadConfig, OffloadEngine
 from m2r2core.moe.prefetch import PREDICTORS
 

@@ -1,10 +1,11 @@
 """Decoding an MoE model whose experts live in a slow tier, with ahead-of-time expert loading.
 
-`OffloadEngine` wraps an Engine holding a Mixtral-format model: it exports every expert to the
-expert store once, and swaps each layer's experts module for `OffloadedExperts`, which takes its
-weights from the fast tier (m2r2core/moe/experts.py), waiting when they are not there. After each
-block the predictor (m2r2core/moe/prefetch.py) names the experts of the next layers and the loader
-fetches them while compute goes on.
+`OffloadEngine` wraps an Engine holding a Mixtral-format model and exports every expert to the
+expert store once. A run (`OffloadRun`, on the loop skeleton of runtime/loop.py) installs, for
+each of its forward passes, `OffloadedExperts` modules that take their weights from the run's
+fast tier (moe/experts.py), waiting when they are not there. After each block the predictor
+(moe/prefetch.py) names the experts of the next layers and the cache fetches them while compute
+goes on.
 
 Without a run in progress the swapped module calls the model's own experts module: that is the
 reference "every expert resident" run, against which every offloaded output is compared. The
@@ -26,7 +27,8 @@ from torch import nn
 from m2r2core.config import DecodeConfig
 from m2r2core.engine import Engine
 from m2r2core.errors import ConfigError, UnsupportedModel
-from m2r2core.moe.experts import POLICIES, ExpertCache, ExpertStore, bandwidth
+from m2r2core.moe.channel import bandwidth
+from m2r2core.moe.experts import ExpertCache, check_tier
 from m2r2core.moe.prefetch import (
     PREDICTORS,
     MoeParts,
@@ -35,6 +37,7 @@ from m2r2core.moe.prefetch import (
     make_predictor,
     recall_by_distance,
 )
+from m2r2core.moe.store import ExpertStore
 from m2r2core.runtime import prompt
 from m2r2core.runtime.decode import forward
 from m2r2core.runtime.loop import DecodeRun
@@ -64,19 +67,11 @@ class OffloadConfig:
 
     def validate(self, total: int, n_layers: int, n_experts: int, top_k: int) -> None:
         """ConfigError naming the field and its allowed range (total: experts in the model)."""
-        if not isinstance(self.capacity, int) or self.capacity < top_k:
-            raise ConfigError(f"A fast tier of {self.capacity} experts cannot hold one layer's "
-                              f"top-{top_k} experts; the minimum capacity is {top_k}.")
-        if self.capacity > total:
-            raise ConfigError(f"Capacity {self.capacity} exceeds the {total} experts of the "
-                              f"model; the most is {total}.")
+        check_tier(self.capacity, total, top_k, self.policy)
         bandwidth(self.bandwidth)
         if self.predictor not in PREDICTORS:
             raise ConfigError(f"Unknown predictor '{self.predictor}'; choose one of "
                               f"{', '.join(PREDICTORS)}.")
-        if self.policy not in POLICIES:
-            raise ConfigError(f"Unknown eviction policy '{self.policy}'; choose one of "
-                              f"{', '.join(POLICIES)}.")
         if not 1 <= self.lookahead <= n_layers - 1:
             raise ConfigError(f"Lookahead {self.lookahead} is out of range; choose 1 to "
                               f"{n_layers - 1} layers.")
