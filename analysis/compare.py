@@ -7,16 +7,19 @@ after the other in one process. Each returns the record a page keeps and downloa
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from analysis import speculation
 from m2r2core.config import DecodeConfig
 from m2r2core.engine import Engine, RunResult
 from m2r2core.exits.early_exit import ExitConfig
+from m2r2core.exits.routers import ExitRule
 from m2r2core.moe.offload import OffloadConfig, OffloadEngine
 from m2r2core.spec.speculative import SpecConfig
-from m2r2core.trace import SpecRound, TokenStep
+from m2r2core.trace import Event, RunTrace, SpecRound, TokenStep, from_dict, to_dict
 
 Progress = Callable[[str, int, object], None]
 
@@ -46,6 +49,22 @@ class ExitComparison:
     def speedup(self) -> float:
         """Measured speedup of early exit over the full model."""
         return self.plain_ms / self.exit_ms if self.exit_ms else 1.0
+
+    def to_dict(self) -> dict:
+        """JSON-ready values (the raw residual capture, if any, is not kept)."""
+        return dict(rule=dataclasses.asdict(self.rule),
+                    traced=json.loads(self.traced.trace.to_json()),
+                    exit_steps=[to_dict(s) for s in self.exit_steps], exit_ms=self.exit_ms,
+                    plain_ms=self.plain_ms, exit_text=self.exit_text, plain_text=self.plain_text)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ExitComparison:
+        """Rebuild from `to_dict` output (KeyError/TypeError/ValueError on a damaged one)."""
+        rule = dict(data["rule"])
+        return cls(ExitConfig(ExitRule(**rule.pop("rule")), **rule),
+                   RunResult(RunTrace.from_json(json.dumps(data["traced"])), None),
+                   [from_dict(TokenStep, s) for s in data["exit_steps"]], float(data["exit_ms"]),
+                   float(data["plain_ms"]), str(data["exit_text"]), str(data["plain_text"]))
 
 
 def compare_exit(engine: Engine, text: str, cfg: DecodeConfig, exit_cfg: ExitConfig,
@@ -81,6 +100,9 @@ class SpecComparison:
     spec_tokens: list[int]
     plain_tokens: list[int]
     completion: str
+    prompt: str = ""
+    decode: dict = field(default_factory=dict)
+    """The DecodeConfig both runs used, as a dict."""
 
     @property
     def speedup(self) -> float:
@@ -91,6 +113,19 @@ class SpecComparison:
     def identical(self) -> bool:
         """Whether both runs produced the same tokens (greedy speculation must)."""
         return self.spec_tokens == self.plain_tokens
+
+    def to_dict(self) -> dict:
+        """JSON-ready values."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> SpecComparison:
+        """Rebuild from `to_dict` output (KeyError/TypeError/ValueError on a damaged one)."""
+        data = dict(data)
+        data["spec"] = SpecConfig(**data["spec"])
+        data["rounds"] = [from_dict(SpecRound, r) for r in data["rounds"]]
+        data["plain_rate"] = [tuple(p) for p in data["plain_rate"]]
+        return cls(**data)
 
 
 def compare_spec(engine: Engine, text: str, cfg: DecodeConfig, spec: SpecConfig,
@@ -107,7 +142,8 @@ def compare_spec(engine: Engine, text: str, cfg: DecodeConfig, spec: SpecConfig,
     latencies = [s.latency_ms for s in plain.steps[1:]]
     return SpecComparison(spec, sampling, list(run.rounds), run.decode_ms / decoded,
                           plain.ms_per_token, speculation.plain_running_rate(latencies),
-                          run.tokens, [s.token_id for s in plain.steps], run.completion)
+                          run.tokens, [s.token_id for s in plain.steps], run.completion, text,
+                          dataclasses.asdict(plain_cfg))
 
 
 @dataclass
@@ -134,6 +170,23 @@ class ExpertComparison:
     total: int
     top_k: int
     accel_note: str
+    prompt: str = ""
+    decode: dict = field(default_factory=dict)
+    """The DecodeConfig the three runs used, as a dict."""
+
+    def to_dict(self) -> dict:
+        """JSON-ready values."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ExpertComparison:
+        """Rebuild from `to_dict` output (KeyError/TypeError/ValueError on a damaged one)."""
+        data = dict(data)
+        data["offload"] = OffloadConfig(**data["offload"])
+        data["events"] = [Event(**e) for e in data["events"]]
+        data["routes"] = [[tuple(r) for r in token] for token in data["routes"]]
+        data["warm"] = [tuple(k) for k in data["warm"]]
+        return cls(**data)
 
 
 def compare_experts(moe: OffloadEngine, text: str, cfg: DecodeConfig, offload: OffloadConfig,
@@ -158,4 +211,4 @@ def compare_experts(moe: OffloadEngine, text: str, cfg: DecodeConfig, offload: O
         baseline=baseline.summary(), identical=run.token_ids == reference.token_ids,
         warm=keys[: offload.capacity] if offload.warm else [], n_layers=moe.moe.n_layers,
         n_experts=moe.moe.n_experts, total=len(keys), top_k=moe.moe.top_k,
-        accel_note=moe.accel_note)
+        accel_note=moe.accel_note, prompt=text, decode=dataclasses.asdict(cfg))

@@ -13,6 +13,7 @@ package; `$M2R2_TRAINED_DIR` points the engine elsewhere (tests, a training run'
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -34,6 +35,19 @@ def artifacts_dir() -> Path:
 def model_folder(model_name: str, root: Path | None = None) -> Path:
     """The folder of one model's trained files (a hub-style name's '/' becomes '--')."""
     return Path(root or artifacts_dir()) / model_name.replace("/", "--")
+
+
+def digest(paths: list[Path]) -> str:
+    """A fingerprint of some trained files' bytes (the ones that exist), 'none' when none do:
+    reproducibility bundles name the trained files a run used by it."""
+    sha = hashlib.sha256()
+    found = False
+    for path in paths:
+        if Path(path).is_file():
+            sha.update(Path(path).name.encode())
+            sha.update(Path(path).read_bytes())
+            found = True
+    return sha.hexdigest()[:16] if found else "none"
 
 
 def save(folder: Path, weights_file: str, tensors: dict[str, torch.Tensor], card_file: str,

@@ -20,16 +20,18 @@ import numpy as np
 import torch
 import transformers
 
+from m2r2core import artifacts
 from m2r2core.config import DecodeConfig, EngineConfig, batched_dtype
 from m2r2core.exits.early_exit import ExitConfig, ExitLoop
-from m2r2core.exits.routers import LEARNED, RouterBundle, load_routers
+from m2r2core.exits.routers import LEARNED, ROUTER_FILE, RouterBundle, load_routers
 from m2r2core.exits.tracer import FastStreamTracer
 from m2r2core.runtime import hf_compat, lens, prompt
 from m2r2core.runtime.decode import TokenLoop
 from m2r2core.runtime.model import LoadedModel, ModelInfo, load
-from m2r2core.spec.medusa import load_heads
+from m2r2core.spec.medusa import HEADS_FILE, load_heads
 from m2r2core.spec.proposers import Proposer
 from m2r2core.spec.speculative import SpecConfig, SpecLoop, make_proposer
+from m2r2core.stream.accel import WEIGHTS_NAME as ACCEL_WEIGHTS
 from m2r2core.stream.accel import AdapterError, find_trained, load_accelerator
 from m2r2core.trace import ResidualCapture, RunTrace, SpecRound, TokenStep
 
@@ -97,6 +99,8 @@ class Engine:
         self.accel, self.accel_card = None, None
         self.trained_folder: Path | None = None
         """Where the loaded adapters and routers came from (their cards and training logs)."""
+        self.trained_fingerprint = "none"
+        """A digest of the loaded adapters', routers' and heads' bytes (bundles name it)."""
         self.medusa, self.medusa_card = None, None
         self.medusa_note = f"No trained Medusa heads for '{self.info.name}'."
         self.routers = RouterBundle(self.parts, None, {})  # untrained rules, full check head
@@ -223,6 +227,14 @@ class Engine:
         self.accel, self.accel_card, self.routers = accel.to(self.model.dtype), card, routers
         self.accel_note = f"trained files in {folder.name}"
         self.trained_folder = folder
+        self.trained_fingerprint = artifacts.digest(
+            [folder / ACCEL_WEIGHTS, folder / ROUTER_FILE]
+            + ([folder / HEADS_FILE] if self.medusa is not None else []))
+
+    @property
+    def trained_label(self) -> str:
+        """Where the loaded trained files came from, for messages."""
+        return self.trained_folder.name if self.trained_folder is not None else ""
 
     def run(self, text: str | bytes, cfg: DecodeConfig = DecodeConfig()) -> RunResult:
         """Generate to the end and return the trace."""

@@ -3,16 +3,17 @@ token's exit decision change, without regenerating."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import pandas as pd
 import streamlit as st
 
-from analysis import compare
+from analysis import bundle, compare
 from analysis import exits as ex
 from app import exit_charts, resources, state
 from app.charts import visible
-from app.components import controls
+from app.components import bundles, controls
 from m2r2core.config import DecodeConfig
 from m2r2core.errors import M2R2Error
 from m2r2core.exits.early_exit import KV_FILLS, ExitConfig
@@ -43,6 +44,9 @@ model. Re-decided tokens are *teacher-forced* (the context stays the full model'
 ExitSession = compare.ExitComparison
 """What one Generate press produced (analysis/compare.py)."""
 
+VIEW_KEYS = (state.EXIT_RE_STREAM, state.EXIT_RE_RULE, state.EXIT_RE_THR, state.EXIT_RE_MIN)
+"""The re-decide controls a bundle restores."""
+
 
 def render() -> None:
     engine = resources.page_start("Exit Threshold debugger", INTRO, CHOICES)
@@ -51,6 +55,9 @@ def render() -> None:
     if "fast" not in engine.capabilities().streams:
         st.warning(f"{engine.accel_note} The fast stream is unavailable; slow-stream rules "
                    "still work.")
+    opened = bundles.open_control("exit", bundle.owner_of(engine), state.EXIT_BUNDLE)
+    if opened is not None:
+        bundles.restore(opened, RESULT_KEY, state.PROMPT, VIEW_KEYS)
     got = controls.decode_controls_or_error()
     if got is None:
         return
@@ -206,7 +213,7 @@ def _redecide(engine, s: ExitSession) -> None:
         _pareto(s, {"stream": stream, "rule": rule, "threshold": threshold,
                     "min_layer": min_layer} | summ)
     _disagreements(engine, s, steps, decisions, stream, rule)
-    _downloads(s, steps, decisions, stream, rule, threshold, min_layer)
+    _downloads(engine, s, steps, decisions, stream, rule, threshold, min_layer)
 
 
 def _pareto(session: ExitSession | None, current: dict | None) -> None:
@@ -304,7 +311,8 @@ def _attribution(engine, s: ExitSession, index: int, stream: str, rule: str, dep
     cols[1].bar_chart(depth_table, x="depth", y="attribution")
 
 
-def _downloads(s: ExitSession, steps, decisions, stream, rule, threshold, min_layer) -> None:
+def _downloads(engine, s: ExitSession, steps, decisions, stream, rule, threshold, min_layer
+               ) -> None:
     table = pd.DataFrame([{
         "position": st_.position, "token": st_.text, "exit_depth": d.depth,
         "exit_token_id": d.token_id, "agrees": d.agrees} for st_, d in zip(steps, decisions,
@@ -314,8 +322,11 @@ def _downloads(s: ExitSession, steps, decisions, stream, rule, threshold, min_la
         "Download decisions (CSV)", table.to_csv(index=False),
         file_name=f"exits-{stream}-{rule}-{threshold:.2f}-min{min_layer}.csv",
         key=state.EXIT_DL_CSV)
-    cols[1].download_button("Download trace (JSON)", s.traced.trace.to_json(),
-                            file_name=f"trace-{s.traced.trace.run_id}.json", key=state.EXIT_DL_JSON)
+    trace = s.traced.trace
+    view = dict(zip(VIEW_KEYS, (stream, rule, threshold, min_layer), strict=True))
+    bundles.download(cols[1], "exit", s, bundle.owner_of(engine), trace.prompt,
+                     {"decode": trace.config, "exit": dataclasses.asdict(s.rule), "view": view},
+                     key=state.EXIT_DL_JSON, file_name=f"exit-bundle-{trace.run_id}.json")
 
 
 render()

@@ -4,17 +4,16 @@ earlier layers compute, and what it buys against loading on demand."""
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict
 
 import pandas as pd
 import streamlit as st
 
-from analysis import compare
+from analysis import bundle, compare
 from analysis import expert_timeline as timeline
 from app import expert_charts, resources, state
-from app.components import controls
+from app.components import bundles, controls
 from m2r2core.errors import M2R2Error
 from m2r2core.moe.channel import PRESETS
 from m2r2core.moe.eviction import POLICIES
@@ -105,6 +104,9 @@ def render() -> None:
         return
     if moe.accel is None:
         st.warning(f"The m2r2 predictor is unavailable for this model ({moe.accel_note}).")
+    opened = bundles.open_control("experts", bundle.owner_of(moe), state.EXPERTS_BUNDLE)
+    if opened is not None:
+        bundles.restore(opened, RESULT_KEY, state.PROMPT, ())
     got = controls.decode_controls_or_error()
     if got is None:
         return
@@ -119,6 +121,7 @@ def render() -> None:
     else:
         try:
             _show(session)
+            _downloads(moe, session)
         except Exception as exc:  # noqa: BLE001 — a traceback must never reach the page
             st.error(f"The run could not be drawn: {type(exc).__name__}: {exc}")
     _report()
@@ -249,14 +252,16 @@ def _show(s: ExpertSession) -> None:
             {f"{o.predictor} (this run)": s.summary["recall_by_distance"]}),
             key=state.EXPERTS_RECALL_RUN)
         st.caption("Of the experts a layer used, the share predicted that many layers earlier.")
-    frame = timeline.events_frame(s.events)
+
+
+def _downloads(moe: OffloadEngine, s: ExpertSession) -> None:
     cols = st.columns(2)
-    cols[0].download_button("Download events (CSV)", frame.to_csv(index=False),
+    cols[0].download_button("Download events (CSV)",
+                            timeline.events_frame(s.events).to_csv(index=False),
                             file_name="expert-events.csv", key=state.EXPERTS_DL_CSV)
-    cols[1].download_button("Download run (JSON)", json.dumps({
-        "config": asdict(s.offload), "summary": s.summary, "on_demand_lru": s.baseline,
-        "identical_to_all_resident": s.identical, "completion": "".join(s.texts),
-        "routes": s.routes}, indent=2), file_name="expert-run.json", key=state.EXPERTS_DL_JSON)
+    bundles.download(cols[1], "experts", s, bundle.owner_of(moe), s.prompt,
+                     {"decode": s.decode, "offload": asdict(s.offload)},
+                     key=state.EXPERTS_DL_JSON, file_name="expert-bundle.json")
 
 
 def _picked_events(chosen, rows: pd.DataFrame) -> pd.DataFrame | None:

@@ -8,9 +8,10 @@ import pandas as pd
 import plotly.io
 import streamlit as st
 
-from analysis import exits, velocity
+from analysis import bundle, exits, velocity
+from analysis.bundle import BundleError
 from app import charts, exit_charts, resources, state
-from app.components import controls
+from app.components import bundles, controls
 from app.components.tokens import token_strip_html
 from m2r2core.engine import RunResult
 from m2r2core.errors import M2R2Error
@@ -60,12 +61,12 @@ def render() -> None:
         st.markdown(LESSON)
     engine = resources.engine_or_error()
     _generation_form(engine)
-    _trace_upload()
+    _trace_upload(engine)
     run = state.result()
     if run is None:
         st.info("Generate a continuation (or open a saved trace) to see its residual dynamics.")
         return
-    _results(run)
+    _results(run, engine)
 
 
 def _generation_form(engine) -> None:
@@ -108,15 +109,25 @@ def _generate(engine, text, cfg) -> None:
     state.store_result(generation.result)
 
 
-def _trace_upload() -> None:
-    with st.expander("Open a saved trace (JSON)"):
-        upload = st.file_uploader("Trace file", type=["json"], key=state.TRACE_UPLOAD)
+def _trace_upload(engine) -> None:
+    with st.expander("Open a saved trace or bundle (JSON)"):
+        upload = st.file_uploader("Trace or bundle file", type=["json"], key=state.TRACE_UPLOAD)
         if upload is None:
             return
+        data = upload.getvalue()
         try:
-            trace = RunTrace.from_json(upload.getvalue().decode("utf-8"))
+            if bundle.is_bundle(data):
+                if engine is None:
+                    raise BundleError("Load a model first: a bundle is checked against it.")
+                trace = bundle.loads(data, "trace", bundle.owner_of(engine)).record
+            else:
+                trace = RunTrace.from_json(data.decode("utf-8"))
+        except BundleError as exc:
+            st.error(f"{upload.name} was not opened: {exc} What the page showed is kept.")
+            return
         except (ValueError, TypeError, KeyError, UnicodeDecodeError) as exc:
-            st.error(f"{upload.name} is not a trace this app can open: {exc}")
+            st.error(f"{upload.name} is not a trace this app can open: {exc}. What the page "
+                     "showed is kept.")
             return
         current = state.result()
         if current is None or current.trace.run_id != trace.run_id:
@@ -124,7 +135,7 @@ def _trace_upload() -> None:
         st.success(f"Opened run {trace.run_id} ({len(trace.steps)} tokens).")
 
 
-def _results(run) -> None:
+def _results(run, engine) -> None:
     trace = run.trace
     n = trace.n_layers
     st.subheader("Generated continuation")
@@ -152,7 +163,7 @@ def _results(run) -> None:
     _two_streams(run)
     _token_inspector(trace)
     _projection(run)
-    _downloads(trace)
+    _downloads(trace, engine)
 
 
 def _heatmaps(trace: RunTrace) -> None:
@@ -272,9 +283,13 @@ def _projection(run) -> None:
                     key=state.PROJECTION, alt="2-D projection of residual trajectories")
 
 
-def _downloads(trace: RunTrace) -> None:
+def _downloads(trace: RunTrace, engine) -> None:
     st.subheader("Download")
-    left, right = st.columns(2)
+    left, middle, right = st.columns(3)
+    if engine is not None and trace.model.get("fingerprint") == engine.info.fingerprint:
+        bundles.download(middle, "trace", trace, bundle.owner_of(engine), trace.prompt,
+                         {"decode": trace.config}, key=state.DOWNLOAD_BUNDLE,
+                         file_name=f"m2r2-bundle-{trace.run_id}.json")
     left.download_button("Trace (JSON)", data=trace.to_json, key=state.DOWNLOAD_TRACE,
                          file_name=f"m2r2-trace-{trace.run_id}.json", mime="application/json")
     right.download_button("Charts (HTML)", data=lambda: _charts_html(trace),

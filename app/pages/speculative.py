@@ -9,9 +9,9 @@ import time
 import pandas as pd
 import streamlit as st
 
-from analysis import compare, speculation
+from analysis import bundle, compare, speculation
 from app import resources, spec_charts, state
-from app.components import controls
+from app.components import bundles, controls
 from m2r2core.config import SamplingConfig
 from m2r2core.errors import M2R2Error
 from m2r2core.spec.speculative import (
@@ -64,6 +64,9 @@ def render() -> None:
         return
     if "fast" not in engine.capabilities().draft_streams:
         st.warning(f"{engine.accel_note} Only slow-stream drafting is available.")
+    opened = bundles.open_control("spec", bundle.owner_of(engine), state.SPEC_BUNDLE)
+    if opened is not None:
+        bundles.restore(opened, RESULT_KEY, state.PROMPT, ())
     got = controls.decode_controls_or_error()
     if got is None:
         return
@@ -229,11 +232,9 @@ def _show(engine, s: SpecSession) -> None:
     cols = st.columns(2)
     cols[0].download_button("Download rounds (CSV)", rows.to_csv(index=False),
                             file_name="speculative-rounds.csv", key=state.SPEC_DL_CSV)
-    cols[1].download_button("Download run (JSON)", json.dumps({
-        "config": vars(s.spec), "sampling": s.sampling, "completion": s.completion,
-        "speculative_ms_per_token": s.spec_ms, "plain_ms_per_token": s.plain_ms,
-        "acceptance": stats, "rounds": speculation.round_rows(s.rounds)}, indent=2),
-        file_name="speculative-run.json", key=state.SPEC_DL_JSON)
+    bundles.download(cols[1], "spec", s, bundle.owner_of(engine), s.prompt,
+                     {"decode": s.decode, "spec": vars(s.spec), "sampling": s.sampling},
+                     key=state.SPEC_DL_JSON, file_name="speculative-bundle.json")
 
 
 def _comparison(engine) -> None:

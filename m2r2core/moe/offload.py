@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from m2r2core import artifacts
 from m2r2core.config import DecodeConfig
 from m2r2core.engine import Engine
 from m2r2core.errors import ConfigError, UnsupportedModel
@@ -144,7 +145,8 @@ class OffloadEngine:
     """An MoE Engine whose experts are served from a slow tier through a bounded fast tier."""
 
     def __init__(self, engine: Engine, store: Path | None = None,
-                 accelerator: RouteAccelerator | None = None, accel_note: str = "") -> None:
+                 accelerator: RouteAccelerator | None = None, accel_note: str = "",
+                 trained: tuple[str, str] = ("none", "")) -> None:
         """Export the expert store if needed. The shared model is left as it is: a run installs
         its OffloadedExperts for each forward pass and removes them in `finally` (`installed`).
 
@@ -154,6 +156,8 @@ class OffloadEngine:
         self.moe = moe_parts(engine)
         self.accel = accelerator.to(engine.model.dtype) if accelerator is not None else None
         self.accel_note = accel_note
+        self.trained_fingerprint, self.trained_label = trained
+        """A digest of the route accelerator's bytes and where it came from (bundles)."""
         folder = Path(store) if store is not None else store_dir(engine)
         if not (folder / "experts.json").is_file():
             ExpertStore.export(self._weights(), folder, self.moe.n_layers, self.moe.n_experts)
@@ -365,7 +369,7 @@ def load_moe(model: str | None = None, dtype: str = "bfloat16", threads: int = 0
     from m2r2core.config import EngineConfig
     from m2r2core.errors import M2R2Error
     from m2r2core.moe import moefy
-    from m2r2core.moe.prefetch import load_route_accelerator
+    from m2r2core.moe.prefetch import ACCEL_FILE, load_route_accelerator
 
     folder = Path(model) if model else moefy.build(progress=progress)
     engine = Engine.load(EngineConfig(model=str(folder), dtype=dtype, threads=threads))
@@ -379,4 +383,7 @@ def load_moe(model: str | None = None, dtype: str = "bfloat16", threads: int = 0
                                  "MoEfication; retrain it: python -m m2r2core.train.moe fit-accel")
     except M2R2Error as exc:
         note = f"no accelerator: {exc}"
-    return OffloadEngine(engine, accelerator=accel, accel_note=note)
+    trained = ("none", "")
+    if accel is not None:
+        trained = (artifacts.digest([moefy.TRAINED_DIR / ACCEL_FILE]), moefy.TRAINED_DIR.name)
+    return OffloadEngine(engine, accelerator=accel, accel_note=note, trained=trained)

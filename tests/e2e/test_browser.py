@@ -143,6 +143,23 @@ def test_exit_debugger_in_browser(streamlit_url, tmp_path):
             expect(page.get_by_test_id(ids.EXCEPTION)).to_have_count(0)
             # an out-of-range threshold (the generation one: the first labelled so) is refused
             _refused_and_kept(page, "Threshold", "1.5", "threshold", ids.EXIT_STRIP)
+            # the run's bundle re-opens in a fresh session without generating; a damaged one
+            # is refused with a message and the page keeps what it showed
+            with page.expect_download() as download:
+                page.get_by_role("button", name="Download bundle (JSON)").click()
+            saved = tmp_path / "exit-bundle.json"
+            download.value.save_as(saved)
+            page.goto(f"{streamlit_url}/exits")
+            page.locator('input[type="file"]').first.set_input_files(str(saved))
+            expect(page.get_by_test_id(ids.EXIT_STRIP).first).to_be_visible(timeout=60_000)
+            expect(page.get_by_text("Measured speedup")).to_be_visible()
+            broken = tmp_path / "broken.json"
+            broken.write_text(saved.read_text()[:500])
+            page.locator('input[type="file"]').first.set_input_files(str(broken))
+            expect(page.get_by_test_id(ids.ERROR).first).to_contain_text("not valid JSON",
+                                                                         timeout=30_000)
+            expect(page.get_by_test_id(ids.EXIT_STRIP).first).to_be_visible()
+            expect(page.get_by_test_id(ids.EXCEPTION)).to_have_count(0)
         finally:
             page.screenshot(path=str(shot_dir / "exit_debugger.png"), full_page=True)
             browser.close()
