@@ -22,7 +22,8 @@ from captum.attr import IntegratedGradients
 from m2r2core.exits.routers import LEARNED, RouterBundle
 from m2r2core.runtime import hf_compat
 from m2r2core.runtime.hf_compat import DecoderParts
-from m2r2core.stream.accel import Accelerator, block_rows, keys_values, visible
+from m2r2core.stream.accel import Accelerator
+from m2r2core.stream.blocks import block_rows, keys_values, visible
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,38 @@ def _timed(generation) -> tuple[list, float]:
     return steps, generation.ms_per_token
 
 
+def _exit_run(engine: Engine, prompt, plain_cfg: DecodeConfig, cfg: ExitConfig, full_steps,
+              full_ms: float, full_text: str) -> dict:
+    """One early-exit generation measured against the full model's run of the same prompt."""
+    steps, ms = _timed(engine.generate_exits(prompt.text, plain_cfg, cfg))
+    text = engine.tokenizer.decode([s.token_id for s in steps], skip_special_tokens=True)
+    return {
+        "prompt_id": prompt.id, "tokens": len(steps), "ms_per_token": ms,
+        "full_ms_per_token": full_ms, "speedup": full_ms / ms if ms > 0 else float("nan"),
+        "rouge_full": ex.rouge_l(text, full_text),
+        "rouge_ref": ex.rouge_l(text, prompt.reference) if prompt.reference else None,
+        "mean_exit_layer": float(np.mean([s.exit_layer for s in steps[1:]]))
+        if len(steps) > 1 else float(engine.parts.n_layers),
+        "identical": [s.token_id for s in steps] == [s.token_id for s in full_steps],
+    }
+
+
+def _summarise(key: str, runs: list[dict], steps: tuple, min_layer: int, n: int) -> dict:
+    """One setting's figures over every prompt, with its offline (re-decided) agreement."""
+    stream, rule, threshold = key.split("/")
+    offline = ex.summary(ex.decide_all(steps, stream, rule, float(threshold), min_layer, n), n)
+    refs = [r["rouge_ref"] for r in runs if r["rouge_ref"] is not None]
+    return {
+        "stream": stream, "rule": rule, "threshold": float(threshold),
+        "speedup": statistics.median(r["speedup"] for r in runs),
+        "rouge_full": float(np.mean([r["rouge_full"] for r in runs])),
+        "rouge_ref": float(np.mean(refs)) if refs else None,
+        "agreement": offline["agreement"],
+        "mean_exit_layer": float(np.mean([r["mean_exit_layer"] for r in runs])),
+        "identical_outputs": sum(r["identical"] for r in runs), "runs": runs,
+    }
+
+
 def evaluate(engine: Engine, prompt_sets: list[str], limit: int, max_new_tokens: int,
              rules: list[str], streams: list[str], min_layer: int, kv_fill: str,
              progress=None) -> dict:
@@ -79,23 +111,9 @@ def evaluate(engine: Engine, prompt_sets: list[str], limit: int, max_new_tokens:
         for (stream, rule), thresholds in grid.items():
             for threshold in thresholds:
                 cfg = ExitConfig(ExitRule(rule, stream, threshold, min_layer), kv_fill)
-                gen = engine.generate_exits(prompt.text, plain_cfg, cfg)
-                steps, ms = _timed(gen)
-                text = engine.tokenizer.decode([s.token_id for s in steps],
-                                               skip_special_tokens=True)
-                key = f"{stream}/{rule}/{threshold}"
-                per_config.setdefault(key, []).append({
-                    "set": set_name, "prompt_id": prompt.id, "tokens": len(steps),
-                    "ms_per_token": ms, "full_ms_per_token": full_ms,
-                    "speedup": full_ms / ms if ms > 0 else float("nan"),
-                    "rouge_full": ex.rouge_l(text, full_text),
-                    "rouge_ref": ex.rouge_l(text, prompt.reference) if prompt.reference
-                    else None,
-                    "mean_exit_layer": float(np.mean([s.exit_layer for s in steps[1:]]))
-                    if len(steps) > 1 else float(n),
-                    "identical": [s.token_id for s in steps] == [s.token_id
-                                                                 for s in full_steps],
-                })
+                per_config.setdefault(f"{stream}/{rule}/{threshold}", []).append(
+                    {"set": set_name} | _exit_run(engine, prompt, plain_cfg, cfg, full_steps,
+                                                   full_ms, full_text))
                 done += 1
                 if progress:
                     progress(done, total)
@@ -104,21 +122,7 @@ def evaluate(engine: Engine, prompt_sets: list[str], limit: int, max_new_tokens:
                      if prompt.reference else None})
         gc.collect()
     steps = tuple(traced_steps)
-    configs = []
-    for key, runs in per_config.items():
-        stream, rule, threshold = key.split("/")
-        offline = ex.summary(ex.decide_all(steps, stream, rule, float(threshold), min_layer, n),
-                             n)
-        refs = [r["rouge_ref"] for r in runs if r["rouge_ref"] is not None]
-        configs.append({
-            "stream": stream, "rule": rule, "threshold": float(threshold),
-            "speedup": statistics.median(r["speedup"] for r in runs),
-            "rouge_full": float(np.mean([r["rouge_full"] for r in runs])),
-            "rouge_ref": float(np.mean(refs)) if refs else None,
-            "agreement": offline["agreement"],
-            "mean_exit_layer": float(np.mean([r["mean_exit_layer"] for r in runs])),
-            "identical_outputs": sum(r["identical"] for r in runs), "runs": runs,
-        })
+    configs = [_summarise(key, runs, steps, min_layer, n) for key, runs in per_config.items()]
     curves = {}
     for stream in streams:
         for rule in rules:

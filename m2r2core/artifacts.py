@@ -39,7 +39,8 @@ def model_folder(model_name: str, root: Path | None = None) -> Path:
 
 def digest(paths: list[Path]) -> str:
     """A fingerprint of some trained files' bytes (the ones that exist), 'none' when none do:
-    reproducibility bundles name the trained files a run used by it."""
+    reproducibility bundles name the trained files a run used by it.
+    """
     sha = hashlib.sha256()
     found = False
     for path in paths:

@@ -75,6 +75,25 @@ class Capabilities:
         """Whether `rule` can score `stream` (heuristic rules always can)."""
         return rule not in LEARNED or rule in self.learned_rules.get(stream, ())
 
+    @classmethod
+    def of(cls, engine: Engine) -> Capabilities:
+        """What `engine` can do with the trained files it has loaded."""
+        accel = engine.accel
+        nets = engine.routers.nets
+        learned = {stream: tuple(rule for rule in LEARNED if f"{rule}/{stream}" in nets)
+                   for stream in ("fast", "slow")}
+        return cls(
+            n_layers=engine.parts.n_layers,
+            streams=("fast", "slow") if accel is not None else ("slow",),
+            fast_depth=accel.max_depth if accel is not None else None,
+            n_fast=accel.n_fast if accel is not None else 0,
+            rate=accel.config.rate if accel is not None else None,
+            draft_streams=(("fast",) if accel is not None else ()) + ("slow",)
+            + (("medusa",) if engine.medusa is not None else ()),
+            medusa_heads=engine.medusa.n_heads if engine.medusa is not None else None,
+            sub_vocab=engine.routers.card is not None, learned_rules=learned,
+            accel_note=engine.accel_note, medusa_note=engine.medusa_note)
+
 
 class Engine:
     """A model with its tokenizer and walkable parts. Safe to share across threads: per-run state
@@ -122,21 +141,7 @@ class Engine:
 
     def capabilities(self) -> Capabilities:
         """What this engine can do with the trained files it has loaded."""
-        accel = self.accel
-        nets = self.routers.nets
-        learned = {stream: tuple(rule for rule in LEARNED if f"{rule}/{stream}" in nets)
-                   for stream in ("fast", "slow")}
-        return Capabilities(
-            n_layers=self.parts.n_layers,
-            streams=("fast", "slow") if accel is not None else ("slow",),
-            fast_depth=accel.max_depth if accel is not None else None,
-            n_fast=accel.n_fast if accel is not None else 0,
-            rate=accel.config.rate if accel is not None else None,
-            draft_streams=(("fast",) if accel is not None else ()) + ("slow",)
-            + (("medusa",) if self.medusa is not None else ()),
-            medusa_heads=self.medusa.n_heads if self.medusa is not None else None,
-            sub_vocab=self.routers.card is not None, learned_rules=learned,
-            accel_note=self.accel_note, medusa_note=self.medusa_note)
+        return Capabilities.of(self)
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:

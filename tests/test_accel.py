@@ -13,7 +13,8 @@ from m2r2core.errors import ConfigError
 from m2r2core.runtime import hf_compat
 from m2r2core.runtime.decode import DecodeState, forward
 from m2r2core.stream import accel
-from m2r2core.stream.accel import AccelConfig, Accelerator, AdapterError, block_rows, visible
+from m2r2core.stream.accel import AccelConfig, Accelerator, AdapterError
+from m2r2core.stream.blocks import block_rows, visible
 from m2r2core.train import slow_states
 
 from .conftest import FAMILIES
@@ -136,7 +137,7 @@ def test_save_load_roundtrip_and_refusals(engines, tmp_path):
 
 def test_matmul_attention_matches_the_fused_kernel():
     """The drafting path's plain-matmul attention computes the same function as sdpa (GQA, mask)."""
-    from m2r2core.stream.accel import _matmul_attention
+    from m2r2core.stream.blocks import _matmul_attention
 
     torch.manual_seed(0)
     q = torch.randn(1, 6, 3, 8)

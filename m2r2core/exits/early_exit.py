@@ -28,7 +28,8 @@ from m2r2core.runtime.hf_compat import DecoderParts
 from m2r2core.runtime.loop import DecodeRun
 from m2r2core.runtime.sampling import sample_next
 from m2r2core.runtime.state import DecodeState
-from m2r2core.stream.accel import Accelerator, block_rows, keys_values, visible
+from m2r2core.stream.accel import Accelerator
+from m2r2core.stream.blocks import block_rows, keys_values, visible
 from m2r2core.trace import TokenStep
 
 KV_FILLS = ("jit", "copy")

@@ -27,7 +27,8 @@ from m2r2core.runtime.hf_compat import DecoderParts
 from m2r2core.runtime.sampling import filtered_probs
 from m2r2core.runtime.state import DecodeState
 from m2r2core.spec.medusa import MedusaHeads
-from m2r2core.stream.accel import Accelerator, block_rows, keys_values
+from m2r2core.stream.accel import Accelerator
+from m2r2core.stream.blocks import block_rows, keys_values
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,8 @@ from torch.nn import functional as F
 from m2r2core import artifacts
 from m2r2core.errors import AdapterError, ConfigError, require
 from m2r2core.runtime import hf_compat
-from m2r2core.runtime.hf_compat import BlockParts, DecoderParts
+from m2r2core.runtime.hf_compat import DecoderParts
+from m2r2core.stream.blocks import FusedAdapters, block_rows, keys_values, visible
 
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 TARGETS = ("rate", "final")
@@ -190,44 +191,6 @@ class Accelerator(nn.Module):
                        CARD_NAME, asdict(card))
 
 
-GROUPS = {"qkv": ("q", "k", "v"), "o": ("o",), "gate_up": ("gate", "up"), "down": ("down",)}
-"""Projections that read the same input, so their adapters run as one low-rank pair."""
-
-
-class FusedAdapters:
-    """Inference form of one block's adapters: per input group, the A matrices stacked and the
-    scaled B matrices block-diagonal, in the model's dtype. Two small matmuls per group instead
-    of two per projection plus casts (on CPU, op overhead dominates these tiny products).
-    """
-
-    def __init__(self, adapters: nn.ModuleDict, dtype: torch.dtype) -> None:
-        """Fuse a block's LowRank adapters."""
-        self.groups: dict[str, tuple[tuple[str, ...], torch.Tensor, torch.Tensor,
-                                     torch.Tensor | None, list[int]]] = {}
-        with torch.no_grad():
-            for group, names in GROUPS.items():
-                present = tuple(n for n in names if n in adapters)
-                if not present:
-                    continue
-                a = torch.cat([adapters[n].A for n in present]).to(dtype)
-                b = torch.block_diag(*[adapters[n].B * adapters[n].scale for n in present])
-                sizes = [adapters[n].B.shape[0] for n in present]
-                bias = None
-                if any(adapters[n].bias is not None for n in present):
-                    bias = torch.cat([torch.zeros(size) if adapters[n].bias is None
-                                      else adapters[n].bias.float()
-                                      for n, size in zip(present, sizes, strict=True)]).to(dtype)
-                self.groups[group] = (present, a, b.to(dtype), bias, sizes)
-
-    def deltas(self, group: str, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """{projection: delta} for the (B, R, in) inputs of one group."""
-        if group not in self.groups:
-            return {}
-        names, a, b, bias, sizes = self.groups[group]
-        out = F.linear(F.linear(x, a), b, bias)
-        return dict(zip(names, out.split(sizes, dim=-1), strict=True))
-
-
 def find_trained(model_fingerprint: str, root: Path | None = None) -> Path | None:
     """The folder whose adapters were trained for this model, if any: under $M2R2_TRAINED_DIR
     when set, else the committed artifacts/ folder (m2r2core/artifacts.py).
@@ -263,111 +226,6 @@ def load_accelerator(folder: Path, parts: DecoderParts, model_name: str,
     tensors = artifacts.load_tensors(folder, WEIGHTS_NAME, "adapter", TRAIN_ADAPTERS)
     return artifacts.fill(Accelerator(parts, config), tensors, folder, "adapter",
                           TRAIN_ADAPTERS), card
-
-
-def _projections(group: str, linears: tuple[nn.Linear, ...], x: torch.Tensor,
-                 adapters: nn.ModuleDict | FusedAdapters | None, n_fast: int
-                 ) -> list[torch.Tensor]:
-    """The group's projections of x (B, R, in), adapters added on the last n_fast rows."""
-    outs = [linear(x) for linear in linears]
-    if adapters is None or n_fast == 0:
-        return outs
-    names = GROUPS[group]
-    if isinstance(adapters, FusedAdapters):  # decoding: no autograd, add in place
-        deltas = adapters.deltas(group, x[:, -n_fast:])
-        for name, out in zip(names, outs, strict=True):
-            if name in deltas:
-                out[:, -n_fast:] += deltas[name]
-        return outs
-    result = []
-    for name, out in zip(names, outs, strict=True):  # training: differentiable, no in-place
-        if name in adapters:
-            delta = adapters[name](x[:, -n_fast:])
-            out = out + delta if n_fast == x.shape[1] else torch.cat(
-                [out[:, :-n_fast], out[:, -n_fast:] + delta], dim=1)
-        result.append(out)
-    return result
-
-
-def block_rows(bp: BlockParts, adapters: nn.ModuleDict | FusedAdapters | None,
-               hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               past_keys: torch.Tensor | None, past_values: torch.Tensor | None,
-               mask: torch.Tensor | None, n_fast: int, exact: bool = True
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One decoder block over a set of rows, the last n_fast of which are fast rows.
-
-    Args:
-        adapters: the block's LowRank modules (training) or FusedAdapters (decoding), or None.
-        hidden: (B, R, H) input residuals of the rows.
-        cos, sin: (B, R, D) rotary tables at each row's position.
-        past_keys, past_values: (B, kv, P, D) keys/values already cached, or None (P = 0).
-        mask: (R, P + R) bool, True where row q may attend to key k; keys are the P past ones
-            followed by the rows' own keys. None: every key is visible.
-        n_fast: how many trailing rows get the adapters.
-        exact: attention by torch's fused kernel (matches transformers' blocks). False: plain
-            matmuls in the model's dtype, about 4x cheaper for a few rows on CPU (drafting,
-            where verification makes small rounding differences harmless).
-
-    Returns:
-        The (B, R, H) outputs, and the rows' own (B, kv, R, D) rotated keys and values (for the
-        caller to cache the slow rows').
-    """
-    batch, rows, _ = hidden.shape
-    x = bp.input_norm(hidden)
-    shape = (batch, rows, -1, bp.head_dim)
-    q, k, v = (t.view(shape).transpose(1, 2) for t in _projections(
-        "qkv", (bp.q_proj, bp.k_proj, bp.v_proj), x, adapters, n_fast))
-    q, k = hf_compat.rotate(q, cos, sin), hf_compat.rotate(k, cos, sin)
-    keys = k if past_keys is None else torch.cat([past_keys, k], dim=2)
-    values = v if past_values is None else torch.cat([past_values, v], dim=2)
-    if exact:
-        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=bp.scaling,
-                                              enable_gqa=bp.n_heads != bp.n_kv_heads)
-    else:
-        attn = _matmul_attention(q, keys, values, mask, bp.scaling)
-    attn = attn.transpose(1, 2).reshape(batch, rows, -1)
-    hidden = hidden + _projections("o", (bp.o_proj,), attn, adapters, n_fast)[0]
-    x = bp.post_norm(hidden)
-    if bp.mlp_proj is None:
-        return hidden + bp.mlp(x), k, v
-    gate, up, down = bp.mlp_proj
-    g, u = _projections("gate_up", (gate, up), x, adapters, n_fast)
-    inner = bp.act_fn(g) * u
-    return hidden + _projections("down", (down,), inner, adapters, n_fast)[0], k, v
-
-
-def _matmul_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                      mask: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """Grouped-query attention of (B, heads, R, D) queries by plain matmuls; (B, heads, R, D)."""
-    batch, heads, rows, dim = q.shape
-    kv = keys.shape[1]
-    grouped = q.reshape(batch, kv, (heads // kv) * rows, dim)  # query heads i*g..i*g+g-1 share kv i
-    scores = torch.matmul(grouped, keys.transpose(-1, -2)) * scale
-    if mask is not None:
-        scores = scores.masked_fill(~mask.repeat(heads // kv, 1), float("-inf"))
-    weights = torch.softmax(scores.float(), dim=-1).to(values.dtype)
-    return torch.matmul(weights, values).reshape(batch, heads, rows, dim)
-
-
-def keys_values(bp: BlockParts, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rotated (B, kv, T, D) keys and the values block `bp` makes from (B, T, H) residuals,
-    without adapters: what the slow stream caches for those positions.
-    """
-    x = bp.input_norm(hidden)
-    shape = (x.shape[0], x.shape[1], -1, bp.head_dim)
-    keys = hf_compat.rotate(bp.k_proj(x).view(shape).transpose(1, 2), cos, sin)
-    return keys, bp.v_proj(x).view(shape).transpose(1, 2)
-
-
-def visible(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int | None,
-            strict: bool = False) -> torch.Tensor:
-    """(Q, K) bool: key positions at or before (strictly before) each query, within a window."""
-    diff = query_pos[:, None] - key_pos[None, :]
-    ok = diff > 0 if strict else diff >= 0
-    if window is not None:
-        ok &= diff < window
-    return ok
 
 
 def train_fast_states(parts: DecoderParts, accel: Accelerator, slow: list[torch.Tensor],

@@ -21,17 +21,16 @@ import json
 import logging
 import sys
 import time
-from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 
-from m2r2core.config import EngineConfig, batched_dtype
+from m2r2core.config import EngineConfig
 from m2r2core.errors import M2R2Error
 from m2r2core.runtime import hf_compat
 from m2r2core.runtime.model import fingerprint, load
 from m2r2core.stream.accel import Accelerator, train_fast_states
-from m2r2core.train import distill
+from m2r2core.train import cli, distill
 from m2r2core.train.adapters import (  # noqa: F401  (the package's public names)
     adapter_loss,
     batches,
@@ -276,125 +275,10 @@ def cmd_agreement(args: argparse.Namespace) -> None:
         args.report.write_text(json.dumps(report, indent=1) + "\n")
 
 
-def parser() -> argparse.ArgumentParser:
-    """The CLI's arguments."""
-    p = argparse.ArgumentParser(prog="python -m m2r2core.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
-    for name in ("corpus", "data", "adapters", "routers", "medusa", "lens", "speed",
-                 "agreement"):
-        s = sub.add_parser(name)
-        s.add_argument("--model", default="smollm2-135m-instruct")
-        s.add_argument("--dtype", default=training_dtype() if name in ("adapters", "agreement")
-                       else batched_dtype(), choices=["bfloat16", "float32"],
-                       help="default: the faster one for this job on this machine")
-        s.add_argument("--threads", type=int, default=0)
-        s.add_argument("--seed", type=int, default=0)
-        s.add_argument("--out", type=Path, default=None)
-        s.add_argument("--seq-len", type=int, default=192)
-        s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-        if name == "corpus":
-            s.add_argument("--n-sharegpt", type=int, default=3000)
-            s.add_argument("--n-wiki", type=int, default=2000)
-            s.add_argument("--heldout", type=int, default=120,
-                           help="instructions answered per held-out split (dev, test)")
-            s.add_argument("--max-new-tokens", type=int, default=160)
-            s.add_argument("--text-tokens", type=int, default=4_500_000)
-            s.add_argument("--batch-size", type=int, default=96)
-            s.add_argument("--shard-size", type=int, default=192)
-            s.add_argument("--window", type=int, default=256,
-                           help="tokens per teacher-forced text window")
-        if name == "data":
-            s.add_argument("--n-chat", type=int, default=480)
-            s.add_argument("--n-text", type=int, default=480)
-            s.add_argument("--max-new-tokens", type=int, default=128)
-        else:
-            s.add_argument("--data", type=Path, default=None,
-                           help="an old-style JSONL corpus (python -m m2r2core.train data)")
-            s.add_argument("--corpus", type=Path, default=None,
-                           help="a distillation corpus folder (default: the one `corpus` "
-                                "builds, when it exists)")
-            s.add_argument("--adapters", type=Path, default=None)
-        if name == "routers":
-            s.add_argument("--check-vocab", type=int, default=2048,
-                           help="sub-vocabulary of the exit-check head (0: full head)")
-            s.add_argument("--per-sample", type=int, default=48)
-            s.add_argument("--epochs", type=int, default=30)
-            s.add_argument("--limit", type=int, default=0,
-                           help="use only this many router samples (0: all)")
-        if name == "medusa":
-            s.add_argument("--heads", type=int, default=4, help="K, drafts per verification")
-            s.add_argument("--epochs", type=int, default=4)
-            s.add_argument("--batch-size", type=int, default=512, help="positions per step")
-            s.add_argument("--lr", type=float, default=1e-3)
-            s.add_argument("--limit", type=int, default=0,
-                           help="use only this many training samples (0: all; for smoke runs)")
-        if name == "lens":
-            s.add_argument("--rank", type=int, default=64, help="rank of each translator's delta")
-            s.add_argument("--ridge", type=float, default=1e-3)
-            s.add_argument("--fit-samples", type=int, default=3000)
-            s.add_argument("--steps", type=int, default=200, help="KL refinement steps")
-            s.add_argument("--positions", type=int, default=64, help="positions per step")
-            s.add_argument("--lr", type=float, default=1e-3)
-        if name in ("speed", "agreement"):
-            s.add_argument("--report", type=Path, default=None, help="write the JSON here")
-        if name == "agreement":
-            s.add_argument("--split", default="test", choices=["dev", "test"])
-            s.add_argument("--limit", type=int, default=0, help="first N samples (0: all)")
-        if name in ("adapters", "speed"):
-            s.add_argument("--rate", type=float, default=2.0)
-            s.add_argument("--rank", type=int, default=16)
-            s.add_argument("--margin", type=int, default=2)
-            s.add_argument("--branch-layer", type=int, default=0)
-            s.add_argument("--target", default="rate", choices=["rate", "final"])
-            s.add_argument("--steps", type=int, default=6 if name == "speed" else 240)
-            s.add_argument("--batch-size", type=int, default=8)
-            s.add_argument("--lr", type=float, default=2e-3)
-            s.add_argument("--warmup", type=int, default=20)
-            s.add_argument("--kl-weight", type=float, default=0.5)
-            s.add_argument("--kl-positions", type=int, default=128)
-            s.add_argument("--kl-every", type=int, default=3)
-            s.add_argument("--kl-depths", type=int, nargs="*", default=[],
-                           help="the fast depths with the KL term (default: every --kl-every)")
-            s.add_argument("--bias", action="store_true",
-                           help="also learn a bias on each adapted block's MLP output")
-            s.add_argument("--bias-lr-mult", type=float, default=50.0,
-                           help="learning-rate multiplier of those biases")
-            s.add_argument("--blocks", default="same", choices=["same", "rate"],
-                           help="the base block fast depth d runs: d, or tau(d)")
-            s.add_argument("--kv", default="shared", choices=["shared", "own"],
-                           help="fast queries read the slow cache, or the fast stream's own")
-            s.add_argument("--batching", default="bucketed", choices=["bucketed", "padded"],
-                           help="rows of similar length padded to their longest (default), or "
-                                "--batch-size rows padded to --seq-len")
-            s.add_argument("--batch-tokens", type=int, default=0,
-                           help="tokens per bucketed batch (default batch-size x seq-len)")
-            s.add_argument("--warm-start", type=int, default=0,
-                           help="first steps block by block (each fast block from its input "
-                                "depth's slow target)")
-            s.add_argument("--eval-every", type=int, default=0,
-                           help="held-out agreement every this many steps; the best adapters "
-                                "so far are written to --out (0: at the end only)")
-            s.add_argument("--eval-samples", type=int, default=48)
-            s.add_argument("--text-share", type=float, default=None,
-                           help="teacher-forced text windows as this share of the training "
-                                "rows (the rest: the model's own answers; default: all text)")
-            s.add_argument("--max-minutes", type=float, default=0,
-                           help="stop after this wall-clock budget (0: none)")
-            s.add_argument("--save-every", type=int, default=10)
-            s.add_argument("--restart", action="store_true", help="ignore a checkpoint")
-            s.add_argument("--init", type=Path, default=None,
-                           help="start from another run's adapters (checkpoint .pt, or an "
-                                "adapter folder or .safetensors file)")
-            s.add_argument("--run-name", default=None,
-                           help="checkpoint folder name (default adapters-r<rate>)")
-    return p
-
-
 def main(argv: list[str] | None = None) -> None:
     """Entry point."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = parser().parse_args(argv)
+    args = cli.parser(__doc__).parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     commands = {"corpus": cmd_corpus, "data": cmd_data, "adapters": cmd_adapters,
                 "routers": cmd_routers,

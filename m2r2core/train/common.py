@@ -62,3 +62,15 @@ def frozen_model(args: argparse.Namespace) -> tuple:
         p.requires_grad_(False)
     return (loaded, hf_compat.decoder_parts(loaded.model),
             args.data or work_dir(args.model) / "corpus.jsonl")
+
+
+def labelled_bars():
+    """A callback(label, done, total) with one tqdm bar per label (train.progress_bar)."""
+    bars: dict[str, object] = {}
+
+    def update(label: str, done: int, total: int) -> None:
+        if label not in bars:
+            bars[label] = progress_bar(label)
+        bars[label](done, total)
+
+    return update

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import json
 import logging
 import math
 import random
 import time
-from collections.abc import Iterable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -34,10 +32,7 @@ from m2r2core.moe.moefy import (
     MoeCard,
     _activations,
     _mlp_inputs,
-    _run_hooked,
     build,
-    files_digest,
-    fitting_sequences,
     load_trained,
     moe_model,
     moe_state,
@@ -45,6 +40,8 @@ from m2r2core.moe.moefy import (
 )
 from m2r2core.runtime.model import DEFAULT_MODEL, load
 from m2r2core.train import distill
+from m2r2core.train.common import labelled_bars
+from m2r2core.train.moe_accel import cmd_fit_accel
 
 log = logging.getLogger(__name__)
 
@@ -184,20 +181,6 @@ def heldout_texts(count: int, seed: int = 0) -> list[str]:
     return [a["extract"] for a in articles[:count]]
 
 
-def _bar():
-    """A callback(label, done, total) with one tqdm bar per label (train.progress_bar)."""
-    from m2r2core.train import progress_bar
-
-    bars: dict[str, object] = {}
-
-    def update(label: str, done: int, total: int) -> None:
-        if label not in bars:
-            bars[label] = progress_bar(label)
-        bars[label](done, total)
-
-    return update
-
-
 def _card(args: argparse.Namespace, metrics: dict) -> MoeCard:
     return MoeCard(base_model=DEFAULT_MODEL, n_experts=args.experts, top_k=args.top_k,
                    shared_size=args.shared, dense_layers=sorted(args.dense_layers),
@@ -249,7 +232,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
         start = time.perf_counter()
         tensors, metrics = fit(model, tokenizer, args.experts, args.top_k, args.shared,
                                args.dense_layers, args.tokens, args.router_steps, args.seed,
-                               _bar())
+                               labelled_bars())
         metrics["fit_seconds"] = round(time.perf_counter() - start, 1)
         out.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(out / WEIGHTS))
@@ -259,7 +242,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
     metrics["ppl_texts"] = len(texts)
     for k in sorted({args.top_k, *args.also_k}):
         card = dataclasses.replace(_card(args, metrics), top_k=k)
-        downs = refit_all(model, tokenizer, tensors, card, _bar())
+        downs = refit_all(model, tokenizer, tensors, card, labelled_bars())
         moe = moe_model(*moe_state(model, tensors, card, downs))
         metrics[f"ppl_top{k}"] = round(perplexity(moe, tokenizer, texts), 3)
         log.info("E=%d top-%d: perplexity %.2f (dense %.2f)", args.experts, k,
@@ -270,117 +253,9 @@ def cmd_fit(args: argparse.Namespace) -> None:
     print(json.dumps(metrics, indent=2))
 
 
-def moe_states(model, sequences: Iterable[list[int]]
-               ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
-    """Per layer: the block outputs h_l (T, H) and the experts the MoE used (T, k; None for a
-    dense layer), over the token sequences.
-    """
-    layers = model.model.layers
-    states: list[list[torch.Tensor]] = [[] for _ in layers]
-    used: list[list[torch.Tensor]] = [[] for _ in layers]
-    hooks = []
-    for i, layer in enumerate(layers):
-        hooks.append(layer.register_forward_hook(
-            lambda _m, _inp, out, i=i: states[i].append(
-                (out[0] if isinstance(out, tuple) else out)[0].detach().float())))
-        if hasattr(layer.mlp, "gate"):
-            hooks.append(layer.mlp.gate.register_forward_hook(
-                lambda _m, _inp, out, i=i: used[i].append(out[2].detach())))
-    _run_hooked(model, sequences, hooks)
-    return [torch.cat(s) for s in states], [torch.cat(u) if u else None for u in used]
-
-
-def own_answers(model, tokenizer, articles: list[dict], count: int, max_new_tokens: int,
-                seed: int, progress=None) -> list:
-    """The MoE's own greedy answers to `count` instructions written from `articles`, in the chat
-    template: the text it reads while decoding, which teacher-forced Wikipedia is not.
-    """
-    prompts = distill.instructions(articles, count, seed)
-    samples = []
-    for start in range(0, len(prompts), 8):
-        samples += distill.answer_batch(model, tokenizer, prompts[start:start + 8],
-                                        max_new_tokens)
-        if progress:
-            progress(len(samples), len(prompts))
-    return samples
-
-
-@torch.inference_mode()
-def _state_recall(moe, states: list[torch.Tensor], used: list[torch.Tensor | None], fast,
-                  distance: int, width: int) -> float:
-    """Share of the experts layer l+d used that its router picks (top `width`) from the state
-    after block l, accelerated by `fast` when given.
-    """
-    hits = total = 0
-    for layer in range(moe.n_layers - distance):
-        target = layer + distance
-        if not moe.is_moe(target):
-            continue
-        x = states[layer] if fast is None else fast(layer, states[layer])
-        picked = moe.logits(target, x).topk(width, -1).indices
-        hits += int((picked[:, :, None] == used[target][:, None, :]).any(-1).sum())
-        total += used[target].numel()
-    return hits / total
-
-
-def cmd_fit_accel(args: argparse.Namespace) -> None:
-    """Train the MoE model's rate accelerator for the m2r2 predictor; report held-out recall."""
-    from m2r2core.moe import prefetch
-    from m2r2core.runtime.model import fingerprint
-
-    torch.set_num_threads(args.threads)
-    folder = build(Path(args.trained), progress=_bar())
-    loaded = load(EngineConfig(model=str(folder), dtype="float32"))
-    model, tokenizer = loaded.model, loaded.tokenizer
-    layers = model.model.layers
-    moe = prefetch.MoeParts(tuple(layer.mlp.gate.weight.float() if hasattr(layer.mlp, "gate")
-                                  else None for layer in layers),
-                            tuple(layer.post_attention_layernorm for layer in layers),
-                            model.config.num_experts_per_tok,
-                            getattr(model.config, "num_local_experts", None)
-                            or model.config.num_experts)
-    start = time.perf_counter()
-
-    def text(split: str, n_tokens: int) -> Iterator[list[int]]:
-        return fitting_sequences(tokenizer, distill.wiki_articles(split), n_tokens, 256,
-                                 args.seed)
-
-    bar = _bar()
-    train_answers = own_answers(model, tokenizer, distill.wiki_articles("train"), args.answers,
-                                args.answer_tokens, args.seed,
-                                lambda d, t: bar("own answers", d, t))
-    states, used = moe_states(model, itertools.chain(text("train", args.tokens),
-                                                     (a.ids for a in train_answers)))
-    held = {"text": moe_states(model, text("heldout", args.tokens // 4))}
-    if args.answers:
-        held_answers = own_answers(model, tokenizer, distill.wiki_articles("heldout"),
-                                   max(8, args.answers // 4), args.answer_tokens, args.seed + 1)
-        held["answers"] = moe_states(model, (a.ids for a in held_answers))
-    with torch.enable_grad():
-        accel = prefetch.fit_accelerator(moe, states, used, args.rank, args.lookahead,
-                                         args.steps, args.seed,
-                                         lambda d, t: bar("accelerator", d, t))
-    metrics = {"fit_seconds": round(time.perf_counter() - start, 1),
-               "answers": args.answers, "answer_tokens": args.answer_tokens}
-    width = moe.top_k + args.margin
-    for kind, (held_states, held_used) in held.items():
-        metrics[f"heldout_{kind}_tokens"] = int(held_states[0].shape[0])
-        suffix = "" if kind == "text" else f"_{kind}"
-        for name, fast in (("pregate", None), ("m2r2", accel)):
-            for d in range(1, args.lookahead + 1):
-                recall = _state_recall(moe, held_states, held_used, fast, d, width)
-                metrics[f"recall_{name}_d{d}_margin{args.margin}{suffix}"] = round(recall, 4)
-    card = prefetch.AccelCard(model_fingerprint=fingerprint(model), rank=args.rank,
-                              lookahead=args.lookahead, tokens=int(states[0].shape[0]),
-                              steps=args.steps, metrics=metrics,
-                              moe_files=files_digest(Path(args.trained)))
-    prefetch.save_route_accelerator(accel, card, Path(args.trained))
-    print(json.dumps(metrics, indent=2))
-
-
 def cmd_build(args: argparse.Namespace) -> None:
     """Write the MoE folder into the model cache."""
-    print(build(Path(args.trained), force=args.force, progress=_bar()))
+    print(build(Path(args.trained), force=args.force, progress=labelled_bars()))
 
 
 def parser() -> argparse.ArgumentParser:

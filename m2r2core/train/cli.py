@@ -1,0 +1,167 @@
+"""The training CLI's arguments: what every command shares, then each command's own."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from m2r2core.config import batched_dtype
+from m2r2core.train.adapters import training_dtype
+
+COMMANDS = ("corpus", "data", "adapters", "routers", "medusa", "lens", "speed", "agreement")
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    """The CLI's arguments (`description`: the package docstring)."""
+    p = argparse.ArgumentParser(prog="python -m m2r2core.train", description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    own = {"corpus": [_corpus], "data": [_data], "routers": [_routers], "medusa": [_medusa],
+           "lens": [_lens], "speed": [_report, _adapters], "agreement": [_report, _agreement],
+           "adapters": [_adapters]}
+    for name in COMMANDS:
+        s = sub.add_parser(name)
+        _common(s, name)
+        if name != "data":
+            _inputs(s)
+        for add in own.get(name, []):
+            add(s)
+    sub.choices["speed"].set_defaults(steps=6)
+    return p
+
+
+def _common(s: argparse.ArgumentParser, name: str) -> None:
+    """Model, precision, threads, seed, output, sequence length, device."""
+    s.add_argument("--model", default="smollm2-135m-instruct")
+    s.add_argument("--dtype", default=training_dtype() if name in ("adapters", "agreement")
+                   else batched_dtype(), choices=["bfloat16", "float32"],
+                   help="default: the faster one for this job on this machine")
+    s.add_argument("--threads", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", type=Path, default=None)
+    s.add_argument("--seq-len", type=int, default=192)
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
+
+def _inputs(s: argparse.ArgumentParser) -> None:
+    """Where the training data and the adapters come from."""
+    s.add_argument("--data", type=Path, default=None,
+                   help="an old-style JSONL corpus (python -m m2r2core.train data)")
+    s.add_argument("--corpus", type=Path, default=None,
+                   help="a distillation corpus folder (default: the one `corpus` "
+                        "builds, when it exists)")
+    s.add_argument("--adapters", type=Path, default=None)
+
+
+def _corpus(s: argparse.ArgumentParser) -> None:
+    """The distillation corpus's sizes."""
+    s.add_argument("--n-sharegpt", type=int, default=3000)
+    s.add_argument("--n-wiki", type=int, default=2000)
+    s.add_argument("--heldout", type=int, default=120,
+                   help="instructions answered per held-out split (dev, test)")
+    s.add_argument("--max-new-tokens", type=int, default=160)
+    s.add_argument("--text-tokens", type=int, default=4_500_000)
+    s.add_argument("--batch-size", type=int, default=96)
+    s.add_argument("--shard-size", type=int, default=192)
+    s.add_argument("--window", type=int, default=256,
+                   help="tokens per teacher-forced text window")
+
+
+def _data(s: argparse.ArgumentParser) -> None:
+    """The first, small self-distillation corpus."""
+    s.add_argument("--n-chat", type=int, default=480)
+    s.add_argument("--n-text", type=int, default=480)
+    s.add_argument("--max-new-tokens", type=int, default=128)
+
+
+def _routers(s: argparse.ArgumentParser) -> None:
+    """Exit routers."""
+    s.add_argument("--check-vocab", type=int, default=2048,
+                   help="sub-vocabulary of the exit-check head (0: full head)")
+    s.add_argument("--per-sample", type=int, default=48)
+    s.add_argument("--epochs", type=int, default=30)
+    s.add_argument("--limit", type=int, default=0,
+                   help="use only this many router samples (0: all)")
+
+
+def _medusa(s: argparse.ArgumentParser) -> None:
+    """Medusa heads."""
+    s.add_argument("--heads", type=int, default=4, help="K, drafts per verification")
+    s.add_argument("--epochs", type=int, default=4)
+    s.add_argument("--batch-size", type=int, default=512, help="positions per step")
+    s.add_argument("--lr", type=float, default=1e-3)
+    s.add_argument("--limit", type=int, default=0,
+                   help="use only this many training samples (0: all; for smoke runs)")
+
+
+def _lens(s: argparse.ArgumentParser) -> None:
+    """The tuned lens."""
+    s.add_argument("--rank", type=int, default=64, help="rank of each translator's delta")
+    s.add_argument("--ridge", type=float, default=1e-3)
+    s.add_argument("--fit-samples", type=int, default=3000)
+    s.add_argument("--steps", type=int, default=200, help="KL refinement steps")
+    s.add_argument("--positions", type=int, default=64, help="positions per step")
+    s.add_argument("--lr", type=float, default=1e-3)
+
+
+def _report(s: argparse.ArgumentParser) -> None:
+    """A JSON report file."""
+    s.add_argument("--report", type=Path, default=None, help="write the JSON here")
+
+
+def _agreement(s: argparse.ArgumentParser) -> None:
+    """The held-out agreement measurement."""
+    s.add_argument("--split", default="test", choices=["dev", "test"])
+    s.add_argument("--limit", type=int, default=0, help="first N samples (0: all)")
+
+
+def _adapters(s: argparse.ArgumentParser) -> None:
+    """The adapters' shape, objective, schedule and run control (also `speed`'s, which
+    overrides --steps).
+    """
+    s.add_argument("--rate", type=float, default=2.0)
+    s.add_argument("--rank", type=int, default=16)
+    s.add_argument("--margin", type=int, default=2)
+    s.add_argument("--branch-layer", type=int, default=0)
+    s.add_argument("--target", default="rate", choices=["rate", "final"])
+    s.add_argument("--steps", type=int, default=240)
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--lr", type=float, default=2e-3)
+    s.add_argument("--warmup", type=int, default=20)
+    s.add_argument("--kl-weight", type=float, default=0.5)
+    s.add_argument("--kl-positions", type=int, default=128)
+    s.add_argument("--kl-every", type=int, default=3)
+    s.add_argument("--kl-depths", type=int, nargs="*", default=[],
+                   help="the fast depths with the KL term (default: every --kl-every)")
+    s.add_argument("--bias", action="store_true",
+                   help="also learn a bias on each adapted block's MLP output")
+    s.add_argument("--bias-lr-mult", type=float, default=50.0,
+                   help="learning-rate multiplier of those biases")
+    s.add_argument("--blocks", default="same", choices=["same", "rate"],
+                   help="the base block fast depth d runs: d, or tau(d)")
+    s.add_argument("--kv", default="shared", choices=["shared", "own"],
+                   help="fast queries read the slow cache, or the fast stream's own")
+    s.add_argument("--batching", default="bucketed", choices=["bucketed", "padded"],
+                   help="rows of similar length padded to their longest (default), or "
+                        "--batch-size rows padded to --seq-len")
+    s.add_argument("--batch-tokens", type=int, default=0,
+                   help="tokens per bucketed batch (default batch-size x seq-len)")
+    s.add_argument("--warm-start", type=int, default=0,
+                   help="first steps block by block (each fast block from its input "
+                        "depth's slow target)")
+    s.add_argument("--eval-every", type=int, default=0,
+                   help="held-out agreement every this many steps; the best adapters "
+                        "so far are written to --out (0: at the end only)")
+    s.add_argument("--eval-samples", type=int, default=48)
+    s.add_argument("--text-share", type=float, default=None,
+                   help="teacher-forced text windows as this share of the training "
+                        "rows (the rest: the model's own answers; default: all text)")
+    s.add_argument("--max-minutes", type=float, default=0,
+                   help="stop after this wall-clock budget (0: none)")
+    s.add_argument("--save-every", type=int, default=10)
+    s.add_argument("--restart", action="store_true", help="ignore a checkpoint")
+    s.add_argument("--init", type=Path, default=None,
+                   help="start from another run's adapters (checkpoint .pt, or an "
+                        "adapter folder or .safetensors file)")
+    s.add_argument("--run-name", default=None,
+                   help="checkpoint folder name (default adapters-r<rate>)")

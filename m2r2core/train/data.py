@@ -1,0 +1,102 @@
+"""Training data for the stream's learned parts: the splits of the distillation corpus, and
+batches cut from them (padded to a fixed length, or bucketed by length so a batch is padded only
+to its own longest row).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+from collections.abc import Iterator
+
+import torch
+
+from m2r2core.train import distill
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+"""(ids (B, T), lengths (B,), answer starts (B,)): the position that produces the first answer
+token is answer_start - 1."""
+
+
+def pad_rows(chunk: list[distill.Sample], width: int) -> Batch:
+    """The samples cut or padded (with their last token) to `width`, as one batch."""
+    rows, lengths, starts = [], [], []
+    for s in chunk:
+        ids = s.ids[:width]
+        rows.append(ids + [ids[-1]] * (width - len(ids)))
+        lengths.append(len(ids))
+        starts.append(max(0, min(s.answer_start - 1, width - 1)))
+    return torch.tensor(rows), torch.tensor(lengths), torch.tensor(starts)
+
+
+def batches(samples: list[distill.Sample], batch_size: int, seq_len: int, seed: int
+            ) -> Iterator[Batch]:
+    """Endless seeded batches of batch_size rows, every row padded to seq_len ('padded')."""
+    rng = random.Random(seed)
+    usable = [s for s in samples if len(s.ids) >= 16]
+    while True:
+        rng.shuffle(usable)
+        for start in range(0, len(usable) - batch_size + 1, batch_size):
+            yield pad_rows(usable[start:start + batch_size], seq_len)
+
+
+def length_chunks(samples: list[distill.Sample], batch_tokens: int, seq_len: int,
+                  multiple: int = 16) -> list[list[distill.Sample]]:
+    """The samples sorted by length and cut into chunks of about batch_tokens tokens, each
+    counted at its longest row (rounded up to `multiple`, at most seq_len).
+    """
+    chunks: list[list[distill.Sample]] = [[]]
+    for s in sorted(samples, key=lambda s: len(s.ids)):
+        width = min(seq_len, -(-min(len(s.ids), seq_len) // multiple) * multiple)
+        if chunks[-1] and (len(chunks[-1]) + 1) * width > batch_tokens:
+            chunks.append([])
+        chunks[-1].append(s)
+    return [c for c in chunks if c]
+
+
+def bucketed_batches(samples: list[distill.Sample], batch_tokens: int, seq_len: int, seed: int
+                     ) -> Iterator[Batch]:
+    """Endless seeded batches of rows of similar length ('bucketed'), each padded only to its
+    own longest row and holding about batch_tokens tokens; each epoch reshuffles the samples
+    (ties in length) and the order of the batches.
+    """
+    rng = random.Random(seed)
+    usable = [s for s in samples if len(s.ids) >= 16]
+    while True:
+        rng.shuffle(usable)
+        chunks = length_chunks(usable, batch_tokens, seq_len)
+        rng.shuffle(chunks)
+        for chunk in chunks:
+            yield pad_rows(chunk, min(seq_len, max(len(s.ids) for s in chunk)))
+
+
+def datasets(args: argparse.Namespace, fingerprint: str) -> tuple[dict, str]:
+    """{'train', 'router', 'dev', 'test'} samples and a description of where they came from.
+
+    The distillation corpus (--corpus, default work_dir/corpus when built) gives the train
+    split (every tenth chat answer kept out of it for the routers, which must learn the fast
+    stream's errors on answers the adapters never saw), dev and test. An old-style JSONL corpus
+    (--data) gives nine tenths to train and the tenth as router, dev and test at once.
+    """
+    from m2r2core.train import corpus
+    from m2r2core.train.common import router_split, train_split, work_dir
+
+    folder = getattr(args, "corpus", None) or work_dir(args.model) / "corpus"
+    if args.data is None and (folder / "manifest.json").is_file():
+        chat = corpus.load(folder, "train", with_text=False, model_fingerprint=fingerprint)
+        text = [s for s in corpus.load(folder, "train") if s.kind != "chat"]
+        splits = {split: corpus.load(folder, split, with_text=False)
+                  for split in ("dev", "test")}
+        answers = train_split(chat)
+        share = getattr(args, "text_share", None)
+        if share is not None and 0 <= share < 1:  # teacher-forced text as this share of rows
+            keep = min(len(text), round(len(answers) * share / (1 - share)))
+            text = random.Random(args.seed).sample(text, keep)
+        return (splits | {"train": answers + text, "router": router_split(chat)},
+                f"corpus {folder.name} (train/dev/test splits; {len(answers)} answers, "
+                f"{len(text)} text windows)")
+    path = args.data or work_dir(args.model) / "corpus.jsonl"
+    samples = distill.load(path)
+    held = router_split(samples)
+    return ({"train": train_split(samples), "router": held, "dev": held, "test": held},
+            path.name)
