@@ -29,7 +29,7 @@ from analysis.prompts import load_prompts
 from m2r2core.config import DecodeConfig, EngineConfig
 from m2r2core.engine import Engine, environment
 from m2r2core.exits.early_exit import ExitConfig
-from m2r2core.exits.routers import RULES, ExitRule
+from m2r2core.exits.routers import LEARNED, RULES, ExitRule
 
 QUALITY_TARGET = 0.9
 
@@ -37,7 +37,7 @@ QUALITY_TARGET = 0.9
 def default_grid(fast_depth: int, n_layers: int) -> dict[tuple[str, str], list[float]]:
     """Thresholds decoded for real, per (stream, rule)."""
     grid = {}
-    for stream, depth in (("fast", fast_depth), ("slow", n_layers)):
+    for stream, depth in (("fast", fast_depth), ("slow", n_layers), ("tuned", n_layers)):
         grid[(stream, "arla")] = [0.6, 0.8, 0.9, 0.97]
         grid[(stream, "mlp")] = [0.6, 0.8, 0.9, 0.97]
         grid[(stream, "confidence")] = [0.3, 0.5, 0.7, 0.9]
@@ -45,6 +45,8 @@ def default_grid(fast_depth: int, n_layers: int) -> dict[tuple[str, str], list[f
         grid[(stream, "saturation")] = [0.9, 0.95, 0.98, 0.995]
         layers = ([8, 10, 12, 15] if stream == "fast" else [12, 18, 24, 28])
         grid[(stream, "static")] = [round(min(depth, x) / depth, 4) for x in layers]
+    for rule in LEARNED:  # the routers are trained on the fast and slow streams only
+        grid.pop(("tuned", rule))
     return grid
 
 
@@ -91,7 +93,8 @@ def evaluate(engine: Engine, prompt_sets: list[str], limit: int, max_new_tokens:
     """Run the whole evaluation; returns the JSON-ready report."""
     n = engine.parts.n_layers
     fast_depth = engine.accel.first + engine.accel.n_fast if engine.accel else 0
-    streams = [s for s in streams if s == "slow" or engine.accel is not None]
+    available = engine.capabilities().streams
+    streams = [s for s in streams if s in available]
     grid = {k: v for k, v in default_grid(fast_depth, n).items()
             if k[0] in streams and k[1] in rules}
     plain_cfg = DecodeConfig(max_new_tokens=max_new_tokens, trace=False)
@@ -162,7 +165,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rules", nargs="+", default=list(RULES), choices=list(RULES))
-    p.add_argument("--streams", nargs="+", default=["fast", "slow"], choices=["fast", "slow"])
+    p.add_argument("--streams", nargs="+", default=["fast", "slow", "tuned"],
+                   choices=["fast", "slow", "tuned"],
+                   help="tuned: the slow stream read through the tuned lens (when one is loaded)")
     p.add_argument("--min-layer", type=int, default=4)
     p.add_argument("--kv-fill", default="jit", choices=["jit", "copy"])
     p.add_argument("--out", type=Path, default=Path("benchmarks/exits.json"))

@@ -40,6 +40,7 @@ def decide(step: TokenStep, stream: str, rule: str, threshold: float, min_layer:
     for depth in range(max(1, min_layer), last + 1):
         if scores[depth - 1] >= threshold:
             token = (step.fast.lens_top1[depth] if stream == "fast"
+                     else step.tuned.lens_top1[depth] if stream == "tuned"
                      else step.lens_top_ids[depth][0])
             return Decision(depth, token, token == step.token_id, True)
     return Decision(n_layers, step.token_id, True, False)
@@ -81,14 +82,17 @@ def available_rules(steps: tuple[TokenStep, ...]) -> dict[str, list[str]]:
 
 
 def lens_agreement_by_layer(steps: tuple[TokenStep, ...]) -> dict[str, list[float]]:
-    """Fraction of tokens whose logit-lens top-1 at each depth is the final top-1, per stream."""
+    """Fraction of tokens whose lens top-1 at each depth is the final top-1, per stream (the
+    tuned stream read through the tuned lens).
+    """
     out = {}
     slow = [s.lens_agrees for s in steps if s.lens_agrees]
     if slow:
         out["slow"] = np.mean(np.array(slow, dtype=float), axis=0).tolist()
-    fast = [s.fast.lens_agrees for s in steps if s.fast is not None]
-    if fast:
-        out["fast"] = np.mean(np.array(fast, dtype=float), axis=0).tolist()
+    for stream in ("fast", "tuned"):
+        rows = [getattr(s, stream).lens_agrees for s in steps if getattr(s, stream) is not None]
+        if rows:
+            out[stream] = np.mean(np.array(rows, dtype=float), axis=0).tolist()
     return out
 
 
@@ -98,9 +102,11 @@ def alignment_by_layer(steps: tuple[TokenStep, ...]) -> dict[str, list[float]]:
     slow = [s.cosine_to_final for s in steps if s.cosine_to_final]
     if slow:
         out["slow"] = np.median(np.array(slow), axis=0).tolist()
-    fast = [s.fast.cosine_to_final for s in steps if s.fast is not None]
-    if fast:
-        out["fast"] = np.median(np.array(fast), axis=0).tolist()
+    for stream in ("fast", "tuned"):
+        rows = [getattr(s, stream).cosine_to_final for s in steps
+                if getattr(s, stream) is not None]
+        if rows:
+            out[stream] = np.median(np.array(rows), axis=0).tolist()
     return out
 
 

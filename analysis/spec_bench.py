@@ -8,6 +8,8 @@ Methods (`--methods`, any subset):
 - `prompt_lookup`: transformers prompt-lookup decoding (`prompt_lookup_num_tokens`);
 - `hf_early_exit`: transformers `assistant_early_exit` (LayerSkip-style self-drafting);
 - `spec_slow`: the engine's self-speculative decoder drafting from the slow stream (no adapters);
+- `spec_tuned`: the same decoder drafting from the slow stream read through the tuned lens at
+  `--slow-draft-layer` (the distance-based baseline; needs a trained tuned lens);
 - `spec_fast`: the same decoder drafting from the M2R2 accelerated stream;
 - `spec_fast_router`: the same, with an exit rule (`--draft-rule`, ARLA by default) picking each
   draft's depth per token between `--min-draft-layer` and `--draft-layer`;
@@ -44,9 +46,9 @@ from m2r2core.engine import Engine, environment
 from m2r2core.spec.speculative import DRAFT_RULES, MAX_DRAFT_LIMIT, SpecConfig
 from m2r2core.trace import SpecRound
 
-METHODS = ("hf_generate", "engine", "prompt_lookup", "hf_early_exit", "spec_slow", "spec_fast",
-           "spec_fast_router", "medusa")
-SPEC_METHODS = ("spec_slow", "spec_fast", "spec_fast_router", "medusa")
+METHODS = ("hf_generate", "engine", "prompt_lookup", "hf_early_exit", "spec_slow", "spec_tuned",
+           "spec_fast", "spec_fast_router", "medusa")
+SPEC_METHODS = ("spec_slow", "spec_tuned", "spec_fast", "spec_fast_router", "medusa")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -85,7 +87,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def spec_config(args: argparse.Namespace, method: str, medusa_heads: int | None = None
                 ) -> SpecConfig:
-    """The speculative decoder's settings for spec_fast, spec_slow or medusa."""
+    """The speculative decoder's settings for spec_fast(_router), spec_slow, spec_tuned or
+    medusa.
+    """
     if method == "medusa":
         k = args.medusa_draft or min(args.max_draft, medusa_heads or args.max_draft)
         return SpecConfig(stream="medusa", max_draft=k, min_confidence=args.medusa_min_confidence,
@@ -93,8 +97,9 @@ def spec_config(args: argparse.Namespace, method: str, medusa_heads: int | None 
     fast = method in ("spec_fast", "spec_fast_router")
     rule = ({"draft_rule": args.draft_rule, "draft_threshold": args.draft_threshold,
              "min_draft_layer": args.min_draft_layer} if method == "spec_fast_router" else {})
+    stream = "fast" if fast else "tuned" if method == "spec_tuned" else "slow"
     return SpecConfig(draft_layer=args.draft_layer if fast else args.slow_draft_layer,
-                      stream="fast" if fast else "slow", max_draft=args.max_draft,
+                      stream=stream, max_draft=args.max_draft,
                       min_confidence=args.min_confidence, draft_vocab=args.draft_vocab, **rule)
 
 
@@ -153,7 +158,14 @@ def bench(args: argparse.Namespace, progress: Callable[[float, str], None] | Non
     if engine is None:
         engine = Engine.load(EngineConfig(model=args.model, dtype=args.dtype,
                                           threads=args.threads))
-    methods = tuple(m for m in METHODS if m in args.methods)
+    drafts = engine.capabilities().draft_streams
+    needs = {"spec_fast": "fast", "spec_fast_router": "fast", "spec_tuned": "tuned",
+             "medusa": "medusa"}
+    skipped = {m: f"no {needs[m]} drafter is loaded" for m in args.methods
+               if m in needs and needs[m] not in drafts}
+    methods = tuple(m for m in METHODS if m in args.methods and m not in skipped)
+    if skipped:
+        print(f"skipped: {skipped}", file=sys.stderr)
     if "hf_generate" not in methods:
         methods = ("hf_generate",) + methods  # the reference for speed and output
     prompts = select_prompts(args)
@@ -195,7 +207,7 @@ def bench(args: argparse.Namespace, progress: Callable[[float, str], None] | Non
     return {"command": " ".join(["python -m analysis.spec_bench"] + sys.argv[1:]),
             "args": vars(args), "dtype": str(engine.model.dtype).removeprefix("torch."),
             "environment": environment(), "model": engine.info.name,
-            "adapters": engine.accel_note, "methods": list(methods),
+            "adapters": engine.accel_note, "methods": list(methods), "skipped": skipped,
             "medusa": engine.medusa_note,
             "spec_configs": {m: vars(spec_config(args, m, engine.medusa.n_heads
                                                  if engine.medusa else None))

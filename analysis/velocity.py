@@ -31,7 +31,9 @@ class LayerMatrix:
     tokens: tuple[str, ...]
     """Display text of each generated token (row)."""
     lens_top: tuple[tuple[str, ...], ...]
-    """(T, L) the logit-lens top tokens of each cell, formatted for hover."""
+    """(T, L) the lens's top tokens of each cell, formatted for hover."""
+    lens: str = "logit"
+    """Which lens read the layers: 'logit' or 'tuned' (the tuned lens, TokenStep.tuned)."""
 
 
 @dataclass(frozen=True)
@@ -63,12 +65,42 @@ def _values(trace: RunTrace, quantity: str) -> tuple[np.ndarray, tuple[int, ...]
     return values.reshape(len(steps), n_cols), tuple(range(offset, offset + n_cols))
 
 
-def layer_matrix(trace: RunTrace, quantity: str) -> LayerMatrix:
-    """Stack one per-layer quantity of every traced token into a (T, L) matrix, with hover text."""
+LENSES = {"logit": "logit lens", "tuned": "tuned lens"}
+LENS_QUANTITIES = ("lens_agrees", "lens_entropy")
+"""The quantities a lens reads (the others are properties of the states themselves)."""
+
+
+def has_tuned(trace: RunTrace) -> bool:
+    """Whether the trace recorded the tuned-lens reading of its layers."""
+    return any(step.tuned is not None for step in traced_steps(trace))
+
+
+def layer_matrix(trace: RunTrace, quantity: str, lens: str = "logit",
+                 token_text=None) -> LayerMatrix:
+    """Stack one per-layer quantity of every traced token into a (T, L) matrix, with hover text.
+
+    With lens='tuned', the lens quantities are read from the tuned-lens record of each token
+    (hover: its top-1 and probability; `token_text` turns ids into text, else ids are shown).
+    """
+    if lens == "tuned" and quantity in LENS_QUANTITIES:
+        return _tuned_matrix(trace, quantity, token_text or str)
     values, layers = _values(trace, quantity)
     steps = traced_steps(trace)
     lens_top = tuple(tuple(_format_top(step, layer) for layer in layers) for step in steps)
     return LayerMatrix(quantity, values, layers, tuple(step.text for step in steps), lens_top)
+
+
+def _tuned_matrix(trace: RunTrace, quantity: str, token_text) -> LayerMatrix:
+    steps = tuple(s for s in traced_steps(trace) if s.tuned is not None)
+    if not steps:
+        raise ValueError("this trace has no tuned-lens reading (no tuned lens was loaded)")
+    values = np.array([getattr(s.tuned, quantity) for s in steps], dtype=float)
+    top = tuple(tuple(f"{token_text(t)!r} {p:.2f}" for t, p in zip(s.tuned.lens_top1,
+                                                                  s.tuned.lens_top1_prob,
+                                                                  strict=True))
+                for s in steps)
+    return LayerMatrix(quantity, values, tuple(range(values.shape[1])),
+                       tuple(s.text for s in steps), top, "tuned")
 
 
 def _format_top(step: TokenStep, layer: int, k: int = 3) -> str:

@@ -55,10 +55,13 @@ def token_layer_heatmap(matrix: LayerMatrix) -> go.Figure:
         z=z, x=list(matrix.layers), y=labels, customdata=custom, colorbar=colorbar,
         colorscale=style["scale"], zmin=style["zmin"], zmax=zmax,
         hovertemplate=("token %{customdata[0]}<br>layer %{x}<br>value %{customdata[2]}"
-                       "<br>logit lens: %{customdata[1]}<extra></extra>"),
+                       f"<br>{matrix.lens} lens: %{{customdata[1]}}<extra></extra>"),
     ))
+    title = style["title"]
+    if matrix.lens == "tuned":
+        title = title.replace("Logit lens", "Tuned lens").replace("Logit-lens", "Tuned-lens")
     fig.update_layout(
-        title={"text": style["title"]},
+        title={"text": title},
         xaxis={"title": {"text": "layer (0 = embedding, N = last block)"}, "dtick": 2},
         yaxis={"title": {"text": "generated token"}, "autorange": "reversed"},
         height=max(320, min(1400, 90 + 16 * len(labels))),

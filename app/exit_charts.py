@@ -14,7 +14,7 @@ from app.charts import token_labels, visible
 from m2r2core.exits.routers import RULE_LABELS
 from m2r2core.trace import TokenStep
 
-STREAM_DASH = {"fast": "solid", "slow": "dot"}
+STREAM_DASH = {"fast": "solid", "slow": "dot", "tuned": "dash"}
 RULE_COLOURS = dict(zip(RULE_LABELS, plotly.colors.qualitative.D3, strict=False))
 
 
@@ -59,8 +59,7 @@ def router_heatmap(steps: tuple[TokenStep, ...], stream: str, rule: str, thresho
     z = np.array(rows, dtype=float)
     depths = list(range(1, z.shape[1] + 1))
     labels = token_labels(tuple(s.text for s in steps))
-    lens = [[(s.fast is not None and s.fast.lens_top1[d]) if stream == "fast"
-             else s.lens_top_ids[d][0] for d in depths] for s in steps]
+    lens = [[_lens_top1(s, stream, d) for d in depths] for s in steps]
     custom = np.empty(z.shape + (2,), dtype=object)
     for i, label in enumerate(labels):
         for j in range(z.shape[1]):
@@ -110,7 +109,7 @@ def stream_curves(curves: dict[str, list[float]], title: str, y_title: str,
     """One curve per stream against depth; with a rate, the fast curve is also drawn at r*d."""
     fig = go.Figure()
     for stream, values in curves.items():
-        colour = palette.FAST_STREAM if stream == "fast" else palette.SLOW_STREAM
+        colour = palette.STREAM_COLOURS.get(stream, palette.SLOW_STREAM)
         fig.add_trace(go.Scatter(
             x=list(range(len(values))), y=values, mode="lines+markers", name=f"{stream} stream",
             line={"color": colour},
@@ -164,3 +163,11 @@ def exit_strip_html(steps, exit_layers: list[int], n_layers: int,
                      f"{text}</span>")
     return ('<div data-testid="m2r2-exit-strip" style="line-height:1.9">' + "".join(spans)
             + "</div>")
+
+
+def _lens_top1(step, stream: str, depth: int) -> int | bool:
+    """The token a stream's lens reads at a depth (False where the stream was not traced)."""
+    record = step.fast if stream == "fast" else step.tuned if stream == "tuned" else None
+    if stream in ("fast", "tuned"):
+        return record is not None and record.lens_top1[depth]
+    return step.lens_top_ids[depth][0]

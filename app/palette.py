@@ -10,4 +10,7 @@ AGREE = "#1a9850"
 DISAGREE = "#d9d9d9"
 SLOW_STREAM = "#1f77b4"
 FAST_STREAM = "#d62728"
+TUNED_STREAM = "#2ca02c"
+"""The slow stream read through the tuned lens."""
+STREAM_COLOURS = {"slow": SLOW_STREAM, "fast": FAST_STREAM, "tuned": TUNED_STREAM}
 BAND_ALPHA = 0.18

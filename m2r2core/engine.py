@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import platform
 import threading
 import uuid
 from collections.abc import Iterator
@@ -18,21 +17,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import transformers
 
 from m2r2core import artifacts
-from m2r2core.config import DecodeConfig, EngineConfig, batched_dtype
+from m2r2core.config import DecodeConfig, EngineConfig
 from m2r2core.exits.early_exit import ExitConfig, ExitLoop
 from m2r2core.exits.routers import LEARNED, ROUTER_FILE, RouterBundle, load_routers
 from m2r2core.exits.tracer import FastStreamTracer
 from m2r2core.runtime import hf_compat, lens, prompt
 from m2r2core.runtime.decode import TokenLoop
+from m2r2core.runtime.environment import environment  # noqa: F401  (also the engine's name)
 from m2r2core.runtime.model import LoadedModel, ModelInfo, load
 from m2r2core.spec.medusa import HEADS_FILE, load_heads
 from m2r2core.spec.proposers import Proposer
 from m2r2core.spec.speculative import SpecConfig, SpecLoop, make_proposer
 from m2r2core.stream.accel import WEIGHTS_NAME as ACCEL_WEIGHTS
 from m2r2core.stream.accel import AdapterError, find_trained, load_accelerator
+from m2r2core.stream.tuned_lens import LENS_FILE, load_tuned_lens
 from m2r2core.trace import ResidualCapture, RunTrace, SpecRound, TokenStep
 
 
@@ -50,7 +50,8 @@ class Capabilities:
 
     n_layers: int
     streams: tuple[str, ...]
-    """Residual streams with exit rules: ('fast', 'slow'), or ('slow',) without adapters."""
+    """Residual streams with exit rules: 'fast' (with adapters), 'slow', 'tuned' (with a tuned
+    lens)."""
     fast_depth: int | None
     """The deepest fast depth (None without adapters)."""
     n_fast: int
@@ -58,7 +59,7 @@ class Capabilities:
     rate: float | None
     """The accelerated stream's rate r (None without adapters)."""
     draft_streams: tuple[str, ...]
-    """What can draft for speculative decoding: 'fast', 'slow', 'medusa'."""
+    """What can draft for speculative decoding: 'fast', 'slow', 'tuned', 'medusa'."""
     medusa_heads: int | None
     sub_vocab: bool
     """Whether trained routers brought a sub-vocabulary (draft_vocab='sub')."""
@@ -66,6 +67,7 @@ class Capabilities:
     """Per stream, the learned exit rules (ARLA, MLP) that were trained."""
     accel_note: str
     medusa_note: str
+    tuned_note: str = ""
 
     def max_depth(self, stream: str) -> int:
         """The deepest depth an exit rule can look at on a stream."""
@@ -79,20 +81,22 @@ class Capabilities:
     def of(cls, engine: Engine) -> Capabilities:
         """What `engine` can do with the trained files it has loaded."""
         accel = engine.accel
+        tuned = ("tuned",) if engine.tuned_lens is not None else ()
         nets = engine.routers.nets
         learned = {stream: tuple(rule for rule in LEARNED if f"{rule}/{stream}" in nets)
                    for stream in ("fast", "slow")}
         return cls(
             n_layers=engine.parts.n_layers,
-            streams=("fast", "slow") if accel is not None else ("slow",),
+            streams=(("fast",) if accel is not None else ()) + ("slow",) + tuned,
             fast_depth=accel.max_depth if accel is not None else None,
             n_fast=accel.n_fast if accel is not None else 0,
             rate=accel.config.rate if accel is not None else None,
-            draft_streams=(("fast",) if accel is not None else ()) + ("slow",)
+            draft_streams=(("fast",) if accel is not None else ()) + ("slow",) + tuned
             + (("medusa",) if engine.medusa is not None else ()),
             medusa_heads=engine.medusa.n_heads if engine.medusa is not None else None,
             sub_vocab=engine.routers.card is not None, learned_rules=learned,
-            accel_note=engine.accel_note, medusa_note=engine.medusa_note)
+            accel_note=engine.accel_note, medusa_note=engine.medusa_note,
+            tuned_note=engine.tuned_note)
 
 
 class Engine:
@@ -122,6 +126,8 @@ class Engine:
         """A digest of the loaded adapters', routers' and heads' bytes (bundles name it)."""
         self.medusa, self.medusa_card = None, None
         self.medusa_note = f"No trained Medusa heads for '{self.info.name}'."
+        self.tuned_lens, self.tuned_card = None, None
+        self.tuned_note = f"No tuned lens for '{self.info.name}'."
         self.routers = RouterBundle(self.parts, None, {})  # untrained rules, full check head
         self.accel_note = (f"No trained adapters for '{self.info.name}': only the slow "
                            "stream's untrained exit rules are available.")
@@ -171,9 +177,10 @@ class Engine:
         clean = prompt.validate_text(text)
         ids = self._encode_clean(clean, cfg)
         tracer = None
-        if self.accel is not None and cfg.fast_stream:
-            tracer = FastStreamTracer(self.parts, self.accel, self.routers,
-                                      cfg.capture_residuals)
+        accel = self.accel if cfg.fast_stream else None
+        if accel is not None or self.tuned_lens is not None:
+            tracer = FastStreamTracer(self.parts, accel, self.routers, cfg.capture_residuals,
+                                      self.tuned_lens)
         loop = TokenLoop(self.parts, ids, cfg, self.eos_ids, self.token_text, self._lock,
                          self.fused_head, tracer)
         extra = {"accel_rate": self.accel.config.rate} if self.accel is not None else {}
@@ -185,7 +192,7 @@ class Engine:
         clean = prompt.validate_text(text)
         ids = self._encode_clean(clean, cfg)
         loop = ExitLoop(self.parts, self.accel, self.routers, ids, cfg, exit_cfg, self.eos_ids,
-                        self.token_text, self._lock)
+                        self.token_text, self._lock, self.tuned_lens)
         return Generation(self, clean, ids, cfg, loop, mode="early_exit",
                           extra={"exit": dataclasses.asdict(exit_cfg)})
 
@@ -201,7 +208,7 @@ class Engine:
         if proposer is None:
             sub_vocab = self.routers.check.token_ids if self.routers.card is not None else None
             proposer = make_proposer(self.parts, spec, cfg, self.eos_ids, self.accel, sub_vocab,
-                                     self.medusa, self.routers)
+                                     self.medusa, self.routers, self.tuned_lens)
         loop = SpecLoop(self.parts, proposer, ids, cfg, self.eos_ids, self.token_text,
                         self._lock, spec.max_draft)
         return Speculation(self, clean, ids, cfg, spec, loop)
@@ -209,19 +216,11 @@ class Engine:
     def load_trained(self, folder: str | Path) -> None:
         """Swap in adapters and routers from a folder (AdapterError if they do not fit; then
         the engine keeps what it had). Medusa heads in the folder load on their own: a problem
-        with them is reported in `medusa_note` and leaves the adapters and routers loaded.
+        with them is reported in `medusa_note` and leaves the adapters and routers loaded; so
+        does a tuned lens (`tuned_note`).
         """
         folder = Path(folder)
-        try:
-            found = load_heads(folder, self.parts.config.hidden_size, self.info.name,
-                               self.info.fingerprint)
-        except AdapterError as err:
-            self.medusa, self.medusa_card, self.medusa_note = None, None, str(err)
-        else:
-            if found is not None:
-                self.medusa, self.medusa_card = found[0].to(self.model.dtype), found[1]
-                self.medusa_note = (f"{self.medusa_card.n_heads} Medusa heads from "
-                                    f"{folder.name}")
+        _load_optional(self, folder)
         accel, card = load_accelerator(folder, self.parts, self.info.name, self.info.fingerprint)
         if not accel.config.decodable:
             raise AdapterError(
@@ -234,7 +233,8 @@ class Engine:
         self.trained_folder = folder
         self.trained_fingerprint = artifacts.digest(
             [folder / ACCEL_WEIGHTS, folder / ROUTER_FILE]
-            + ([folder / HEADS_FILE] if self.medusa is not None else []))
+            + ([folder / HEADS_FILE] if self.medusa is not None else [])
+            + ([folder / LENS_FILE] if self.tuned_lens is not None else []))
 
     @property
     def trained_label(self) -> str:
@@ -358,29 +358,27 @@ class Speculation:
         return self.loop.decode_ms
 
 
-def environment() -> dict:
-    """Versions and threads, for reproducibility bundles and benchmark reports."""
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "threads": torch.get_num_threads(),
-        "machine": platform.machine(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "cpu_model": cpu_model(),
-        "batched_dtype": batched_dtype(),
-    }
-
-
-def cpu_model() -> str:
-    """The CPU's model name (Linux /proc/cpuinfo), else what platform knows."""
+def _load_optional(engine: Engine, folder: Path) -> None:
+    """Medusa heads and the tuned lens from a trained folder, each on its own: a problem with
+    one is reported in its note and loads nothing of it.
+    """
+    info, dtype = engine.info, engine.model.dtype
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        found = load_heads(folder, engine.parts.config.hidden_size, info.name, info.fingerprint)
+    except AdapterError as err:
+        engine.medusa, engine.medusa_card, engine.medusa_note = None, None, str(err)
+    else:
+        if found is not None:
+            engine.medusa, engine.medusa_card = found[0].to(dtype), found[1]
+            engine.medusa_note = f"{found[1].n_heads} Medusa heads from {folder.name}"
+    try:
+        lens = load_tuned_lens(folder, engine.parts, info.name, info.fingerprint)
+    except AdapterError as err:
+        engine.tuned_lens, engine.tuned_card, engine.tuned_note = None, None, str(err)
+    else:
+        if lens is not None:
+            engine.tuned_lens, engine.tuned_card = lens[0].to(dtype), lens[1]
+            engine.tuned_note = f"tuned lens (rank {lens[1].rank}) from {folder.name}"
 
 
 def _eos_ids(model: torch.nn.Module, tokenizer: object) -> frozenset[int]:

@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """3: the accelerated stream's per-depth statistics moved from seven fast_* fields of TokenStep
-into one FastStats record (older traces still open)."""
+into one FastStats record; 4: TokenStep.tuned, the slow stream read through the tuned lens
+(older traces still open)."""
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,8 @@ class TokenStep:
     lens_agrees: tuple[bool, ...] = ()
     """(N+1,) logit-lens top-1 at layer l equals the final top-1."""
     stream: str = "slow"
-    """The residual stream the token was read from: 'slow' or 'fast' (accelerated)."""
+    """The residual stream the token was read from: 'slow', 'fast' (accelerated) or 'tuned' (the
+    slow stream through the tuned lens)."""
     exit_scores: tuple[float, ...] = ()
     """Early exit only: the exit rule's score at depths check_from, check_from+1, ..."""
     check_from: int = 0
@@ -90,6 +92,9 @@ class TokenStep:
     fast: FastStats | None = None
     """The accelerated stream of the same position, d = 0 (branch state) .. D; None when it was
     not traced."""
+    tuned: FastStats | None = None
+    """The slow stream read through the tuned lens, layers 0..N (0 and N as the logit lens reads
+    them); None without a tuned lens."""
     rule_scores: dict = field(default_factory=dict)
     """{'fast/arla': (D,) scores at depths 1..D, 'slow/confidence': (N,) ...}: every exit
     rule's score along both trajectories, so thresholds can be re-decided without regenerating."""
@@ -145,9 +150,9 @@ class RunTrace:
     def from_json(cls, text: str) -> RunTrace:
         """Rebuild a RunTrace from `to_json` output."""
         data = json.loads(text)
-        # Version 2 only added fields with defaults; version 3 nests the fast_* fields
+        # Versions 2 and 4 only added fields with defaults; version 3 nests the fast_* fields
         # (_step_from_dict moves them), so older traces still open.
-        if data.get("schema_version") not in (1, 2, SCHEMA_VERSION):
+        if data.get("schema_version") not in (1, 2, 3, SCHEMA_VERSION):
             raise ValueError(
                 f"trace schema {data.get('schema_version')} is not {SCHEMA_VERSION}; "
                 "re-run the generation with this version of the app"
@@ -166,8 +171,9 @@ def _step_from_dict(data: dict) -> TokenStep:
     flat = {k: data.pop(f"fast_{k}") for k in FAST_FIELDS if f"fast_{k}" in data}  # schema 1-2
     if flat and flat.get("residual_norm"):
         data["fast"] = flat
-    if data.get("fast") is not None:
-        data["fast"] = FastStats(**{k: tuple(v) for k, v in data["fast"].items()})
+    for name in ("fast", "tuned"):
+        if data.get(name) is not None:
+            data[name] = FastStats(**{k: tuple(v) for k, v in data[name].items()})
     data["rule_scores"] = {k: tuple(v) for k, v in data.get("rule_scores", {}).items()}
     return TokenStep(**{k: _tuples(v) if isinstance(v, list) else v for k, v in data.items()})
 

@@ -88,7 +88,7 @@ def real_engine_fp32(real_model_dir) -> Engine:
 
 @pytest.fixture(scope="session")
 def tiny_trained_dir(tmp_path_factory, tiny_model_dir) -> Path:
-    """Adapters, routers and Medusa heads briefly trained for the tiny Llama (a folder of
+    """Adapters, routers, Medusa heads and a tuned lens briefly trained for the tiny Llama (a folder of
     trained folders, as $M2R2_TRAINED_DIR expects)."""
     from m2r2core import train
     from m2r2core.train import distill
@@ -109,6 +109,8 @@ def tiny_trained_dir(tmp_path_factory, tiny_model_dir) -> Path:
         train.main(["routers", *common, "--check-vocab", "256", "--per-sample", "8",
                     "--epochs", "1"])
         train.main(["medusa", *common, "--heads", "3", "--epochs", "2", "--batch-size", "64"])
+        train.main(["lens", *common, "--rank", "8", "--fit-samples", "20", "--steps", "3",
+                    "--positions", "16"])
     finally:
         if old is None:
             os.environ.pop("M2R2_CACHE")

@@ -16,6 +16,7 @@ from m2r2core.exits.early_exit import ExitConfig
 from m2r2core.exits.routers import ExitRule
 from m2r2core.moe.offload import OffloadConfig, OffloadEngine
 from m2r2core.spec.speculative import SpecConfig
+from m2r2core.trace import SCHEMA_VERSION
 
 PROMPT = "The capital of France is"
 CFG = DecodeConfig(max_new_tokens=8)
@@ -110,4 +111,4 @@ def test_bundle_is_recognised_and_a_bare_trace_is_not(tiny_run, owner):
     assert bundle.is_bundle(bundle.dumps("trace", tiny_run.trace, owner, PROMPT, {}))
     assert not bundle.is_bundle(tiny_run.trace.to_json())
     assert not bundle.is_bundle(b"\xff\xfe")
-    assert json.loads(tiny_run.trace.to_json())["schema_version"] == 3
+    assert json.loads(tiny_run.trace.to_json())["schema_version"] == SCHEMA_VERSION

@@ -49,7 +49,11 @@ def test_traced_run_records_both_streams_and_every_rule(trained_engine, traced):
     step = traced.trace.steps[1]
     d = trained_engine.accel.n_fast
     assert len(step.fast.lens_top1) == d + 1 and len(step.fast.cosine_to_final) == d + 1
-    assert {k.split("/")[0] for k in step.rule_scores} == {"fast", "slow"}
+    assert {k.split("/")[0] for k in step.rule_scores} == {"fast", "slow", "tuned"}
+    n = trained_engine.parts.n_layers
+    assert len(step.tuned.lens_top1) == n + 1 and step.tuned.lens_agrees[-1]
+    assert len(step.rule_scores["tuned/confidence"]) == n
+    assert "tuned/arla" not in step.rule_scores  # the routers are not trained on it
     assert len(step.rule_scores["slow/arla"]) == trained_engine.parts.n_layers
     assert len(step.rule_scores["fast/arla"]) == d
     assert traced.capture.fast.shape[1] == d + 1
@@ -58,8 +62,8 @@ def test_traced_run_records_both_streams_and_every_rule(trained_engine, traced):
     assert np.isclose(matrix[0, 0], 1.0)  # both streams start from the same embedding
 
 
-@pytest.mark.parametrize("rule", RULES)
-@pytest.mark.parametrize("stream", ["fast", "slow"])
+@pytest.mark.parametrize("stream, rule", [(s, r) for s in ("fast", "slow") for r in RULES]
+                         + [("tuned", r) for r in RULES if r not in ("arla", "mlp")])
 def test_offline_decisions_match_real_exit_decisions(trained_engine, traced, stream, rule):
     """The scores recorded by the traced run are the scores the decoder uses, for every rule:
     re-deciding the second generated token offline gives the depth the early-exit decoder chose
@@ -87,7 +91,7 @@ def test_evaluation_writes_a_report(trained_engine, tmp_path):
                                 ["fast", "slow"], 1, "jit")
     assert {c["rule"] for c in report["configs"]} == {"confidence", "arla"}
     assert all(c["speedup"] > 0 and 0 <= c["rouge_full"] <= 1 for c in report["configs"])
-    assert set(report["lens_agreement_by_layer"]) == {"fast", "slow"}
+    assert set(report["lens_agreement_by_layer"]) == {"fast", "slow", "tuned"}
     json.dumps(report)  # serialisable
 
 

@@ -69,8 +69,13 @@ def test_greedy_equals_transformers_generate(tiny_model_dirs, family, spec):
 
 @pytest.mark.parametrize("spec", [SpecConfig(draft_layer=1), SpecConfig(draft_layer=2,
                                                                         max_draft=6),
-                                  SpecConfig(draft_layer=2, draft_vocab="sub", max_draft=3)])
+                                  SpecConfig(draft_layer=2, draft_vocab="sub", max_draft=3),
+                                  SpecConfig(stream="tuned", draft_layer=2, max_draft=4),
+                                  SpecConfig(stream="tuned", draft_layer=3, max_draft=3,
+                                             draft_rule="confidence", draft_threshold=0.2,
+                                             min_draft_layer=1)])
 def test_fast_stream_drafts_are_lossless(trained_engine, spec):
+    """Drafts of the fast stream (and of the tuned-lens baseline) never change the output."""
     want = hf_greedy(trained_engine, PROMPT, 30)
     run = trained_engine.speculate(PROMPT, DecodeConfig(max_new_tokens=30, trace=False),
                                    spec).run()
@@ -125,6 +130,7 @@ def test_drafts_never_reach_the_slow_cache(trained_engine):
     (SpecConfig(stream="slow", draft_layer=0), "draft_layer"),
     (SpecConfig(stream="slow", draft_layer=4), "draft_layer"),
     (SpecConfig(stream="fast", draft_layer=1), "stream"),
+    (SpecConfig(stream="tuned", draft_layer=1), "tuned lens"),
     (SpecConfig(stream="sideways"), "stream"),
     (SpecConfig(stream="slow", draft_layer=1, min_confidence=1.0), "min_confidence"),
     (SpecConfig(stream="slow", draft_layer=1, draft_vocab="sub"), "draft_vocab"),
@@ -353,8 +359,10 @@ def test_capabilities_say_what_is_loaded(trained_engine, tiny_engine):
     assert not bare.has_rule("arla", "slow") and bare.has_rule("confidence", "slow")
     assert bare.max_depth("slow") == tiny_engine.parts.n_layers
     caps = trained_engine.capabilities()
-    assert caps.streams == ("fast", "slow")
-    assert caps.draft_streams == ("fast", "slow", "medusa")
+    assert caps.streams == ("fast", "slow", "tuned")
+    assert caps.draft_streams == ("fast", "slow", "tuned", "medusa")
+    assert not caps.has_rule("arla", "tuned") and caps.has_rule("confidence", "tuned")
+    assert caps.max_depth("tuned") == trained_engine.parts.n_layers
     assert caps.fast_depth == trained_engine.accel.max_depth == caps.max_depth("fast")
     assert caps.medusa_heads == trained_engine.medusa.n_heads and caps.sub_vocab
     assert caps.has_rule("arla", "fast") and caps.has_rule("mlp", "slow")

@@ -151,4 +151,15 @@ def test_a_schema_2_trace_with_flat_fast_fields_still_opens(tiny_run):
     back = RunTrace.from_json(json.dumps(data))
     assert back.steps[0].fast.lens_top1 == (7, 8) and back.steps[0].fast.lens_agrees == (False,
                                                                                          True)
-    assert back.schema_version == 3
+    assert back.schema_version == SCHEMA_VERSION
+
+
+def test_a_schema_3_trace_without_the_tuned_stream_still_opens(tiny_run):
+    import json
+
+    data = json.loads(tiny_run.trace.to_json())
+    data["schema_version"] = 3
+    for step in data["steps"]:
+        step.pop("tuned")
+    back = RunTrace.from_json(json.dumps(data))
+    assert back.steps == tiny_run.trace.steps and back.schema_version == SCHEMA_VERSION

@@ -84,7 +84,9 @@ def _rule_controls(engine, prefix: str) -> ExitConfig | None:
     rule = cols[0].selectbox("Exit rule", RULES, key=f"{prefix}_rule",
                              format_func=lambda r: RULE_LABELS[r])
     stream = cols[1].selectbox("Stream", streams, key=f"{prefix}_stream",
-                               help="fast = M2R2's accelerated stream; slow = plain early exit.")
+                               help="fast = M2R2's accelerated stream; slow = plain early exit; "
+                                    "tuned = the slow stream read through the tuned lens (the "
+                                    "distance-based baseline; heuristic rules only).")
     threshold = cols[2].number_input("Threshold", value=0.9, step=0.05, key=f"{prefix}_thr",
                                      help="0 to 1; a token exits at the first depth whose "
                                           "score reaches it.")
@@ -259,6 +261,8 @@ def _disagreements(engine, s: ExitSession, steps, decisions, stream: str, rule: 
     curves = {"slow": list(step.cosine_to_final)}
     if step.fast is not None:
         curves["fast"] = list(step.fast.cosine_to_final)
+    if step.tuned is not None:
+        curves["tuned"] = list(step.tuned.cosine_to_final)
     rate = engine.capabilities().rate
     st.plotly_chart(exit_charts.stream_curves(
         curves, f"Alignment with the final state for {visible(step.text)}",
@@ -266,13 +270,15 @@ def _disagreements(engine, s: ExitSession, steps, decisions, stream: str, rule: 
     st.caption("How close each depth's state already is to the full model's final state, on "
                "both streams; the dotted curve redraws the fast stream at depth × r, where it "
                "should meet the slow one.")
-    fast_top1 = step.fast.lens_top1 if step.fast is not None else ()
-    table = pd.DataFrame({
-        "depth": range(len(step.lens_top_ids)),
-        "slow lens top-1": [engine.token_text(r[0]) for r in step.lens_top_ids],
-        "fast lens top-1": [engine.token_text(t) for t in fast_top1]
-        + [""] * (len(step.lens_top_ids) - len(fast_top1)),
-    })
+    depths = len(step.lens_top_ids)
+    columns = {"depth": range(depths),
+               "slow lens top-1": [engine.token_text(r[0]) for r in step.lens_top_ids]}
+    for name in ("fast", "tuned"):
+        record = getattr(step, name)
+        top1 = record.lens_top1 if record is not None else ()
+        columns[f"{name} lens top-1"] = ([engine.token_text(t) for t in top1]
+                                         + [""] * (depths - len(top1)))
+    table = pd.DataFrame(columns)
     st.dataframe(table, hide_index=True, height=260)
     if rule in LEARNED and decision.exited:
         _attribution(engine, s, pick, stream, rule, decision.depth)

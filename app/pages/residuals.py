@@ -109,6 +109,11 @@ def _generate(engine, text, cfg) -> None:
     state.store_result(generation.result)
 
 
+TUNED_NOTE = (" Through the tuned lens, middle layers usually agree with the final token "
+              "earlier than through the logit lens: part of what looks like late computation is "
+              "only a change of basis. The accelerated stream has to beat this reading.")
+
+
 def _trace_upload(engine) -> None:
     with st.expander("Open a saved trace or bundle (JSON)"):
         upload = st.file_uploader("Trace or bundle file", type=["json"], key=state.TRACE_UPLOAD)
@@ -158,7 +163,7 @@ def _results(run, engine) -> None:
     if not velocity.traced_steps(trace):
         st.warning("This run was not traced, so there are no per-layer statistics to show.")
         return
-    _heatmaps(trace)
+    _heatmaps(trace, engine)
     _profiles(trace)
     _two_streams(run)
     _token_inspector(trace)
@@ -166,13 +171,24 @@ def _results(run, engine) -> None:
     _downloads(trace, engine)
 
 
-def _heatmaps(trace: RunTrace) -> None:
+def _heatmaps(trace: RunTrace, engine) -> None:
     st.subheader("Tokens × layers")
-    quantity = st.radio("Quantity", list(charts.HEATMAP_STYLE), horizontal=True,
-                        format_func=lambda q: velocity.QUANTITIES[q], key=state.HEATMAP_QUANTITY)
+    cols = st.columns([3, 1])
+    quantity = cols[0].radio("Quantity", list(charts.HEATMAP_STYLE), horizontal=True,
+                             format_func=lambda q: velocity.QUANTITIES[q],
+                             key=state.HEATMAP_QUANTITY)
+    lenses = list(velocity.LENSES) if velocity.has_tuned(trace) else ["logit"]
+    lens = cols[1].radio("Read layers through", lenses, horizontal=True, key=state.HEATMAP_LENS,
+                         format_func=velocity.LENSES.get,
+                         disabled=quantity not in velocity.LENS_QUANTITIES,
+                         help="The logit lens reads h_l with the model's own final norm and "
+                              "head; the tuned lens first moves h_l by a small affine map "
+                              "trained to predict the final distribution (Belrose et al.). "
+                              "Offered when a tuned lens was loaded for this run.")
     st.caption(EXPLAIN[quantity] + " Hover a cell for the lens's top tokens; pick a token "
-               "below to see its whole table.")
-    fig = charts.token_layer_heatmap(velocity.layer_matrix(trace, quantity))
+               "below to see its whole table." + (TUNED_NOTE if lens == "tuned" else ""))
+    text = engine.token_text if engine is not None else None
+    fig = charts.token_layer_heatmap(velocity.layer_matrix(trace, quantity, lens, text))
     st.plotly_chart(fig, key=state.HEATMAP, alt=f"Heat map of {velocity.QUANTITIES[quantity]}")
 
 

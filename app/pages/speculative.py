@@ -96,8 +96,10 @@ def _spec_controls(engine) -> tuple[SpecConfig | None, bool]:
     cols = st.columns(6)
     stream = cols[0].selectbox("Draft stream", streams, key=state.SPEC_STREAM,
                                help="fast = M2R2's accelerated stream; slow = plain early-exit "
-                                    "drafting (LayerSkip-style, no adapters); medusa = the "
-                                    "Medusa-style heads peer (no draft stream).")
+                                    "drafting (LayerSkip-style, no adapters); tuned = the slow "
+                                    "stream read through the tuned lens (the distance-based "
+                                    "baseline); medusa = the Medusa-style heads peer (no draft "
+                                    "stream).")
     fast_depth, medusa_heads = caps.fast_depth, caps.medusa_heads
     deepest = fast_depth if stream == "fast" else caps.n_layers - 1
     layer = cols[1].number_input("Draft layer", value=min(8, deepest), step=1, key=state.SPEC_LAYER,
@@ -119,7 +121,7 @@ def _spec_controls(engine) -> tuple[SpecConfig | None, bool]:
                                 help="Speculative rejection sampling at the temperature and "
                                      "top-p above (needs temperature > 0).")
     cols = st.columns(3)
-    draft_stream = "fast" if stream == "fast" else "slow"
+    draft_stream = stream if stream in ("fast", "tuned") else "slow"
     rules = tuple(r for r in DRAFT_RULES if r == "fixed" or caps.has_rule(r, draft_stream))
     rule = cols[0].selectbox("Draft depth", rules, key=state.SPEC_RULE,
                              disabled=stream == "medusa",
@@ -282,7 +284,8 @@ def _run_comparison(engine, prompts: str, count: int, tokens: int) -> None:
     methods = [m for m in spec_bench.METHODS
                if (not m.startswith("spec_fast") or "fast" in caps.draft_streams)
                and (m != "spec_fast_router" or caps.has_rule("arla", "fast"))
-               and (m != "medusa" or "medusa" in caps.draft_streams)]
+               and (m != "medusa" or "medusa" in caps.draft_streams)
+               and (m != "spec_tuned" or "tuned" in caps.draft_streams)]
     args = spec_bench.parse_args(["--prompts", prompts, "--limit", str(count),
                                   "--max-new-tokens", str(tokens), "--repeats", "1",
                                   "--draft-vocab", "sub" if caps.sub_vocab else "full",

@@ -30,6 +30,7 @@ from m2r2core.runtime.sampling import sample_next
 from m2r2core.runtime.state import DecodeState
 from m2r2core.stream.accel import Accelerator
 from m2r2core.stream.blocks import block_rows, keys_values, visible
+from m2r2core.stream.tuned_lens import TunedLens
 from m2r2core.trace import TokenStep
 
 KV_FILLS = ("jit", "copy")
@@ -67,12 +68,19 @@ class ExitLoop(DecodeRun[TokenStep]):
 
     def __init__(self, parts: DecoderParts, accel: Accelerator | None, routers: RouterBundle,
                  prompt_ids: list[int], cfg: DecodeConfig, exit_cfg: ExitConfig,
-                 eos_ids: frozenset[int], token_text, lock) -> None:
-        """Prepare a run; nothing is computed until iteration."""
+                 eos_ids: frozenset[int], token_text, lock, tuned: TunedLens | None = None
+                 ) -> None:
+        """Prepare a run; nothing is computed until iteration. `tuned`: the tuned lens, which
+        the 'tuned' stream reads the slow states through (the token is read through it too).
+        """
         super().__init__(parts, prompt_ids, cfg, eos_ids, lock)
         fast = exit_cfg.rule.stream == "fast"
         require(not fast or accel is not None, "stream", "fast",
                 "'slow' here: no accelerator adapters are loaded for this model")
+        require(exit_cfg.rule.stream != "tuned" or tuned is not None, "stream", "tuned",
+                "'slow' here: no tuned lens is loaded (train one with `python -m "
+                "m2r2core.train lens`)")
+        self.tuned = tuned if exit_cfg.rule.stream == "tuned" else None
         self.accel, self.routers = accel if fast else None, routers
         self.max_depth = accel.max_depth if fast else parts.n_layers
         exit_cfg.validate(self.max_depth)
@@ -118,8 +126,8 @@ class ExitLoop(DecodeRun[TokenStep]):
             elif fast and self.accel.first == depth:
                 fast_hidden = me.hidden  # branch point reached
                 scorer.start(me.hidden[0, 0])
-            candidate = fast_hidden if run_fast else (None if fast else me.hidden)
-            if candidate is not None and depth < parts.n_layers:
+            candidate = self._candidate(depth, fast_hidden if run_fast else None, me.hidden)
+            if candidate is not None:
                 decide = depth >= self.rule.min_layer
                 score = scorer.step(candidate[0, 0], depth, decide)
                 if decide:
@@ -130,7 +138,9 @@ class ExitLoop(DecodeRun[TokenStep]):
         if exit_state is None:
             exit_state = me.hidden
         if self.exit_cfg.kv_fill == "copy" and exit_depth < parts.n_layers:
-            self.rows.copy_fill(pending, exit_state, state)
+            # a tuned-lens exit's keys/values come from the slow state, not its translation
+            self.rows.copy_fill(pending, me.hidden if self.tuned is not None else exit_state,
+                                state)
         pending[:] = [p for p in pending if p.depth < parts.n_layers]
         state.position += 1
         logits = parts.lm_head(parts.norm(exit_state))[0, -1].float()
@@ -139,8 +149,21 @@ class ExitLoop(DecodeRun[TokenStep]):
             position=index, token_id=token_id, text=self.token_text(token_id),
             token_prob=float(torch.softmax(logits, -1)[token_id]), exit_layer=exit_depth,
             source=source, latency_ms=0.0, forward_ms=0.0, trace_ms=0.0,
-            stream="fast" if fast and source == "exit" else "slow",
+            stream=self.rule.stream if source == "exit" else "slow",
             exit_scores=tuple(scores), check_from=self.rule.min_layer), (token_id,)
+
+
+    def _candidate(self, depth: int, fast_row: torch.Tensor | None, slow_row: torch.Tensor
+                   ) -> torch.Tensor | None:
+        """The state the rule reads at `depth`: the fast row on the fast stream, the slow row on
+        the slow one, its tuned-lens translation on the tuned one; None below the branch point
+        of the fast stream and at the last block (which always emits).
+        """
+        if depth >= self.parts.n_layers:
+            return None
+        if self.accel is not None:
+            return fast_row
+        return self.tuned.translate(depth, slow_row) if self.tuned is not None else slow_row
 
 
 class BlockRows:

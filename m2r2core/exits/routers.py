@@ -3,7 +3,8 @@ trajectory plus logit-lens features) and its baselines — softmax confidence (C
 entropy, hidden-state saturation, a static exit layer, and an MLP on the current state.
 
 Every rule scores a token's state at depth d in [0, 1]; a token exits at the first depth
-d >= min_layer whose score reaches the threshold. Every rule works on either stream.
+d >= min_layer whose score reaches the threshold. Every rule works on the fast and the slow
+stream; the heuristic ones also on the `tuned` stream (slow states through the tuned lens).
 
 Lens features come from a check head: the LM head restricted to the most frequent tokens of the
 training answers (`check_vocab`, a parameter; 0 = the full vocabulary). On this CPU the full head
@@ -27,7 +28,9 @@ from m2r2core.runtime.hf_compat import DecoderParts
 
 RULES = ("arla", "mlp", "confidence", "entropy", "saturation", "static")
 LEARNED = ("arla", "mlp")
-STREAMS = ("fast", "slow")
+STREAMS = ("fast", "slow", "tuned")
+"""Where a rule reads states: the accelerated stream, the slow stream, or the slow stream read
+through the tuned lens (T_l(h_l); only the heuristic rules, the routers are not trained on it)."""
 RULE_LABELS = {
     "arla": "ARLA (attentive router over the layer trajectory)",
     "mlp": "MLP on the current state",

@@ -29,6 +29,7 @@ from m2r2core.runtime.state import DecodeState
 from m2r2core.spec.medusa import MedusaHeads
 from m2r2core.stream.accel import Accelerator
 from m2r2core.stream.blocks import block_rows, keys_values
+from m2r2core.stream.tuned_lens import TunedLens
 
 
 @dataclass(frozen=True)
@@ -122,10 +123,13 @@ class StreamProposer(Proposer):
 
     def __init__(self, parts: DecoderParts, accel: Accelerator | None, draft_layer: int,
                  draft_weight: torch.Tensor, picker: DraftPicker,
-                 rule: ExitRule | None = None, routers: RouterBundle | None = None) -> None:
-        """Draft through `draft_layer` blocks; read tokens through `draft_weight` (V', H)."""
+                 rule: ExitRule | None = None, routers: RouterBundle | None = None,
+                 tuned: TunedLens | None = None) -> None:
+        """Draft through `draft_layer` blocks; read tokens through `draft_weight` (V', H), and
+        through the tuned lens first when one is given (the 'tuned' stream).
+        """
         self.parts, self.picker, self.draft_weight = parts, picker, draft_weight
-        self.rule, self.routers = rule, routers
+        self.rule, self.routers, self.tuned = rule, routers, tuned
         self.device = parts.embed_tokens.weight.device
         self.blocks = [hf_compat.block_parts(parts, i) for i in range(draft_layer)]
         self.adapters = [accel.inference_block(i) if accel is not None
@@ -145,7 +149,8 @@ class StreamProposer(Proposer):
             cos, sin = parts.rotary_emb(hidden, position)
             hidden, depth = self._walk(hidden, cos, sin, i, exits, side, state)
             exits.append(hidden)
-            logits = torch.nn.functional.linear(parts.norm(hidden)[0, -1],
+            read = hidden if self.tuned is None else self.tuned.translate(depth, hidden)
+            logits = torch.nn.functional.linear(parts.norm(read)[0, -1],
                                                 self.draft_weight).float()
             if self.picker.extend(draft, logits, state.generator, depth):
                 break
@@ -172,7 +177,8 @@ class StreamProposer(Proposer):
             side.append(layer, k, v)
             if scorer is not None and layer + 1 < len(self.blocks):
                 decide = layer + 1 >= self.rule.min_layer
-                score = scorer.step(hidden[0, -1], layer + 1, decide)
+                seen = hidden if self.tuned is None else self.tuned.translate(layer + 1, hidden)
+                score = scorer.step(seen[0, -1], layer + 1, decide)
                 if decide and score >= self.rule.threshold:
                     return hidden, layer + 1
         return hidden, len(self.blocks)

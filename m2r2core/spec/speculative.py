@@ -51,9 +51,10 @@ from m2r2core.spec.proposers import (
 )
 from m2r2core.spec.verify import verify
 from m2r2core.stream.accel import Accelerator
+from m2r2core.stream.tuned_lens import TunedLens
 from m2r2core.trace import SpecRound
 
-STREAMS = ("fast", "slow", "medusa")
+STREAMS = ("fast", "slow", "tuned", "medusa")
 DRAFT_VOCABS = ("full", "sub")
 MAX_DRAFT_LIMIT = 16
 DRAFT_RULES = ("fixed", *RULES)
@@ -68,7 +69,8 @@ class SpecConfig:
     unused by 'medusa')."""
     stream: str = "fast"
     """'fast': M2R2 accelerated stream (adapters on); 'slow': plain early-exit drafting;
-    'medusa': Medusa-style heads on the model's final state (the peer)."""
+    'tuned': the slow stream's draft-layer state read through the tuned lens (the distance-based
+    baseline); 'medusa': Medusa-style heads on the model's final state (the peer)."""
     max_draft: int = 4
     """K, the longest draft chain per verification."""
     min_confidence: float = 0.0
@@ -83,18 +85,22 @@ class SpecConfig:
     draft_threshold: float = 0.9
     min_draft_layer: int = 2
 
-    def validate(self, n_layers: int, fast_depth: int | None, medusa_heads: int | None = None
-                 ) -> None:
+    def validate(self, n_layers: int, fast_depth: int | None, medusa_heads: int | None = None,
+                 tuned: bool = False) -> None:
         """Raise ConfigError on an out-of-range field.
 
         Args:
             n_layers: the model's depth N.
             fast_depth: the deepest block with accelerator adapters (None: no adapters loaded).
             medusa_heads: how many Medusa heads are loaded (None: none).
+            tuned: whether a tuned lens is loaded.
         """
         require(self.stream in STREAMS, "stream", self.stream, f"one of {STREAMS}")
         require(self.stream != "fast" or fast_depth is not None, "stream", self.stream,
                 "'slow' here: no accelerator adapters are loaded for this model")
+        require(self.stream != "tuned" or tuned, "stream", self.stream,
+                "'fast' or 'slow' here: no tuned lens is loaded for this model (train one with "
+                "`python -m m2r2core.train lens`)")
         require(self.stream != "medusa" or medusa_heads is not None, "stream", self.stream,
                 "'fast' or 'slow' here: no Medusa heads are loaded for this model (train them "
                 "with `python -m m2r2core.train medusa`)")
@@ -181,12 +187,12 @@ class SpecLoop(DecodeRun[SpecRound]):
 def make_proposer(parts: DecoderParts, spec: SpecConfig, cfg: DecodeConfig,
                   eos_ids: frozenset[int], accel: Accelerator | None,
                   sub_vocab: torch.Tensor | None, medusa: MedusaHeads | None,
-                  routers: RouterBundle | None) -> Proposer:
+                  routers: RouterBundle | None, tuned: TunedLens | None = None) -> Proposer:
     """The proposer a SpecConfig names, validated against what is loaded (ConfigError, or
     AdapterError for an untrained learned draft rule).
     """
     spec.validate(parts.n_layers, accel.max_depth if accel is not None else None,
-                  medusa.n_heads if medusa is not None else None)
+                  medusa.n_heads if medusa is not None else None, tuned is not None)
     require(spec.draft_vocab == "full" or sub_vocab is not None, "draft_vocab", "sub",
             "'full' here: no trained routers with a sub-vocabulary are loaded")
     weight = parts.lm_head.weight
@@ -199,9 +205,10 @@ def make_proposer(parts: DecoderParts, spec: SpecConfig, cfg: DecodeConfig,
     if spec.draft_rule != "fixed":
         require(routers is not None, "draft_rule", spec.draft_rule,
                 "'fixed' here: no exit routers are loaded")
-        rule = ExitRule(spec.draft_rule, "fast" if spec.stream == "fast" else "slow",
-                        spec.draft_threshold, spec.min_draft_layer)
+        rule = ExitRule(spec.draft_rule, spec.stream, spec.draft_threshold,
+                        spec.min_draft_layer)
         if rule.rule in LEARNED:
             routers.net(rule.rule, rule.stream)  # AdapterError if untrained
     return StreamProposer(parts, accel if spec.stream == "fast" else None, spec.draft_layer,
-                          draft_weight, picker, rule, routers)
+                          draft_weight, picker, rule, routers,
+                          tuned if spec.stream == "tuned" else None)

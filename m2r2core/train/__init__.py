@@ -8,6 +8,7 @@
     python -m m2r2core.train lens      # the tuned lens (an affine translator per slow layer)
     python -m m2r2core.train speed     # training tokens per second, before and after
     python -m m2r2core.train agreement # held-out lens agreement of saved adapters, by depth
+    python -m m2r2core.train variants  # the adapters' design variants on an equal budget
 
 Every command takes --out (default: the committed `artifacts/<model>` folder for the
 adapters and routers, the model cache for data and checkpoints), fixed seeds, a progress bar,
@@ -52,6 +53,7 @@ from m2r2core.train.common import (  # noqa: F401
 )
 from m2r2core.train.lens import cmd_lens
 from m2r2core.train.speed import cmd_speed
+from m2r2core.train.variants import cmd_variants
 
 log = logging.getLogger("m2r2core.train")
 
@@ -283,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     commands = {"corpus": cmd_corpus, "data": cmd_data, "adapters": cmd_adapters,
                 "routers": cmd_routers,
                 "medusa": cmd_medusa, "lens": cmd_lens, "speed": cmd_speed,
-                "agreement": cmd_agreement}
+                "agreement": cmd_agreement, "variants": cmd_variants}
     try:
         commands[args.command](args)
     except M2R2Error as err:

@@ -8,7 +8,8 @@ from pathlib import Path
 from m2r2core.config import batched_dtype
 from m2r2core.train.adapters import training_dtype
 
-COMMANDS = ("corpus", "data", "adapters", "routers", "medusa", "lens", "speed", "agreement")
+COMMANDS = ("corpus", "data", "adapters", "routers", "medusa", "lens", "speed", "agreement",
+            "variants")
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -18,7 +19,7 @@ def parser(description: str) -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     own = {"corpus": [_corpus], "data": [_data], "routers": [_routers], "medusa": [_medusa],
            "lens": [_lens], "speed": [_report, _adapters], "agreement": [_report, _agreement],
-           "adapters": [_adapters]}
+           "adapters": [_adapters], "variants": [_report, _adapters, _variants]}
     for name in COMMANDS:
         s = sub.add_parser(name)
         _common(s, name)
@@ -33,8 +34,9 @@ def parser(description: str) -> argparse.ArgumentParser:
 def _common(s: argparse.ArgumentParser, name: str) -> None:
     """Model, precision, threads, seed, output, sequence length, device."""
     s.add_argument("--model", default="smollm2-135m-instruct")
-    s.add_argument("--dtype", default=training_dtype() if name in ("adapters", "agreement")
-                   else batched_dtype(), choices=["bfloat16", "float32"],
+    trains = name in ("adapters", "agreement", "variants")
+    s.add_argument("--dtype", default=training_dtype() if trains else batched_dtype(),
+                   choices=["bfloat16", "float32"],
                    help="default: the faster one for this job on this machine")
     s.add_argument("--threads", type=int, default=0)
     s.add_argument("--seed", type=int, default=0)
@@ -165,3 +167,14 @@ def _adapters(s: argparse.ArgumentParser) -> None:
                         "adapter folder or .safetensors file)")
     s.add_argument("--run-name", default=None,
                    help="checkpoint folder name (default adapters-r<rate>)")
+
+
+def _variants(s: argparse.ArgumentParser) -> None:
+    """The equal-budget comparison of the adapters' design variants."""
+    from m2r2core.train.variants import VARIANTS
+
+    s.add_argument("--minutes", type=float, default=30.0,
+                   help="wall-clock cap of one variant's steps (loading and evaluation not "
+                        "counted); the budget is --steps")
+    s.add_argument("--only", nargs="*", choices=list(VARIANTS), default=None,
+                   help="these variants only (default: every one not yet in the report)")

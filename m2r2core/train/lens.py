@@ -91,7 +91,7 @@ def refine(parts, lens: TunedLens, samples, seq_len: int, steps: int, positions:
             optim.zero_grad(set_to_none=True)
             loss.backward()
             optim.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             if progress:
                 progress(len(losses), steps)
             if len(losses) >= steps:
