@@ -81,3 +81,32 @@ def test_residual_page_shows_both_streams(tiny_model_dir, tiny_trained_dir, monk
     keys = {c.proto.id for c in at.get("plotly_chart")}
     assert any("streams_matrix" in k for k in keys), keys
     assert any("streams_alignment" in k for k in keys)
+
+
+def test_oracle_gap_section_counts_every_token(app):
+    at = generate(app, rule="confidence", stream="slow", threshold=0.3, budget=8)
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    labels = {m.label: m.value for m in at.metric}
+    premature = int(labels["Premature (tokens lost)"].split()[0])
+    late = int(labels["Late"].split()[0])
+    assert 0 <= premature + late <= 7  # the 7 tokens after the prefill's
+    charts = {c.proto.id for c in at.get("plotly_chart")}
+    for key in (state.EXIT_ORACLE_MAP, state.EXIT_ORACLE_SWEEP, state.EXIT_RELIABILITY):
+        assert any(key in c for c in charts), (key, charts)
+
+
+def test_a_restored_run_renders_without_generating(app, tiny_model_dir, tiny_trained_dir,
+                                                   monkeypatch):
+    """What opening a bundle does (bundles.restore): the record goes back into the session and
+    the page draws it, with the re-decide controls the bundle saved."""
+    at = generate(app, budget=4)
+    record = at.session_state[RESULT_KEY]
+    fresh = _start(tiny_model_dir, tiny_trained_dir, monkeypatch)
+    fresh.switch_page("app/pages/exits.py")
+    fresh.session_state[RESULT_KEY] = record
+    fresh.session_state[state.EXIT_RE_THR] = 0.25
+    fresh = fresh.run()
+    assert not fresh.exception and not fresh.error, [e.value for e in fresh.error]
+    assert fresh.session_state[RESULT_KEY] is record
+    assert fresh.slider(key=state.EXIT_RE_THR).value == 0.25
+    assert any(m.label == "Measured speedup" for m in fresh.metric)

@@ -9,9 +9,9 @@ import time
 import pandas as pd
 import streamlit as st
 
-from analysis import bundle, compare
+from analysis import bundle, compare, oracle
 from analysis import exits as ex
-from app import exit_charts, resources, state
+from app import exit_charts, oracle_charts, resources, state
 from app.charts import visible
 from app.components import bundles, controls
 from m2r2core.config import DecodeConfig
@@ -214,8 +214,45 @@ def _redecide(engine, s: ExitSession) -> None:
     with right:
         _pareto(s, {"stream": stream, "rule": rule, "threshold": threshold,
                     "min_layer": min_layer} | summ)
+    _oracle_gap(steps, decisions, stream, rule, threshold, min_layer, n)
     _disagreements(engine, s, steps, decisions, stream, rule)
     _downloads(engine, s, steps, decisions, stream, rule, threshold, min_layer)
+
+
+def _oracle_gap(steps, decisions, stream: str, rule: str, threshold: float, min_layer: int,
+                n: int) -> None:
+    st.subheader("The oracle gap")
+    st.caption("The oracle exits each token at the first depth from which the stream's lens "
+               "agrees with the full model and never changes its mind. Against it, an exit is "
+               "**premature** (a wrong token: a token lost), **late** (the right token, but "
+               "layers wasted after the oracle) or **right**. Teacher-forced on the recorded "
+               "run, like the re-decisions above.")
+    rows = oracle.gap_rows(steps, decisions, stream, n)
+    summ = oracle.gap_summary(rows, n)
+    m = st.columns(4)
+    m[0].metric("Premature (tokens lost)", f"{summ['premature']} ({summ['premature_share']:.0%})")
+    m[1].metric("Late", f"{summ['late']} ({summ['late_share']:.0%})")
+    m[2].metric("Layers wasted per token", f"{summ['wasted_per_token']:.2f}")
+    m[3].metric("Mean oracle depth", f"{summ['mean_oracle_depth']:.1f} / {n}",
+                help="How deep tokens must go at the least, on this stream: the best any rule "
+                     "could do without losing a token.")
+    st.plotly_chart(oracle_charts.gap_heatmap(steps, rows, stream), key=state.EXIT_ORACLE_MAP)
+    st.caption("Green cells: the stream's lens already reads the full model's token there. ◆ "
+               "the oracle depth; × where the rule exits (green right, orange late, red "
+               "premature). Hover for the layers wasted.")
+    left, right = st.columns(2)
+    sweep = oracle.gap_sweep(steps, stream, rule, min_layer, n)
+    left.plotly_chart(oracle_charts.gap_sweep_figure(sweep, threshold),
+                      key=state.EXIT_ORACLE_SWEEP)
+    left.caption("Every threshold from 0 to 1: lowering it loses tokens, raising it wastes "
+                 "layers. The star is the threshold above; the best threshold sits at the "
+                 "corner you can afford.")
+    rel = oracle.reliability(steps, stream, rule, min_layer, n)
+    right.plotly_chart(oracle_charts.reliability_figure(rel, RULE_LABELS[rule]),
+                       key=state.EXIT_RELIABILITY)
+    right.caption("The rule's scores in ten bins against how often the lens was right at those "
+                  "depths: bars on the diagonal mean a score can be read as a probability. ECE "
+                  "is the average gap, weighted by how many scores fall in each bin.")
 
 
 def _pareto(session: ExitSession | None, current: dict | None) -> None:
