@@ -116,3 +116,17 @@ def test_compare_all_methods(app):
     assert {"hf_generate", "engine", "prompt_lookup", "spec_slow", "spec_fast",
             "medusa"} <= set(overall)
     assert all(s["identical"] == 1 for s in overall.values() if s)  # fp32, greedy
+
+
+def test_ledger_and_break_even(app):
+    at = generate(app, stream="tuned", layer=2, k=3)
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    labels = {m.label: m.value for m in at.metric}
+    assert labels["Predicted speedup"].endswith("x") and labels["Measured speedup"].endswith("x")
+    assert any(state.SPEC_LEDGER in c.proto.id for c in at.get("plotly_chart"))
+    at.number_input(key=state.SPEC_TARGET).set_value(9.0)  # beyond 3 drafts per round
+    at = at.run()
+    assert any("out of reach" in w.value for w in at.warning)
+    at.number_input(key=state.SPEC_TARGET).set_value(0.5)
+    at = at.run()
+    assert any("accepted drafts per round" in i.value for i in at.info)

@@ -9,7 +9,7 @@ import time
 import pandas as pd
 import streamlit as st
 
-from analysis import bundle, compare, speculation
+from analysis import bundle, compare, ledger, speculation
 from app import resources, spec_charts, state
 from app.components import bundles, controls
 from m2r2core.config import SamplingConfig
@@ -141,7 +141,7 @@ def _spec_controls(engine) -> tuple[SpecConfig | None, bool]:
                       draft_rule=rule if stream != "medusa" else "fixed",
                       draft_threshold=float(threshold), min_draft_layer=int(shallowest))
     try:
-        spec.validate(caps.n_layers, fast_depth, medusa_heads)
+        spec.validate(caps.n_layers, fast_depth, medusa_heads, "tuned" in caps.draft_streams)
     except M2R2Error as exc:
         st.error(str(exc))
         return None, sampling
@@ -228,6 +228,7 @@ def _show(engine, s: SpecSession) -> None:
                                                        s.plain_rate), key=state.SPEC_RATE)
     right.caption("Tokens per second so far, speculative against plain decoding of the same "
                   "prompt in this session.")
+    _ledger(s, stats)
     rows = pd.DataFrame(speculation.round_rows(s.rounds))
     with st.expander("Every round"):
         st.dataframe(rows, hide_index=True)
@@ -237,6 +238,36 @@ def _show(engine, s: SpecSession) -> None:
     bundles.download(cols[1], "spec", s, bundle.owner_of(engine), s.prompt,
                      {"decode": s.decode, "spec": vars(s.spec), "sampling": s.sampling},
                      key=state.SPEC_DL_JSON, file_name="speculative-bundle.json")
+
+
+def _ledger(s: SpecSession, stats: dict) -> None:
+    st.subheader("Speedup ledger")
+    book = ledger.spec_ledger(s.rounds, s.plain_ms, s.spec_ms)
+    st.caption("The speedup this run's own measured quantities predict: tokens per round "
+               "(accepted drafts + 1) over the cost of a round (drafts × their cost + one "
+               "verification), costs as fractions of a plain decoding step. The gap to the "
+               "measured speedup is the bookkeeping between rounds.")
+    cols = st.columns(4)
+    cols[0].metric("Predicted speedup", f"{book.predicted_speedup:.2f}x")
+    cols[1].metric("Measured speedup", f"{book.measured_speedup:.2f}x")
+    cols[2].metric("One draft costs", f"{book.draft_cost:.2f} steps")
+    cols[3].metric("One verification costs", f"{book.verify_cost:.2f} steps")
+    st.plotly_chart(spec_charts.ledger_figure(book.time_ms, s.plain_ms, len(s.spec_tokens) - 1),
+                    key=state.SPEC_LEDGER)
+    target = st.number_input("What would this setting need for a speedup of", 0.1, 10.0, 1.5,
+                             0.1, key=state.SPEC_TARGET, format="%.1f")
+    need = book.needed_accepted(target)
+    alpha = book.needed_acceptance(target, s.spec.max_draft)
+    measured = [a for a in stats["acceptance_by_position"] if a is not None]
+    if alpha is None:
+        st.warning(f"{target:.1f}x is out of reach at these costs: it needs {need:.2f} accepted "
+                   f"drafts per round, more than the {s.spec.max_draft} a round drafts. Cheaper "
+                   "drafts or a cheaper verification would have to come first.")
+    else:
+        st.info(f"At these costs, {target:.1f}x needs **{max(0.0, need):.2f} accepted drafts "
+                f"per round** (this run: {book.mean_accepted:.2f}), i.e. each draft accepted "
+                f"with probability **{alpha:.2f}** in a chain of {s.spec.max_draft} (this run, "
+                f"first draft: {measured[0] if measured else 0:.2f}).")
 
 
 def _comparison(engine) -> None:

@@ -1,0 +1,99 @@
+"""Speedup ledgers: where a run's time went, the speedup its own measured quantities predict, and
+what it would need to reach a target (the break-even predictor).
+
+**Speculative decoding.** With a plain decoding step costing T (measured on the same prompt), a
+round that drafts k tokens at c_d·T each and verifies them in one pass of c_v·T emits a + 1
+tokens (a accepted drafts plus the model's own). Over a run:
+
+    predicted speedup = E[a + 1] / (E[k]·c_d + c_v)
+
+with every quantity the run's own mean. The measured speedup also pays what the formula leaves
+out (bookkeeping between rounds: sampling, the record, cache crops), so the two differ by that
+overhead. To reach a target speedup S the run needs E[a] = S·(E[k]·c_d + c_v) − 1 accepted drafts
+per round; with a per-draft acceptance α that does not depend on position (the usual
+simplification; the page shows the measured acceptance by position beside it), a chain of k drafts
+keeps E[a] = α(1 − α^k)/(1 − α) of them, solved for α by bisection.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from m2r2core.trace import SpecRound
+
+
+@dataclass(frozen=True)
+class SpecLedger:
+    """One speculative run against plain decoding of the same prompt."""
+
+    plain_ms: float
+    """T: one plain decoding step."""
+    spec_ms: float
+    """Measured speculative ms per token (after the first)."""
+    rounds: int
+    mean_drafted: float
+    """E[k]: drafts per round."""
+    mean_accepted: float
+    """E[a]: accepted drafts per round."""
+    draft_cost: float
+    """c_d: one draft as a fraction of T."""
+    verify_cost: float
+    """c_v: one verification as a fraction of T."""
+    time_ms: dict
+    """Where the decoding time went: drafting, verification, the rest."""
+
+    @property
+    def measured_speedup(self) -> float:
+        """Plain ms per token over speculative ms per token."""
+        return self.plain_ms / self.spec_ms if self.spec_ms else 1.0
+
+    @property
+    def predicted_speedup(self) -> float:
+        """E[a + 1] / (E[k]·c_d + c_v)."""
+        cost = self.mean_drafted * self.draft_cost + self.verify_cost
+        return (self.mean_accepted + 1.0) / cost if cost else 1.0
+
+    def needed_accepted(self, target: float) -> float:
+        """E[a] per round this setting needs for `target` speedup, at its measured costs."""
+        return target * (self.mean_drafted * self.draft_cost + self.verify_cost) - 1.0
+
+    def needed_acceptance(self, target: float, k: int) -> float | None:
+        """The per-draft acceptance α a chain of k drafts needs for `target` (None: even α = 1
+        cannot reach it at these costs)."""
+        return acceptance_for(self.needed_accepted(target), k)
+
+
+def expected_accepted(alpha: float, k: int) -> float:
+    """E[a] of a chain of k drafts each accepted with probability α (independently)."""
+    return sum(alpha ** i for i in range(1, k + 1))
+
+
+def acceptance_for(accepted: float, k: int) -> float | None:
+    """The α with expected_accepted(α, k) = accepted (0 if none is needed, None if > k)."""
+    if accepted <= 0:
+        return 0.0
+    if accepted > k:
+        return None
+    low, high = 0.0, 1.0
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (mid, high) if expected_accepted(mid, k) < accepted else (low, mid)
+    return (low + high) / 2
+
+
+def spec_ledger(rounds: list[SpecRound], plain_ms: float, spec_ms: float) -> SpecLedger:
+    """The ledger of a speculative run (its rounds, prefill excluded) against plain decoding."""
+    verified = [r for r in rounds if r.index > 0]
+    n = max(1, len(verified))
+    drafted = sum(len(r.drafts) for r in verified)
+    draft_ms = sum(r.draft_ms for r in verified)
+    verify_ms = sum(r.verify_ms for r in verified)
+    tokens = sum(len(r.emitted) for r in verified)
+    total = spec_ms * tokens
+    return SpecLedger(
+        plain_ms=plain_ms, spec_ms=spec_ms, rounds=len(verified),
+        mean_drafted=drafted / n, mean_accepted=sum(r.accepted for r in verified) / n,
+        draft_cost=(draft_ms / drafted) / plain_ms if drafted and plain_ms else 0.0,
+        verify_cost=(verify_ms / n) / plain_ms if plain_ms else 0.0,
+        time_ms={"drafting": draft_ms, "verification": verify_ms,
+                 "the rest": max(0.0, total - draft_ms - verify_ms)})

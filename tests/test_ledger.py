@@ -1,0 +1,47 @@
+"""The speedup ledger: a hand-made run whose speedup is known, the break-even solver, and a real
+speculative comparison whose predicted speedup tracks the measured one."""
+
+import pytest
+
+from analysis import compare, ledger
+from m2r2core.config import DecodeConfig
+from m2r2core.spec.speculative import SpecConfig
+from m2r2core.trace import SpecRound
+
+
+def _round(index: int, drafts: int, accepted: int, draft_ms: float, verify_ms: float):
+    emitted = tuple(range(accepted + 1))
+    return SpecRound(index, 0, tuple(range(drafts)), ("x",) * drafts, (0.5,) * drafts, accepted,
+                     emitted, ("x",) * len(emitted), accepted < drafts, draft_ms, verify_ms)
+
+
+def test_a_known_run():
+    rounds = [_round(0, 0, 0, 0.0, 30.0)] + [_round(i, 4, 2, 8.0, 12.0) for i in range(1, 6)]
+    spec_ms = (8.0 + 12.0) / 3  # every round: 20 ms for 3 tokens
+    book = ledger.spec_ledger(rounds, plain_ms=10.0, spec_ms=spec_ms)
+    assert (book.mean_drafted, book.mean_accepted) == (4.0, 2.0)
+    assert book.draft_cost == pytest.approx(0.2) and book.verify_cost == pytest.approx(1.2)
+    assert book.measured_speedup == pytest.approx(1.5)
+    assert book.predicted_speedup == pytest.approx(1.5)
+    assert book.time_ms["the rest"] == pytest.approx(0.0)
+    assert book.needed_accepted(2.0) == pytest.approx(3.0)
+    alpha = book.needed_acceptance(2.0, 4)
+    assert ledger.expected_accepted(alpha, 4) == pytest.approx(3.0, abs=1e-9)
+    assert book.needed_acceptance(10.0, 4) is None  # more than every draft accepted
+    assert book.needed_acceptance(0.3, 4) == 0.0
+
+
+def test_the_solver_inverts_the_chain():
+    for alpha in (0.1, 0.5, 0.9):
+        assert ledger.acceptance_for(ledger.expected_accepted(alpha, 5), 5) == pytest.approx(alpha)
+
+
+def test_a_real_run(tiny_engine):
+    run = compare.compare_spec(tiny_engine, "Tell me about the sea.",
+                               DecodeConfig(max_new_tokens=24),
+                               SpecConfig(stream="slow", draft_layer=2, max_draft=4), False)
+    book = ledger.spec_ledger(run.rounds, run.plain_ms, run.spec_ms)
+    assert book.rounds == len(run.rounds) - 1
+    assert sum(book.time_ms.values()) == pytest.approx(run.spec_ms * (len(run.spec_tokens) - 1))
+    # the formula leaves out only the bookkeeping between rounds
+    assert book.predicted_speedup >= book.measured_speedup * 0.95
