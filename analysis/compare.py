@@ -44,6 +44,8 @@ class ExitComparison:
     """The full model's decoding time per token, same prompt and settings."""
     exit_text: str
     plain_text: str
+    costs: dict = field(default_factory=dict)
+    """Where early exit's decoding time went (ExitLoop.costs, with block_calls)."""
 
     @property
     def speedup(self) -> float:
@@ -55,7 +57,8 @@ class ExitComparison:
         return dict(rule=dataclasses.asdict(self.rule),
                     traced=json.loads(self.traced.trace.to_json()),
                     exit_steps=[to_dict(s) for s in self.exit_steps], exit_ms=self.exit_ms,
-                    plain_ms=self.plain_ms, exit_text=self.exit_text, plain_text=self.plain_text)
+                    plain_ms=self.plain_ms, exit_text=self.exit_text, plain_text=self.plain_text,
+                    costs=self.costs)
 
     @classmethod
     def from_dict(cls, data: dict) -> ExitComparison:
@@ -64,7 +67,8 @@ class ExitComparison:
         return cls(ExitConfig(ExitRule(**rule.pop("rule")), **rule),
                    RunResult(RunTrace.from_json(json.dumps(data["traced"])), None),
                    [from_dict(TokenStep, s) for s in data["exit_steps"]], float(data["exit_ms"]),
-                   float(data["plain_ms"]), str(data["exit_text"]), str(data["plain_text"]))
+                   float(data["plain_ms"]), str(data["exit_text"]), str(data["plain_text"]),
+                   dict(data.get("costs", {})))
 
 
 def compare_exit(engine: Engine, text: str, cfg: DecodeConfig, exit_cfg: ExitConfig,
@@ -80,9 +84,11 @@ def compare_exit(engine: Engine, text: str, cfg: DecodeConfig, exit_cfg: ExitCon
     traced = engine.generate(text, cfg.replace(trace=True))
     for step in traced:
         on_token("trace", step.position + 1, traced)
+    costs = exiting.loop.costs | {"block_calls": exiting.loop.rows.blocks_run,
+                                  "decode_ms": exiting.loop.decode_ms}
     return ExitComparison(exit_cfg, traced.result, list(exiting.steps), exiting.ms_per_token,
                           plain.ms_per_token, exiting.result.trace.completion,
-                          plain.result.trace.completion)
+                          plain.result.trace.completion, costs)
 
 
 @dataclass

@@ -13,13 +13,22 @@ overhead. To reach a target speedup S the run needs E[a] = S·(E[k]·c_d + c_v) 
 per round; with a per-draft acceptance α that does not depend on position (the usual
 simplification; the page shows the measured acceptance by position beside it), a chain of k drafts
 keeps E[a] = α(1 − α^k)/(1 − α) of them, solved for α by bisection.
+
+**Early exit.** A token that leaves at depth d costs d block calls at c_b·T each (the fast row
+and just-in-time filling ride in the same calls), its exit checks at c_c·T each, the head at c_h·T
+and copy filling at c_f·T. From the run's exit distribution:
+
+    predicted speedup = 1 / (E[d]·c_b + E[checks]·c_c + c_h + c_f)
+
+and a target S needs the mean exit depth d* that solves d*·c_b + (d* − m + 1)·c_c + c_h + c_f = 1/S
+(checks grow with depth from the minimum layer m).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from m2r2core.trace import SpecRound
+from m2r2core.trace import SpecRound, TokenStep
 
 
 @dataclass(frozen=True)
@@ -59,7 +68,8 @@ class SpecLedger:
 
     def needed_acceptance(self, target: float, k: int) -> float | None:
         """The per-draft acceptance α a chain of k drafts needs for `target` (None: even α = 1
-        cannot reach it at these costs)."""
+        cannot reach it at these costs).
+        """
         return acceptance_for(self.needed_accepted(target), k)
 
 
@@ -97,3 +107,65 @@ def spec_ledger(rounds: list[SpecRound], plain_ms: float, spec_ms: float) -> Spe
         verify_cost=(verify_ms / n) / plain_ms if plain_ms else 0.0,
         time_ms={"drafting": draft_ms, "verification": verify_ms,
                  "the rest": max(0.0, total - draft_ms - verify_ms)})
+
+
+@dataclass(frozen=True)
+class ExitLedger:
+    """One early-exit run against the full model on the same prompt."""
+
+    plain_ms: float
+    """T: one full-model decoding step."""
+    exit_ms: float
+    """Measured early-exit ms per token (after the first)."""
+    tokens: int
+    mean_depth: float
+    """E[d]: the exit distribution's mean depth (N for tokens that never left)."""
+    checks_per_token: float
+    block_cost: float
+    check_cost: float
+    head_cost: float
+    fill_cost: float
+    min_layer: int
+    time_ms: dict
+
+    @property
+    def measured_speedup(self) -> float:
+        """Full-model ms per token over early-exit ms per token."""
+        return self.plain_ms / self.exit_ms if self.exit_ms else 1.0
+
+    @property
+    def predicted_speedup(self) -> float:
+        """1 / (E[d]·c_b + E[checks]·c_c + c_h + c_f)."""
+        cost = (self.mean_depth * self.block_cost + self.checks_per_token * self.check_cost
+                + self.head_cost + self.fill_cost)
+        return 1.0 / cost if cost else 1.0
+
+    def needed_depth(self, target: float) -> float | None:
+        """The mean exit depth a `target` speedup needs at these costs (None: out of reach even
+        at depth 1).
+        """
+        budget = 1.0 / target - self.head_cost - self.fill_cost
+        per_depth = self.block_cost + self.check_cost
+        depth = (budget + (self.min_layer - 1) * self.check_cost) / per_depth if per_depth else 0
+        return depth if depth >= 1 else None
+
+
+def exit_ledger(steps: list[TokenStep], costs: dict, plain_ms: float, exit_ms: float,
+                min_layer: int) -> ExitLedger:
+    """The ledger of an early-exit run (its TokenSteps, ExitLoop.costs) against the full model."""
+    decoded = [s for s in steps if s.position > 0]
+    n = max(1, len(decoded))
+    calls = max(1, costs.get("block_calls", 0))
+    checks = costs.get("checks", 0)
+    parts = {"blocks": costs.get("blocks_ms", 0.0), "exit checks": costs.get("checks_ms", 0.0),
+             "head": costs.get("head_ms", 0.0), "kv fill": costs.get("fill_ms", 0.0)}
+    total = costs.get("decode_ms", exit_ms * n)
+    per = plain_ms if plain_ms else 1.0
+    return ExitLedger(
+        plain_ms=plain_ms, exit_ms=exit_ms, tokens=len(decoded),
+        mean_depth=sum(s.exit_layer for s in decoded) / n, checks_per_token=checks / n,
+        block_cost=parts["blocks"] / calls / per,
+        check_cost=parts["exit checks"] / max(1, checks) / per,
+        head_cost=parts["head"] / n / per, fill_cost=parts["kv fill"] / n / per,
+        min_layer=min_layer,
+        time_ms=parts | {"the rest": max(0.0, total - sum(parts.values()))})

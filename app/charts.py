@@ -149,3 +149,25 @@ def lens_trajectory_figure(rows: tuple[LensRow, ...], token: str) -> go.Figure:
 def _rgba(hex_color: str, alpha: float) -> str:
     r, g, b = (int(hex_color[i:i + 2], 16) for i in (1, 3, 5))
     return f"rgba({r},{g},{b},{alpha})"
+
+
+def ledger_figure(time_ms: dict[str, float], plain_ms: float, tokens: int,
+                  method: str = "speculative") -> go.Figure:
+    """Where the decoding time went, beside what plain decoding of as many tokens costs."""
+    colours = {"drafting": "#d62728", "verification": "#1f77b4", "the rest": "#7f7f7f",
+               "blocks": "#1f77b4", "exit checks": "#d62728", "head": "#9467bd",
+               "kv fill": "#ff7f0e"}
+    fig = go.Figure()
+    for part, ms in time_ms.items():
+        fig.add_trace(go.Bar(y=[method], x=[ms], name=part, orientation="h",
+                             marker={"color": colours.get(part, "#bcbd22")},
+                             hovertemplate=f"{part}: %{{x:.0f}} ms<extra></extra>"))
+    fig.add_trace(go.Bar(y=["plain"], x=[plain_ms * tokens], name="plain decoding",
+                         orientation="h", marker={"color": "#2ca02c"},
+                         hovertemplate="plain decoding of as many tokens: %{x:.0f} ms"
+                                       "<extra></extra>"))
+    fig.update_layout(barmode="stack", title={"text": "Where the time went"},
+                      xaxis={"title": {"text": "ms (tokens after the first)"}}, height=230,
+                      margin={"l": 90, "r": 20, "t": 50, "b": 40},
+                      legend={"orientation": "h", "y": -0.35})
+    return fig

@@ -148,21 +148,3 @@ def methods_figure(summary: dict) -> go.Figure:
                       margin={"l": 60, "r": 20, "t": 50, "b": 50})
     return fig
 
-
-def ledger_figure(time_ms: dict[str, float], plain_ms: float, tokens: int) -> go.Figure:
-    """Where the decoding time went, beside what plain decoding of as many tokens costs."""
-    colours = {"drafting": "#d62728", "verification": "#1f77b4", "the rest": "#7f7f7f"}
-    fig = go.Figure()
-    for part, ms in time_ms.items():
-        fig.add_trace(go.Bar(y=["speculative"], x=[ms], name=part, orientation="h",
-                             marker={"color": colours.get(part, "#bcbd22")},
-                             hovertemplate=f"{part}: %{{x:.0f}} ms<extra></extra>"))
-    fig.add_trace(go.Bar(y=["plain"], x=[plain_ms * tokens], name="plain decoding",
-                         orientation="h", marker={"color": "#2ca02c"},
-                         hovertemplate="plain decoding of as many tokens: %{x:.0f} ms"
-                                       "<extra></extra>"))
-    fig.update_layout(barmode="stack", title={"text": "Where the time went"},
-                      xaxis={"title": {"text": "ms (tokens after the first)"}}, height=230,
-                      margin={"l": 90, "r": 20, "t": 50, "b": 40},
-                      legend={"orientation": "h", "y": -0.35})
-    return fig

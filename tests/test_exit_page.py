@@ -90,8 +90,14 @@ def test_oracle_gap_section_counts_every_token(app):
     premature = int(labels["Premature (tokens lost)"].split()[0])
     late = int(labels["Late"].split()[0])
     assert 0 <= premature + late <= 7  # the 7 tokens after the prefill's
+    assert labels["Predicted speedup"].endswith("x")  # the speedup ledger
+    at.number_input(key=state.EXIT_TARGET).set_value(9.0)
+    at = at.run()
+    assert any("out of reach" in w.value for w in at.warning) or any(
+        "mean exit depth" in i.value for i in at.info)
     charts = {c.proto.id for c in at.get("plotly_chart")}
-    for key in (state.EXIT_ORACLE_MAP, state.EXIT_ORACLE_SWEEP, state.EXIT_RELIABILITY):
+    for key in (state.EXIT_ORACLE_MAP, state.EXIT_ORACLE_SWEEP, state.EXIT_RELIABILITY,
+                state.EXIT_LEDGER):
         assert any(key in c for c in charts), (key, charts)
 
 

@@ -45,3 +45,21 @@ def test_a_real_run(tiny_engine):
     assert sum(book.time_ms.values()) == pytest.approx(run.spec_ms * (len(run.spec_tokens) - 1))
     # the formula leaves out only the bookkeeping between rounds
     assert book.predicted_speedup >= book.measured_speedup * 0.95
+
+
+def test_an_early_exit_run(tiny_engine):
+    from m2r2core.exits.early_exit import ExitConfig
+    from m2r2core.exits.routers import ExitRule
+
+    run = compare.compare_exit(tiny_engine, "Tell me about the sea.",
+                               DecodeConfig(max_new_tokens=16),
+                               ExitConfig(ExitRule("confidence", "slow", 0.2, 2)))
+    book = ledger.exit_ledger(run.exit_steps, run.costs, run.plain_ms, run.exit_ms, 2)
+    n = tiny_engine.parts.n_layers
+    assert book.tokens == len(run.exit_steps) - 1 and 1 <= book.mean_depth <= n
+    assert run.costs["block_calls"] > 0 and book.block_cost > 0
+    assert sum(book.time_ms.values()) == pytest.approx(run.costs["decode_ms"])
+    assert book.predicted_speedup > 0 and book.measured_speedup > 0
+    depth = book.needed_depth(book.predicted_speedup)
+    assert depth == pytest.approx(book.mean_depth, rel=0.35)  # checks modelled as linear
+    assert book.needed_depth(1000.0) is None

@@ -9,9 +9,9 @@ import time
 import pandas as pd
 import streamlit as st
 
-from analysis import bundle, compare, oracle
+from analysis import bundle, compare, ledger, oracle
 from analysis import exits as ex
-from app import exit_charts, oracle_charts, resources, state
+from app import charts, exit_charts, oracle_charts, resources, state
 from app.charts import visible
 from app.components import bundles, controls
 from m2r2core.config import DecodeConfig
@@ -73,6 +73,7 @@ def render() -> None:
         _pareto(None, None)
         return
     _live_summary(engine, session)
+    _ledger(session)
     _redecide(engine, session)
 
 
@@ -166,6 +167,33 @@ def _live_summary(engine, s: ExitSession) -> None:
     r = s.rule.rule
     st.caption(f"Generated with {RULE_LABELS[r.rule]} on the {r.stream} stream, threshold "
                f"{r.threshold:g}, minimum layer {r.min_layer}, KV fill {s.rule.kv_fill}.")
+
+
+def _ledger(s: ExitSession) -> None:
+    if not s.costs:
+        return  # a bundle made before the ledger existed
+    book = ledger.exit_ledger(s.exit_steps, s.costs, s.plain_ms, s.exit_ms, s.rule.rule.min_layer)
+    with st.expander("Speedup ledger: where the time went, and what 1.5x would need"):
+        st.caption("The speedup this run's exit distribution predicts: one over the mean cost "
+                   "of a token (its exit depth × a block call, its exit checks, the head, KV "
+                   "filling), each as a fraction of a full-model step measured on the same "
+                   "prompt. The gap to the measured speedup is the rest of the step.")
+        cols = st.columns(4)
+        cols[0].metric("Predicted speedup", f"{book.predicted_speedup:.2f}x")
+        cols[1].metric("Measured speedup", f"{book.measured_speedup:.2f}x")
+        cols[2].metric("One block call", f"{book.block_cost:.3f} steps")
+        cols[3].metric("One exit check", f"{book.check_cost:.3f} steps")
+        st.plotly_chart(charts.ledger_figure(book.time_ms, s.plain_ms, book.tokens,
+                                             "early exit"), key=state.EXIT_LEDGER)
+        target = st.number_input("What would this setting need for a speedup of", 0.1, 10.0,
+                                 1.5, 0.1, key=state.EXIT_TARGET, format="%.1f")
+        depth = book.needed_depth(target)
+        if depth is None:
+            st.warning(f"{target:.1f}x is out of reach at these costs: even exiting every "
+                       "token at depth 1 would not pay for the checks and the head.")
+        else:
+            st.info(f"At these costs, {target:.1f}x needs a **mean exit depth of {depth:.1f}** "
+                    f"(this run: {book.mean_depth:.1f}).")
 
 
 def _redecide(engine, s: ExitSession) -> None:

@@ -10,7 +10,7 @@ import pandas as pd
 import streamlit as st
 
 from analysis import bundle, compare, ledger, speculation
-from app import resources, spec_charts, state
+from app import charts, resources, spec_charts, state
 from app.components import bundles, controls
 from m2r2core.config import SamplingConfig
 from m2r2core.errors import M2R2Error
@@ -252,7 +252,7 @@ def _ledger(s: SpecSession, stats: dict) -> None:
     cols[1].metric("Measured speedup", f"{book.measured_speedup:.2f}x")
     cols[2].metric("One draft costs", f"{book.draft_cost:.2f} steps")
     cols[3].metric("One verification costs", f"{book.verify_cost:.2f} steps")
-    st.plotly_chart(spec_charts.ledger_figure(book.time_ms, s.plain_ms, len(s.spec_tokens) - 1),
+    st.plotly_chart(charts.ledger_figure(book.time_ms, s.plain_ms, len(s.spec_tokens) - 1),
                     key=state.SPEC_LEDGER)
     target = st.number_input("What would this setting need for a speedup of", 0.1, 10.0, 1.5,
                              0.1, key=state.SPEC_TARGET, format="%.1f")

@@ -15,6 +15,7 @@ key/value projections.
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
 
 import torch
@@ -86,6 +87,11 @@ class ExitLoop(DecodeRun[TokenStep]):
         exit_cfg.validate(self.max_depth)
         self.exit_cfg, self.rule, self.token_text = exit_cfg, exit_cfg.rule, token_text
         self.rows = BlockRows(parts, self.accel)
+        self.costs = {"blocks_ms": 0.0, "checks_ms": 0.0, "head_ms": 0.0, "fill_ms": 0.0,
+                      "checks": 0}
+        """Where the decoding steps' time went (prefill excluded): block calls (just-in-time
+        filling rides in them), exit checks, the head and sampling, copy filling; with
+        `rows.blocks_run` the speedup ledger (analysis/ledger.py) reads them."""
 
     def prefill(self, state: DecodeState) -> tuple[TokenStep, tuple[int, ...]]:
         """The prompt runs the full model; the first token is never an exit."""
@@ -118,8 +124,11 @@ class ExitLoop(DecodeRun[TokenStep]):
         for layer in range(parts.n_layers):
             rows = [p for p in pending if p.depth == layer]
             run_fast = fast_hidden is not None and self.accel.block(layer) is not None
+            started = time.perf_counter()
             fast_out = self.rows.run(layer, rows, fast_hidden if run_fast else None, state,
                                      rotary, lowest)
+            checked = time.perf_counter()
+            self.costs["blocks_ms"] += (checked - started) * 1000.0
             depth = layer + 1
             if run_fast:
                 fast_hidden = fast_out
@@ -130,6 +139,8 @@ class ExitLoop(DecodeRun[TokenStep]):
             if candidate is not None:
                 decide = depth >= self.rule.min_layer
                 score = scorer.step(candidate[0, 0], depth, decide)
+                self.costs["checks_ms"] += (time.perf_counter() - checked) * 1000.0
+                self.costs["checks"] += decide
                 if decide:
                     scores.append(score)
                     if score >= self.rule.threshold:
@@ -137,14 +148,18 @@ class ExitLoop(DecodeRun[TokenStep]):
                         break
         if exit_state is None:
             exit_state = me.hidden
+        started = time.perf_counter()
         if self.exit_cfg.kv_fill == "copy" and exit_depth < parts.n_layers:
             # a tuned-lens exit's keys/values come from the slow state, not its translation
             self.rows.copy_fill(pending, me.hidden if self.tuned is not None else exit_state,
                                 state)
         pending[:] = [p for p in pending if p.depth < parts.n_layers]
         state.position += 1
+        headed = time.perf_counter()
         logits = parts.lm_head(parts.norm(exit_state))[0, -1].float()
         token_id = sample_next(logits, self.cfg.sampling, state.generator)
+        self.costs["fill_ms"] += (headed - started) * 1000.0
+        self.costs["head_ms"] += (time.perf_counter() - headed) * 1000.0
         return TokenStep(
             position=index, token_id=token_id, text=self.token_text(token_id),
             token_prob=float(torch.softmax(logits, -1)[token_id]), exit_layer=exit_depth,
