@@ -363,22 +363,26 @@ def _load_optional(engine: Engine, folder: Path) -> None:
     one is reported in its note and loads nothing of it.
     """
     info, dtype = engine.info, engine.model.dtype
+    heads, error = _attempt(lambda: load_heads(folder, engine.parts.config.hidden_size,
+                                               info.name, info.fingerprint))
+    if error or heads:
+        engine.medusa, engine.medusa_card = (heads[0].to(dtype), heads[1]) if heads else (None,
+                                                                                       None)
+        engine.medusa_note = error or f"{heads[1].n_heads} Medusa heads from {folder.name}"
+    lens, error = _attempt(lambda: load_tuned_lens(folder, engine.parts, info.name,
+                                                   info.fingerprint))
+    if error or lens:
+        engine.tuned_lens, engine.tuned_card = (lens[0].to(dtype), lens[1]) if lens else (None,
+                                                                                        None)
+        engine.tuned_note = error or f"tuned lens (rank {lens[1].rank}) from {folder.name}"
+
+
+def _attempt(load):
+    """(what load() returned, None), or (None, the message) when it raised AdapterError."""
     try:
-        found = load_heads(folder, engine.parts.config.hidden_size, info.name, info.fingerprint)
+        return load(), None
     except AdapterError as err:
-        engine.medusa, engine.medusa_card, engine.medusa_note = None, None, str(err)
-    else:
-        if found is not None:
-            engine.medusa, engine.medusa_card = found[0].to(dtype), found[1]
-            engine.medusa_note = f"{found[1].n_heads} Medusa heads from {folder.name}"
-    try:
-        lens = load_tuned_lens(folder, engine.parts, info.name, info.fingerprint)
-    except AdapterError as err:
-        engine.tuned_lens, engine.tuned_card, engine.tuned_note = None, None, str(err)
-    else:
-        if lens is not None:
-            engine.tuned_lens, engine.tuned_card = lens[0].to(dtype), lens[1]
-            engine.tuned_note = f"tuned lens (rank {lens[1].rank}) from {folder.name}"
+        return None, str(err)
 
 
 def _eos_ids(model: torch.nn.Module, tokenizer: object) -> frozenset[int]:

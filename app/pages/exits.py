@@ -13,7 +13,7 @@ from analysis import bundle, compare, ledger, oracle
 from analysis import exits as ex
 from app import charts, exit_charts, oracle_charts, resources, state
 from app.charts import visible
-from app.components import bundles, controls
+from app.components import bundles, controls, metrics
 from m2r2core.config import DecodeConfig
 from m2r2core.errors import M2R2Error
 from m2r2core.exits.early_exit import KV_FILLS, ExitConfig
@@ -174,19 +174,15 @@ def _ledger(s: ExitSession) -> None:
         return  # a bundle made before the ledger existed
     book = ledger.exit_ledger(s.exit_steps, s.costs, s.plain_ms, s.exit_ms, s.rule.rule.min_layer)
     with st.expander("Speedup ledger: where the time went, and what 1.5x would need"):
-        st.caption("The speedup this run's exit distribution predicts: one over the mean cost "
-                   "of a token (its exit depth × a block call, its exit checks, the head, KV "
-                   "filling), each as a fraction of a full-model step measured on the same "
-                   "prompt. The gap to the measured speedup is the rest of the step.")
-        cols = st.columns(4)
-        cols[0].metric("Predicted speedup", f"{book.predicted_speedup:.2f}x")
-        cols[1].metric("Measured speedup", f"{book.measured_speedup:.2f}x")
-        cols[2].metric("One block call", f"{book.block_cost:.3f} steps")
-        cols[3].metric("One exit check", f"{book.check_cost:.3f} steps")
-        st.plotly_chart(charts.ledger_figure(book.time_ms, s.plain_ms, book.tokens,
-                                             "early exit"), key=state.EXIT_LEDGER)
-        target = st.number_input("What would this setting need for a speedup of", 0.1, 10.0,
-                                 1.5, 0.1, key=state.EXIT_TARGET, format="%.1f")
+        target = metrics.ledger_panel(
+            "The speedup this run's exit distribution predicts: one over the mean cost of a "
+            "token (its exit depth × a block call, its exit checks, the head, KV filling), each "
+            "as a fraction of a full-model step measured on the same prompt. The gap to the "
+            "measured speedup is the rest of the step.", book,
+            [("One block call", f"{book.block_cost:.3f} steps"),
+             ("One exit check", f"{book.check_cost:.3f} steps")],
+            charts.ledger_figure(book.time_ms, s.plain_ms, book.tokens, "early exit"),
+            state.EXIT_LEDGER, state.EXIT_TARGET)
         depth = book.needed_depth(target)
         if depth is None:
             st.warning(f"{target:.1f}x is out of reach at these costs: even exiting every "
@@ -222,12 +218,12 @@ def _redecide(engine, s: ExitSession) -> None:
                                key=state.EXIT_RE_MIN)
     decisions = ex.decide_all(steps, stream, rule, threshold, min_layer, n)
     summ = ex.summary(decisions, n)
-    m = st.columns(4)
-    m[0].metric("Agreement with the full model", f"{summ['agreement']:.1%}")
-    m[1].metric("Tokens that exit early", f"{summ['exit_rate']:.0%}")
-    m[2].metric("Mean exit depth", f"{summ['mean_depth']:.1f}")
-    m[3].metric("Layer ratio N / depth", f"{summ['layer_ratio']:.2f}x",
-                help="An upper bound on the speedup; the measured figure is above.")
+    metrics.metric_row([
+        ("Agreement with the full model", f"{summ['agreement']:.1%}"),
+        ("Tokens that exit early", f"{summ['exit_rate']:.0%}"),
+        ("Mean exit depth", f"{summ['mean_depth']:.1f}"),
+        ("Layer ratio N / depth", f"{summ['layer_ratio']:.2f}x",
+         "An upper bound on the speedup; the measured figure is above.")])
     would = [None if d.agrees else engine.token_text(d.token_id) for d in decisions]
     st.markdown(exit_charts.exit_strip_html(steps, [d.depth for d in decisions], n, would),
                 unsafe_allow_html=True)
@@ -257,13 +253,13 @@ def _oracle_gap(steps, decisions, stream: str, rule: str, threshold: float, min_
                "run, like the re-decisions above.")
     rows = oracle.gap_rows(steps, decisions, stream, n)
     summ = oracle.gap_summary(rows, n)
-    m = st.columns(4)
-    m[0].metric("Premature (tokens lost)", f"{summ['premature']} ({summ['premature_share']:.0%})")
-    m[1].metric("Late", f"{summ['late']} ({summ['late_share']:.0%})")
-    m[2].metric("Layers wasted per token", f"{summ['wasted_per_token']:.2f}")
-    m[3].metric("Mean oracle depth", f"{summ['mean_oracle_depth']:.1f} / {n}",
-                help="How deep tokens must go at the least, on this stream: the best any rule "
-                     "could do without losing a token.")
+    metrics.metric_row([
+        ("Premature (tokens lost)", f"{summ['premature']} ({summ['premature_share']:.0%})"),
+        ("Late", f"{summ['late']} ({summ['late_share']:.0%})"),
+        ("Layers wasted per token", f"{summ['wasted_per_token']:.2f}"),
+        ("Mean oracle depth", f"{summ['mean_oracle_depth']:.1f} / {n}",
+         "How deep tokens must go at the least, on this stream: the best any rule could do "
+         "without losing a token.")])
     st.plotly_chart(oracle_charts.gap_heatmap(steps, rows, stream), key=state.EXIT_ORACLE_MAP)
     st.caption("Green cells: the stream's lens already reads the full model's token there. ◆ "
                "the oracle depth; × where the rule exits (green right, orange late, red "

@@ -11,7 +11,7 @@ import streamlit as st
 
 from analysis import bundle, compare, ledger, speculation
 from app import charts, resources, spec_charts, state
-from app.components import bundles, controls
+from app.components import bundles, controls, metrics
 from m2r2core.config import SamplingConfig
 from m2r2core.errors import M2R2Error
 from m2r2core.spec.speculative import (
@@ -243,19 +243,15 @@ def _show(engine, s: SpecSession) -> None:
 def _ledger(s: SpecSession, stats: dict) -> None:
     st.subheader("Speedup ledger")
     book = ledger.spec_ledger(s.rounds, s.plain_ms, s.spec_ms)
-    st.caption("The speedup this run's own measured quantities predict: tokens per round "
-               "(accepted drafts + 1) over the cost of a round (drafts × their cost + one "
-               "verification), costs as fractions of a plain decoding step. The gap to the "
-               "measured speedup is the bookkeeping between rounds.")
-    cols = st.columns(4)
-    cols[0].metric("Predicted speedup", f"{book.predicted_speedup:.2f}x")
-    cols[1].metric("Measured speedup", f"{book.measured_speedup:.2f}x")
-    cols[2].metric("One draft costs", f"{book.draft_cost:.2f} steps")
-    cols[3].metric("One verification costs", f"{book.verify_cost:.2f} steps")
-    st.plotly_chart(charts.ledger_figure(book.time_ms, s.plain_ms, len(s.spec_tokens) - 1),
-                    key=state.SPEC_LEDGER)
-    target = st.number_input("What would this setting need for a speedup of", 0.1, 10.0, 1.5,
-                             0.1, key=state.SPEC_TARGET, format="%.1f")
+    target = metrics.ledger_panel(
+        "The speedup this run's own measured quantities predict: tokens per round (accepted "
+        "drafts + 1) over the cost of a round (drafts × their cost + one verification), costs "
+        "as fractions of a plain decoding step. The gap to the measured speedup is the "
+        "bookkeeping between rounds.", book,
+        [("One draft costs", f"{book.draft_cost:.2f} steps"),
+         ("One verification costs", f"{book.verify_cost:.2f} steps")],
+        charts.ledger_figure(book.time_ms, s.plain_ms, len(s.spec_tokens) - 1),
+        state.SPEC_LEDGER, state.SPEC_TARGET)
     need = book.needed_accepted(target)
     alpha = book.needed_acceptance(target, s.spec.max_draft)
     measured = [a for a in stats["acceptance_by_position"] if a is not None]
