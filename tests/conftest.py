@@ -88,8 +88,8 @@ def real_engine_fp32(real_model_dir) -> Engine:
 
 @pytest.fixture(scope="session")
 def tiny_trained_dir(tmp_path_factory, tiny_model_dir) -> Path:
-    """Adapters, routers, Medusa heads and a tuned lens briefly trained for the tiny Llama (a folder of
-    trained folders, as $M2R2_TRAINED_DIR expects)."""
+    """Adapters, routers, Medusa heads and a tuned lens briefly trained for the tiny Llama (a
+    folder of trained folders, as $M2R2_TRAINED_DIR expects)."""
     from m2r2core import train
     from m2r2core.train import distill
 
