@@ -36,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from analysis.exits import rouge_l
+from analysis.exits import decide_all, rouge_l, summary
 from analysis.prompts import Prompt, load_prompts
 from m2r2core.config import DecodeConfig, EngineConfig
 from m2r2core.engine import Engine, environment
@@ -182,6 +182,26 @@ def check_heldout(decoder: Decoder, result: Calibration, prompts: list[Prompt]) 
     result.heldout_speedup = _speedup(decoder, prompts, result.threshold)
     result.held = result.heldout_risk <= 1.0 - result.level
     return result
+
+
+def teacher_forced_gap(decoder: Decoder, prompts: list[Prompt], threshold: float) -> dict:
+    """Token agreement with the full model at one threshold, re-decided on the full model's
+    recorded trajectories (teacher-forced, what the debugger's slider shows) and by real
+    early-exit decoding (where each exit changes the later context), averaged over prompts.
+    """
+    engine = decoder.engine
+    n = engine.parts.n_layers
+    cfg = DecodeConfig(max_new_tokens=decoder.cfg.max_new_tokens, capture_residuals=False)
+    forced, real = [], []
+    for prompt in prompts:
+        steps = engine.run(prompt.text, cfg).trace.steps[1:]
+        decisions = decide_all(steps, decoder.stream, decoder.rule, threshold,
+                               decoder.min_layer, n)
+        forced.append(summary(decisions, n)["agreement"])
+        full, mine = decoder.full(prompt), decoder.exit(prompt, threshold)
+        real.append(quality("agreement", mine.tokens, full.tokens, mine.text, full.text))
+    return {"threshold": threshold, "teacher_forced_agreement": statistics.mean(forced),
+            "real_agreement": statistics.mean(real)}
 
 
 def _speedup(decoder: Decoder, prompts: list[Prompt], threshold: float) -> float:

@@ -70,6 +70,8 @@ def test_real_decoding_on_the_tiny_model(tiny_engine):
     assert len(decoder.cache) >= 4 * 2  # the full model and threshold 1.0, per prompt
     checked = calibrate.check_heldout(decoder, result, PROMPTS[4:])
     assert checked.held is not None and 0 <= checked.heldout_risk <= 1
+    gap = calibrate.teacher_forced_gap(decoder, PROMPTS[:2], 1.0)
+    assert gap["teacher_forced_agreement"] == 1.0 == gap["real_agreement"]  # nothing exits
 
 
 def test_random_splits_report_how_often_the_guarantee_held():

@@ -119,3 +119,31 @@ def test_a_restored_run_renders_without_generating(app, tiny_model_dir, tiny_tra
     assert fresh.session_state[RESULT_KEY] is record
     assert fresh.slider(key=state.EXIT_RE_THR).value == 0.25
     assert any(m.label == "Measured speedup" for m in fresh.metric)
+
+
+def test_calibration_certifies_a_threshold_and_checks_it_held_out(app):
+    at = app
+    at.selectbox(key=state.CAL_STREAM).set_value("slow")
+    at.number_input(key=state.CAL_LEVEL).set_value(0.1)
+    at.number_input(key=state.CAL_DELTA).set_value(0.5)
+    at.number_input(key=state.CAL_N).set_value(2)
+    at.number_input(key=state.CAL_HELD).set_value(1)
+    at.number_input(key=state.CAL_TOKENS).set_value(4)
+    at.multiselect(key=state.CAL_SETS).set_value(["mt-bench"])
+    at.button(key=state.CAL_RUN).click()
+    at = at.run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    result, gap, n_cal, n_held = at.session_state[state.CAL_RESULT]
+    assert (n_cal, n_held) == (2, 1)
+    assert result.tested[0]["threshold"] == 1.0 and result.tested[0]["certified"]
+    assert result.threshold is not None and result.held is not None
+    assert 0 <= gap["real_agreement"] <= 1
+    labels = [m.label for m in at.metric]
+    assert "Certified threshold" in labels and any(x.startswith("Held-out risk") for x in labels)
+
+
+def test_calibration_warns_when_too_few_prompts_can_certify_the_level(app):
+    app.number_input(key=state.CAL_N).set_value(5)
+    app.number_input(key=state.CAL_LEVEL).set_value(0.95)
+    at = app.run()
+    assert any("can certify a level of at most" in w.value for w in at.warning)

@@ -13,7 +13,7 @@ from analysis import bundle, compare, ledger, oracle
 from analysis import exits as ex
 from app import charts, exit_charts, oracle_charts, resources, state
 from app.charts import visible
-from app.components import bundles, controls, metrics
+from app.components import bundles, calibration, controls, metrics
 from m2r2core.config import DecodeConfig
 from m2r2core.errors import M2R2Error
 from m2r2core.exits.early_exit import KV_FILLS, ExitConfig
@@ -41,6 +41,20 @@ model. Re-decided tokens are *teacher-forced* (the context stays the full model'
 """
 
 
+LESSON = """
+1. **Predict, then see.** Generate with *softmax confidence* on the **slow** stream at threshold
+   0.9. Before you scroll, guess which tokens leave early: punctuation? the second piece of a
+   split word? a repeated name? Then read the strip: light tokens left early.
+2. **Move the threshold.** In *Re-decide the exits*, lower the threshold step by step and watch
+   *the oracle gap*: red crosses (premature exits, tokens lost) appear where the lens had not
+   settled yet, and the layers wasted fall. Switch to the **fast** stream: its oracle depths sit
+   lower, which is the whole point of M2R2.
+3. **Calibrate.** Open *Calibrate a threshold with a guarantee*, ask for quality 0.8 with δ = 0.1
+   on 24 prompts, and press Calibrate. Note the certified threshold, then whether the held-out
+   risk kept the promise. Change the sidebar seed (a new split) and calibrate again: over many
+   splits the promise may fail at most δ of the time (BENCHMARKS.md counts it).
+"""
+
 ExitSession = compare.ExitComparison
 """What one Generate press produced (analysis/compare.py)."""
 
@@ -55,6 +69,8 @@ def render() -> None:
     if "fast" not in engine.capabilities().streams:
         st.warning(f"{engine.accel_note} The fast stream is unavailable; slow-stream rules "
                    "still work.")
+    with st.expander("Try this: a five-minute lesson"):
+        st.markdown(LESSON)
     opened = bundles.open_control("exit", bundle.owner_of(engine), state.EXIT_BUNDLE)
     if opened is not None:
         bundles.restore(opened, RESULT_KEY, state.PROMPT, VIEW_KEYS)
@@ -67,6 +83,7 @@ def render() -> None:
         if exit_cfg is not None:
             _generate(engine, text, cfg, exit_cfg)
     session: ExitSession | None = st.session_state.get(RESULT_KEY)
+    calibration.section(engine)
     if session is None:
         st.info("Generate to record trajectories; the threshold controls below then re-decide "
                 "every token instantly.")
