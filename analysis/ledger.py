@@ -169,3 +169,83 @@ def exit_ledger(steps: list[TokenStep], costs: dict, plain_ms: float, exit_ms: f
         head_cost=parts["head"] / n / per, fill_cost=parts["kv fill"] / n / per,
         min_layer=min_layer,
         time_ms=parts | {"the rest": max(0.0, total - sum(parts.values()))})
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """`python -m analysis.ledger`: predicted against measured speedup, per prompt, for an
+    early-exit setting and a speculative setting, each against plain decoding of the prompt.
+    """
+    import argparse
+    import json
+    import statistics
+    import sys
+    from pathlib import Path
+
+    from analysis import compare
+    from analysis.prompts import load_prompts
+    from m2r2core.config import DecodeConfig, EngineConfig
+    from m2r2core.engine import Engine, environment
+    from m2r2core.exits.early_exit import ExitConfig
+    from m2r2core.exits.routers import ExitRule
+    from m2r2core.spec.speculative import SpecConfig
+
+    p = argparse.ArgumentParser(prog="python -m analysis.ledger", description=main.__doc__)
+    p.add_argument("--prompts", default="mt-bench")
+    p.add_argument("--limit", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--exit-rule", default="confidence")
+    p.add_argument("--exit-stream", default="fast")
+    p.add_argument("--exit-threshold", type=float, default=0.5)
+    p.add_argument("--min-layer", type=int, default=4)
+    p.add_argument("--spec-stream", default="fast")
+    p.add_argument("--draft-layer", type=int, default=8)
+    p.add_argument("--max-draft", type=int, default=4)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/ledger.json"))
+    args = p.parse_args(argv)
+    engine = Engine.load(EngineConfig(dtype=args.dtype, threads=args.threads))
+    cfg = DecodeConfig(max_new_tokens=args.max_new_tokens, trace=False)
+    exit_cfg = ExitConfig(ExitRule(args.exit_rule, args.exit_stream, args.exit_threshold,
+                                   args.min_layer))
+    spec = SpecConfig(stream=args.spec_stream, draft_layer=args.draft_layer,
+                      max_draft=args.max_draft, draft_vocab="sub" if engine.routers.card
+                      else "full")
+    rows = []
+    for prompt in load_prompts(args.prompts, args.limit):
+        ex = compare.compare_exit(engine, prompt.text, cfg.replace(trace=True,
+                                                                   capture_residuals=False),
+                                  exit_cfg)
+        book = exit_ledger(ex.exit_steps, ex.costs, ex.plain_ms, ex.exit_ms, args.min_layer)
+        sp = compare.compare_spec(engine, prompt.text, cfg, spec, False)
+        sbook = spec_ledger(sp.rounds, sp.plain_ms, sp.spec_ms)
+        rows.append({"id": prompt.id, "exit": {"predicted": book.predicted_speedup,
+                                               "measured": book.measured_speedup,
+                                               "mean_depth": book.mean_depth},
+                     "spec": {"predicted": sbook.predicted_speedup,
+                              "measured": sbook.measured_speedup,
+                              "mean_accepted": sbook.mean_accepted,
+                              "draft_cost": sbook.draft_cost,
+                              "verify_cost": sbook.verify_cost}})
+        print(prompt.id, rows[-1], file=sys.stderr)
+
+    def error(kind: str) -> float:
+        return statistics.median(abs(r[kind]["predicted"] / r[kind]["measured"] - 1)
+                                 for r in rows)
+
+    report = {"command": " ".join(["python -m analysis.ledger"] + (argv or sys.argv[1:])),
+              "args": {k: str(v) for k, v in vars(args).items()}, "environment": environment(),
+              "adapters": engine.accel_note, "prompts": rows,
+              "median_relative_error": {"exit": error("exit"), "spec": error("spec")},
+              "median_measured": {k: statistics.median(r[k]["measured"] for r in rows)
+                                  for k in ("exit", "spec")},
+              "median_predicted": {k: statistics.median(r[k]["predicted"] for r in rows)
+                                   for k in ("exit", "spec")}}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in report.items() if k != "prompts"}, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()
