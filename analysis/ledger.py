@@ -171,23 +171,9 @@ def exit_ledger(steps: list[TokenStep], costs: dict, plain_ms: float, exit_ms: f
         time_ms=parts | {"the rest": max(0.0, total - sum(parts.values()))})
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """`python -m analysis.ledger`: predicted against measured speedup, per prompt, for an
-    early-exit setting and a speculative setting, each against plain decoding of the prompt.
-    """
+def _parser():
     import argparse
-    import json
-    import statistics
-    import sys
     from pathlib import Path
-
-    from analysis import compare
-    from analysis.prompts import load_prompts
-    from m2r2core.config import DecodeConfig, EngineConfig
-    from m2r2core.engine import Engine, environment
-    from m2r2core.exits.early_exit import ExitConfig
-    from m2r2core.exits.routers import ExitRule
-    from m2r2core.spec.speculative import SpecConfig
 
     p = argparse.ArgumentParser(prog="python -m analysis.ledger", description=main.__doc__)
     p.add_argument("--prompts", default="mt-bench")
@@ -203,43 +189,65 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--draft-layer", type=int, default=8)
     p.add_argument("--max-draft", type=int, default=4)
     p.add_argument("--out", type=Path, default=Path("benchmarks/ledger.json"))
-    args = p.parse_args(argv)
-    engine = Engine.load(EngineConfig(dtype=args.dtype, threads=args.threads))
+    return p
+
+
+def _one_prompt(engine, text: str, args) -> dict:
+    """Both ledgers of one prompt: early exit and speculative decoding against plain."""
+    from analysis import compare
+    from m2r2core.config import DecodeConfig
+    from m2r2core.exits.early_exit import ExitConfig
+    from m2r2core.exits.routers import ExitRule
+    from m2r2core.spec.speculative import SpecConfig
+
     cfg = DecodeConfig(max_new_tokens=args.max_new_tokens, trace=False)
     exit_cfg = ExitConfig(ExitRule(args.exit_rule, args.exit_stream, args.exit_threshold,
                                    args.min_layer))
     spec = SpecConfig(stream=args.spec_stream, draft_layer=args.draft_layer,
-                      max_draft=args.max_draft, draft_vocab="sub" if engine.routers.card
-                      else "full")
+                      max_draft=args.max_draft,
+                      draft_vocab="sub" if engine.routers.card else "full")
+    ex = compare.compare_exit(engine, text, cfg.replace(trace=True, capture_residuals=False),
+                              exit_cfg)
+    book = exit_ledger(ex.exit_steps, ex.costs, ex.plain_ms, ex.exit_ms, args.min_layer)
+    sp = compare.compare_spec(engine, text, cfg, spec, False)
+    sbook = spec_ledger(sp.rounds, sp.plain_ms, sp.spec_ms)
+    return {"exit": {"predicted": book.predicted_speedup, "measured": book.measured_speedup,
+                     "mean_depth": book.mean_depth},
+            "spec": {"predicted": sbook.predicted_speedup, "measured": sbook.measured_speedup,
+                     "mean_accepted": sbook.mean_accepted, "draft_cost": sbook.draft_cost,
+                     "verify_cost": sbook.verify_cost}}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """`python -m analysis.ledger`: predicted against measured speedup, per prompt, for an
+    early-exit setting and a speculative setting, each against plain decoding of the prompt.
+    """
+    import json
+    import statistics
+    import sys
+
+    from analysis.prompts import load_prompts
+    from m2r2core.config import EngineConfig
+    from m2r2core.engine import Engine, environment
+
+    args = _parser().parse_args(argv)
+    engine = Engine.load(EngineConfig(dtype=args.dtype, threads=args.threads))
     rows = []
     for prompt in load_prompts(args.prompts, args.limit):
-        ex = compare.compare_exit(engine, prompt.text, cfg.replace(trace=True,
-                                                                   capture_residuals=False),
-                                  exit_cfg)
-        book = exit_ledger(ex.exit_steps, ex.costs, ex.plain_ms, ex.exit_ms, args.min_layer)
-        sp = compare.compare_spec(engine, prompt.text, cfg, spec, False)
-        sbook = spec_ledger(sp.rounds, sp.plain_ms, sp.spec_ms)
-        rows.append({"id": prompt.id, "exit": {"predicted": book.predicted_speedup,
-                                               "measured": book.measured_speedup,
-                                               "mean_depth": book.mean_depth},
-                     "spec": {"predicted": sbook.predicted_speedup,
-                              "measured": sbook.measured_speedup,
-                              "mean_accepted": sbook.mean_accepted,
-                              "draft_cost": sbook.draft_cost,
-                              "verify_cost": sbook.verify_cost}})
+        rows.append({"id": prompt.id} | _one_prompt(engine, prompt.text, args))
         print(prompt.id, rows[-1], file=sys.stderr)
 
-    def error(kind: str) -> float:
-        return statistics.median(abs(r[kind]["predicted"] / r[kind]["measured"] - 1)
-                                 for r in rows)
+    def median(kind: str, what) -> float:
+        return statistics.median(what(r[kind]) for r in rows)
 
     report = {"command": " ".join(["python -m analysis.ledger"] + (argv or sys.argv[1:])),
               "args": {k: str(v) for k, v in vars(args).items()}, "environment": environment(),
               "adapters": engine.accel_note, "prompts": rows,
-              "median_relative_error": {"exit": error("exit"), "spec": error("spec")},
-              "median_measured": {k: statistics.median(r[k]["measured"] for r in rows)
-                                  for k in ("exit", "spec")},
-              "median_predicted": {k: statistics.median(r[k]["predicted"] for r in rows)
+              "median_relative_error": {
+                  k: median(k, lambda r: abs(r["predicted"] / r["measured"] - 1))
+                  for k in ("exit", "spec")},
+              "median_measured": {k: median(k, lambda r: r["measured"]) for k in ("exit", "spec")},
+              "median_predicted": {k: median(k, lambda r: r["predicted"])
                                    for k in ("exit", "spec")}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
