@@ -155,3 +155,19 @@ def speedup_at_quality(points: list[dict], quality: float, key: str = "rouge_ful
         if p[key] >= quality:
             best = max(best if best == best else 0.0, p["speedup"])
     return best
+
+
+def checks_made(decisions: list[Decision], min_layer: int, last_depth: int) -> list[int]:
+    """How many exit checks each re-decided token made: from min_layer to its exit depth, or to
+    the stream's last checked depth when the rule never fired.
+    """
+    return [max(0, (d.depth if d.exited else last_depth) - max(1, min_layer) + 1)
+            for d in decisions]
+
+
+def first_difference(a: list[Decision], b: list[Decision]) -> int | None:
+    """The first token where two settings exit at another depth or emit another token."""
+    for index, (x, y) in enumerate(zip(a, b, strict=True)):
+        if x.depth != y.depth or x.token_id != y.token_id:
+            return index
+    return None

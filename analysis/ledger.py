@@ -140,6 +140,15 @@ class ExitLedger:
                 + self.head_cost + self.fill_cost)
         return 1.0 / cost if cost else 1.0
 
+    def predict(self, depths: list[int], checks: list[int]) -> float:
+        """The speedup another exit distribution would give at this run's unit costs (A/B of
+        re-decided settings): per token its depth and its number of exit checks.
+        """
+        n = max(1, len(depths))
+        cost = (sum(depths) / n * self.block_cost + sum(checks) / n * self.check_cost
+                + self.head_cost + self.fill_cost)
+        return 1.0 / cost if cost else 1.0
+
     def needed_depth(self, target: float) -> float | None:
         """The mean exit depth a `target` speedup needs at these costs (None: out of reach even
         at depth 1).

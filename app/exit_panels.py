@@ -71,3 +71,70 @@ def oracle_gap(steps, decisions, stream: str, rule: str, threshold: float, min_l
     right.caption("The rule's scores in ten bins against how often the lens was right at those "
                   "depths: bars on the diagonal mean a score can be read as a probability. ECE "
                   "is the average gap, weighted by how many scores fall in each bin.")
+
+
+def ab(engine, s, steps, n: int) -> None:
+    """Two exit settings re-decided side by side on the recorded run."""
+    from analysis import exits as ex
+    from app import exit_charts
+
+    st.subheader("A/B: two settings on this run")
+    st.caption("Two settings re-decided on the same recorded trajectories: both token strips "
+               "(struck-through text: what a disagreeing token would have become), their "
+               "figures, and the first token where they part, with both rules' scores there. "
+               "Predicted speedups use this run's measured unit costs (a block call, an exit "
+               "check, the head), so they compare settings on equal terms.")
+    available = ex.available_rules(steps)
+    picked = []
+    for column, name, default in zip(st.columns(2), ("A", "B"), (0.9, 0.5), strict=True):
+        with column:
+            stream = st.selectbox(f"{name}: stream", list(available), key=f"ab_{name}_stream")
+            rule = st.selectbox(f"{name}: rule", available[stream], key=f"ab_{name}_rule",
+                                format_func=RULE_LABELS.get)
+            threshold = st.slider(f"{name}: threshold", 0.0, 1.0, default, 0.01,
+                                  key=f"ab_{name}_thr")
+            min_layer = st.slider(f"{name}: minimum layer", 1, n - 1, min(4, n - 1),
+                                  key=f"ab_{name}_min")
+        decisions = ex.decide_all(steps, stream, rule, threshold, min_layer, n)
+        last = len(steps[0].rule_scores[f"{stream}/{rule}"]) if stream == "fast" else n - 1
+        picked.append((name, stream, rule, threshold, min_layer, decisions,
+                       ex.checks_made(decisions, min_layer, last)))
+    book = (ledgers.exit_ledger(s.exit_steps, s.costs, s.plain_ms, s.exit_ms,
+                                s.rule.rule.min_layer) if s.costs else None)
+    for column, (name, stream, rule, _, _, decisions, checks) in zip(st.columns(2), picked,
+                                                                        strict=True):
+        summ = ex.summary(decisions, n)
+        column.markdown(f"**{name}**: {RULE_LABELS[rule]}, {stream} stream")
+        column.metric("Agreement with the full model", f"{summ['agreement']:.1%}")
+        column.metric("Mean exit depth", f"{summ['mean_depth']:.1f}")
+        if book is not None:
+            column.metric("Predicted speedup",
+                          f"{book.predict([d.depth for d in decisions], checks):.2f}x")
+        would = [None if d.agrees else engine.token_text(d.token_id) for d in decisions]
+        column.markdown(exit_charts.exit_strip_html(steps, [d.depth for d in decisions], n,
+                                                    would), unsafe_allow_html=True)
+    _first_difference(engine, steps, picked)
+
+
+def _first_difference(engine, steps, picked) -> None:
+    from analysis import exits as ex
+    from app.charts import visible
+
+    (_, sa, ra, ta, ma, a, _), (_, sb, rb, tb, mb, b, _) = picked
+    index = ex.first_difference(a, b)
+    if index is None:
+        st.success("Both settings decide every token the same way.")
+        return
+    step = steps[index]
+    st.markdown(
+        f"**They first part at token {step.position} ({visible(step.text)})**: A exits at "
+        f"depth {a[index].depth} with {visible(engine.token_text(a[index].token_id))}, B at "
+        f"depth {b[index].depth} with {visible(engine.token_text(b[index].token_id))}.")
+    scores_a = step.rule_scores[f"{sa}/{ra}"]
+    scores_b = step.rule_scores[f"{sb}/{rb}"]
+    depth = max(len(scores_a), len(scores_b))
+    st.dataframe({"depth": list(range(1, depth + 1)),
+                  f"A score (fires ≥ {ta:g} from {ma})": list(scores_a) + [None] * (
+                      depth - len(scores_a)),
+                  f"B score (fires ≥ {tb:g} from {mb})": list(scores_b) + [None] * (
+                      depth - len(scores_b))}, hide_index=True)

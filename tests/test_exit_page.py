@@ -147,3 +147,22 @@ def test_calibration_warns_when_too_few_prompts_can_certify_the_level(app):
     app.number_input(key=state.CAL_LEVEL).set_value(0.95)
     at = app.run()
     assert any("can certify a level of at most" in w.value for w in at.warning)
+
+
+def test_ab_shows_both_settings_and_where_they_part(app):
+    at = generate(app, rule="confidence", stream="slow", threshold=0.5, budget=8)
+    at.selectbox(key="ab_A_stream").set_value("slow")
+    at.selectbox(key="ab_B_stream").set_value("slow")
+    at.selectbox(key="ab_A_rule").set_value("confidence")
+    at.selectbox(key="ab_B_rule").set_value("confidence")
+    at.slider(key="ab_A_thr").set_value(1.0)   # never exits
+    at.slider(key="ab_B_thr").set_value(0.0)   # exits at the minimum layer
+    at.slider(key="ab_B_min").set_value(1)
+    at = at.run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert any("first part at token" in m.value for m in at.markdown)
+    assert sum(m.label == "Predicted speedup" for m in at.metric) >= 3  # ledger + A + B
+    at.slider(key="ab_B_thr").set_value(1.0)
+    at.slider(key="ab_B_min").set_value(at.slider(key="ab_A_min").value)
+    at = at.run()
+    assert any("same way" in x.value for x in at.success)

@@ -233,6 +233,7 @@ def _redecide(engine, s: ExitSession) -> None:
         _pareto(s, {"stream": stream, "rule": rule, "threshold": threshold,
                     "min_layer": min_layer} | summ)
     exit_panels.oracle_gap(steps, decisions, stream, rule, threshold, min_layer, n)
+    exit_panels.ab(engine, s, steps, n)
     _disagreements(engine, s, steps, decisions, stream, rule)
     _downloads(engine, s, steps, decisions, stream, rule, threshold, min_layer)
 
