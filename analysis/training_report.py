@@ -44,10 +44,28 @@ class TrainingReport:
         return curve
 
     def held_out_by_depth(self) -> dict[str, list[float]]:
-        """The committed adapters' held-out (test split) agreement by depth, per stream."""
+        """The committed adapters' held-out (test split) agreement by depth, per stream, with
+        the tuned lens's (its own card, same split) as the 'tuned' stream.
+        """
         metrics = self.cards.get("adapters", {}).get("metrics", {})
         found = metrics.get("held_out_lens_agreement", {})
-        return found if isinstance(found, dict) else {"fast": list(found)}
+        found = dict(found) if isinstance(found, dict) else {"fast": list(found)}
+        tuned = self.cards.get("tuned lens", {}).get("metrics", {}).get("held_out", {})
+        if isinstance(tuned, dict) and tuned.get("tuned"):
+            found["tuned"] = list(tuned["tuned"])
+        return found
+
+
+def variant_rows(report: dict | None) -> list[dict]:
+    """The adapters' variant comparison (benchmarks/adapter_variants.json) as table rows."""
+    rows = []
+    for name, v in ((report or {}).get("variants") or {}).items():
+        rows.append({"variant": name, "changes": ", ".join(f"{k}={x}" for k, x in
+                                                           v.get("overrides", {}).items())
+                     or "(baseline)", "steps": v.get("steps"), "tokens": v.get("tokens"),
+                     "train s": v.get("train_s"), "dev agreement d8": v.get("dev_agreement_d8"),
+                     "dev agreement d15": v.get("dev_agreement_d15")})
+    return rows
 
 
 def _read(path: Path, problems: list[str]) -> object | None:

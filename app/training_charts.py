@@ -15,7 +15,7 @@ DEPTH_COLOURS = plotly.colors.qualitative.D3
 def agreement_by_depth(report: TrainingReport) -> go.Figure:
     """Held-out logit-lens agreement with the final token at every depth, fast vs slow."""
     fig = go.Figure()
-    colours = {"fast": palette.FAST_STREAM, "slow": palette.SLOW_STREAM}
+    colours = palette.STREAM_COLOURS
     for stream, values in report.held_out_by_depth().items():
         depths = list(range(1, len(values) + 1))
         fig.add_trace(go.Scatter(
@@ -63,4 +63,20 @@ def loss_over_steps(report: TrainingReport) -> go.Figure:
         title={"text": "Training loss"}, xaxis={"title": {"text": "training step"}},
         yaxis={"title": {"text": "loss (sum of 1 - cos terms + λ KL, nats)"}},
         height=320, margin={"l": 60, "r": 20, "t": 50, "b": 50})
+    return fig
+
+
+def variants_figure(rows: list[dict]) -> go.Figure:
+    """Dev agreement at depths 8 and 15 of each adapter variant, trained on an equal budget."""
+    fig = go.Figure()
+    for depth, colour in ((8, DEPTH_COLOURS[0]), (15, DEPTH_COLOURS[1])):
+        fig.add_trace(go.Bar(
+            x=[r["variant"] for r in rows], y=[r[f"dev agreement d{depth}"] for r in rows],
+            name=f"depth {depth}", marker={"color": colour},
+            customdata=[[r["changes"], r["tokens"]] for r in rows],
+            hovertemplate=(f"%{{x}} (%{{customdata[0]}})<br>depth {depth}: %{{y:.3f}}"
+                           "<br>%{customdata[1]} training tokens<extra></extra>")))
+    fig.update_layout(barmode="group", title={"text": "Design variants on an equal budget"},
+                      yaxis={"title": {"text": "dev agreement with the full model"}},
+                      height=340, margin={"l": 60, "r": 20, "t": 50, "b": 40})
     return fig

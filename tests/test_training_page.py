@@ -6,7 +6,7 @@ from pathlib import Path
 
 from streamlit.testing.v1 import AppTest
 
-from analysis.training_report import training_report
+from analysis.training_report import training_report, variant_rows
 from app import state
 
 ENTRY = str(Path(__file__).resolve().parent.parent / "streamlit_app.py")
@@ -35,6 +35,20 @@ def test_report_reads_cards_and_curve(tmp_path):
     assert [round(v, 6) for _, v in curve] == [0.2, 0.3, 0.4]
     assert report.held_out_by_depth()["fast"] == [0.3, 0.4]
     assert training_report(None).problems  # nothing loaded: said, not an error
+    (tmp_path / "tuned_lens.json").write_text(json.dumps(
+        {"metrics": {"held_out": {"logit": [0.1, 1.0], "tuned": [0.2, 1.0]}}}))
+    assert training_report(tmp_path).held_out_by_depth()["tuned"] == [0.2, 1.0]
+
+
+def test_variant_rows():
+    report = {"variants": {"baseline": {"overrides": {}, "steps": 60, "tokens": 9,
+                                        "dev_agreement_d8": 0.2, "dev_agreement_d15": 0.3},
+                           "rank64": {"overrides": {"rank": 64}, "steps": 60, "tokens": 9,
+                                      "dev_agreement_d8": 0.25, "dev_agreement_d15": 0.35}}}
+    rows = variant_rows(report)
+    assert [r["changes"] for r in rows] == ["(baseline)", "rank=64"]
+    assert rows[1]["dev agreement d15"] == 0.35
+    assert variant_rows(None) == []
 
 
 def test_page_shows_the_committed_cards(tiny_model_dir, tiny_trained_dir, monkeypatch,
@@ -57,8 +71,9 @@ def test_page_shows_the_committed_cards(tiny_model_dir, tiny_trained_dir, monkey
     assert not at.exception
     assert at.title[0].value == "Training"
     charts = [c.proto.id for c in at.get("plotly_chart")]
-    assert len(charts) == 3, charts  # by depth, over steps, loss
+    variants = resources.benchmark_report("adapter_variants.json") is not None
+    assert len(charts) == 3 + variants, charts  # by depth, over steps, loss (+ variants)
     assert set(at.selectbox(key=state.TRAIN_CARD).options) >= {"adapters", "routers",
-                                                               "Medusa heads"}
+                                                               "Medusa heads", "tuned lens"}
     at.selectbox(key=state.TRAIN_CARD).set_value("routers").run()
     assert not at.exception

@@ -8,8 +8,10 @@ import json
 import pandas as pd
 import streamlit as st
 
-from analysis.training_report import training_report
+from analysis.training_report import training_report, variant_rows
 from app import resources, state, training_charts
+
+VARIANTS = "adapter_variants.json"
 
 INTRO = """Every learned part of M2R2 (the fast stream's adapters, the exit routers, the Medusa
 heads of the peer, the tuned lens) is trained offline by `python -m m2r2core.train …` and
@@ -59,7 +61,22 @@ def render() -> None:
                    "the weighted KL to the final distribution), on training batches: a falling "
                    "loss with a flat held-out curve above means the adapters fit the training "
                    "text without generalising.")
+    _variants()
     _cards(report)
+
+
+def _variants() -> None:
+    rows = variant_rows(resources.benchmark_report(VARIANTS))
+    if not rows:
+        return
+    st.subheader("The adapters' design variants, on an equal budget")
+    st.plotly_chart(training_charts.variants_figure(rows), key=state.TRAIN_VARIANTS,
+                    alt="Dev agreement of each adapter variant at depths 8 and 15")
+    st.caption("Each variant trained from scratch with the same seed, data, schedule and number "
+               "of steps (`python -m m2r2core.train variants`), then measured on the dev split "
+               "(the tuning split). The training-study variants (own KV, rate blocks) train "
+               "only: decoding runs the shared slow cache and block d.")
+    st.dataframe(pd.DataFrame(rows), hide_index=True)
 
 
 def _cards(report) -> None:

@@ -160,6 +160,17 @@ def test_exit_debugger_in_browser(streamlit_url, tmp_path):
                                                                          timeout=30_000)
             expect(page.get_by_test_id(ids.EXIT_STRIP).first).to_be_visible()
             expect(page.get_by_test_id(ids.EXCEPTION)).to_have_count(0)
+            # calibrate a threshold with a guarantee, on a handful of prompts
+            page.get_by_text("Calibrate a threshold with a guarantee").click()
+            for label, value in (("Quality at least", "0.1"), ("δ (1 − confidence)", "0.5"),
+                                 ("Calibration prompts", "2"), ("Held-out prompts", "1"),
+                                 ("Tokens each", "4")):
+                field = page.get_by_label(label, exact=True).first
+                field.fill(value)
+                field.press("Enter")
+            page.get_by_role("button", name="Calibrate", exact=True).click()
+            expect(page.get_by_text("Certified threshold").first).to_be_visible(timeout=180_000)
+            expect(page.get_by_test_id(ids.EXCEPTION)).to_have_count(0)
         finally:
             page.screenshot(path=str(shot_dir / "exit_debugger.png"), full_page=True)
             browser.close()
