@@ -86,15 +86,17 @@ def ab(engine, s, steps, n: int) -> None:
                "check, the head), so they compare settings on equal terms.")
     available = ex.available_rules(steps)
     picked = []
-    for column, name, default in zip(st.columns(2), ("A", "B"), (0.9, 0.5), strict=True):
+    for column, name, prefix, default in zip(st.columns(2), ("A", "B"), state.EXIT_AB, (0.9, 0.5),
+                                             strict=True):
         with column:
-            stream = st.selectbox(f"{name}: stream", list(available), key=f"ab_{name}_stream")
-            rule = st.selectbox(f"{name}: rule", available[stream], key=f"ab_{name}_rule",
-                                format_func=RULE_LABELS.get)
+            stream = st.selectbox(f"{name}: stream", list(available),
+                                  key=state.keyed(prefix, "stream"))
+            rule = st.selectbox(f"{name}: rule", available[stream],
+                                key=state.keyed(prefix, "rule"), format_func=RULE_LABELS.get)
             threshold = st.slider(f"{name}: threshold", 0.0, 1.0, default, 0.01,
-                                  key=f"ab_{name}_thr")
+                                  key=state.keyed(prefix, "thr"))
             min_layer = st.slider(f"{name}: minimum layer", 1, n - 1, min(4, n - 1),
-                                  key=f"ab_{name}_min")
+                                  key=state.keyed(prefix, "min"))
         decisions = ex.decide_all(steps, stream, rule, threshold, min_layer, n)
         last = len(steps[0].rule_scores[f"{stream}/{rule}"]) if stream == "fast" else n - 1
         picked.append((name, stream, rule, threshold, min_layer, decisions,

@@ -42,6 +42,16 @@ EXIT_ORACLE_SWEEP = "exit_oracle_sweep"
 EXIT_RELIABILITY = "exit_reliability"
 EXIT_EXPLAIN = "exit_explain"
 EXIT_GENERATE = "exit_generate"
+EXIT_GEN = "exit_gen"
+"""Prefix of the generation's rule controls: exit_gen_rule, _stream, _thr, _min, _fill."""
+EXIT_AB = ("ab_A", "ab_B")
+"""Prefixes of the two A/B settings' controls: ab_A_stream, _rule, _thr, _min."""
+
+
+def keyed(prefix: str, field: str) -> str:
+    """The key of one control of a group of controls named by a prefix."""
+    return f"{prefix}_{field}"
+
 EXIT_HEATMAP = "exit_heatmap"
 EXIT_HIST = "exit_hist"
 EXIT_PARETO = "exit_pareto"

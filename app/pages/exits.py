@@ -78,7 +78,7 @@ def render() -> None:
     if got is None:
         return
     text, cfg = got
-    exit_cfg = _rule_controls(engine, "exit_gen")
+    exit_cfg = _rule_controls(engine, state.EXIT_GEN)
     if st.button("Generate with early exit", key=state.EXIT_GENERATE, type="primary"):
         if exit_cfg is not None:
             _generate(engine, text, cfg, exit_cfg)
@@ -99,20 +99,21 @@ def _rule_controls(engine, prefix: str) -> ExitConfig | None:
     caps = engine.capabilities()
     streams = list(caps.streams)
     cols = st.columns(5)
-    rule = cols[0].selectbox("Exit rule", RULES, key=f"{prefix}_rule",
+    rule = cols[0].selectbox("Exit rule", RULES, key=state.keyed(prefix, "rule"),
                              format_func=lambda r: RULE_LABELS[r])
-    stream = cols[1].selectbox("Stream", streams, key=f"{prefix}_stream",
+    stream = cols[1].selectbox("Stream", streams, key=state.keyed(prefix, "stream"),
                                help="fast = M2R2's accelerated stream; slow = plain early exit; "
                                     "tuned = the slow stream read through the tuned lens (the "
                                     "distance-based baseline; heuristic rules only).")
-    threshold = cols[2].number_input("Threshold", value=0.9, step=0.05, key=f"{prefix}_thr",
+    threshold = cols[2].number_input("Threshold", value=0.9, step=0.05,
+                                     key=state.keyed(prefix, "thr"),
                                      help="0 to 1; a token exits at the first depth whose "
                                           "score reaches it.")
     shallow = caps.n_fast or caps.n_layers - 1
     min_layer = cols[3].number_input("Minimum layer", value=min(4, shallow), step=1,
-                                     key=f"{prefix}_min",
+                                     key=state.keyed(prefix, "min"),
                                      help="No exit before this depth.")
-    fill = cols[4].selectbox("Missing KV", KV_FILLS, key=f"{prefix}_fill",
+    fill = cols[4].selectbox("Missing KV", KV_FILLS, key=state.keyed(prefix, "fill"),
                              help="jit: computed with the next token that goes deeper; copy: "
                                   "projected from the exit state (CALM).")
     cfg = ExitConfig(ExitRule(rule, stream, float(threshold), int(min_layer)), fill)
