@@ -175,6 +175,18 @@ def test_bias_adapters_roundtrip_and_initialise_from_unbiased(engines, tmp_path)
     loaded, _ = accel.load_accelerator(tmp_path / "biased", parts, "tiny", "abc")
     assert loaded.config.bias
     assert float(loaded.blocks[0]["down"].bias[0]) == 0.25
-    wider = Accelerator(parts, AccelConfig(rate=2.0, rank=8, margin=0))
+    # rank 4 grows into rank 8 with the same function, at the CLI's scale (alpha = 2 x rank)
+    small = _random_adapters(parts, alpha=8.0)
+    _save(small, tmp_path / "small")
+    wider = Accelerator(parts, AccelConfig(rate=2.0, rank=8, margin=0, alpha=16.0))
+    init_adapters(wider, tmp_path / "small")
+    plain = small
+    x = torch.randn(3, parts.config.hidden_size)
+    for name in ("q", "down"):
+        source, grown = plain.blocks[0][name], wider.blocks[0][name]
+        if name == "down":
+            x = torch.randn(3, source.A.shape[1])
+        torch.testing.assert_close(grown(x), source.to(torch.bfloat16).float()(x))
+    narrower = Accelerator(parts, AccelConfig(rate=2.0, rank=2, margin=0))
     with pytest.raises(M2R2Error, match="do not fit"):
-        init_adapters(wider, tmp_path / "plain")
+        init_adapters(narrower, tmp_path / "plain")

@@ -131,7 +131,10 @@ def adapter_loss(parts, accel: Accelerator, ids: torch.Tensor, lengths: torch.Te
 
 def init_adapters(accel: Accelerator, path: Path) -> None:
     """Start from another run's adapters: a training checkpoint (.pt) or a saved adapter folder
-    or file (safetensors). Biases the source lacks start at zero; any other mismatch is refused.
+    or file (safetensors). Biases the source lacks start at zero. Adapters of a lower rank grow
+    into this rank with the same function when both share the scale alpha / rank (the CLI's
+    alpha = 2 x rank): their A rows and B columns fill the first slots, the new B columns stay
+    zero. Any other mismatch is refused.
     """
     from safetensors.torch import load_file
 
@@ -141,14 +144,36 @@ def init_adapters(accel: Accelerator, path: Path) -> None:
     try:
         state = (load_file(str(path)) if path.suffix == ".safetensors"
                  else torch.load(path, weights_only=False)["adapters"])
-        missing, unexpected = accel.load_state_dict({k: v.float() for k, v in state.items()},
-                                                    strict=False)
+        state = _grow_rank({k: v.float() for k, v in state.items()}, accel.state_dict())
+        missing, unexpected = accel.load_state_dict(state, strict=False)
     except (OSError, KeyError, RuntimeError) as err:
         raise M2R2Error(f"Cannot start from {path}; the adapters there do not fit this shape "
                         f"({err}).") from err
     if unexpected or any(not k.endswith(".bias") for k in missing):
         raise M2R2Error(f"The adapters in {path} do not fit this shape (missing {missing}, "
                         f"unexpected {unexpected}).")
+
+
+def _grow_rank(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor]
+               ) -> dict[str, torch.Tensor]:
+    """Lower-rank A (r, in) and B (out, r) placed in the leading slots of this shape's tensors
+    (the rest of A keeps its fresh values, the rest of B is zero, so B A is unchanged).
+    """
+    out = {}
+    for key, value in source.items():
+        mine = target.get(key)
+        if mine is not None and value.shape != mine.shape and key.endswith((".A", ".B")):
+            grown = mine.clone() if key.endswith(".A") else torch.zeros_like(mine)
+            if key.endswith(".A") and value.shape[1] == mine.shape[1] and value.shape[0] < \
+                    mine.shape[0]:
+                grown[:value.shape[0]] = value
+                value = grown
+            elif key.endswith(".B") and value.shape[0] == mine.shape[0] and value.shape[1] < \
+                    mine.shape[1]:
+                grown[:, :value.shape[1]] = value
+                value = grown
+        out[key] = value
+    return out
 
 
 @torch.no_grad()
