@@ -29,6 +29,9 @@ from m2r2core.train.common import work_dir
 
 log = logging.getLogger("m2r2core.train")
 
+BASELINE = {"rank": 16, "target": "rate", "kv": "shared", "blocks": "same", "warm_start": 0}
+"""The shape every variant starts from (the committed adapters' shape)."""
+
 VARIANTS: dict[str, dict] = {
     "baseline": {},
     "rank64": {"rank": 64},
@@ -48,7 +51,7 @@ def run_variant(args: argparse.Namespace, name: str) -> dict:
     split.
     """
     a = copy.copy(args)
-    for field, value in VARIANTS[name].items():
+    for field, value in (BASELINE | VARIANTS[name]).items():
         setattr(a, field, value)
     a.run_name, a.restart, a.init, a.eval_every = f"variant-{name}", True, None, 0
     a.out = work_dir(a.model) / "variants" / name
