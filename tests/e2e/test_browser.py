@@ -128,6 +128,11 @@ def test_generate_in_browser(streamlit_url, tmp_path):
             browser.close()
 
 
+def _visible_metric(page, label: str):
+    """The first metric with this label that is on screen (folded panels repeat labels)."""
+    return page.locator("[data-testid=stMetricLabel]:visible", has_text=label).first
+
+
 def test_exit_debugger_in_browser(streamlit_url, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
@@ -137,9 +142,10 @@ def test_exit_debugger_in_browser(streamlit_url, tmp_path):
         try:
             _generate_on(page, f"{streamlit_url}/exits", "Generate with early exit",
                          ids.EXIT_STRIP)
-            expect(page.get_by_test_id(ids.PLOTLY_CHART).first).to_be_visible(timeout=30_000)
+            visible_chart = page.locator(f"[data-testid={ids.PLOTLY_CHART}]:visible").first
+            expect(visible_chart).to_be_visible(timeout=30_000)
             assert page.get_by_test_id(ids.PLOTLY_CHART).count() >= 3
-            expect(page.get_by_text("Measured speedup")).to_be_visible()
+            expect(_visible_metric(page, "Measured speedup")).to_be_visible()
             expect(page.get_by_test_id(ids.EXCEPTION)).to_have_count(0)
             # an out-of-range threshold (the generation one: the first labelled so) is refused
             _refused_and_kept(page, "Threshold", "1.5", "threshold", ids.EXIT_STRIP)
@@ -152,7 +158,7 @@ def test_exit_debugger_in_browser(streamlit_url, tmp_path):
             page.goto(f"{streamlit_url}/exits")
             page.locator('input[type="file"]').first.set_input_files(str(saved))
             expect(page.get_by_test_id(ids.EXIT_STRIP).first).to_be_visible(timeout=60_000)
-            expect(page.get_by_text("Measured speedup")).to_be_visible()
+            expect(_visible_metric(page, "Measured speedup")).to_be_visible()
             broken = tmp_path / "broken.json"
             broken.write_text(saved.read_text()[:500])
             page.locator('input[type="file"]').first.set_input_files(str(broken))
@@ -161,7 +167,8 @@ def test_exit_debugger_in_browser(streamlit_url, tmp_path):
             expect(page.get_by_test_id(ids.EXIT_STRIP).first).to_be_visible()
             expect(page.get_by_test_id(ids.EXCEPTION)).to_have_count(0)
             # calibrate a threshold with a guarantee, on a handful of prompts
-            page.get_by_text("Calibrate a threshold with a guarantee").click()
+            page.locator("[data-testid=stExpander] summary",
+                         has_text="Calibrate a threshold with a guarantee").first.click()
             for label, value in (("Quality at least", "0.1"), ("δ (1 − confidence)", "0.5"),
                                  ("Calibration prompts", "2"), ("Held-out prompts", "1"),
                                  ("Tokens each", "4")):
@@ -169,7 +176,7 @@ def test_exit_debugger_in_browser(streamlit_url, tmp_path):
                 field.fill(value)
                 field.press("Enter")
             page.get_by_role("button", name="Calibrate", exact=True).click()
-            expect(page.get_by_text("Certified threshold").first).to_be_visible(timeout=180_000)
+            expect(_visible_metric(page, "Certified threshold")).to_be_visible(timeout=180_000)
             expect(page.get_by_test_id(ids.EXCEPTION)).to_have_count(0)
         finally:
             page.screenshot(path=str(shot_dir / "exit_debugger.png"), full_page=True)
