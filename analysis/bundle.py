@@ -17,6 +17,7 @@ trained files (the message names both), or when its records do not rebuild.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
@@ -33,6 +34,7 @@ PAGES = {"trace": "Residual Dynamics", "exit": "Exit Threshold debugger",
          "spec": "Speculative Decoding", "experts": "Expert Loading"}
 """Which page opens which kind."""
 
+_HEAD = re.compile(r'\s*\{\s*"format"\s*:\s*"' + FORMAT + '"')
 _RECORDS = {"exit": ExitComparison, "spec": SpecComparison, "experts": ExpertComparison}
 MAX_BYTES = 64 * 1024 * 1024
 
@@ -75,12 +77,11 @@ def dumps(kind: str, record: object, owner: Owner, prompt: str, settings: dict) 
 
 
 def is_bundle(data: str | bytes) -> bool:
-    """Whether some JSON text is a bundle (rather than, say, a bare trace)."""
-    try:
-        parsed = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        return False
-    return isinstance(parsed, dict) and parsed.get("format") == FORMAT
+    """Whether some JSON text is a bundle (rather than, say, a bare trace), from its first key
+    (`dumps` writes "format" first), without parsing the whole file.
+    """
+    head = data[:200].decode("utf-8", "ignore") if isinstance(data, bytes) else data[:200]
+    return _HEAD.match(head) is not None
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,24 @@ class Decision:
     exited: bool
 
 
+def lens_top1(step: TokenStep, stream: str, depth: int) -> int | None:
+    """The token a stream's lens reads at a depth: the slow stream's logit lens, the fast
+    stream's, or the slow stream through the tuned lens (None where it was not traced).
+    """
+    if stream == "slow":
+        return step.lens_top_ids[depth][0]
+    record = step.fast if stream == "fast" else step.tuned
+    return record.lens_top1[depth] if record is not None else None
+
+
+def lens_agrees(step: TokenStep, stream: str) -> tuple[bool, ...]:
+    """Whether the stream's lens top-1 equals the full model's token, at depths 0..D."""
+    if stream == "slow":
+        return step.lens_agrees
+    record = step.fast if stream == "fast" else step.tuned
+    return record.lens_agrees if record is not None else ()
+
+
 def decide(step: TokenStep, stream: str, rule: str, threshold: float, min_layer: int,
            n_layers: int) -> Decision:
     """Re-decide one traced token's exit."""
@@ -39,9 +57,7 @@ def decide(step: TokenStep, stream: str, rule: str, threshold: float, min_layer:
     last = len(scores) if stream == "fast" else min(len(scores), n_layers - 1)
     for depth in range(max(1, min_layer), last + 1):
         if scores[depth - 1] >= threshold:
-            token = (step.fast.lens_top1[depth] if stream == "fast"
-                     else step.tuned.lens_top1[depth] if stream == "tuned"
-                     else step.lens_top_ids[depth][0])
+            token = lens_top1(step, stream, depth)
             return Decision(depth, token, token == step.token_id, True)
     return Decision(n_layers, step.token_id, True, False)
 

@@ -22,19 +22,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from analysis.exits import Decision, decide_all
+from analysis.exits import Decision, decide_all, lens_agrees
 from m2r2core.trace import TokenStep
 
 VERDICTS = ("right", "late", "premature")
-
-
-def lens_agrees(step: TokenStep, stream: str) -> tuple[bool, ...]:
-    """Whether the stream's lens top-1 equals the full model's token, at depths 0..D."""
-    if stream == "fast":
-        return step.fast.lens_agrees if step.fast is not None else ()
-    if stream == "tuned":
-        return step.tuned.lens_agrees if step.tuned is not None else ()
-    return step.lens_agrees
 
 
 def oracle_depth(step: TokenStep, stream: str, n_layers: int) -> int:

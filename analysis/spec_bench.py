@@ -147,6 +147,18 @@ def divergence(engine: Engine, text: str, max_new_tokens: int, reference: tuple[
             "reference_minus_output_logit": float(logits[reference[at]] - logits[output[at]])}
 
 
+def unavailable(engine: Engine, args: argparse.Namespace) -> dict[str, str]:
+    """The asked-for methods this engine cannot run, with why (they are left out)."""
+    caps = engine.capabilities()
+    needs = {"spec_fast": "fast", "spec_fast_router": "fast", "spec_tuned": "tuned",
+             "medusa": "medusa"}
+    skipped = {m: f"no {needs[m]} drafter is loaded" for m in args.methods
+               if m in needs and needs[m] not in caps.draft_streams}
+    if "spec_fast_router" in args.methods and not caps.has_rule(args.draft_rule, "fast"):
+        skipped.setdefault("spec_fast_router", f"no trained {args.draft_rule} router")
+    return skipped
+
+
 def bench(args: argparse.Namespace, progress: Callable[[float, str], None] | None = None,
           engine: Engine | None = None) -> dict:
     """Run every method on every prompt, interleaved in rotating order, `repeats` times.
@@ -158,11 +170,7 @@ def bench(args: argparse.Namespace, progress: Callable[[float, str], None] | Non
     if engine is None:
         engine = Engine.load(EngineConfig(model=args.model, dtype=args.dtype,
                                           threads=args.threads))
-    drafts = engine.capabilities().draft_streams
-    needs = {"spec_fast": "fast", "spec_fast_router": "fast", "spec_tuned": "tuned",
-             "medusa": "medusa"}
-    skipped = {m: f"no {needs[m]} drafter is loaded" for m in args.methods
-               if m in needs and needs[m] not in drafts}
+    skipped = unavailable(engine, args)
     methods = tuple(m for m in METHODS if m in args.methods and m not in skipped)
     if skipped:
         print(f"skipped: {skipped}", file=sys.stderr)

@@ -8,7 +8,7 @@ import numpy as np
 import plotly.colors
 import plotly.graph_objects as go
 
-from analysis.exits import Decision
+from analysis.exits import Decision, lens_top1
 from app import palette
 from app.charts import token_labels, visible
 from m2r2core.exits.routers import RULE_LABELS
@@ -59,7 +59,7 @@ def router_heatmap(steps: tuple[TokenStep, ...], stream: str, rule: str, thresho
     z = np.array(rows, dtype=float)
     depths = list(range(1, z.shape[1] + 1))
     labels = token_labels(tuple(s.text for s in steps))
-    lens = [[_lens_top1(s, stream, d) for d in depths] for s in steps]
+    lens = [[lens_top1(s, stream, d) for d in depths] for s in steps]
     custom = np.empty(z.shape + (2,), dtype=object)
     for i, label in enumerate(labels):
         for j in range(z.shape[1]):
@@ -164,10 +164,3 @@ def exit_strip_html(steps, exit_layers: list[int], n_layers: int,
     return ('<div data-testid="m2r2-exit-strip" style="line-height:1.9">' + "".join(spans)
             + "</div>")
 
-
-def _lens_top1(step, stream: str, depth: int) -> int | bool:
-    """The token a stream's lens reads at a depth (False where the stream was not traced)."""
-    record = step.fast if stream == "fast" else step.tuned if stream == "tuned" else None
-    if stream in ("fast", "tuned"):
-        return record is not None and record.lens_top1[depth]
-    return step.lens_top_ids[depth][0]

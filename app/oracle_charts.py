@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import plotly.graph_objects as go
 
-from analysis.oracle import GapRow, Reliability, lens_agrees
+from analysis.exits import lens_agrees
+from analysis.oracle import GapRow, Reliability
 from app import palette
 from app.charts import token_labels
 from m2r2core.trace import TokenStep

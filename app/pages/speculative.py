@@ -308,15 +308,10 @@ def _run_comparison(engine, prompts: str, count: int, tokens: int) -> None:
         st.session_state[COMPARE_KEY] = cache[key]
         return
     caps = engine.capabilities()
-    methods = [m for m in spec_bench.METHODS
-               if (not m.startswith("spec_fast") or "fast" in caps.draft_streams)
-               and (m != "spec_fast_router" or caps.has_rule("arla", "fast"))
-               and (m != "medusa" or "medusa" in caps.draft_streams)
-               and (m != "spec_tuned" or "tuned" in caps.draft_streams)]
+    # spec_bench leaves out the drafters this engine has not loaded
     args = spec_bench.parse_args(["--prompts", prompts, "--limit", str(count),
                                   "--max-new-tokens", str(tokens), "--repeats", "1",
-                                  "--draft-vocab", "sub" if caps.sub_vocab else "full",
-                                  "--methods", *methods])
+                                  "--draft-vocab", "sub" if caps.sub_vocab else "full"])
     if caps.fast_depth is not None:
         args.draft_layer = min(args.draft_layer, caps.fast_depth)
         args.min_draft_layer = min(args.min_draft_layer, args.draft_layer)
