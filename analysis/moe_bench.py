@@ -132,6 +132,7 @@ def bench(args: argparse.Namespace, progress: Callable[[int, int, str], None] | 
             base = row["settings"][label(_baseline(s, args.lookahead[0]))]["decode_ms"]
             mine = row["settings"][label(s)]["decode_ms"]
             row["settings"][label(s)]["speedup_vs_ondemand_lru"] = round(base / mine, 4)
+            row["settings"][label(s)]["ceiling"] = round(base / reference.decode_ms, 4)
         rows.append(row)
         print(f"[{index + 1}/{len(prompts)}] {prompt.id}: " + ", ".join(
             f"{k} x{v['speedup_vs_ondemand_lru']:.2f}" for k, v in row["settings"].items()
@@ -193,10 +194,28 @@ def summarise(rows: list[dict], grid: list[OffloadConfig]) -> dict:
             "recall_by_distance": {d: round(statistics.mean(v), 4) for d, v in recall.items()},
             "identical": sum(c["identical"] for c in cells),
             "prompts": len(cells),
+            "ceiling": round(statistics.median(c["ceiling"] for c in cells), 4),
         }
+    for key, row in out.items():
+        oracle = _oracle_of(out, row)
+        row["oracle_speedup"] = oracle
+        row["share_of_oracle_gain"] = (round((row["speedup_vs_ondemand_lru"] - 1)
+                                             / (oracle - 1), 4)
+                                       if oracle is not None and oracle > 1.0 else None)
     out["resident_tok_per_s"] = round(statistics.median(r["resident_tok_per_s"] for r in rows),
                                       3)
     return out
+
+
+def _oracle_of(summary: dict, row: dict) -> float | None:
+    """The oracle's speedup at a setting's capacity and bandwidth: the same policy and lookahead
+    when that was timed, else the best oracle there; None when no oracle ran there.
+    """
+    here = [r for r in summary.values() if r["predictor"] == "oracle"
+            and r["capacity"] == row["capacity"] and r["bandwidth"] == row["bandwidth"]]
+    same = [r for r in here if r["policy"] == row["policy"] and r["lookahead"] == row["lookahead"]]
+    pick = same or here
+    return max(r["speedup_vs_ondemand_lru"] for r in pick) if pick else None
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -218,7 +237,10 @@ def main(argv: list[str] | None = None) -> dict:
     for key, v in summary.items():
         if key == "resident_tok_per_s":
             continue
-        print(f"{key:44s} x{v['speedup_vs_ondemand_lru']:.2f}  {v['tok_per_s']:6.1f} tok/s  "
+        share = v["share_of_oracle_gain"]
+        print(f"{key:44s} x{v['speedup_vs_ondemand_lru']:.2f} (ceiling x{v['ceiling']:.2f}, "
+              f"oracle's gain {'-' if share is None else f'{share:.0%}'})  "
+              f"{v['tok_per_s']:6.1f} tok/s  "
               f"stall {v['stall_ms_per_token']:6.1f} ms/tok  hit {v['hit_rate']:.2f}  "
               f"recall {v['recall_by_distance']}  identical {v['identical']}/{v['prompts']}")
     print(f"report: {out}")

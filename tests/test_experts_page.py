@@ -75,3 +75,32 @@ def test_a_dense_model_is_refused_clearly(app, tiny_model_dir):
     assert not at.exception
     assert any("needs a Mixture-of-Experts model" in e.value for e in at.error), \
         [e.value for e in at.error]
+
+
+def test_the_quality_panel_shows_each_moe_beside_the_dense_model(tiny_model_dirs, monkeypatch,
+                                                                  tmp_path):
+    import json
+
+    from m2r2core.moe import distilled, moefy
+
+    row = {"ppl": 20.0, "ppl_ratio": 1.1, "repeated_4grams_mean": 0.05}
+    card = {"metrics": {"quality": {
+        "dense": row, "moefied": row | {"ppl_ratio": 4.0, "rouge_l_vs_dense": 0.2},
+        "distilled": row | {"rouge_l_vs_dense": 0.6,
+                            "router_agreement": {"mean": 0.8, "by_layer": {"1": 0.8}}}}}}
+    (tmp_path / distilled.CARD).write_text(json.dumps(card))
+    monkeypatch.setattr(moefy, "TRAINED_DIR", tmp_path)
+    monkeypatch.setenv("M2R2_MOE_DIR", str(tiny_model_dirs["mixtral"]))
+    at = AppTest.from_file(ENTRY, default_timeout=300)
+    at.session_state[state.DTYPE] = "float32"
+    at.run()
+    at.switch_page("app/pages/experts.py")
+    at.run()
+    assert not at.exception, at.exception
+    frame = at.dataframe[0].value
+    assert list(frame["model"]) == ["dense", "moefied", "distilled"]
+    assert list(frame["× dense perplexity"]) == [1.1, 4.0, 1.1]
+    assert frame["router top-k vs oracle experts"].iloc[2] == 0.8
+    (tmp_path / distilled.CARD).write_text("{")  # a damaged card: no panel, no traceback
+    at.run()
+    assert not at.exception

@@ -421,6 +421,17 @@ def test_benchmark_cli_in_process(offload, tmp_path):
         assert row["speedup_vs_ondemand_lru"] > 0 and 0 <= row["hit_rate"] <= 1
     assert summary["oracle/predicted/D2/cap4/nvme"]["recall_by_distance"] == {"1": 1.0,
                                                                               "2": 1.0}
+    # every setting sits beside its ceiling and the oracle at its capacity and storage
+    oracle = summary["oracle/predicted/D2/cap4/nvme"]
+    assert oracle["oracle_speedup"] == oracle["speedup_vs_ondemand_lru"]
+    pregate = summary["pregate/predicted/D2/cap4/nvme"]
+    assert pregate["oracle_speedup"] == oracle["speedup_vs_ondemand_lru"]
+    if oracle["speedup_vs_ondemand_lru"] > 1:
+        assert pregate["share_of_oracle_gain"] == pytest.approx(
+            (pregate["speedup_vs_ondemand_lru"] - 1) / (oracle["speedup_vs_ondemand_lru"] - 1),
+            abs=1e-3)
+    assert summary["pregate/predicted/D1/cap8/nvme"]["oracle_speedup"] is None  # none ran there
+    assert all(r["ceiling"] > 0 for k, r in summary.items() if k != "resident_tok_per_s")
 
 
 def test_an_abandoned_run_blocks_no_other_run_and_leaves_the_model_alone(offload, reference):

@@ -15,6 +15,7 @@ from analysis import expert_timeline as timeline
 from app import expert_charts, resources, state
 from app.components import bundles, controls
 from m2r2core.errors import M2R2Error
+from m2r2core.moe import distilled, moefy
 from m2r2core.moe.channel import PRESETS
 from m2r2core.moe.eviction import POLICIES
 from m2r2core.moe.offload import OffloadConfig, OffloadEngine
@@ -39,9 +40,12 @@ CHOICES = """
 *MoEfication* (`python -m m2r2core.train.moe`): each layer's 1,536 MLP neurons are split into an
 always-on shared expert (384 neurons) and 8 routed experts clustered by co-activation, a router
 per layer picks the top 2, and the down projections are refitted by least squares. Layer 0 stays
-dense. It is stored as a standard Qwen2-MoE checkpoint; the same engine runs Mixtral and
-Qwen2-MoE folders (give one below). Its perplexity and chat quality against the dense model are
-in BENCHMARKS.md: the sparse model is much worse than the dense one, and the page says so.
+dense. Cutting the MLPs costs quality (held-out perplexity about 4x the dense model's), so by
+default the page runs the **distilled** MoE: the same experts and routers fine-tuned against
+the dense model's distributions and each layer's dense MLP output (`python -m m2r2core.train.moe
+distill`; small low-rank corrections and new routers, committed beside the MoEfication). Both
+are stored as standard Qwen2-MoE checkpoints; the same engine runs Mixtral and Qwen2-MoE folders
+(give one below). Their quality against the dense model is in the panel below the model field.
 
 **The tiers.** Every routed expert is a file in an expert store. A load takes the time the chosen
 storage would (bytes ÷ bandwidth + a per-read latency), on one storage channel, one load after
@@ -70,17 +74,20 @@ the same capacity and bandwidth, measured one after the other on the same prompt
 """
 
 
+BUILDS = ("distilled", "MoEfication only")
+"""The two builds of the default MoE the page offers (the first is the default)."""
+
 ExpertSession = compare.ExpertComparison
 """What one Generate press produced (analysis/compare.py)."""
 
 
 @st.cache_resource(max_entries=1, show_spinner="Loading the MoE… (the first start builds it "
                    "from SmolLM2, about a minute)")
-def get_moe(model: str, dtype: str, threads: int) -> OffloadEngine:
+def get_moe(model: str, dtype: str, threads: int, distilled: bool = True) -> OffloadEngine:
     """The MoE engine with its expert store; shared by all sessions, read-only after this."""
     from m2r2core.moe.offload import load_moe
 
-    return load_moe(model or None, dtype, threads)
+    return load_moe(model or None, dtype, threads, distilled=distilled)
 
 
 def moe_or_error() -> OffloadEngine | None:
@@ -88,7 +95,8 @@ def moe_or_error() -> OffloadEngine | None:
     model = (st.session_state.get(MODEL_KEY) or os.environ.get("M2R2_MOE_DIR", "")).strip()
     dtype = st.session_state.get(state.DTYPE) or "bfloat16"
     threads = int(st.session_state.get(state.THREADS) or resources.cpu_cores())
-    return resources.load_or_error("MoE model", get_moe, model, dtype, threads)
+    distilled = st.session_state.get(state.EXPERTS_BUILD, BUILDS[0]) == BUILDS[0]
+    return resources.load_or_error("MoE model", get_moe, model, dtype, threads, distilled)
 
 
 def render() -> None:
@@ -99,6 +107,12 @@ def render() -> None:
     st.text_input("MoE model", key=MODEL_KEY, value=os.environ.get("M2R2_MOE_DIR", ""),
                   placeholder="empty: the MoEfied SmolLM2 (built on first use)",
                   help="A Mixtral or Qwen2-MoE folder; a dense model is refused.")
+    if not st.session_state.get(MODEL_KEY) and distilled.exists(moefy.TRAINED_DIR):
+        st.radio("Which MoEfied SmolLM2", BUILDS, key=state.EXPERTS_BUILD, horizontal=True,
+                 help="The distilled MoE is the MoEfication fine-tuned against the dense model; "
+                 "the plain one is the MoEfication alone (its m2r2 predictor was trained for the "
+                 "distilled one, so m2r2 is unavailable there).")
+    _quality()
     moe = moe_or_error()
     if moe is None:
         return
@@ -275,6 +289,28 @@ def _picked_events(chosen, rows: pd.DataFrame) -> pd.DataFrame | None:
     return rows[mask][["kind", "token", "layer", "expert", "start_ms", "duration_ms", "cause"]]
 
 
+def _quality() -> None:
+    """The MoE's quality beside the dense model's, as `python -m m2r2core.train.moe quality`
+    measured it (the distilled card records the figures).
+    """
+    rows = distilled.quality_table(moefy.TRAINED_DIR)
+    if rows is None:
+        return
+    with st.expander("How good is this MoE? (quality against the dense model)", expanded=False):
+        names = {"ppl": "perplexity", "ppl_ratio": "× dense perplexity",
+                 "rouge_l_vs_dense": "ROUGE-L vs dense answers",
+                 "repeated_4grams_mean": "repeated 4-grams (mean)",
+                 "repeated_4grams_max": "repeated 4-grams (worst answer)",
+                 "answers_over_half_repeated": "answers over half repeated",
+                 "router_agreement": "router top-k vs oracle experts"}
+        st.dataframe(pd.DataFrame(rows).rename(columns=names), hide_index=True)
+        st.caption("Perplexity on 60 held-out Wikipedia lead sections; answers are greedy, to "
+                   "the first 20 MT-Bench questions, in float32. A looping answer repeats most "
+                   "of its 4-grams. Router agreement: how often the router's top-k are the "
+                   "experts with the largest outputs. Measured by `python -m m2r2core.train.moe "
+                   "quality`; nothing here was trained or tuned on these texts.")
+
+
 def _report() -> None:
     st.subheader("Predictors, capacities and storage, measured")
     report = resources.benchmark_report(REPORT)
@@ -288,10 +324,16 @@ def _report() -> None:
             if v["capacity"] == args["capacity"] and v["bandwidth"] == args["bandwidth"]}
     table = pd.DataFrame([{
         "predictor": v["predictor"], "eviction": v["policy"], "lookahead": v["lookahead"],
-        "speedup vs on-demand LRU": v["speedup_vs_ondemand_lru"], "tok/s": v["tok_per_s"],
+        "speedup vs on-demand LRU": v["speedup_vs_ondemand_lru"],
+        "ceiling (all resident)": v.get("ceiling"),
+        "share of the oracle's gain": v.get("share_of_oracle_gain"), "tok/s": v["tok_per_s"],
         "stall ms/token": v["stall_ms_per_token"], "hit rate": v["hit_rate"],
         "identical": f"{v['identical']}/{v['prompts']}"} for v in main.values()])
     st.dataframe(table, hide_index=True)
+    st.caption("The ceiling is all experts resident over on-demand LRU: no predictor can pass "
+               "it. The share of the oracle's gain is (speedup − 1) ÷ (the oracle's speedup − 1) "
+               "at the same capacity and storage: how close a predictor comes to knowing the "
+               "future.")
     recalls = {}
     for v in main.values():  # per predictor, the run that looked furthest ahead
         if len(v["recall_by_distance"]) > len(recalls.get(v["predictor"], {})):

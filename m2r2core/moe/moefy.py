@@ -39,6 +39,7 @@ from torch.nn import functional as F
 from m2r2core import artifacts
 from m2r2core.config import EngineConfig
 from m2r2core.errors import ArtifactError, UnsupportedModel
+from m2r2core.moe import distilled as distilled_mod
 from m2r2core.runtime import corpora
 from m2r2core.runtime.model import (
     DEFAULT_MODEL,
@@ -196,8 +197,11 @@ def refit_all(dense, tokenizer, tensors: dict[str, torch.Tensor], card: MoeCard,
 
 
 def moe_state(dense, tensors: dict[str, torch.Tensor], card: MoeCard,
-              downs: dict[int, torch.Tensor]) -> tuple[object, dict[str, torch.Tensor]]:
-    """The Qwen2MoeConfig and state dict of the MoE built from a dense Llama model."""
+              downs: dict[int, torch.Tensor], distilled: dict[str, torch.Tensor] | None = None
+              ) -> tuple[object, dict[str, torch.Tensor]]:
+    """The Qwen2MoeConfig and state dict of the MoE built from a dense Llama model; with
+    `distilled` (distilled.load), its corrections and routers replace the plain MoEfication's.
+    """
     from transformers import Qwen2MoeConfig
 
     dc = dense.config
@@ -228,14 +232,16 @@ def moe_state(dense, tensors: dict[str, torch.Tensor], card: MoeCard,
     for index, layer in enumerate(dense.model.layers):
         if index in card.dense_layers:
             continue
-        mlp = layer.mlp
-        gate, up = mlp.gate_proj.weight.float(), mlp.up_proj.weight.float()
-        down = downs[index]
+        mlp, fixes = layer.mlp, distilled or {}
+        gate = distilled_mod.corrected(mlp.gate_proj.weight.float(), fixes, index, "gate")
+        up = distilled_mod.corrected(mlp.up_proj.weight.float(), fixes, index, "up")
+        down = distilled_mod.corrected(downs[index], fixes, index, "down")
         experts = tensors[f"layers.{index}.experts"].long()
         shared = tensors[f"layers.{index}.shared"].long()
         prefix = f"model.layers.{index}.mlp"
-        state[f"{prefix}.gate.weight"] = tensors[f"layers.{index}.router"].float() \
-            * card.router_scale
+        router = fixes.get(f"layers.{index}.router")
+        state[f"{prefix}.gate.weight"] = router.float().clone() if router is not None else \
+            tensors[f"layers.{index}.router"].float() * card.router_scale
         state[f"{prefix}.experts.gate_up_proj"] = torch.stack(
             [torch.cat([gate[idx], up[idx]]) for idx in experts])
         state[f"{prefix}.experts.down_proj"] = torch.stack([down[:, idx] * k for idx in experts])
@@ -281,55 +287,68 @@ def load_trained(folder: Path = TRAINED_DIR) -> tuple[MoeCard, dict[str, torch.T
     return card, tensors
 
 
-def files_digest(folder: Path = TRAINED_DIR) -> str:
-    """sha256 of the committed MoEfication weights: what an accelerator was trained against."""
+def files_digest(folder: Path = TRAINED_DIR, distilled: bool = True) -> str:
+    """sha256 of the committed MoEfication weights, and of the distillation when there is one and
+    `distilled`: what an accelerator was trained against.
+    """
     import hashlib
 
-    path = folder / WEIGHTS
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
+    paths = [folder / WEIGHTS] + ([folder / distilled_mod.WEIGHTS]
+                                  if distilled and distilled_mod.exists(folder) else [])
+    if not paths[0].is_file():
+        return ""
+    sha = hashlib.sha256(paths[0].read_bytes())
+    for path in paths[1:]:
+        sha.update(path.read_bytes())
+    return sha.hexdigest()
 
 
-def built_dir(card: MoeCard, cache_dir: Path | None = None) -> Path:
+def built_dir(card: MoeCard, cache_dir: Path | None = None, distilled: bool = False) -> Path:
     """Where `build` writes (and the engine finds) the MoE folder."""
-    return Path(cache_dir or default_cache_dir()) / card.folder_name
+    name = card.folder_name + ("-distilled" if distilled else "")
+    return Path(cache_dir or default_cache_dir()) / name
 
 
-def is_built(folder: Path, card: MoeCard) -> bool:
-    """Whether a complete MoE folder of this card is there (the mark is written last, so a half
-    build never counts, and a refit card rebuilds).
+def is_built(folder: Path, card: MoeCard, digest: str = "") -> bool:
+    """Whether a complete MoE folder of this card (and distillation digest) is there (the mark is
+    written last, so a half build never counts, and a refit card rebuilds).
     """
     try:
-        return json.loads((folder / _COMPLETE_MARK).read_text()) == _mark(card)
+        return json.loads((folder / _COMPLETE_MARK).read_text()) == _mark(card, digest)
     except (OSError, ValueError):
         return False
 
 
-def _mark(card: MoeCard) -> dict:
-    return asdict(card) | {"build_version": _BUILD_VERSION}
+def _mark(card: MoeCard, digest: str = "") -> dict:
+    return asdict(card) | {"build_version": _BUILD_VERSION} | (
+        {"distilled": digest} if digest else {})
 
 
 def build(trained: Path = TRAINED_DIR, cache_dir: Path | None = None, force: bool = False,
-          progress=None) -> Path:
-    """Write the MoE folder of the committed MoEfication into the model cache; return it.
+          progress=None, distilled: bool = True) -> Path:
+    """Write the MoE folder of the committed MoEfication into the model cache; return it. With
+    `distilled` and a distillation beside the MoEfication, the distilled MoE (its own folder).
 
     Staged in a temporary folder and renamed into place, so an interrupted build leaves nothing
     that loads.
     """
     card, tensors = load_trained(trained)
-    target = built_dir(card, cache_dir)
-    if is_built(target, card) and not force:
+    fixes, digest = None, ""
+    if distilled and distilled_mod.exists(trained):
+        _, fixes = distilled_mod.load(trained, card.base_model)
+        digest = files_digest(trained)
+    target = built_dir(card, cache_dir, distilled=fixes is not None)
+    if is_built(target, card, digest) and not force:
         return target
     dense_dir = Path(resolve_model_dir(DEFAULT_MODEL))
     loaded = load(EngineConfig(model=DEFAULT_MODEL, dtype="float32"))
     downs = refit_all(loaded.model, loaded.tokenizer, tensors, card, progress)
-    moe = moe_model(*moe_state(loaded.model, tensors, card, downs))
+    moe = moe_model(*moe_state(loaded.model, tensors, card, downs, fixes))
     target.parent.mkdir(parents=True, exist_ok=True)
     with staged_folder(target) as staging:
         moe.save_pretrained(staging)
         for name in os.listdir(dense_dir):  # tokenizer, chat template, generation config
             if name not in ("config.json", "model.safetensors") and not name.startswith("m2r2_"):
                 shutil.copy(dense_dir / name, staging / name)
-        (staging / _COMPLETE_MARK).write_text(json.dumps(_mark(card), indent=2))
+        (staging / _COMPLETE_MARK).write_text(json.dumps(_mark(card, digest), indent=2))
     return target
-
-

@@ -362,25 +362,27 @@ class OffloadRun(DecodeRun[OffloadToken]):
 
 
 def load_moe(model: str | None = None, dtype: str = "bfloat16", threads: int = 0,
-             progress=None) -> OffloadEngine:
-    """The default MoE (built from the committed MoEfication on first use) as an OffloadEngine,
-    with its trained accelerator; `model` may name another Mixtral-format folder.
+             progress=None, distilled: bool = True) -> OffloadEngine:
+    """The default MoE (built from the committed MoEfication on first use; the distilled one
+    when a distillation is committed and `distilled`) as an OffloadEngine, with its trained
+    accelerator; `model` may name another Mixtral-format folder.
     """
     from m2r2core.config import EngineConfig
     from m2r2core.errors import M2R2Error
     from m2r2core.moe import moefy
     from m2r2core.moe.prefetch import ACCEL_FILE, load_route_accelerator
 
-    folder = Path(model) if model else moefy.build(progress=progress)
+    folder = Path(model) if model else moefy.build(progress=progress, distilled=distilled)
     engine = Engine.load(EngineConfig(model=str(folder), dtype=dtype, threads=threads))
     accel, note = None, ""
     try:
         accel, card = load_route_accelerator(moefy.TRAINED_DIR, engine.info.fingerprint,
                                              engine.info.name)
         note = f"rank-{card.rank} accelerator trained on {card.tokens} tokens"
-        if model is None and card.moe_files != moefy.files_digest():
-            accel, note = None, ("the committed accelerator was trained for another "
-                                 "MoEfication; retrain it: python -m m2r2core.train.moe fit-accel")
+        if model is None and card.moe_files != moefy.files_digest(distilled=distilled):
+            accel, note = None, ("the committed accelerator was trained for another build of "
+                                 "this MoE (MoEfication or distillation); retrain it: "
+                                 "python -m m2r2core.train.moe fit-accel")
     except M2R2Error as exc:
         note = f"no accelerator: {exc}"
     trained = ("none", "")

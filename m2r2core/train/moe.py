@@ -3,6 +3,8 @@
     python -m m2r2core.train.moe fit         # cluster neurons, fit routers; card with the cost
     python -m m2r2core.train.moe fit-accel   # the route accelerator m2r2 prefetching uses
     python -m m2r2core.train.moe build       # write the MoE folder (moe/moefy.py does the work)
+    python -m m2r2core.train.moe distill     # distil the MoE against the dense model
+    python -m m2r2core.train.moe quality     # perplexity, answers, routers: each MoE vs dense
 
 The files they write are the committed artifacts under `artifacts/smollm2-135m-moe/`.
 """
@@ -39,7 +41,7 @@ from m2r2core.moe.moefy import (
     refit_all,
 )
 from m2r2core.runtime.model import DEFAULT_MODEL, load
-from m2r2core.train import distill
+from m2r2core.train import distill, moe_distill, moe_quality
 from m2r2core.train.common import labelled_bars
 from m2r2core.train.moe_accel import cmd_fit_accel
 
@@ -300,6 +302,8 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--threads", type=int, default=2)
     a.set_defaults(func=cmd_fit_accel)
+    moe_distill.add_parser(sub)
+    moe_quality.add_parser(sub)
     return p
 
 

@@ -1,0 +1,415 @@
+"""Distilling the MoEfied model against the dense one it was cut from.
+
+    python -m m2r2core.train.moe distill --max-minutes 60
+
+The dense model is loaded once. Each MoE layer's MLP is wrapped in a `SparseMLP` that runs it
+either as the dense MLP (the teacher) or as the MoE layer the build writes (the student: shared
+neurons, plus the router's top-k experts weighted as Qwen2-MoE weights them), with a trainable
+router and low-rank corrections of the gate, up and down projections. A step runs the teacher
+without gradients, then the student, and minimises
+
+    KL(dense || MoE) over every position
+    + local_weight * each layer's squared error against the dense MLP on the same input
+      (relative to the dense output's energy)
+    + balance_weight * the Switch load-balancing term (1.0 when experts are used evenly).
+
+Attention, embeddings and norms stay frozen; so do the MoEfication's clustering and its refitted
+down projections, which the corrections add to. Data: the distillation corpus of the learned-parts
+issue (the dense model's own greedy answers and teacher-forced text; its dev and test splits, and
+every evaluation prompt set, are kept out). Held-out figure for choosing the best state:
+perplexity on Wikipedia lead sections of the held-out split that the reported perplexity set does
+not use. Resumable (checkpoint every --save-every steps), atomic, a progress line per step; the
+best state so far is written to the artifacts whenever the dev perplexity improves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from m2r2core.moe import distilled
+from m2r2core.moe.moefy import TRAINED_DIR, MoeCard, load_trained, refit_all
+
+log = logging.getLogger(__name__)
+
+
+class SparseMLP(nn.Module):
+    """One MoE layer for training: the dense MLP's frozen weights, run as the teacher or as the
+    MoE student with a trainable router and low-rank corrections.
+    """
+
+    def __init__(self, mlp, down: torch.Tensor, shared: torch.Tensor, experts: torch.Tensor,
+                 router: torch.Tensor, top_k: int, rank: int, seed: int) -> None:
+        """Args:
+        mlp: the dense Llama MLP (its weights are read, not changed).
+        down: (H, I) the MoEfication's refitted down projection.
+        shared, experts: neuron indices of the shared expert and (E, I/E) of the experts.
+        router: (E, H) the effective router logits weight the student starts from.
+        """
+        super().__init__()
+        dtype = mlp.gate_proj.weight.dtype
+        self.register_buffer("w_gate", mlp.gate_proj.weight.detach())
+        self.register_buffer("w_up", mlp.up_proj.weight.detach())
+        self.register_buffer("w_down_dense", mlp.down_proj.weight.detach())
+        self.register_buffer("w_down", down.to(dtype))
+        n_experts, n_neurons = experts.shape[0], self.w_gate.shape[0]
+        onehot = torch.zeros(n_experts, n_neurons)
+        for e, idx in enumerate(experts.long()):
+            onehot[e, idx] = 1.0
+        shared_mask = torch.zeros(n_neurons)
+        shared_mask[shared.long()] = 1.0
+        self.register_buffer("onehot", onehot)
+        self.register_buffer("shared_mask", shared_mask)
+        self.top_k = top_k
+        self.router_scale = float(router.abs().max()) or 1.0
+        """The router is trained in units of its largest entry, so its learning rate is
+        relative; the effective logits weight is router * router_scale."""
+        self.router = nn.Parameter(router.detach().float() / self.router_scale)
+        gen = torch.Generator().manual_seed(seed)
+        hidden = self.w_gate.shape[1]
+        shapes = {"gate": (n_neurons, hidden), "up": (n_neurons, hidden),
+                  "down": (hidden, n_neurons)}
+        self.fix = nn.ParameterDict()
+        for name, (out_dim, in_dim) in shapes.items():
+            self.fix[f"{name}_a"] = nn.Parameter(torch.randn(rank, in_dim, generator=gen)
+                                                 / math.sqrt(in_dim))
+            self.fix[f"{name}_b"] = nn.Parameter(torch.zeros(out_dim, rank))
+        self.teacher = False
+        self.losses: dict[str, torch.Tensor] = {}
+
+    def _low_rank(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        a, b = self.fix[f"{name}_a"], self.fix[f"{name}_b"]
+        return F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The dense MLP (teacher) or the MoE layer (student; its losses kept in .losses)."""
+        gate, up = F.linear(x, self.w_gate), F.linear(x, self.w_up)
+        if self.teacher:
+            return F.linear(F.silu(gate) * up, self.w_down_dense)
+        act = F.silu(gate + self._low_rank(x, "gate")) * (up + self._low_rank(x, "up"))
+        probs = F.softmax(F.linear(x.float(), self.router * self.router_scale), dim=-1)
+        top = probs.topk(self.top_k, dim=-1)
+        weights = torch.zeros_like(probs).scatter(
+            -1, top.indices, top.values / top.values.sum(-1, keepdim=True) * self.top_k)
+        kept = act * (self.shared_mask + weights @ self.onehot).to(act.dtype)
+        out = F.linear(kept, self.w_down) + self._low_rank(kept, "down")
+        if self.training:
+            with torch.no_grad():
+                target = F.linear(F.silu(gate) * up, self.w_down_dense).float()
+            self.losses = {
+                "local": (out.float() - target).pow(2).mean() / target.pow(2).mean(),
+                "balance": probs.shape[-1] * ((weights > 0).float().flatten(0, -2).mean(0)
+                                              / self.top_k
+                                              * probs.flatten(0, -2).mean(0)).sum(),
+            }
+        return out
+
+    def tensors(self, layer: int) -> dict[str, torch.Tensor]:
+        """This layer's share of distilled.safetensors."""
+        out = {f"layers.{layer}.router": self.router.detach().float() * self.router_scale}
+        for name in distilled.PROJECTIONS:
+            out[f"layers.{layer}.{name}.a"] = self.fix[f"{name}_a"].detach().clone()
+            out[f"layers.{layer}.{name}.b"] = self.fix[f"{name}_b"].detach().clone()
+        return out
+
+    def load(self, tensors: dict[str, torch.Tensor], layer: int) -> None:
+        """Start from a saved distillation."""
+        with torch.no_grad():
+            self.router.copy_(tensors[f"layers.{layer}.router"] / self.router_scale)
+            for name in distilled.PROJECTIONS:
+                self.fix[f"{name}_a"].copy_(tensors[f"layers.{layer}.{name}.a"])
+                self.fix[f"{name}_b"].copy_(tensors[f"layers.{layer}.{name}.b"])
+
+
+def wrap(model, card: MoeCard, tensors: dict[str, torch.Tensor], downs: dict[int, torch.Tensor],
+         rank: int, seed: int) -> dict[int, SparseMLP]:
+    """Replace every MoE layer's MLP of the (frozen) dense model by a SparseMLP; {layer: it}."""
+    sparse = {}
+    for index, layer in enumerate(model.model.layers):
+        if index in card.dense_layers:
+            continue
+        sparse[index] = SparseMLP(layer.mlp, downs[index], tensors[f"layers.{index}.shared"],
+                                  tensors[f"layers.{index}.experts"],
+                                  tensors[f"layers.{index}.router"].float() * card.router_scale,
+                                  card.top_k, rank, seed + index)
+        layer.mlp = sparse[index]
+    return sparse
+
+
+def set_teacher(sparse: dict[int, SparseMLP], teacher: bool) -> None:
+    """Run every wrapped layer as the dense MLP (True) or as the MoE (False)."""
+    for mlp in sparse.values():
+        mlp.teacher = teacher
+
+
+def kl_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, top: int = 64
+            ) -> torch.Tensor:
+    """Mean over the masked positions of KL(teacher || student) of two (..., V) logits, over the
+    teacher's `top` tokens plus the rest lumped into one tail outcome (exact when the tail is
+    empty, a lower bound otherwise; top <= 0: the full vocabulary). The full softmax over the
+    vocabulary costs as much as the student's forward pass on a CPU; this costs two
+    log-partitions and a gather.
+    """
+    if top <= 0:
+        logp = F.log_softmax(student.float(), -1)
+        logq = F.log_softmax(teacher.float(), -1)
+        per = (logq.exp() * (logq - logp)).sum(-1)
+        return (per * mask).sum() / mask.sum()
+    with torch.no_grad():
+        t = teacher.float()
+        values, index = t.topk(top, -1)
+        logq = values - torch.logsumexp(t, -1, keepdim=True)
+        q = logq.exp()
+        q_tail = (1 - q.sum(-1)).clamp_min(1e-9)
+    logp = student.gather(-1, index).float() - torch.logsumexp(student.float(), -1,
+                                                                keepdim=True)
+    p_tail = (1 - logp.exp().sum(-1)).clamp_min(1e-9)
+    per = (q * (logq - logp)).sum(-1) + q_tail * (q_tail.log() - p_tail.log())
+    return (per * mask).sum() / mask.sum()
+
+
+def perplexity(model, tokenizer, texts: list[str], seq_len: int = 256) -> float:
+    """Token perplexity of the model as it is now (teacher or student) on texts."""
+    from m2r2core.train.moe import perplexity as ppl
+
+    return ppl(model, tokenizer, texts, seq_len)
+
+
+def dev_texts(count: int) -> list[str]:
+    """Held-out Wikipedia lead sections the reported perplexity set (the first 60 of the same
+    shuffle, moe.heldout_texts) never uses: the split the best state is chosen on.
+    """
+    from m2r2core.train import distill
+
+    articles = distill.wiki_articles("heldout")
+    random.Random(0).shuffle(articles)
+    return [a["extract"] for a in articles[200:200 + count]]
+
+
+class Distillation:
+    """One distillation run: model, data, optimiser, checkpoint, held-out choice of the best."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        """Load the dense model, refit the MoEfication, wrap it, and resume a checkpoint."""
+        from m2r2core.config import EngineConfig
+        from m2r2core.runtime.model import DEFAULT_MODEL, fingerprint, load
+        from m2r2core.train import data
+        from m2r2core.train.common import work_dir
+
+        self.args = args
+        torch.manual_seed(args.seed)
+        self.trained = Path(args.trained)
+        self.card, tensors = load_trained(self.trained)
+        exact = load(EngineConfig(model=DEFAULT_MODEL, dtype="float32", threads=args.threads))
+        downs = refit_all(exact.model, exact.tokenizer, tensors, self.card)  # as build does
+        self.fp_dense = fingerprint(exact.model)
+        del exact
+        loaded = load(EngineConfig(model=DEFAULT_MODEL, dtype=args.dtype, threads=args.threads))
+        self.model, self.tokenizer = loaded.model, loaded.tokenizer
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.sparse = wrap(self.model, self.card, tensors, downs, args.rank, args.seed)
+        self.model.train()
+        routers = [m.router for m in self.sparse.values()]
+        fixes = [p for m in self.sparse.values() for p in m.fix.values()]
+        self.optim = torch.optim.AdamW([{"params": fixes, "lr": args.lr},
+                                        {"params": routers, "lr": args.router_lr}],
+                                       weight_decay=0.0)
+        args.model, args.data = DEFAULT_MODEL, None
+        splits, self.data_note = data.datasets(args, self.fp_dense)
+        self.train_samples = splits["train"]
+        self.run = work_dir(DEFAULT_MODEL) / (args.run_name or "moe-distill")
+        self.run.mkdir(parents=True, exist_ok=True)
+        self.checkpoint = self.run / "checkpoint.pt"
+        self.step, self.best, self.tokens = 0, float("inf"), 0
+        if args.restart or not self.checkpoint.is_file():
+            if args.init and distilled.exists(self.trained):
+                _, saved = distilled.load(self.trained, self.card.base_model)
+                for index, mlp in self.sparse.items():
+                    mlp.load(saved, index)
+        else:
+            self._resume()
+        self.dev = dev_texts(args.dev_texts)
+        self.generator = torch.Generator().manual_seed(args.seed + self.step)
+        self.ppl_dense = None
+
+    def _resume(self) -> None:
+        state = torch.load(self.checkpoint, weights_only=False, map_location="cpu")
+        for index, mlp in self.sparse.items():
+            mlp.load(state["tensors"], index)
+        self.optim.load_state_dict(state["optim"])
+        self.step, self.best, self.tokens = state["step"], state["best"], state["tokens"]
+        log.info("resumed from %s at step %d (best dev perplexity %.3f)", self.checkpoint,
+                 self.step, self.best)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The distillation as it is now."""
+        out = {}
+        for index, mlp in self.sparse.items():
+            out |= mlp.tensors(index)
+        return out
+
+    def save_checkpoint(self) -> None:
+        """Write the checkpoint atomically."""
+        tmp = self.checkpoint.with_suffix(".tmp")
+        torch.save({"tensors": self.tensors(), "optim": self.optim.state_dict(),
+                    "step": self.step, "best": self.best, "tokens": self.tokens}, tmp)
+        tmp.replace(self.checkpoint)
+
+    def lr_scale(self) -> float:
+        """Linear warm-up, then cosine to a tenth over --steps."""
+        a = self.args
+        warm = min(1.0, (self.step + 1) / max(1, a.warmup))
+        return warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(self.step, a.steps)
+                                                        / a.steps)))
+
+    def train_step(self, batch) -> dict:
+        """One optimiser step on a batch; the step's losses."""
+        ids, lengths, _ = batch
+        valid = (torch.arange(ids.shape[1])[None] < lengths[:, None]).flatten().nonzero()[:, 0]
+        pick = valid[torch.randperm(len(valid), generator=self.generator)[:self.args.kl_positions]]
+        head = self.model.lm_head
+        set_teacher(self.sparse, True)
+        with torch.no_grad():
+            teacher = head(self.model.model(ids).last_hidden_state.flatten(0, 1)[pick])
+        set_teacher(self.sparse, False)
+        student = head(self.model.model(ids).last_hidden_state.flatten(0, 1)[pick])
+        kl = kl_loss(student, teacher, torch.ones(len(pick)), self.args.kl_top)
+        local = torch.stack([m.losses["local"] for m in self.sparse.values()]).mean()
+        balance = torch.stack([m.losses["balance"] for m in self.sparse.values()]).mean()
+        loss = kl + self.args.local_weight * local + self.args.balance_weight * balance
+        self.optim.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in self.optim.param_groups for p in g["params"]],
+                                       1.0)
+        for group, base in zip(self.optim.param_groups, (self.args.lr, self.args.router_lr)):
+            group["lr"] = base * self.lr_scale()
+        self.optim.step()
+        return {"kl": kl.item(), "local": local.item(), "balance": balance.item()}
+
+    def evaluate(self) -> dict:
+        """Dev perplexity of the student (and, once, of the teacher)."""
+        self.model.eval()
+        try:
+            if self.ppl_dense is None:
+                set_teacher(self.sparse, True)
+                self.ppl_dense = perplexity(self.model, self.tokenizer, self.dev)
+            set_teacher(self.sparse, False)
+            ppl = perplexity(self.model, self.tokenizer, self.dev)
+        finally:
+            set_teacher(self.sparse, False)
+            self.model.train()
+        return {"dev_ppl": round(ppl, 3), "dev_ppl_dense": round(self.ppl_dense, 3),
+                "dev_ratio": round(ppl / self.ppl_dense, 4)}
+
+    def card_for(self, metrics: dict) -> distilled.DistilledCard:
+        """The card the artifacts carry."""
+        a = self.args
+        settings = {k: getattr(a, k) for k in (
+            "rank", "lr", "router_lr", "kl_top", "kl_positions", "local_weight",
+            "balance_weight", "batch_tokens", "seq_len", "text_share", "dtype", "seed", "warmup")}
+        return distilled.DistilledCard(
+            base_model=self.card.base_model, moefy_digest=distilled.moefy_digest(self.trained),
+            rank=a.rank, layers=sorted(self.sparse), steps=self.step, tokens=self.tokens,
+            data=self.data_note, settings=settings, metrics=metrics)
+
+    def train(self) -> None:
+        """Train until --steps or --max-minutes; evaluate, checkpoint and keep the best."""
+        from m2r2core.train import data
+
+        a = self.args
+        batches = data.bucketed_batches(self.train_samples, a.batch_tokens, a.seq_len,
+                                        a.seed + self.step)
+        start = time.perf_counter()
+        log_path = self.run / "metrics.jsonl"
+        if self.step == 0:
+            self._evaluate_and_keep(time.perf_counter() - start)
+        while self.step < a.steps:
+            if a.max_minutes and time.perf_counter() - start > a.max_minutes * 60:
+                log.info("time budget reached at step %d", self.step)
+                break
+            batch = next(batches)
+            t0 = time.perf_counter()
+            row = self.train_step(batch)
+            self.step += 1
+            n = int(batch[1].sum())
+            self.tokens += n
+            row |= {"step": self.step, "tokens": self.tokens, "tokens_per_s":
+                    round(n / (time.perf_counter() - t0), 1)}
+            with log_path.open("a") as handle:
+                handle.write(json.dumps(row) + "\n")
+            print(f"step {self.step}/{a.steps} kl {row['kl']:.3f} local {row['local']:.3f} "
+                  f"balance {row['balance']:.3f} {row['tokens_per_s']} tok/s", flush=True)
+            if self.step % a.eval_every == 0 or self.step == a.steps:
+                self._evaluate_and_keep(time.perf_counter() - start)
+            if self.step % a.save_every == 0:
+                self.save_checkpoint()
+        self.save_checkpoint()
+
+    def _evaluate_and_keep(self, elapsed: float) -> None:
+        row = self.evaluate() | {"step": self.step, "tokens": self.tokens,
+                                 "elapsed_s": round(elapsed, 1)}
+        with (self.run / "eval.jsonl").open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        print(f"eval at step {self.step}: dev perplexity {row['dev_ppl']} "
+              f"(dense {row['dev_ppl_dense']}, ratio {row['dev_ratio']})", flush=True)
+        if self.step and row["dev_ppl"] < self.best:
+            self.best = row["dev_ppl"]
+            distilled.save(self.trained, self.tensors(), self.card_for(row))
+            log.info("dev perplexity improved: wrote %s", self.trained / distilled.WEIGHTS)
+
+
+def cmd_distill(args: argparse.Namespace) -> None:
+    """Run (or resume) a distillation; the best state lands in --trained."""
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    Distillation(args).train()
+
+
+def add_parser(sub) -> None:
+    """`distill` on the MoE command line."""
+    from m2r2core.config import batched_dtype
+
+    d = sub.add_parser("distill", help="distil the MoE against the dense model")
+    d.add_argument("--trained", default=str(TRAINED_DIR))
+    d.add_argument("--rank", type=int, default=16, help="rank of each projection's correction")
+    d.add_argument("--steps", type=int, default=2000)
+    d.add_argument("--batch-tokens", type=int, default=2048)
+    d.add_argument("--seq-len", type=int, default=256)
+    d.add_argument("--lr", type=float, default=1e-3)
+    d.add_argument("--router-lr", type=float, default=3e-4,
+                   help="relative to the router's largest entry")
+    d.add_argument("--warmup", type=int, default=20)
+    d.add_argument("--kl-positions", type=int, default=512,
+                   help="positions per step whose distributions the KL compares (the layer "
+                   "losses use all)")
+    d.add_argument("--kl-top", type=int, default=64,
+                   help="teacher tokens the KL keeps apart (the rest is one tail; 0: all)")
+    d.add_argument("--local-weight", type=float, default=0.5)
+    d.add_argument("--balance-weight", type=float, default=0.01)
+    d.add_argument("--text-share", type=float, default=0.5,
+                   help="teacher-forced text windows as this share of the training rows")
+    d.add_argument("--dev-texts", type=int, default=30)
+    d.add_argument("--eval-every", type=int, default=25)
+    d.add_argument("--save-every", type=int, default=10)
+    d.add_argument("--max-minutes", type=float, default=0)
+    d.add_argument("--dtype", default=batched_dtype())
+    d.add_argument("--threads", type=int, default=2)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--corpus", type=Path, default=None)
+    d.add_argument("--run-name", default=None)
+    d.add_argument("--restart", action="store_true", help="ignore a checkpoint")
+    d.add_argument("--init", action="store_true",
+                   help="start from the distillation already in --trained")
+    d.set_defaults(func=cmd_distill)
+
+
+__all__ = ["SparseMLP", "wrap", "set_teacher", "kl_loss", "Distillation", "add_parser"]

@@ -1,0 +1,175 @@
+"""How good the MoE is, against the dense model it was cut from.
+
+    python -m m2r2core.train.moe quality --report benchmarks/moe_quality.json
+
+Measured in float32 on sets nothing was fitted, distilled or tuned on:
+- perplexity on 60 held-out Wikipedia lead sections (moe.heldout_texts; the distillation chose
+  its best state on other lead sections of the same split);
+- greedy answers to the first 20 MT-Bench first turns, generated in one batch per model: ROUGE-L
+  of each MoE's answer against the dense model's, and how much each answer repeats itself (the
+  share of its 4-grams that occurred earlier in it; a looping answer scores near 1);
+- router agreement: per MoE layer, the share of the oracle's top-k experts (largest output
+  norm, of this MoE's own experts) that the router's top-k picks, on the perplexity texts.
+
+Each MoE is the plain MoEfication and, when there is one, the distillation; the figures also go
+into the distilled card, which the Expert Loading page shows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+log = logging.getLogger(__name__)
+
+
+def repetition(ids: list[int], n: int = 4) -> float:
+    """Share of an answer's n-grams that already occurred earlier in it (0: none repeats)."""
+    grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
+    if not grams:
+        return 0.0
+    seen, repeats = set(), 0
+    for gram in grams:
+        repeats += gram in seen
+        seen.add(gram)
+    return repeats / len(grams)
+
+
+def batched_answers(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
+    """Greedy answers to chat prompts, generated in one left-padded batch; cut at EOS."""
+    from m2r2core.runtime import prompt as prompt_mod
+
+    rows = [prompt_mod.encode(tokenizer, text, True, None) for text in prompts]
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=mask, do_sample=False, pad_token_id=pad,
+                             max_new_tokens=max_new_tokens)
+    answers = []
+    for row in out[:, width:].tolist():
+        cut = next((i for i, t in enumerate(row) if t in eos), len(row))
+        answers.append(row[:cut])
+    return answers
+
+
+def router_agreement(moe, tokenizer, texts: list[str], seq_len: int = 256) -> dict:
+    """Per MoE layer, the router's top-k recall of the oracle's top-k (largest expert output
+    norm) on the texts; and the mean over layers.
+    """
+    hits: dict[int, list[float]] = {}
+
+    def hook(index):
+        def grab(module, inputs, _out):
+            x = inputs[0].reshape(-1, inputs[0].shape[-1])
+            experts, k = module.experts, module.gate.top_k
+            picked = F.linear(x, module.gate.weight).topk(k, -1).indices
+            norms = []
+            for e in range(experts.num_experts):
+                gate, up = F.linear(x, experts.gate_up_proj[e]).chunk(2, dim=-1)
+                norms.append(F.linear(F.silu(gate) * up, experts.down_proj[e]).norm(dim=-1))
+            oracle = torch.stack(norms, 1).topk(k, -1).indices
+            hits.setdefault(index, []).append(
+                float((picked[:, :, None] == oracle[:, None, :]).any(-1).float().mean()))
+        return grab
+
+    handles = [layer.mlp.register_forward_hook(hook(i)) for i, layer in
+               enumerate(moe.model.layers) if hasattr(layer.mlp, "experts")]
+    try:
+        with torch.inference_mode():
+            for text in texts:
+                moe(tokenizer(text, return_tensors="pt").input_ids[:, :seq_len])
+    finally:
+        for handle in handles:
+            handle.remove()
+    by_layer = {str(i): round(sum(v) / len(v), 4) for i, v in sorted(hits.items())}
+    return {"mean": round(sum(by_layer.values()) / len(by_layer), 4), "by_layer": by_layer}
+
+
+def measure(n_texts: int, n_prompts: int, max_new_tokens: int, threads: int,
+            progress=print) -> dict:
+    """Perplexity, answers and router agreement of the dense model and each MoE."""
+    from analysis.exits import rouge_l
+    from analysis.prompts import load_prompts
+    from m2r2core.config import EngineConfig
+    from m2r2core.moe import distilled, moefy
+    from m2r2core.runtime.model import DEFAULT_MODEL, load
+    from m2r2core.train.moe import heldout_texts, perplexity
+
+    torch.set_num_threads(threads)
+    texts = heldout_texts(n_texts)
+    prompts = [p.text for p in load_prompts("mt-bench")[:n_prompts]]
+    folders = {"moefied": moefy.build(distilled=False)}
+    if distilled.exists(moefy.TRAINED_DIR):
+        folders["distilled"] = moefy.build()
+    report: dict = {"ppl_texts": len(texts), "prompts": len(prompts),
+                    "max_new_tokens": max_new_tokens, "models": {}}
+    dense_answers = None
+    for name, folder in [("dense", DEFAULT_MODEL), *folders.items()]:
+        progress(f"measuring {name}")
+        loaded = load(EngineConfig(model=str(folder), dtype="float32", threads=threads))
+        model, tokenizer = loaded.model, loaded.tokenizer
+        answers = batched_answers(model, tokenizer, prompts, max_new_tokens)
+        reps = [repetition(a) for a in answers]
+        row = {"ppl": round(perplexity(model, tokenizer, texts), 3),
+               "repeated_4grams_mean": round(sum(reps) / len(reps), 4),
+               "repeated_4grams_max": round(max(reps), 4),
+               "answers_over_half_repeated": sum(r > 0.5 for r in reps)}
+        if dense_answers is None:
+            dense_answers = [tokenizer.decode(a, skip_special_tokens=True) for a in answers]
+        else:
+            decoded = [tokenizer.decode(a, skip_special_tokens=True) for a in answers]
+            scores = [rouge_l(d, ref) for d, ref in zip(decoded, dense_answers)]
+            row |= {"rouge_l_vs_dense": round(sum(scores) / len(scores), 4),
+                    "router_agreement": router_agreement(model, tokenizer, texts),
+                    "sample": {"prompt": prompts[0][:200], "dense": dense_answers[0],
+                               "moe": decoded[0]}}
+        report["models"][name] = row
+        del loaded, model
+    dense_ppl = report["models"]["dense"]["ppl"]
+    for row in report["models"].values():
+        row["ppl_ratio"] = round(row["ppl"] / dense_ppl, 4)
+    return report
+
+
+def cmd_quality(args: argparse.Namespace) -> None:
+    """Measure, print, write the report, and record the figures in the distilled card."""
+    from m2r2core import artifacts
+    from m2r2core.moe import distilled, moefy
+
+    report = measure(args.texts, args.prompts, args.max_new_tokens, args.threads)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.report:
+        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.report).write_text(text + "\n")
+    if "distilled" in report["models"]:
+        card = artifacts.read_card(moefy.TRAINED_DIR, distilled.CARD, "distilled MoE",
+                                   distilled.DISTILL)
+        card["metrics"]["quality"] = {
+            name: {k: v for k, v in row.items() if k != "sample"}
+            for name, row in report["models"].items()} | {
+            "ppl_texts": report["ppl_texts"], "prompts": report["prompts"],
+            "max_new_tokens": report["max_new_tokens"]}
+        tmp = moefy.TRAINED_DIR / (distilled.CARD + ".tmp")
+        tmp.write_text(json.dumps(card, indent=2) + "\n")
+        tmp.replace(moefy.TRAINED_DIR / distilled.CARD)
+
+
+def add_parser(sub) -> None:
+    """`quality` on the MoE command line."""
+    q = sub.add_parser("quality", help="perplexity, answers and routers of each MoE vs dense")
+    q.add_argument("--texts", type=int, default=60)
+    q.add_argument("--prompts", type=int, default=20)
+    q.add_argument("--max-new-tokens", type=int, default=128)
+    q.add_argument("--threads", type=int, default=2)
+    q.add_argument("--report", type=Path, default=None)
+    q.set_defaults(func=cmd_quality)
