@@ -124,7 +124,15 @@ def evaluate(engine: Engine, prompt_sets: list[str], limit: int, max_new_tokens:
                      "full_rouge_ref": ex.rouge_l(full_text, prompt.reference)
                      if prompt.reference else None})
         gc.collect()
-    steps = tuple(traced_steps)
+    return _report(engine, tuple(traced_steps), rows, per_config, streams, rules, fast_depth,
+                   {"prompt_sets": prompt_sets, "limit": limit, "max_new_tokens": max_new_tokens,
+                    "min_layer": min_layer, "kv_fill": kv_fill})
+
+
+def _report(engine: Engine, steps: tuple, rows: list[dict], per_config: dict[str, list[dict]],
+            streams: list[str], rules: list[str], fast_depth: int, settings: dict) -> dict:
+    """The JSON-ready report of an evaluation from its traced steps and per-setting runs."""
+    n, min_layer = engine.parts.n_layers, settings["min_layer"]
     configs = [_summarise(key, runs, steps, min_layer, n) for key, runs in per_config.items()]
     curves = {}
     for stream in streams:
@@ -140,8 +148,7 @@ def evaluate(engine: Engine, prompt_sets: list[str], limit: int, max_new_tokens:
         "environment": environment() | {"dtype": engine.info.dtype},
         "model": engine.info.name, "n_layers": n, "fast_depth": fast_depth,
         "adapters": engine.accel_card.training if engine.accel_card else None,
-        "prompt_sets": prompt_sets, "limit": limit, "max_new_tokens": max_new_tokens,
-        "min_layer": min_layer, "kv_fill": kv_fill,
+        **settings,
         "lens_agreement_by_layer": ex.lens_agreement_by_layer(steps),
         "alignment_by_layer": ex.alignment_by_layer(steps),
         "full_model": {"rouge_ref": float(np.mean(refs)) if refs else None,

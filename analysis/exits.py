@@ -51,7 +51,7 @@ def lens_agrees(step: TokenStep, stream: str) -> tuple[bool, ...]:
 def decide(step: TokenStep, stream: str, rule: str, threshold: float, min_layer: int,
            n_layers: int) -> Decision:
     """Re-decide one traced token's exit."""
-    scores = step.rule_scores.get(f"{stream}/{rule}")
+    scores = step.rule_scores.of(stream, rule)
     if not scores:
         return Decision(n_layers, step.token_id, True, False)
     last = len(scores) if stream == "fast" else min(len(scores), n_layers - 1)

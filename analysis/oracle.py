@@ -116,9 +116,8 @@ def reliability(steps: tuple[TokenStep, ...], stream: str, rule: str, min_layer:
                 n_layers: int, n_bins: int = 10) -> Reliability:
     """The rule's scores against how often exiting there was right, from min_layer on."""
     scores, right, depths = [], [], []
-    key = f"{stream}/{rule}"
     for step in steps:
-        values = step.rule_scores.get(key, ())
+        values = step.rule_scores.of(stream, rule)
         agrees = lens_agrees(step, stream)
         last = len(values) if stream == "fast" else min(len(values), n_layers - 1)
         for depth in range(max(1, min_layer), last + 1):

@@ -198,18 +198,7 @@ def bench(args: argparse.Namespace, progress: Callable[[float, str], None] | Non
                 done += 1
                 if progress:
                     progress(done / total, f"{prompt.id} · {method}")
-        reference = outputs["hf_generate"]
-        tps = {m: len(outputs[m]) / statistics.median(timings[m]) for m in methods}
-        rows.append({
-            "id": prompt.id, "category": prompt.category,
-            "new_tokens": {m: len(outputs[m]) for m in methods},
-            "seconds": timings, "tokens_per_s": tps,
-            "speedup": {m: tps[m] / tps["hf_generate"] for m in methods},
-            "identical_to_hf": {m: outputs[m] == reference for m in methods},
-            "divergence": {m: divergence(engine, prompt.text, args.max_new_tokens, reference,
-                                         outputs[m]) for m in methods},
-            "acceptance": stats,
-        })
+        rows.append(_prompt_row(engine, args, prompt, methods, timings, outputs, stats))
         print(f"[{index + 1}/{len(prompts)}] {prompt.id} ({prompt.category}): " + ", ".join(
             f"{m} x{rows[-1]['speedup'][m]:.2f}" for m in methods), file=sys.stderr)
     return {"command": " ".join(["python -m analysis.spec_bench"] + sys.argv[1:]),
@@ -221,6 +210,24 @@ def bench(args: argparse.Namespace, progress: Callable[[float, str], None] | Non
                                                  if engine.medusa else None))
                              for m in methods if m in SPEC_METHODS},
             "prompts": rows, "summary": summarise(rows, methods, args.max_draft)}
+
+
+def _prompt_row(engine: Engine, args: argparse.Namespace, prompt, methods: tuple[str, ...],
+                timings: dict[str, list[float]], outputs: dict[str, list[int]],
+                stats: dict) -> dict:
+    """One prompt's figures: speed against generate, identity and divergence, acceptance."""
+    reference = outputs["hf_generate"]
+    tps = {m: len(outputs[m]) / statistics.median(timings[m]) for m in methods}
+    return {
+        "id": prompt.id, "category": prompt.category,
+        "new_tokens": {m: len(outputs[m]) for m in methods},
+        "seconds": timings, "tokens_per_s": tps,
+        "speedup": {m: tps[m] / tps["hf_generate"] for m in methods},
+        "identical_to_hf": {m: outputs[m] == reference for m in methods},
+        "divergence": {m: divergence(engine, prompt.text, args.max_new_tokens, reference,
+                                     outputs[m]) for m in methods},
+        "acceptance": stats,
+    }
 
 
 def summarise(rows: list[dict], methods: tuple[str, ...], max_draft: int) -> dict:

@@ -4,8 +4,8 @@ was traced), one SpecRound per draft-and-verify round, one OffloadToken per toke
 offloaded MoE run and an Event per timed thing in the expert tiers; one RunTrace per plain or
 early-exit generation, and a ResidualCapture holding the raw hidden states (numpy) for views that
 need vectors (projections). Records hold only Python scalars, strings, tuples and (for
-rule_scores) a dict of tuples, so that they serialise to JSON (`to_dict`, `from_dict`), download
-from the UI and diff in tests.
+rule_scores) a read-only dict of tuples (RuleScores), so that they serialise to JSON (`to_dict`,
+`from_dict`), download from the UI and diff in tests.
 
 Layer axis convention: index 0 is the embedding output h_0, index l the output of block l, index N
 the last block's output (before the final norm). The statistics of a generated token describe the
@@ -42,6 +42,32 @@ class FastStats:
     lens_top1_prob: tuple[float, ...]
     lens_agrees: tuple[bool, ...]
     """argmax p^f_d == argmax p^s_N."""
+
+
+class RuleScores(dict):
+    """Every exit rule's scores along a token's trajectories, keyed 'stream/rule' (e.g.
+    'fast/arla': one score per depth 1..D): a dict (so it serialises as one) that refuses to
+    change after it is made; values are tuples of floats.
+    """
+
+    def __init__(self, items=()) -> None:
+        """From a mapping or (key, scores) pairs; scores become tuples of floats."""
+        pairs = items.items() if isinstance(items, dict) else items
+        super().__init__((str(k), tuple(float(x) for x in v)) for k, v in pairs)
+
+    def of(self, stream: str, rule: str) -> tuple[float, ...]:
+        """The scores of one rule on one stream; () when they were not recorded."""
+        return self.get(f"{stream}/{rule}", ())
+
+    def _refuse(self, *_args, **_kwargs):
+        raise TypeError("rule scores are a record of a run; they cannot be changed")
+
+    __setitem__ = __delitem__ = update = pop = popitem = clear = setdefault = _refuse
+    __ior__ = _refuse
+
+    def __reduce__(self):
+        """Pickle (Streamlit's session copies) through the pairs, not item assignment."""
+        return (RuleScores, (tuple(self.items()),))
 
 
 @dataclass(frozen=True)
@@ -95,9 +121,14 @@ class TokenStep:
     tuned: FastStats | None = None
     """The slow stream read through the tuned lens, layers 0..N (0 and N as the logit lens reads
     them); None without a tuned lens."""
-    rule_scores: dict = field(default_factory=dict)
+    rule_scores: RuleScores = field(default_factory=lambda: RuleScores())
     """{'fast/arla': (D,) scores at depths 1..D, 'slow/confidence': (N,) ...}: every exit
     rule's score along both trajectories, so thresholds can be re-decided without regenerating."""
+
+    def __post_init__(self) -> None:
+        """Keep rule_scores read-only whatever mapping it was given."""
+        if not isinstance(self.rule_scores, RuleScores):
+            object.__setattr__(self, "rule_scores", RuleScores(self.rule_scores))
 
     @property
     def traced(self) -> bool:
@@ -174,7 +205,7 @@ def _step_from_dict(data: dict) -> TokenStep:
     for name in ("fast", "tuned"):
         if data.get(name) is not None:
             data[name] = FastStats(**{k: tuple(v) for k, v in data[name].items()})
-    data["rule_scores"] = {k: tuple(v) for k, v in data.get("rule_scores", {}).items()}
+    data["rule_scores"] = RuleScores(data.get("rule_scores", {}))
     return TokenStep(**{k: _tuples(v) if isinstance(v, list) else v for k, v in data.items()})
 
 

@@ -163,3 +163,26 @@ def test_a_schema_3_trace_without_the_tuned_stream_still_opens(tiny_run):
         step.pop("tuned")
     back = RunTrace.from_json(json.dumps(data))
     assert back.steps == tiny_run.trace.steps and back.schema_version == SCHEMA_VERSION
+
+
+def test_rule_scores_are_a_read_only_record_that_round_trips():
+    import copy
+    import json
+    import pickle
+
+    from m2r2core.trace import RuleScores, TokenStep, from_dict, to_dict
+
+    step = TokenStep(position=0, token_id=1, text="a", token_prob=0.5, exit_layer=2,
+                     source="exit", latency_ms=1.0, forward_ms=1.0, trace_ms=0.0,
+                     rule_scores={"fast/arla": [0.1, 0.9]})
+    assert isinstance(step.rule_scores, RuleScores)
+    assert step.rule_scores.of("fast", "arla") == (0.1, 0.9)
+    assert step.rule_scores.of("slow", "arla") == ()
+    for change in (lambda r: r.__setitem__("x", ()), lambda r: r.pop("fast/arla"),
+                   lambda r: r.update({}), lambda r: r.clear()):
+        with pytest.raises(TypeError, match="cannot be changed"):
+            change(step.rule_scores)
+    back = from_dict(TokenStep, json.loads(json.dumps(to_dict(step))))
+    assert back == step and isinstance(back.rule_scores, RuleScores)
+    assert copy.deepcopy(step.rule_scores) == step.rule_scores
+    assert pickle.loads(pickle.dumps(step)).rule_scores == step.rule_scores

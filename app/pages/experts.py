@@ -200,6 +200,13 @@ def _generate(moe: OffloadEngine, text: str, cfg, offload: OffloadConfig) -> Non
 
 
 def _show(s: ExpertSession) -> None:
+    """The run: its tokens and headline figures, the timeline, the fast tier per pass."""
+    _show_generation(s)
+    _show_timeline(s)
+    _show_tiers(s)
+
+
+def _show_generation(s: ExpertSession) -> None:
     st.subheader("The generation")
     st.caption("Each token is shaded by how long its forward pass waited for experts (darker = "
                "longer); hover for the wait and the number of missing experts.")
@@ -227,6 +234,8 @@ def _show(s: ExpertSession) -> None:
                f"{mine['loads_per_token']} loads per token "
                f"({mine['wasted_per_token']} prefetched and evicted unused).")
 
+
+def _show_timeline(s: ExpertSession) -> None:
     st.subheader("Timeline")
     st.caption("One lane per layer's compute and one for the loader. Blue bars: a layer "
                "computing; red: a load on demand; green: a load ahead of time; dark red: the "
@@ -244,6 +253,9 @@ def _show(s: ExpertSession) -> None:
     if picked is not None:
         st.dataframe(picked, hide_index=True)
 
+
+def _show_tiers(s: ExpertSession) -> None:
+    last = len(s.routes) - 1
     left, right = st.columns(2)
     token = left.number_input("Forward pass for the fast tier", 0, last, min(1, last),
                               key=state.EXPERTS_TOKEN)
@@ -263,7 +275,7 @@ def _show(s: ExpertSession) -> None:
                   "experts the token used.")
     if s.summary["recall_by_distance"]:
         st.plotly_chart(expert_charts.recall_figure(
-            {f"{o.predictor} (this run)": s.summary["recall_by_distance"]}),
+            {f"{s.offload.predictor} (this run)": s.summary["recall_by_distance"]}),
             key=state.EXPERTS_RECALL_RUN)
         st.caption("Of the experts a layer used, the share predicted that many layers earlier.")
 

@@ -15,6 +15,7 @@ from m2r2core.runtime.hf_compat import DecoderParts
 from m2r2core.runtime.lens import fast_stats
 from m2r2core.stream.accel import Accelerator, fast_trajectory
 from m2r2core.stream.tuned_lens import TunedLens
+from m2r2core.trace import RuleScores
 
 
 class FastStreamTracer(StepTracer):
@@ -66,4 +67,4 @@ class FastStreamTracer(StepTracer):
                            for k, v in got.items()}
         if self.capture and fast is not None:
             self.rows.append(fast.float().cpu().numpy())
-        return fields | {"rule_scores": scores}
+        return fields | {"rule_scores": RuleScores(scores)}

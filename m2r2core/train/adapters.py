@@ -17,7 +17,6 @@ best result in place, and the checkpoint resumes it.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import time
@@ -45,6 +44,7 @@ from m2r2core.train.data import (  # noqa: F401  (also the package's names)
     length_chunks,
     pad_rows,
 )
+from m2r2core.train.runs import TRAINING_LOG, Run, write_training_log  # noqa: F401
 
 log = logging.getLogger("m2r2core.train")
 
@@ -224,66 +224,6 @@ def learning_rate(args: argparse.Namespace, step: int) -> float:
     """Linear warmup, then cosine to zero at args.steps."""
     return args.lr * min(1.0, (step + 1) / args.warmup) * 0.5 * (
         1 + math.cos(math.pi * min(step, args.steps) / args.steps))
-
-
-class Run:
-    """One adapter training run: its folder, checkpoint and metrics log."""
-
-    def __init__(self, folder: Path) -> None:
-        """Use (and create) the run folder."""
-        self.folder = folder
-        folder.mkdir(parents=True, exist_ok=True)
-        self.checkpoint = folder / "checkpoint.pt"
-        self.metrics = folder / "metrics.jsonl"
-        """One line per training step."""
-        self.evals = folder / "eval.jsonl"
-        """One line per held-out evaluation."""
-
-    def resume(self, accel: Accelerator, optim, restart: bool) -> tuple[int, float]:
-        """Load the checkpoint if there is one; (step, best dev agreement so far)."""
-        if restart or not self.checkpoint.is_file():
-            return 0, -1.0
-        state = torch.load(self.checkpoint, weights_only=False, map_location="cpu")
-        accel.load_state_dict(state["adapters"])
-        optim.load_state_dict(state["optim"])
-        log.info("resumed from %s at step %d", self.checkpoint, state["step"])
-        return state["step"], state.get("best", -1.0)
-
-    def save(self, accel: Accelerator, optim, step: int, best: float) -> None:
-        """Write the checkpoint atomically."""
-        tmp = self.checkpoint.with_suffix(".tmp")
-        torch.save({"adapters": accel.state_dict(), "optim": optim.state_dict(), "step": step,
-                    "best": best}, tmp)
-        tmp.replace(self.checkpoint)
-
-    def log(self, row: dict, evaluation: bool = False) -> None:
-        """Append one line to the metrics log (or the evaluation log)."""
-        with (self.evals if evaluation else self.metrics).open("a") as handle:
-            handle.write(json.dumps(row) + "\n")
-
-
-TRAINING_LOG = "adapters_log.json"
-"""Beside the committed adapters: the run's held-out curve and a thinned loss log (the Training
-page draws them)."""
-
-
-def write_training_log(run: Run, out: Path, every: int = 5) -> None:
-    """Write the run's held-out evaluations and every `every`-th step's metrics into
-    out/TRAINING_LOG (atomic), so the committed adapters carry the curve that chose them.
-    """
-    def rows(path: Path) -> list[dict]:
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] \
-            if path.is_file() else []
-
-    every_step = rows(run.metrics)
-    steps = [r for r in every_step if r.get("step", 0) % every == 0 or r is every_step[-1]]
-    keep = ("step", "loss", "tokens", "elapsed_s", "tokens_per_s", "lr")
-    log_rows = [{k: v for k, v in r.items() if k in keep or k.startswith(("kl@", "agree@"))}
-                for r in steps]
-    body = {"run": run.folder.name, "evaluations": rows(run.evals), "steps": log_rows}
-    tmp = Path(out) / (TRAINING_LOG + ".tmp")
-    tmp.write_text(json.dumps(body) + "\n")
-    tmp.replace(Path(out) / TRAINING_LOG)
 
 
 class AdapterTraining:
