@@ -307,7 +307,7 @@ def test_recall_by_distance_counts_hits():
     assert recall[1] == pytest.approx((1 + 0) / 4)
 
 
-@pytest.mark.parametrize("accelerated", [False, True])
+@pytest.mark.parametrize("accelerated", [False, True, "per-distance"])
 def test_folded_router_predictions_equal_the_unfolded_ones(offload, accelerated):
     """The predictor folds norm gain, accelerator and routers into one matrix per layer: the
     top-k it picks must be the one the norm → accelerator → router path picks."""
@@ -316,7 +316,12 @@ def test_folded_router_predictions_equal_the_unfolded_ones(offload, accelerated)
     moe = offload.moe
     for layer in range(moe.n_layers):  # non-trivial gains, so folding them in is tested
         moe.norms[layer].weight.data = torch.linspace(0.5, 1.5, 64)
-    predictor = RouterPredictor(moe, 3, 1, offload.accel if accelerated else None)
+    accel = offload.accel if accelerated else None
+    if accelerated == "per-distance":  # a different map per distance, predictions differ too
+        accel = RouteAccelerator(4, 64, 4, distances=2)
+        accel.b.data.normal_(0, 0.1, generator=torch.Generator().manual_seed(2))
+        accel.requires_grad_(False)
+    predictor = RouterPredictor(moe, 3, 1, accel)
     generator = torch.Generator().manual_seed(1)
     try:
         for layer in range(moe.n_layers - 1):
@@ -330,6 +335,27 @@ def test_folded_router_predictions_equal_the_unfolded_ones(offload, accelerated)
     finally:
         for layer in range(moe.n_layers):
             moe.norms[layer].weight.data.fill_(1.0)
+
+
+def test_a_per_distance_accelerator_trains_each_distance_and_round_trips(offload, tmp_path):
+    from m2r2core.moe import prefetch
+
+    moe = offload.moe
+    gen = torch.Generator().manual_seed(3)
+    states = [torch.randn(64, 64, generator=gen) for _ in range(moe.n_layers)]
+    used = [torch.randint(0, moe.n_experts, (64, moe.top_k), generator=gen)
+            if moe.is_moe(i) else None for i in range(moe.n_layers)]
+    accel = prefetch.fit_accelerator(moe, states, used, rank=4, lookahead=2, steps=5, seed=0)
+    assert accel.distances == 2 and accel.a.shape == (moe.n_layers, 2, 4, 64)
+    assert not torch.equal(accel.b[0, 0], accel.b[0, 1])  # each distance its own map
+    card = prefetch.AccelCard("fp", 4, 2, 64, 5, {})
+    prefetch.save_route_accelerator(accel, card, tmp_path)
+    back, _ = prefetch.load_route_accelerator(tmp_path, "fp")
+    assert back.distances == 2 and torch.equal(back.b, accel.b)
+    state = torch.randn(64, generator=gen)
+    assert torch.equal(back(0, state, 5), back(0, state, 2))  # beyond D: the furthest map
+    shared = prefetch.fit_accelerator(moe, states, used, 4, 2, 5, 0, per_distance=False)
+    assert shared.distances == 0 and shared.a.shape == (moe.n_layers, 4, 64)
 
 
 def test_loads_read_into_the_tiers_fixed_buffers(offload, reference):

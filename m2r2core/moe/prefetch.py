@@ -14,7 +14,11 @@ Our reading of the method had to choose how to build the fast residual for the M
 dense model's accelerated stream (issue 3) runs whole blocks and needs the dense MLPs, so here the
 accelerated residual is a per-layer low-rank map trained on the MoE model's own states with M2R2's
 objective specialised to routing (the accelerated state at layer l must route like the states of
-layers l+1 … l+D). `PREDICTORS` lists the choices; the Expert Loading page says so.
+layers l+1 … l+D). A second choice: one accelerated state per layer for every distance (`shared`,
+the stream as the method has it), or one per distance d = 1 … D (`per-distance`: the state at
+rate d; the default since the shared map, a compromise over distances, predicted the next layer
+worse than plain pre-gating). Both fold into the same one-matrix prediction, so they cost the same
+at run time. `PREDICTORS` lists the choices; the Expert Loading page says so.
 """
 
 from __future__ import annotations
@@ -60,18 +64,37 @@ class MoeParts:
 
 
 class RouteAccelerator(torch.nn.Module):
-    """Per-layer low-rank rate accelerator f_l(h) = h + B_l A_l h."""
+    """Per-layer low-rank rate accelerator f_l(h) = h + B_l A_l h; with `distances` D, one map
+    per layer and distance, f_{l,d}(h) = h + B_{l,d} A_{l,d} h.
+    """
 
-    def __init__(self, n_layers: int, hidden: int, rank: int) -> None:
-        """Zero-initialised: f_l is the identity (pre-gating) before training."""
+    def __init__(self, n_layers: int, hidden: int, rank: int, distances: int = 0) -> None:
+        """Zero-initialised: f is the identity (pre-gating) before training. distances 0: one
+        map per layer for every distance (shared).
+        """
         super().__init__()
-        self.a = torch.nn.Parameter(torch.randn(n_layers, rank, hidden) / math.sqrt(hidden))
-        self.b = torch.nn.Parameter(torch.zeros(n_layers, hidden, rank))
+        lead = (n_layers, distances) if distances else (n_layers,)
+        self.a = torch.nn.Parameter(torch.randn(*lead, rank, hidden) / math.sqrt(hidden))
+        self.b = torch.nn.Parameter(torch.zeros(*lead, hidden, rank))
 
-    def forward(self, layer: int, state: torch.Tensor) -> torch.Tensor:
-        """The accelerated state of layer `layer`."""
-        a, b = self.a[layer].to(state.dtype), self.b[layer].to(state.dtype)
-        return state + F.linear(F.linear(state, a), b)
+    @property
+    def distances(self) -> int:
+        """D of a per-distance accelerator; 0 when one map serves every distance."""
+        return self.a.shape[1] if self.a.dim() == 4 else 0
+
+    def factors(self, layer: int, distance: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of the map that predicts `distance` layers ahead of `layer` (the furthest
+        trained one beyond D).
+        """
+        if not self.distances:
+            return self.a[layer], self.b[layer]
+        d = min(max(distance, 1), self.distances) - 1
+        return self.a[layer, d], self.b[layer, d]
+
+    def forward(self, layer: int, state: torch.Tensor, distance: int = 1) -> torch.Tensor:
+        """The accelerated state of layer `layer` for a target `distance` layers ahead."""
+        a, b = self.factors(layer, distance)
+        return state + F.linear(F.linear(state, a.to(state.dtype)), b.to(state.dtype))
 
 
 @dataclass(frozen=True)
@@ -101,8 +124,12 @@ def load_route_accelerator(folder: Path, fingerprint: str, model_name: str = "th
     if "a" not in tensors:
         raise ArtifactError(f"The route accelerator weights in {folder} are corrupt (no 'a'); "
                             f"rerun `{FIT_ACCEL}` or restore them.")
-    n_layers, rank, hidden = tensors["a"].shape
-    return artifacts.fill(RouteAccelerator(n_layers, hidden, rank), tensors, folder,
+    shape = tensors["a"].shape
+    if len(shape) not in (3, 4):
+        raise ArtifactError(f"The route accelerator weights in {folder} are corrupt ('a' has "
+                            f"shape {tuple(shape)}); rerun `{FIT_ACCEL}` or restore them.")
+    n_layers, *distances, rank, hidden = shape
+    return artifacts.fill(RouteAccelerator(n_layers, hidden, rank, *distances), tensors, folder,
                           "route accelerator", FIT_ACCEL), card
 
 
@@ -171,11 +198,11 @@ class RouterPredictor(Predictor):
                     or getattr(norm, "weight", None) is None:
                 return None
             rows.append(self.moe.routers[t].float() * norm.weight.float()[None, :])
-        folded = torch.cat(rows)
         if self.accel is not None:
-            a, b = self.accel.a[layer].float(), self.accel.b[layer].float()
-            folded = folded + (folded @ b) @ a
-        return folded.to(self.moe.routers[targets[0]].dtype)
+            for i, t in enumerate(targets):
+                a, b = (f.float() for f in self.accel.factors(layer, t - layer))
+                rows[i] = rows[i] + (rows[i] @ b) @ a
+        return torch.cat(rows).to(self.moe.routers[targets[0]].dtype)
 
     @torch.inference_mode()
     def predict(self, token: int, layer: int, state: torch.Tensor) -> dict[int, list[int]]:
@@ -190,7 +217,8 @@ class RouterPredictor(Predictor):
             best = logits.view(len(targets), -1).topk(width).indices.tolist()
             return dict(zip(targets, best, strict=True))
         if self.accel is not None:
-            state = self.accel(layer, state)
+            return {t: self.moe.logits(t, self.accel(layer, state, t - layer)).topk(width)
+                    .indices.tolist() for t in targets}
         return {t: self.moe.logits(t, state).topk(width).indices.tolist() for t in targets}
 
 
@@ -264,9 +292,10 @@ def recall_by_distance(predictions: list[tuple[int, int, int, list[int]]],
 
 
 def fit_accelerator(moe: MoeParts, states: list[torch.Tensor], topk: list[torch.Tensor],
-                    rank: int, lookahead: int, steps: int, seed: int, progress=None
-                    ) -> RouteAccelerator:
-    """Train the rate accelerator: f_l(h_l) must route like the states of layers l+1 … l+D.
+                    rank: int, lookahead: int, steps: int, seed: int, progress=None,
+                    per_distance: bool = True) -> RouteAccelerator:
+    """Train the rate accelerator: f_l(h_l) must route like the states of layers l+1 … l+D
+    (per distance: f_{l,d}(h_l) like the state of layer l+d).
 
     Args:
         states: per layer l, (T, H) block outputs h_l.
@@ -278,24 +307,26 @@ def fit_accelerator(moe: MoeParts, states: list[torch.Tensor], topk: list[torch.
     torch.manual_seed(seed)
     n_layers = moe.n_layers
     hidden = states[0].shape[1]
-    accel = RouteAccelerator(n_layers, hidden, rank)
+    accel = RouteAccelerator(n_layers, hidden, rank, lookahead if per_distance else 0)
     temperature = [float(moe.logits(t, states[t - 1]).std()) if t and moe.is_moe(t) else 1.0
                    for t in range(n_layers)]
     for layer in range(n_layers - 1):
         x = states[layer]
-        opt = torch.optim.Adam([accel.a, accel.b], lr=2e-3)
         targets = [t for t in range(layer + 1, min(layer + lookahead, n_layers - 1) + 1)
                    if moe.is_moe(t)]
-        if not targets:
-            continue
-        goal = {t: F.one_hot(topk[t], moe.n_experts).sum(1).float() / moe.top_k for t in targets}
-        for _ in range(steps):
-            fast = accel(layer, x)
-            loss = sum(-(goal[t] * F.log_softmax(moe.logits(t, fast) / temperature[t], -1))
-                       .sum(-1).mean() for t in targets)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        groups = [[t] for t in targets] if per_distance else [targets] if targets else []
+        for group in groups:
+            goal = {t: F.one_hot(topk[t], moe.n_experts).sum(1).float() / moe.top_k
+                    for t in group}
+            a, b = accel.factors(layer, group[0] - layer)
+            opt = torch.optim.Adam([accel.a, accel.b], lr=2e-3)
+            for _ in range(steps):
+                fast = x + F.linear(F.linear(x, a), b)
+                loss = sum(-(goal[t] * F.log_softmax(moe.logits(t, fast) / temperature[t], -1))
+                           .sum(-1).mean() for t in group)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
         if progress:
             progress(layer + 1, n_layers - 1)
     accel.requires_grad_(False)

@@ -110,8 +110,10 @@ def cmd_fit_accel(args: argparse.Namespace) -> None:
     with torch.enable_grad():
         accel = prefetch.fit_accelerator(moe, states, used, args.rank, args.lookahead,
                                          args.steps, args.seed,
-                                         lambda d, t: bar("accelerator", d, t))
+                                         lambda d, t: bar("accelerator", d, t),
+                                         per_distance=not args.shared)
     metrics = {"fit_seconds": round(time.perf_counter() - start, 1),
+               "accelerator": "shared" if args.shared else "per-distance",
                "answers": args.answers, "answer_tokens": args.answer_tokens}
     width = moe.top_k + args.margin
     for kind, (held_states, held_used) in held.items():
