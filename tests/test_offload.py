@@ -508,3 +508,23 @@ def test_the_moefication_files_are_checked(tmp_path):
     (folder / moefy.CARD).unlink()
     with pytest.raises(ArtifactError, match="No MoEfication card"):
         moefy.load_trained(folder)
+
+
+def test_moes_that_differ_only_in_their_experts_get_their_own_stores(tiny_qwen2_moe, monkeypatch,
+                                                                     tmp_path):
+    """A distillation changes the experts, not the head or the shape the fingerprint reads: its
+    expert store must not be the MoEfication's."""
+    from m2r2core.moe.offload import store_dir
+
+    monkeypatch.setenv("M2R2_CACHE", str(tmp_path))
+    engine = Engine.load(EngineConfig(model=str(tiny_qwen2_moe), dtype="float32"))
+    before = store_dir(engine)
+    experts = engine.parts.layers[2].mlp.experts
+    saved = experts.down_proj.data.clone()
+    try:
+        experts.down_proj.data[0, 0, 0] += 1.0
+        assert store_dir(engine) != before
+        assert engine.info.fingerprint in before.name or engine.info.fingerprint[:12] in before.name
+    finally:
+        experts.down_proj.data.copy_(saved)
+    assert store_dir(engine) == before

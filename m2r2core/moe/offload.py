@@ -137,8 +137,28 @@ def moe_parts(engine: Engine) -> MoeParts:
 
 
 def store_dir(engine: Engine) -> Path:
-    """Where this model's expert store lives in the model cache."""
-    return default_cache_dir() / f"expert-store-{engine.info.fingerprint[:12]}-{engine.info.dtype}"
+    """Where this model's expert store lives in the model cache: named by the model's
+    fingerprint and by a digest of its experts' weights, so that two MoEs that differ only in
+    their experts (the MoEfication and its distillation) never share a store.
+    """
+    return default_cache_dir() / (f"expert-store-{engine.info.fingerprint[:12]}-"
+                                  f"{experts_digest(engine)}-{engine.info.dtype}")
+
+
+def experts_digest(engine: Engine) -> str:
+    """A short hash of a sample of every MoE layer's expert weights (first rows of each)."""
+    import hashlib
+
+    sha = hashlib.sha256()
+    for layer in engine.parts.layers:
+        experts = getattr(layer.mlp, "experts", None)
+        experts = getattr(experts, "original", experts)
+        if experts is None or not hasattr(experts, "gate_up_proj"):
+            continue
+        for name in ("gate_up_proj", "down_proj"):
+            rows = getattr(experts, name)[:, :4].detach().to("cpu", torch.float32)
+            sha.update(rows.numpy().tobytes())
+    return sha.hexdigest()[:8]
 
 
 class OffloadEngine:
@@ -369,6 +389,7 @@ def load_moe(model: str | None = None, dtype: str = "bfloat16", threads: int = 0
     """
     from m2r2core.config import EngineConfig
     from m2r2core.errors import M2R2Error
+    from m2r2core.moe import distilled as distilled_mod
     from m2r2core.moe import moefy
     from m2r2core.moe.prefetch import ACCEL_FILE, load_route_accelerator
 
@@ -385,7 +406,8 @@ def load_moe(model: str | None = None, dtype: str = "bfloat16", threads: int = 0
                                  "python -m m2r2core.train.moe fit-accel")
     except M2R2Error as exc:
         note = f"no accelerator: {exc}"
-    trained = ("none", "")
-    if accel is not None:
-        trained = (artifacts.digest([moefy.TRAINED_DIR / ACCEL_FILE]), moefy.TRAINED_DIR.name)
+    files = [moefy.TRAINED_DIR / ACCEL_FILE] if accel is not None else []
+    if model is None and distilled and distilled_mod.exists(moefy.TRAINED_DIR):
+        files.append(moefy.TRAINED_DIR / distilled_mod.WEIGHTS)  # bundles name the build too
+    trained = (artifacts.digest(files), moefy.TRAINED_DIR.name) if files else ("none", "")
     return OffloadEngine(engine, accelerator=accel, accel_note=note, trained=trained)
