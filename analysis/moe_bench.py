@@ -39,6 +39,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = run_parser("python -m analysis.moe_bench", __doc__, max_new_tokens=64, repeats=3)
     p.add_argument("--model", default=None, help="a Mixtral or Qwen2-MoE folder (default: "
                    "the MoEfied SmolLM2, built on first use)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="cuda: experts wait in pinned host memory and load on a side stream")
+    p.add_argument("--undistilled", action="store_true",
+                   help="the plain MoEfication instead of the distilled MoE")
     p.add_argument("--capacity", type=int, default=77, help="experts in the fast tier")
     p.add_argument("--bandwidth", default="ufs", choices=tuple(PRESETS))
     p.add_argument("--predictors", nargs="+", default=list(PREDICTORS), choices=PREDICTORS)
@@ -95,7 +99,8 @@ def label(s: OffloadConfig) -> str:
 def bench(args: argparse.Namespace, progress: Callable[[int, int, str], None] | None = None,
           offload: OffloadEngine | None = None) -> dict:
     """Time every setting on every prompt (rotating order per repeat); return the report."""
-    offload = offload or load_moe(args.model, args.dtype, args.threads)
+    offload = offload or load_moe(args.model, args.dtype, args.threads,
+                                  distilled=not args.undistilled, device=args.device)
     prompts = select_prompts(args)
     grid = settings(args)
     cfg = DecodeConfig(max_new_tokens=args.max_new_tokens, trace=False, capture_residuals=False)

@@ -382,7 +382,7 @@ class OffloadRun(DecodeRun[OffloadToken]):
 
 
 def load_moe(model: str | None = None, dtype: str = "bfloat16", threads: int = 0,
-             progress=None, distilled: bool = True) -> OffloadEngine:
+             progress=None, distilled: bool = True, device: str = "auto") -> OffloadEngine:
     """The default MoE (built from the committed MoEfication on first use; the distilled one
     when a distillation is committed and `distilled`) as an OffloadEngine, with its trained
     accelerator; `model` may name another Mixtral-format folder.
@@ -394,7 +394,8 @@ def load_moe(model: str | None = None, dtype: str = "bfloat16", threads: int = 0
     from m2r2core.moe.prefetch import ACCEL_FILE, load_route_accelerator
 
     folder = Path(model) if model else moefy.build(progress=progress, distilled=distilled)
-    engine = Engine.load(EngineConfig(model=str(folder), dtype=dtype, threads=threads))
+    engine = Engine.load(EngineConfig(model=str(folder), dtype=dtype, threads=threads,
+                                      device=device))
     accel, note = None, ""
     try:
         accel, card = load_route_accelerator(moefy.TRAINED_DIR, engine.info.fingerprint,
