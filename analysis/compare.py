@@ -152,6 +152,21 @@ def compare_spec(engine: Engine, text: str, cfg: DecodeConfig, spec: SpecConfig,
                           dataclasses.asdict(plain_cfg))
 
 
+def spec_variant(engine: Engine, base: SpecComparison, spec: SpecConfig,
+                 on_token: Progress = _quiet) -> SpecComparison:
+    """Setting B of an A/B: the same prompt and decoding settings as `base` (setting A),
+    speculated with `spec`; the plain-decoding figures are A's, so both share one baseline.
+    """
+    cfg = DecodeConfig.from_dict(base.decode) if base.decode else DecodeConfig()
+    run = engine.speculate(base.prompt, cfg, spec)
+    for _ in run:
+        on_token("spec", len(run.tokens), run)
+    decoded = max(1, len(run.tokens) - 1)
+    return SpecComparison(spec, base.sampling, list(run.rounds), run.decode_ms / decoded,
+                          base.plain_ms, base.plain_rate, run.tokens, base.plain_tokens,
+                          run.completion, base.prompt, base.decode)
+
+
 @dataclass
 class ExpertComparison:
     """One prompt through the offloaded MoE: every expert resident (the reference output),

@@ -66,3 +66,49 @@ def round_rows(rounds: list[SpecRound]) -> list[dict]:
         "own_token": ("correction" if r.correction else "bonus") if r.index else "prefill",
         "draft_ms": round(r.draft_ms, 3), "verify_ms": round(r.verify_ms, 3),
     } for r in rounds]
+
+
+def token_kinds(rounds: list[SpecRound]) -> list[dict]:
+    """How each emitted token of a run came to be, in order: 'prefill', 'accepted' (a draft the
+    model kept), 'correction' (the model's own token where it refused a draft) or 'bonus' (its
+    own token after every draft passed); with the round, the draft it was (or replaced) and that
+    draft's probability, and the draft depth.
+    """
+    out = []
+    for r in rounds:
+        for i, (token, text) in enumerate(zip(r.emitted, r.emitted_texts)):
+            kind = ("prefill" if r.index == 0 else "accepted" if i < r.accepted
+                    else "correction" if r.correction else "bonus")
+            drafted = i < len(r.drafts)
+            out.append({
+                "position": r.position + i, "token": token, "text": text, "kind": kind,
+                "round": r.index, "draft": r.drafts[i] if drafted else None,
+                "draft_text": r.draft_texts[i] if drafted else None,
+                "draft_prob": r.draft_probs[i] if drafted else None,
+                "draft_depth": r.draft_depths[i] if i < len(r.draft_depths) else None,
+            })
+    return out
+
+
+def first_divergence(a: list[SpecRound], b: list[SpecRound]) -> dict | None:
+    """Where two speculative runs of one prompt first part ways, and why.
+
+    They part at the first position whose token differs (only sampling, or a bf16 near-tie,
+    can make greedy runs differ) or, with equal tokens, whose kind differs (one kept a draft
+    where the other corrected one or had not drafted that far). None when every shared
+    position agrees. The why is each run's draft there, its probability under the draft
+    distribution, and what the model did with it.
+    """
+    kinds_a, kinds_b = token_kinds(a), token_kinds(b)
+    for x, y in zip(kinds_a, kinds_b, strict=False):
+        if x["token"] != y["token"] or x["kind"] != y["kind"]:
+            return {"position": x["position"], "a": x, "b": y,
+                    "reason": "different tokens" if x["token"] != y["token"]
+                    else "different fates of the same token"}
+    return None
+
+
+def kind_differences(a: list[SpecRound], b: list[SpecRound]) -> set[int]:
+    """Positions where the two runs emitted a different token or the same token differently."""
+    return {x["position"] for x, y in zip(token_kinds(a), token_kinds(b), strict=False)
+            if x["token"] != y["token"] or x["kind"] != y["kind"]}

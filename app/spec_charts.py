@@ -29,9 +29,10 @@ def _span(text: str, tip: str, background: str, struck: bool = False) -> str:
             f'padding:1px 2px;margin:1px;border-radius:3px;font-family:monospace">{body}</span>')
 
 
-def round_strip_html(rounds: list[SpecRound]) -> str:
+def round_strip_html(rounds: list[SpecRound], marked: set[int] = frozenset()) -> str:
     """The generation, round by round: accepted drafts green, the model's own token orange (a
-    correction) or blue (a bonus after every draft passed), refused drafts struck through."""
+    correction) or blue (a bonus after every draft passed), refused drafts struck through;
+    tokens at `marked` positions (an A/B difference) underlined in red."""
     spans = []
     for r in rounds:
         timing = f"round {r.index}: draft {r.draft_ms:.1f} ms, verify {r.verify_ms:.1f} ms"
@@ -40,14 +41,18 @@ def round_strip_html(rounds: list[SpecRound]) -> str:
                                PREFILL))
             continue
         for i, text in enumerate(r.emitted_texts):
+            differs = r.position + i in marked
+            note = " · differs from the other setting" if differs else ""
             if i < r.accepted:
                 tip = (f"draft {i + 1} accepted (draft probability {r.draft_probs[i]:.2f}) · "
-                       f"{timing}")
-                spans.append(_span(text, tip, ACCEPTED))
+                       f"{timing}{note}")
+                span = _span(text, tip, ACCEPTED)
             else:
                 kind = "correction" if r.correction else "bonus"
-                spans.append(_span(text, f"the model's own token ({kind}) · {timing}",
-                                   CORRECTION if r.correction else BONUS))
+                span = _span(text, f"the model's own token ({kind}) · {timing}{note}",
+                             CORRECTION if r.correction else BONUS)
+            spans.append(f'<span style="border-bottom:3px solid #d62728">{span}</span>'
+                         if differs else span)
         for i in range(r.accepted, len(r.drafts)):
             tip = (f"draft {i + 1} refused (draft probability {r.draft_probs[i]:.2f}) · "
                    f"{timing}")

@@ -76,6 +76,14 @@ class DecodeConfig:
         )
         require(1 <= self.lens_top_k <= 20, "lens_top_k", self.lens_top_k, "1 to 20")
 
+    @classmethod
+    def from_dict(cls, data: dict) -> DecodeConfig:
+        """Rebuild from `dataclasses.asdict` output (the sampling settings nested)."""
+        data = dict(data)
+        if isinstance(data.get("sampling"), dict):
+            data["sampling"] = SamplingConfig(**data["sampling"])
+        return cls(**data)
+
     def replace(self, **changes: object) -> DecodeConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)

@@ -130,3 +130,50 @@ def test_ledger_and_break_even(app):
     at.number_input(key=state.SPEC_TARGET).set_value(0.5)
     at = at.run()
     assert any("accepted drafts per round" in i.value for i in at.info)
+
+
+def test_ab_compares_a_second_setting_on_the_same_prompt(app):
+    at = generate(app, stream="fast", layer=1, k=4)
+    assert any("Run B" in i.value for i in at.info)
+    at.selectbox(key=state.SPEC_AB_STREAM).set_value("slow")
+    at.number_input(key=state.SPEC_AB_LAYER).set_value(2)
+    at.number_input(key=state.SPEC_AB_K).set_value(2)
+    at.button(key=state.SPEC_AB_RUN).click()
+    at = at.run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    a = at.session_state[RESULT_KEY]
+    _, _, b = at.session_state[state.SPEC_AB_RESULT]
+    assert b.spec.stream == "slow" and b.spec.max_draft == 2 and b.prompt == a.prompt
+    assert b.spec_tokens == a.spec_tokens == a.plain_tokens  # fp32 greedy: both lossless
+    assert b.plain_ms == a.plain_ms  # one plain baseline for both
+    strips = [m.value for m in at.markdown if "m2r2-spec-strip" in m.value]
+    assert len(strips) >= 3  # the run's own strip, then A and B
+    table = [d.value for d in at.dataframe if "setting" in d.value.columns][0]
+    assert list(table["setting"]) == ["A", "B"]
+    assert table["predicted speedup"].notna().all()
+    assert any("They part at token" in m.value or "every shared token" in (m.value or "")
+               for m in list(at.markdown) + list(at.success))
+    at.number_input(key=state.SPEC_AB_LAYER).set_value(99)  # out of range: refused, B kept
+    at.button(key=state.SPEC_AB_RUN).click()
+    at = at.run()
+    assert any("Setting B was not run" in e.value for e in at.error)
+    assert at.session_state[state.SPEC_AB_RESULT][2].spec.draft_layer == 2
+
+
+def test_first_divergence_names_the_token_and_both_fates():
+    from analysis import speculation
+    from m2r2core.trace import SpecRound
+
+    def rnd(i, pos, drafts, accepted, emitted, correction):
+        return SpecRound(i, pos, tuple(drafts), tuple(map(str, drafts)), (0.9,) * len(drafts),
+                         accepted, tuple(emitted), tuple(map(str, emitted)), correction, 1.0, 1.0)
+
+    prefill = rnd(0, 0, (), 0, (5,), False)
+    a = [prefill, rnd(1, 1, (6, 7), 2, (6, 7, 8), False)]
+    b = [prefill, rnd(1, 1, (6, 9), 1, (6, 7), True), rnd(2, 3, (8,), 1, (8, 4), False)]
+    part = speculation.first_divergence(a, b)
+    assert part["position"] == 2 and part["reason"] == "different fates of the same token"
+    assert part["a"]["kind"] == "accepted" and part["b"]["kind"] == "correction"
+    assert part["b"]["draft_text"] == "9"
+    assert speculation.kind_differences(a, b) == {2, 3}
+    assert speculation.first_divergence(a, a) is None

@@ -10,7 +10,7 @@ import pandas as pd
 import streamlit as st
 
 from analysis import bundle, compare, ledger, speculation
-from app import charts, resources, spec_charts, state
+from app import charts, resources, spec_ab, spec_charts, state
 from app.components import bundles, controls, metrics
 from m2r2core.config import SamplingConfig
 from m2r2core.errors import M2R2Error
@@ -86,6 +86,7 @@ def render() -> None:
         st.info("Generate to see drafts accepted and refused, token by token.")
     else:
         _show(engine, session)
+        spec_ab.ab(engine, session)
     _comparison(engine)
 
 
