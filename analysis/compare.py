@@ -193,7 +193,28 @@ class ExpertComparison:
     accel_note: str
     prompt: str = ""
     decode: dict = field(default_factory=dict)
-    """The DecodeConfig the three runs used, as a dict."""
+    """The DecodeConfig the runs used, as a dict."""
+    resident: dict = field(default_factory=dict)
+    """The all-resident reference run's summary: the ceiling's numerator."""
+    oracle: dict = field(default_factory=dict)
+    """The oracle predictor at the same setting (the run itself when it is the oracle)."""
+
+    @property
+    def ceiling(self) -> float | None:
+        """All resident over on-demand LRU: no predictor can pass it."""
+        ms = self.resident.get("decode_ms")
+        return self.baseline["decode_ms"] / ms if ms else None
+
+    @property
+    def oracle_share(self) -> float | None:
+        """(speedup − 1) ÷ (the oracle's speedup − 1): how much of the oracle's gain this
+        setting reached; None when the oracle gained nothing.
+        """
+        mine, best = self.summary.get("decode_ms"), self.oracle.get("decode_ms")
+        if not mine or not best:
+            return None
+        gain = self.baseline["decode_ms"] / best - 1.0
+        return (self.baseline["decode_ms"] / mine - 1.0) / gain if gain > 0 else None
 
     def to_dict(self) -> dict:
         """JSON-ready values."""
@@ -212,7 +233,9 @@ class ExpertComparison:
 
 def compare_experts(moe: OffloadEngine, text: str, cfg: DecodeConfig, offload: OffloadConfig,
                     on_token: Progress = _quiet) -> ExpertComparison:
-    """All resident, then on-demand LRU, then the setting, on one prompt."""
+    """All resident, then on-demand LRU, then the setting, then the oracle at the same setting
+    (unless the setting is the oracle), on one prompt.
+    """
     reference = moe.generate(text, cfg, None)
     for token in reference:
         on_token("reference", token.position + 1, reference)
@@ -224,6 +247,12 @@ def compare_experts(moe: OffloadEngine, text: str, cfg: DecodeConfig, offload: O
     run = moe.generate(text, cfg, offload, reference.routes)
     for token in run:
         on_token("offload", token.position + 1, run)
+    oracle = run
+    if offload.predictor != "oracle":
+        oracle = moe.generate(text, cfg, dataclasses.replace(offload, predictor="oracle"),
+                              reference.routes)
+        for token in oracle:
+            on_token("oracle", token.position + 1, oracle)
     keys = moe.expert_keys()
     return ExpertComparison(
         offload=offload, texts=[t.text for t in run.tokens], tokens=run.token_ids,
@@ -232,4 +261,5 @@ def compare_experts(moe: OffloadEngine, text: str, cfg: DecodeConfig, offload: O
         baseline=baseline.summary(), identical=run.token_ids == reference.token_ids,
         warm=keys[: offload.capacity] if offload.warm else [], n_layers=moe.moe.n_layers,
         n_experts=moe.moe.n_experts, total=len(keys), top_k=moe.moe.top_k,
-        accel_note=moe.accel_note, prompt=text, decode=dataclasses.asdict(cfg))
+        accel_note=moe.accel_note, prompt=text, decode=dataclasses.asdict(cfg),
+        resident=reference.summary(), oracle=oracle.summary())

@@ -49,6 +49,12 @@ def test_generation_is_identical_and_charted(app, predictor):
     assert session.summary["decode_tokens"] == 7
     assert at.metric[0].label == "Speedup vs on-demand LRU"
     assert at.metric[4].value == "yes"
+    beside = {m.label: m.value for m in at.metric}
+    assert beside["Ceiling (all resident)"].endswith("x") and beside["Oracle"].endswith("x")
+    assert session.ceiling == pytest.approx(session.baseline["decode_ms"]
+                                            / session.resident["decode_ms"])
+    if predictor == "oracle":
+        assert session.oracle == session.summary
     keys = {c.proto.id for c in at.get("plotly_chart")}
     for name in ("experts_gantt", "experts_residency", "experts_hits"):
         assert any(name in k for k in keys), keys

@@ -174,11 +174,12 @@ def _generate(moe: OffloadEngine, text: str, cfg, offload: OffloadConfig) -> Non
     progress = st.progress(0.0, text="Every expert resident (the reference)…")
     strip = st.empty()
     phases = {"reference": (0, "reference"), "baseline": (1, "on-demand LRU"),
-              "offload": (2, offload.predictor)}
+              "offload": (2, offload.predictor), "oracle": (3, "the oracle, for its gain")}
+    runs = 3 if offload.predictor == "oracle" else 4
 
     def on_token(kind: str, count: int, run) -> None:
         offset, label = phases[kind]
-        progress.progress(min(1.0, (offset * budget + count) / (3 * budget)),
+        progress.progress(min(1.0, (offset * budget + count) / (runs * budget)),
                           text=f"{label}: token {count}")
         if kind == "offload" and (count - 1) % 4 == 0:
             strip.markdown(expert_charts.token_strip_html(
@@ -227,6 +228,17 @@ def _show_generation(s: ExpertSession) -> None:
                    f"{(mine['hit_rate'] or 0) - (base['hit_rate'] or 0):+.0%}")
     cols[4].metric("Same output as all resident", "yes" if s.identical else "NO",
                    help="Prediction may change timing only; the tests prove identity.")
+    cols = st.columns(5)
+    ceiling, share = s.ceiling, s.oracle_share
+    cols[0].metric("Ceiling (all resident)", "–" if ceiling is None else f"{ceiling:.2f}x",
+                   help="On-demand LRU decode time ÷ all experts resident: what a predictor "
+                        "would reach if loading cost nothing. No setting can pass it.")
+    oracle_ms = s.oracle.get("decode_ms")
+    cols[1].metric("Oracle", "–" if not oracle_ms else f"{base['decode_ms'] / oracle_ms:.2f}x",
+                   help="The oracle predictor (this run's own routing, known in advance) at "
+                        "the same capacity, storage, lookahead and eviction.")
+    cols[2].metric("Share of the oracle's gain", "–" if share is None else f"{share:.0%}",
+                   help="(speedup − 1) ÷ (oracle's speedup − 1).")
     o = s.offload
     st.caption(f"{o.predictor} prediction, lookahead {o.lookahead}, margin {o.margin}, "
                f"{o.policy} eviction, {o.capacity} of {s.total} experts resident "
