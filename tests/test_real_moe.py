@@ -48,3 +48,20 @@ def test_offloaded_decoding_equals_generate_for_every_predictor(moe):
                                                       policy="predicted"),
                            reference.routes).run()
         assert run.token_ids == reference.token_ids, predictor
+
+
+def test_the_default_is_the_distilled_moe_and_the_plain_one_stays_available(moe):
+    from m2r2core.moe import distilled
+    from m2r2core.moe.offload import store_dir
+
+    if not distilled.exists(moefy.TRAINED_DIR):
+        pytest.skip("no distillation committed")
+    plain = load_moe(dtype="float32", threads=2, distilled=False)
+    assert "distilled" in str(moefy.build()) and "distilled" not in str(moefy.build(
+        distilled=False))
+    a = moe.engine.parts.layers[3].mlp.experts.down_proj
+    b = plain.engine.parts.layers[3].mlp.experts.down_proj
+    assert a.shape == b.shape and not torch.equal(a, b)
+    assert store_dir(moe.engine) != store_dir(plain.engine)
+    assert plain.accel is None and "another build" in plain.accel_note  # trained for the other
+    assert moe.trained_fingerprint != plain.trained_fingerprint  # bundles tell them apart

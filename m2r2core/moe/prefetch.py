@@ -318,8 +318,10 @@ def fit_accelerator(moe: MoeParts, states: list[torch.Tensor], topk: list[torch.
         for group in groups:
             goal = {t: F.one_hot(topk[t], moe.n_experts).sum(1).float() / moe.top_k
                     for t in group}
-            a, b = accel.factors(layer, group[0] - layer)
-            opt = torch.optim.Adam([accel.a, accel.b], lr=2e-3)
+            slot_a, slot_b = accel.factors(layer, group[0] - layer)
+            a = slot_a.detach().clone().requires_grad_(True)  # this map alone: Adam's steps
+            b = slot_b.detach().clone().requires_grad_(True)  # touch only its own entries
+            opt = torch.optim.Adam([a, b], lr=2e-3)
             for _ in range(steps):
                 fast = x + F.linear(F.linear(x, a), b)
                 loss = sum(-(goal[t] * F.log_softmax(moe.logits(t, fast) / temperature[t], -1))
@@ -327,6 +329,9 @@ def fit_accelerator(moe: MoeParts, states: list[torch.Tensor], topk: list[torch.
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
+            with torch.no_grad():
+                slot_a.copy_(a)
+                slot_b.copy_(b)
         if progress:
             progress(layer + 1, n_layers - 1)
     accel.requires_grad_(False)

@@ -299,6 +299,8 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--answers", type=int, default=64, help="instructions (from Wikipedia's "
                    "train split) whose MoE-generated answers join the training text (0: none)")
     a.add_argument("--answer-tokens", type=int, default=64)
+    a.add_argument("--measure-only", action="store_true",
+                   help="measure the committed accelerator's held-out recall again (no training)")
     a.add_argument("--shared", action="store_true", help="one accelerated state per layer for "
                    "every distance (default: one per distance d = 1 … lookahead)")
     a.add_argument("--seed", type=int, default=0)

@@ -67,7 +67,7 @@ def _state_recall(moe, states: list[torch.Tensor], used: list[torch.Tensor | Non
         target = layer + distance
         if not moe.is_moe(target):
             continue
-        x = states[layer] if fast is None else fast(layer, states[layer])
+        x = states[layer] if fast is None else fast(layer, states[layer], distance)
         picked = moe.logits(target, x).topk(width, -1).indices
         hits += int((picked[:, :, None] == used[target][:, None, :]).any(-1).sum())
         total += used[target].numel()
@@ -97,23 +97,37 @@ def cmd_fit_accel(args: argparse.Namespace) -> None:
                                  args.seed)
 
     bar = labelled_bars()
-    train_answers = own_answers(model, tokenizer, distill.wiki_articles("train"), args.answers,
-                                args.answer_tokens, args.seed,
-                                lambda d, t: bar("own answers", d, t))
-    states, used = moe_states(model, itertools.chain(text("train", args.tokens),
-                                                     (a.ids for a in train_answers)))
     held = {"text": moe_states(model, text("heldout", args.tokens // 4))}
     if args.answers:
         held_answers = own_answers(model, tokenizer, distill.wiki_articles("heldout"),
                                    max(8, args.answers // 4), args.answer_tokens, args.seed + 1)
         held["answers"] = moe_states(model, (a.ids for a in held_answers))
+    if args.measure_only:  # the committed accelerator, measured again
+        accel, old = prefetch.load_route_accelerator(Path(args.trained), fingerprint(model))
+        _report(args, moe, held, accel, old.tokens, old.metrics.get("fit_seconds"), model)
+        return
+    train_answers = own_answers(model, tokenizer, distill.wiki_articles("train"), args.answers,
+                                args.answer_tokens, args.seed,
+                                lambda d, t: bar("own answers", d, t))
+    states, used = moe_states(model, itertools.chain(text("train", args.tokens),
+                                                     (a.ids for a in train_answers)))
     with torch.enable_grad():
         accel = prefetch.fit_accelerator(moe, states, used, args.rank, args.lookahead,
                                          args.steps, args.seed,
                                          lambda d, t: bar("accelerator", d, t),
                                          per_distance=not args.shared)
-    metrics = {"fit_seconds": round(time.perf_counter() - start, 1),
-               "accelerator": "shared" if args.shared else "per-distance",
+    _report(args, moe, held, accel, int(states[0].shape[0]),
+            round(time.perf_counter() - start, 1), model)
+
+
+def _report(args: argparse.Namespace, moe, held: dict, accel, tokens: int, fit_seconds,
+            model) -> None:
+    """Held-out recall of pre-gating and m2r2 by distance; write the accelerator and card."""
+    from m2r2core.moe import prefetch
+    from m2r2core.runtime.model import fingerprint
+
+    metrics = {"fit_seconds": fit_seconds,
+               "accelerator": "per-distance" if accel.distances else "shared",
                "answers": args.answers, "answer_tokens": args.answer_tokens}
     width = moe.top_k + args.margin
     for kind, (held_states, held_used) in held.items():
@@ -123,8 +137,8 @@ def cmd_fit_accel(args: argparse.Namespace) -> None:
             for d in range(1, args.lookahead + 1):
                 recall = _state_recall(moe, held_states, held_used, fast, d, width)
                 metrics[f"recall_{name}_d{d}_margin{args.margin}{suffix}"] = round(recall, 4)
-    card = prefetch.AccelCard(model_fingerprint=fingerprint(model), rank=args.rank,
-                              lookahead=args.lookahead, tokens=int(states[0].shape[0]),
+    card = prefetch.AccelCard(model_fingerprint=fingerprint(model), rank=accel.a.shape[-2],
+                              lookahead=args.lookahead, tokens=tokens,
                               steps=args.steps, metrics=metrics,
                               moe_files=files_digest(Path(args.trained)))
     prefetch.save_route_accelerator(accel, card, Path(args.trained))
