@@ -67,7 +67,7 @@ def check_tier(capacity: int, total: int, top_k: int, policy: str) -> None:
                           f"{', '.join(POLICIES)}.")
 
 
-class ExpertCache:
+class ExpertCache:  # over 150 lines: one lock guards slots, pins, queue and clock together
     """The fast tier: at most `capacity` experts resident or in flight.
 
     `acquire` returns an expert's weights, waiting (a stall) when it is not resident; `prefetch`

@@ -38,11 +38,10 @@ from m2r2core.moe.prefetch import (
     make_predictor,
     recall_by_distance,
 )
-from m2r2core.moe.store import ExpertStore
+from m2r2core.moe.store import ExpertStore, store_dir  # noqa: F401  (store_dir: public here too)
 from m2r2core.runtime import prompt
 from m2r2core.runtime.decode import forward
 from m2r2core.runtime.loop import DecodeRun
-from m2r2core.runtime.model import default_cache_dir
 from m2r2core.runtime.sampling import sample_next
 from m2r2core.runtime.state import DecodeState
 from m2r2core.trace import Event, OffloadToken
@@ -134,31 +133,6 @@ def moe_parts(engine: Engine) -> MoeParts:
                                   else None for layer in layers),
                     norms=tuple(layer.post_attention_layernorm for layer in layers),
                     top_k=config.num_experts_per_tok, n_experts=n_experts)
-
-
-def store_dir(engine: Engine) -> Path:
-    """Where this model's expert store lives in the model cache: named by the model's
-    fingerprint and by a digest of its experts' weights, so that two MoEs that differ only in
-    their experts (the MoEfication and its distillation) never share a store.
-    """
-    return default_cache_dir() / (f"expert-store-{engine.info.fingerprint[:12]}-"
-                                  f"{experts_digest(engine)}-{engine.info.dtype}")
-
-
-def experts_digest(engine: Engine) -> str:
-    """A short hash of a sample of every MoE layer's expert weights (first rows of each)."""
-    import hashlib
-
-    sha = hashlib.sha256()
-    for layer in engine.parts.layers:
-        experts = getattr(layer.mlp, "experts", None)
-        experts = getattr(experts, "original", experts)
-        if experts is None or not hasattr(experts, "gate_up_proj"):
-            continue
-        for name in ("gate_up_proj", "down_proj"):
-            rows = getattr(experts, name)[:, :4].detach().to("cpu", torch.float32)
-            sha.update(rows.numpy().tobytes())
-    return sha.hexdigest()[:8]
 
 
 class OffloadEngine:

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from m2r2core.errors import AssetMissing
+from m2r2core.runtime.model import default_cache_dir
 
 MANIFEST = "experts.json"
 _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,
@@ -169,3 +170,26 @@ class ExpertStore:
         self.close()
         for (layer, expert) in self.files:
             self.read(layer, expert, torch.device("cpu"))
+
+
+def store_dir(engine) -> Path:
+    """Where this model's expert store lives in the model cache: named by the model's
+    fingerprint and by a digest of its experts' weights, so that two MoEs that differ only in
+    their experts (the MoEfication and its distillation) never share a store.
+    """
+    return default_cache_dir() / (f"expert-store-{engine.info.fingerprint[:12]}-"
+                                  f"{experts_digest(engine)}-{engine.info.dtype}")
+
+
+def experts_digest(engine) -> str:
+    """A short hash of a sample of every MoE layer's expert weights (first rows of each)."""
+    sha = hashlib.sha256()
+    for layer in engine.parts.layers:
+        experts = getattr(layer.mlp, "experts", None)
+        experts = getattr(experts, "original", experts)
+        if experts is None or not hasattr(experts, "gate_up_proj"):
+            continue
+        for name in ("gate_up_proj", "down_proj"):
+            rows = getattr(experts, name)[:, :4].detach().to("cpu", torch.float32)
+            sha.update(rows.numpy().tobytes())
+    return sha.hexdigest()[:8]
