@@ -345,7 +345,8 @@ def test_a_per_distance_accelerator_trains_each_distance_and_round_trips(offload
     states = [torch.randn(64, 64, generator=gen) for _ in range(moe.n_layers)]
     used = [torch.randint(0, moe.n_experts, (64, moe.top_k), generator=gen)
             if moe.is_moe(i) else None for i in range(moe.n_layers)]
-    accel = prefetch.fit_accelerator(moe, states, used, rank=4, lookahead=2, steps=5, seed=0)
+    accel = prefetch.fit_accelerator(moe, states, used, rank=4, lookahead=2, steps=5, seed=0,
+                                     validation=0)
     assert accel.distances == 2 and accel.a.shape == (moe.n_layers, 2, 4, 64)
     assert not torch.equal(accel.b[0, 0], accel.b[0, 1])  # each distance its own map
     card = prefetch.AccelCard("fp", 4, 2, 64, 5, {})
@@ -356,6 +357,12 @@ def test_a_per_distance_accelerator_trains_each_distance_and_round_trips(offload
     assert torch.equal(back(0, state, 5), back(0, state, 2))  # beyond D: the furthest map
     shared = prefetch.fit_accelerator(moe, states, used, 4, 2, 5, 0, per_distance=False)
     assert shared.distances == 0 and shared.a.shape == (moe.n_layers, 4, 64)
+    # where the plain state already routes every held-out token right, no map is kept
+    plain = [moe.logits(i, states[i - 1]).topk(moe.top_k, -1).indices if i and moe.is_moe(i)
+             else None for i in range(moe.n_layers)]
+    gated = prefetch.fit_accelerator(moe, states, plain, 4, 2, 20, 0)
+    assert all(not gated.b[layer, 0].any() for layer in range(moe.n_layers - 1)
+               if moe.is_moe(layer + 1))
 
 
 def test_loads_read_into_the_tiers_fixed_buffers(offload, reference):

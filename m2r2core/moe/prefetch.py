@@ -293,9 +293,14 @@ def recall_by_distance(predictions: list[tuple[int, int, int, list[int]]],
 
 def fit_accelerator(moe: MoeParts, states: list[torch.Tensor], topk: list[torch.Tensor],
                     rank: int, lookahead: int, steps: int, seed: int, progress=None,
-                    per_distance: bool = True) -> RouteAccelerator:
+                    per_distance: bool = True, validation: int = 10) -> RouteAccelerator:
     """Train the rate accelerator: f_l(h_l) must route like the states of layers l+1 … l+D
     (per distance: f_{l,d}(h_l) like the state of layer l+d).
+
+    Every `validation`-th token is kept out of training (0: none). A trained map is kept only
+    where its top-k recall of the used experts on those tokens beats the plain state's;
+    elsewhere it stays the identity, so m2r2 falls back to pre-gating where the accelerated
+    state does not help (in practice: often one layer ahead).
 
     Args:
         states: per layer l, (T, H) block outputs h_l.
@@ -310,13 +315,15 @@ def fit_accelerator(moe: MoeParts, states: list[torch.Tensor], topk: list[torch.
     accel = RouteAccelerator(n_layers, hidden, rank, lookahead if per_distance else 0)
     temperature = [float(moe.logits(t, states[t - 1]).std()) if t and moe.is_moe(t) else 1.0
                    for t in range(n_layers)]
+    held = (torch.arange(len(states[0])) % validation == 0) if validation else None
     for layer in range(n_layers - 1):
-        x = states[layer]
+        x = states[layer] if held is None else states[layer][~held]
         targets = [t for t in range(layer + 1, min(layer + lookahead, n_layers - 1) + 1)
                    if moe.is_moe(t)]
         groups = [[t] for t in targets] if per_distance else [targets] if targets else []
         for group in groups:
-            goal = {t: F.one_hot(topk[t], moe.n_experts).sum(1).float() / moe.top_k
+            used = {t: topk[t] if held is None else topk[t][~held] for t in group}
+            goal = {t: F.one_hot(used[t], moe.n_experts).sum(1).float() / moe.top_k
                     for t in group}
             slot_a, slot_b = accel.factors(layer, group[0] - layer)
             a = slot_a.detach().clone().requires_grad_(True)  # this map alone: Adam's steps
@@ -329,6 +336,10 @@ def fit_accelerator(moe: MoeParts, states: list[torch.Tensor], topk: list[torch.
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
+            if held is not None and not _beats_plain(moe, states[layer][held], a.detach(),
+                                                     b.detach(), {t: topk[t][held]
+                                                                  for t in group}):
+                continue  # the plain state routes these tokens as well or better
             with torch.no_grad():
                 slot_a.copy_(a)
                 slot_b.copy_(b)
@@ -336,3 +347,17 @@ def fit_accelerator(moe: MoeParts, states: list[torch.Tensor], topk: list[torch.
             progress(layer + 1, n_layers - 1)
     accel.requires_grad_(False)
     return accel
+
+
+@torch.no_grad()
+def _beats_plain(moe: MoeParts, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                 used: dict[int, torch.Tensor]) -> bool:
+    """Whether the map x + B A x recalls more of the used top-k experts than x itself."""
+    fast = x + F.linear(F.linear(x, a), b)
+
+    def recall(state: torch.Tensor) -> float:
+        hits = [(moe.logits(t, state).topk(moe.top_k, -1).indices[:, :, None]
+                 == u[:, None, :]).any(-1).float().mean() for t, u in used.items()]
+        return float(torch.stack(hits).mean())
+
+    return recall(fast) > recall(x)

@@ -128,6 +128,8 @@ def _report(args: argparse.Namespace, moe, held: dict, accel, tokens: int, fit_s
 
     metrics = {"fit_seconds": fit_seconds,
                "accelerator": "per-distance" if accel.distances else "shared",
+               "maps_kept": int((accel.b.flatten(0, -3).abs().sum((-1, -2)) > 0).sum()),
+               "maps": int(accel.b.flatten(0, -3).shape[0]),
                "answers": args.answers, "answer_tokens": args.answer_tokens}
     width = moe.top_k + args.margin
     for kind, (held_states, held_used) in held.items():
