@@ -71,6 +71,13 @@ class ExitComparison:
                    dict(data.get("costs", {})))
 
 
+def share_of_gain(speedup: float, oracle: float | None) -> float | None:
+    """(speedup − 1) ÷ (oracle's speedup − 1): how much of the oracle's gain a setting reached;
+    None when there is no oracle or it gained nothing.
+    """
+    return (speedup - 1.0) / (oracle - 1.0) if oracle is not None and oracle > 1.0 else None
+
+
 def compare_exit(engine: Engine, text: str, cfg: DecodeConfig, exit_cfg: ExitConfig,
                  on_token: Progress = _quiet) -> ExitComparison:
     """The full model, then early exit, then a traced full run, on one prompt."""
@@ -213,8 +220,8 @@ class ExpertComparison:
         mine, best = self.summary.get("decode_ms"), self.oracle.get("decode_ms")
         if not mine or not best:
             return None
-        gain = self.baseline["decode_ms"] / best - 1.0
-        return (self.baseline["decode_ms"] / mine - 1.0) / gain if gain > 0 else None
+        base = self.baseline["decode_ms"]
+        return share_of_gain(base / mine, base / best)
 
     def to_dict(self) -> dict:
         """JSON-ready values."""

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from analysis.bench import run_parser
+from analysis.compare import share_of_gain
 from analysis.prompts import select_prompts
 from m2r2core.config import DecodeConfig
 from m2r2core.engine import environment
@@ -204,9 +205,8 @@ def summarise(rows: list[dict], grid: list[OffloadConfig]) -> dict:
     for key, row in out.items():
         oracle = _oracle_of(out, row)
         row["oracle_speedup"] = oracle
-        row["share_of_oracle_gain"] = (round((row["speedup_vs_ondemand_lru"] - 1)
-                                             / (oracle - 1), 4)
-                                       if oracle is not None and oracle > 1.0 else None)
+        share = share_of_gain(row["speedup_vs_ondemand_lru"], oracle)
+        row["share_of_oracle_gain"] = None if share is None else round(share, 4)
     out["resident_tok_per_s"] = round(statistics.median(r["resident_tok_per_s"] for r in rows),
                                       3)
     return out

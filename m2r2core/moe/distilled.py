@@ -16,7 +16,6 @@ distilled.json (its card: the MoEfication it was trained on, data, steps, figure
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,10 +48,9 @@ class DistilledCard:
 
 def moefy_digest(folder: Path) -> str:
     """sha256 of a folder's MoEfication weights ('' when there are none)."""
-    from m2r2core.moe.moefy import WEIGHTS as MOEFY
+    from m2r2core.moe.moefy import files_digest
 
-    path = Path(folder) / MOEFY
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
+    return files_digest(Path(folder), distilled=False)
 
 
 def exists(folder: Path) -> bool:

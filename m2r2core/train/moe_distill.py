@@ -41,13 +41,6 @@ from m2r2core.train.moe_student import SparseMLP, kl_loss, set_teacher, wrap
 log = logging.getLogger(__name__)
 
 
-def perplexity(model, tokenizer, texts: list[str], seq_len: int = 256) -> float:
-    """Token perplexity of the model as it is now (teacher or student) on texts."""
-    from m2r2core.train.moe import perplexity as ppl
-
-    return ppl(model, tokenizer, texts, seq_len)
-
-
 def dev_texts(count: int) -> list[str]:
     """Held-out Wikipedia lead sections the reported perplexity set (the first 60 of the same
     shuffle, moe.heldout_texts) never uses: the split the best state is chosen on.
@@ -208,6 +201,8 @@ class Distillation:
 
 def evaluate(run: Distillation) -> dict:
     """Dev perplexity of the student (and, once, of the teacher)."""
+    from m2r2core.train.moe import perplexity  # moe.py imports this module
+
     run.model.eval()
     try:
         if run.ppl_dense is None:
