@@ -110,3 +110,21 @@ def test_the_quality_panel_shows_each_moe_beside_the_dense_model(tiny_model_dirs
     (tmp_path / distilled.CARD).write_text("{")  # a damaged card: no panel, no traceback
     at.run()
     assert not at.exception
+
+
+def test_the_committed_report_is_the_distilled_moes_with_sweeps_labelled(app):
+    from app import resources
+    from app.pages import experts
+
+    report = resources.benchmark_report(experts.REPORT)
+    assert report["model"]["name"].endswith("-distilled")
+    captions = [c.value for c in app.caption]
+    assert any(report["command"] in c for c in captions)
+    keys = {c.proto.id for c in app.get("plotly_chart")}
+    assert any(state.EXPERTS_RECALL_REPORT in k for k in keys), keys
+    if experts._has_sweeps(report):
+        assert not any("the plain MoEfied model" in c for c in captions)
+    else:  # the sweeps come from the plain MoEfication's report, and say so
+        assert any("Sweeps measured" in c for c in captions)
+        assert any("(the plain MoEfied model)" in c for c in captions)
+        assert any(state.EXPERTS_SWEEP_CAPACITY in k for k in keys), keys

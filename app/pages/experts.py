@@ -21,7 +21,8 @@ from m2r2core.moe.eviction import POLICIES
 from m2r2core.moe.offload import OffloadConfig, OffloadEngine
 from m2r2core.moe.prefetch import PREDICTORS
 
-REPORT = "moe_bf16_clock.json"
+REPORT = "moe_distilled_s21.json"  # the distilled MoE (the page's default model)
+SWEEP_REPORT = "moe_bf16_clock.json"  # capacity and storage sweeps, run on the plain MoEfication
 RESULT_KEY = "experts_result"
 MODEL_KEY = "experts_model"
 
@@ -365,30 +366,53 @@ def _report() -> None:
     left, right = st.columns(2)
     left.plotly_chart(expert_charts.recall_figure(recalls), key=state.EXPERTS_RECALL_REPORT)
     left.caption("Prediction recall by lookahead distance, each predictor on the same prompts.")
-    sweep_args = args
-    # the sweeps ran at the first lookahead with the sweep policy (the baseline: none · LRU)
-    summary = {k: dict(v) for k, v in summary.items()
-               if v["lookahead"] == args["lookahead"][0]
+    sweeps, label = report, "this model"
+    if not _has_sweeps(report):
+        sweeps, label = resources.benchmark_report(SWEEP_REPORT), "the plain MoEfied model"
+    if sweeps is None or not _has_sweeps(sweeps):
+        right.info("No capacity or storage sweep has been measured yet.")
+    else:
+        _sweeps(sweeps, label, right)
+    _measured_by(report)
+
+
+def _has_sweeps(report: dict) -> bool:
+    args = report["args"]
+    return bool(args.get("sweep_capacity") or args.get("sweep_bandwidth"))
+
+
+def _sweeps(report: dict, label: str, right) -> None:
+    """The capacity and storage sweeps, at the report's first lookahead with its sweep policy
+    (the baseline: no predictor, LRU)."""
+    args = report["args"]
+    summary = {k: dict(v) for k, v in report["summary"].items() if isinstance(v, dict)
+               and v["lookahead"] == args["lookahead"][0]
                and (v["policy"] == "lru" if v["predictor"] == "none"
                     else v["policy"] == args["sweep_policy"])}
     bws = {k: v.bytes_per_s for k, v in PRESETS.items()}
     for v in summary.values():
         v["bandwidth_bytes_per_s"] = bws.get(v["bandwidth"], 0)
     right.plotly_chart(expert_charts.sweep_figure(summary, "capacity", "speedup_vs_ondemand_lru",
-                                                  {"bandwidth": sweep_args["bandwidth"]}),
+                                                  {"bandwidth": args["bandwidth"]}),
                        key=state.EXPERTS_SWEEP_CAPACITY)
-    right.caption("Speedup over on-demand LRU as the fast tier grows (same storage).")
+    right.caption(f"Speedup over on-demand LRU as the fast tier grows (same storage; {label}).")
     left, right = st.columns(2)
     left.plotly_chart(expert_charts.sweep_figure(summary, "capacity", "hit_rate",
-                                                 {"bandwidth": sweep_args["bandwidth"]}),
+                                                 {"bandwidth": args["bandwidth"]}),
                       key=state.EXPERTS_SWEEP_HITS)
-    left.caption("Hit rate against capacity: prediction and eviction together.")
+    left.caption(f"Hit rate against capacity: prediction and eviction together ({label}).")
     right.plotly_chart(expert_charts.sweep_figure(summary, "bandwidth", "tok_per_s",
-                                                  {"capacity": sweep_args["capacity"]}),
+                                                  {"capacity": args["capacity"]}),
                        key=state.EXPERTS_SWEEP_BW)
-    right.caption("Tokens/s against storage speed at the main capacity.")
+    right.caption(f"Tokens/s against storage speed at the main capacity ({label}).")
+    if label != "this model":
+        _measured_by(report, "Sweeps measured")
+
+
+def _measured_by(report: dict, what: str = "Measured") -> None:
+    args = report["args"]
     raw = "" if report.get("chat_template") else " (prompts without the chat template)"
-    st.caption(f"Measured by `{report.get('command', 'python -m analysis.moe_bench')}` on "
+    st.caption(f"{what} by `{report.get('command', 'python -m analysis.moe_bench')}` on "
                f"{len(report['prompts'])} prompts, {args['max_new_tokens']} new tokens, "
                f"{args['dtype']}, {args['threads']} threads{raw}.")
 
