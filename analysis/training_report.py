@@ -6,8 +6,11 @@ steps, the loss). Read from the files only; nothing here trains or runs the mode
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from m2r2core.train.runs import HISTORY, TRAINING_LOG
 
 ARTIFACT_CARDS = {
     "adapters": "card.json",
@@ -16,7 +19,6 @@ ARTIFACT_CARDS = {
     "tuned lens": "tuned_lens.json",
 }
 """The artifact kinds of a model folder, by the card each writes."""
-TRAINING_LOG = "adapters_log.json"
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,18 @@ class TrainingReport:
     """The adapters' held-out evaluations: step, dev agreement by depth for both streams."""
     steps: tuple[dict, ...] = ()
     """Thinned training metrics: step, loss, tokens, per-depth KL and agreement."""
+    history: tuple[dict, ...] = ()
+    """Every committed adapter state, oldest first: run, tokens (cumulative, every run that led
+    to it), agreement (test split, fast stream, by depth)."""
+
+    def history_points(self, depth: int) -> list[tuple[int, float]]:
+        """[(cumulative training tokens, test agreement at `depth`)] of the committed states."""
+        points = []
+        for row in self.history:
+            values = row.get("agreement", [])
+            if 1 <= depth <= len(values) and row.get("tokens", 0) > 0:
+                points.append((int(row["tokens"]), float(values[depth - 1])))
+        return points
 
     def agreement_curve(self, depths: tuple[int, ...], stream: str = "fast") -> dict[int, list]:
         """{depth: [(step, dev agreement)]} of the chosen fast (or slow) depths (1-based)."""
@@ -54,6 +68,41 @@ class TrainingReport:
         if isinstance(tuned, dict) and tuned.get("tuned"):
             found["tuned"] = list(tuned["tuned"])
         return found
+
+
+@dataclass(frozen=True)
+class ScalingFit:
+    """Agreement against training tokens, fitted as a + b·log2(tokens) (least squares): the
+    simplest curve that a handful of points can support; it says where the trend points, not
+    where training will end (such curves bend down as they near what the adapters can learn).
+    """
+
+    depth: int
+    points: tuple[tuple[int, float], ...]
+    per_doubling: float
+    """Agreement gained per doubling of the training tokens."""
+    intercept: float
+
+    def at(self, tokens: float) -> float:
+        """The fitted agreement after `tokens` training tokens."""
+        return self.intercept + self.per_doubling * math.log2(tokens)
+
+    def tokens_for(self, target: float) -> float | None:
+        """Training tokens at which the fit reaches `target`; None when it never does."""
+        if self.per_doubling <= 0:
+            return None
+        return 2 ** ((target - self.intercept) / self.per_doubling)
+
+
+def scaling_fit(points: list[tuple[int, float]], depth: int) -> ScalingFit | None:
+    """The log-linear fit of agreement on tokens; None with fewer than two distinct sizes."""
+    if len({t for t, _ in points}) < 2:
+        return None
+    xs = [math.log2(t) for t, _ in points]
+    ys = [a for _, a in points]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return ScalingFit(depth, tuple(points), slope, my - slope * mx)
 
 
 def variant_rows(report: dict | None) -> list[dict]:
@@ -92,6 +141,9 @@ def training_report(folder: str | Path | None) -> TrainingReport:
             cards[kind] = card
     log = _read(folder / TRAINING_LOG, problems)
     log = log if isinstance(log, dict) else {}
+    history = _read(folder / HISTORY, problems)
+    history = history.get("states", []) if isinstance(history, dict) else []
     return TrainingReport(folder=folder.name, cards=cards, problems=tuple(problems),
                           evaluations=tuple(log.get("evaluations", ())),
-                          steps=tuple(log.get("steps", ())))
+                          steps=tuple(log.get("steps", ())),
+                          history=tuple(r for r in history if isinstance(r, dict)))

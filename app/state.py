@@ -150,6 +150,7 @@ def store_result(run: RunResult) -> None:
 TRAIN_BY_DEPTH = "train_by_depth"
 TRAIN_OVER_STEPS = "train_over_steps"
 TRAIN_LOSS = "train_loss"
+TRAIN_SCALING = "train_scaling"
 TRAIN_CARD = "train_card"
 TRAIN_DOWNLOAD = "train_download"
 

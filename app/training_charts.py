@@ -6,7 +6,7 @@ from __future__ import annotations
 import plotly.colors
 import plotly.graph_objects as go
 
-from analysis.training_report import TrainingReport
+from analysis.training_report import ScalingFit, TrainingReport
 from app import palette
 
 DEPTH_COLOURS = plotly.colors.qualitative.D3
@@ -47,6 +47,36 @@ def agreement_over_steps(report: TrainingReport, depths: tuple[int, ...]) -> go.
         xaxis={"title": {"text": "training step"}},
         yaxis={"title": {"text": "dev agreement (share of tokens)"}},
         height=360, margin={"l": 60, "r": 20, "t": 50, "b": 50})
+    return fig
+
+
+def scaling_figure(fits: list[ScalingFit], target: float) -> go.Figure:
+    """Test agreement of every committed adapter state against its training tokens (log scale),
+    each depth's log-linear fit extended to where it meets the target."""
+    fig = go.Figure()
+    for colour, fit in zip(DEPTH_COLOURS, fits, strict=False):
+        tokens = [p[0] for p in fit.points]
+        fig.add_trace(go.Scatter(
+            x=tokens, y=[p[1] for p in fit.points], mode="markers", name=f"depth {fit.depth}",
+            marker={"color": colour, "size": 9},
+            hovertemplate=(f"depth {fit.depth}<br>%{{x:,}} training tokens<br>test agreement "
+                           "%{y:.3f}<extra></extra>")))
+        reach = fit.tokens_for(target)
+        end = min(reach, 1e12) if reach else max(tokens) * 100
+        xs = [min(tokens) * 0.8 * (end / (min(tokens) * 0.8)) ** (i / 40) for i in range(41)]
+        fig.add_trace(go.Scatter(
+            x=xs, y=[fit.at(x) for x in xs], mode="lines", name=f"depth {fit.depth}: fit",
+            line={"color": colour, "dash": "dash"},
+            hovertemplate=(f"depth {fit.depth} fit<br>%{{x:,.3s}} tokens<br>agreement "
+                           "%{y:.3f}<extra></extra>")))
+    fig.add_hline(y=target, line={"color": "grey", "dash": "dot"},
+                  annotation_text=f"target {target:g}")
+    fig.update_layout(
+        title={"text": "Held-out agreement against training tokens, and where the trend points"},
+        xaxis={"title": {"text": "training tokens (every run that led to the state)"},
+               "type": "log"},
+        yaxis={"title": {"text": "test agreement (share of tokens)"}, "range": [0, 1]},
+        height=380, margin={"l": 60, "r": 20, "t": 50, "b": 50})
     return fig
 
 

@@ -6,7 +6,9 @@ from pathlib import Path
 
 from streamlit.testing.v1 import AppTest
 
-from analysis.training_report import training_report, variant_rows
+import pytest
+
+from analysis.training_report import scaling_fit, training_report, variant_rows
 from app import state
 
 ENTRY = str(Path(__file__).resolve().parent.parent / "streamlit_app.py")
@@ -40,6 +42,28 @@ def test_report_reads_cards_and_curve(tmp_path):
     assert training_report(tmp_path).held_out_by_depth()["tuned"] == [0.2, 1.0]
 
 
+def _history(folder: Path) -> None:
+    states = [{"run": name, "tokens": tokens, "agreement": [a / 2, a]}
+              for name, tokens, a in (("a", 1_000_000, 0.3), ("b", 2_000_000, 0.35),
+                                      ("c", 4_000_000, 0.4))]
+    (folder / "adapters_history.json").write_text(json.dumps({"states": states}))
+
+
+def test_scaling_fit_of_the_committed_history(tmp_path):
+    _history(tmp_path)
+    points = training_report(tmp_path).history_points(2)
+    assert points == [(1_000_000, 0.3), (2_000_000, 0.35), (4_000_000, 0.4)]
+    fit = scaling_fit(points, 2)
+    assert fit.per_doubling == pytest.approx(0.05)
+    assert fit.at(8_000_000) == pytest.approx(0.45)
+    assert fit.tokens_for(0.6) == pytest.approx(64_000_000, rel=1e-6)  # four more doublings
+    assert fit.at(fit.tokens_for(0.6)) == pytest.approx(0.6)
+    flat = scaling_fit([(1_000, 0.3), (2_000, 0.3)], 2)
+    assert flat.per_doubling == 0 and flat.tokens_for(0.6) is None
+    assert scaling_fit(points[:1], 2) is None  # one size: no trend
+    assert training_report(tmp_path).history_points(9) == []  # a depth it never measured
+
+
 def test_variant_rows():
     report = {"variants": {"baseline": {"overrides": {}, "steps": 60, "tokens": 9,
                                         "dev_agreement_d8": 0.2, "dev_agreement_d15": 0.3},
@@ -61,6 +85,7 @@ def test_page_shows_the_committed_cards(tiny_model_dir, tiny_trained_dir, monkey
     trained = tmp_path / "trained"
     shutil.copytree(tiny_trained_dir, trained)
     _log(trained / "tiny")
+    _history(trained / "tiny")
     monkeypatch.setenv("M2R2_MODEL_DIR", str(tiny_model_dir))
     monkeypatch.setenv("M2R2_TRAINED_DIR", str(trained))
     at = AppTest.from_file(ENTRY, default_timeout=180)
@@ -72,7 +97,10 @@ def test_page_shows_the_committed_cards(tiny_model_dir, tiny_trained_dir, monkey
     assert at.title[0].value == "Training"
     charts = [c.proto.id for c in at.get("plotly_chart")]
     variants = resources.benchmark_report("adapter_variants.json") is not None
-    assert len(charts) == 3 + variants, charts  # by depth, over steps, loss (+ variants)
+    # by depth, over steps, agreement against tokens, loss (+ variants)
+    assert len(charts) == 4 + variants, charts
+    assert any(state.TRAIN_SCALING in c for c in charts)
+    assert any("per doubling" in c.value for c in at.caption)
     assert set(at.selectbox(key=state.TRAIN_CARD).options) >= {"adapters", "routers",
                                                                "Medusa heads", "tuned lens"}
     at.selectbox(key=state.TRAIN_CARD).set_value("routers").run()

@@ -8,7 +8,7 @@ import json
 import pandas as pd
 import streamlit as st
 
-from analysis.training_report import training_report, variant_rows
+from analysis.training_report import scaling_fit, training_report, variant_rows
 from app import resources, state, training_charts
 
 VARIANTS = "adapter_variants.json"
@@ -54,6 +54,7 @@ def render() -> None:
                         key=state.TRAIN_OVER_STEPS, alt="Dev agreement over training steps")
         st.caption("How the held-out figure moved while training: still rising at the end means "
                    "more training would help. Step 0 is the adapters the run started from.")
+    _scaling(report, caps)
     if report.steps:
         st.plotly_chart(training_charts.loss_over_steps(report), key=state.TRAIN_LOSS,
                         alt="Training loss over steps")
@@ -63,6 +64,30 @@ def render() -> None:
                    "text without generalising.")
     _variants()
     _cards(report)
+
+
+def _scaling(report, caps) -> None:
+    """Test agreement of every committed state against training tokens, and the trend's
+    extrapolation to the issue's targets."""
+    targets = {8: 0.45, round(caps.n_layers / caps.rate) if caps.rate else 15: 0.60}
+    fits = [f for f in (scaling_fit(report.history_points(d), d) for d in targets) if f]
+    if not fits:
+        return
+    st.plotly_chart(training_charts.scaling_figure(fits, max(targets.values())),
+                    key=state.TRAIN_SCALING, alt="Test agreement against training tokens")
+    lines = []
+    for fit in fits:
+        target = targets[fit.depth]
+        reach = fit.tokens_for(target)
+        where = (f"reaches {target:g} near {reach / 1e6:,.0f}M tokens" if reach
+                 else f"does not rise, so it never reaches {target:g}")
+        lines.append(f"depth {fit.depth}: {fit.per_doubling:+.3f} per doubling of the tokens; "
+                     f"the trend {where}")
+    st.caption("Each point is a committed state of the adapters, measured on the test split; "
+               "the dashed line is a + b·log2(tokens) fitted to them. "
+               + "; ".join(lines) + ". A handful of points from runs with different data and "
+               "settings: the trend says how far the target is, not that training will get "
+               "there (such curves bend down as they near what rank-limited adapters can learn).")
 
 
 def _variants() -> None:

@@ -22,12 +22,13 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 
 from m2r2core.config import EngineConfig
-from m2r2core.errors import M2R2Error
+from m2r2core.errors import ConfigError, M2R2Error
 from m2r2core.runtime import hf_compat
 from m2r2core.runtime.model import fingerprint, load
 from m2r2core.stream.accel import Accelerator, train_fast_states
@@ -52,6 +53,7 @@ from m2r2core.train.common import (  # noqa: F401
     work_dir,
 )
 from m2r2core.train.lens import cmd_lens
+from m2r2core.train.runs import HISTORY
 from m2r2core.train.speed import cmd_speed
 from m2r2core.train.variants import cmd_variants
 
@@ -259,6 +261,8 @@ def cmd_agreement(args: argparse.Namespace) -> None:
     """Held-out teacher-forced lens agreement of saved adapters on a corpus split, by depth."""
     from m2r2core.stream.accel import load_accelerator
 
+    if args.record_tokens and (args.split != "test" or args.limit):
+        raise ConfigError("--record-tokens records the whole test split only.")
     loaded, parts, _ = frozen_model(args)
     folder = args.adapters or default_out(args.model)
     accel, _ = load_accelerator(folder, parts, args.model, fingerprint(loaded.model))
@@ -275,6 +279,25 @@ def cmd_agreement(args: argparse.Namespace) -> None:
     if args.report:
         args.report.parent.mkdir(parents=True, exist_ok=True)
         args.report.write_text(json.dumps(report, indent=1) + "\n")
+    if args.record_tokens:
+        _record_history(args, report, default_out(args.model))
+
+
+def _record_history(args: argparse.Namespace, report: dict, folder: Path) -> None:
+    """Append a committed adapter state (cumulative tokens, test agreement) to the history the
+    Training page fits its scaling curve to; atomic.
+    """
+    path = folder / HISTORY
+    history = json.loads(path.read_text()) if path.is_file() else {"states": []}
+    history["states"].append({
+        "run": args.run_label or str(report["adapters"]), "tokens": args.record_tokens,
+        "split": "test", "samples": report["samples"], "dtype": report["dtype"],
+        "command": report["command"], "agreement": report["agreement"]["fast"]})
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(history, indent=1) + "\n")
+    tmp.replace(path)
+    log.info("recorded %s at %d tokens in %s", history["states"][-1]["run"], args.record_tokens,
+             path)
 
 
 def main(argv: list[str] | None = None) -> None:

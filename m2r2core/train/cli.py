@@ -94,6 +94,9 @@ def _medusa(s: argparse.ArgumentParser) -> None:
     s.add_argument("--lr", type=float, default=1e-3)
     s.add_argument("--limit", type=int, default=0,
                    help="use only this many training samples (0: all; for smoke runs)")
+    s.add_argument("--text-share", type=float, default=0.3,
+                   help="teacher-forced text windows as this share of the training rows, as "
+                        "for the adapters (the rest: the model's own answers; 1: all text)")
 
 
 def _lens(s: argparse.ArgumentParser) -> None:
@@ -115,6 +118,11 @@ def _agreement(s: argparse.ArgumentParser) -> None:
     """The held-out agreement measurement."""
     s.add_argument("--split", default="test", choices=["dev", "test"])
     s.add_argument("--limit", type=int, default=0, help="first N samples (0: all)")
+    s.add_argument("--record-tokens", type=int, default=0,
+                   help="append these adapters to the committed adapters' history as the state "
+                        "reached after this many training tokens (cumulative over every run "
+                        "that led to it); the Training page fits its scaling curve to it")
+    s.add_argument("--run-label", default="", help="the state's name in that history")
 
 
 def _adapters(s: argparse.ArgumentParser) -> None:

@@ -50,6 +50,8 @@ class Run:
 
 
 TRAINING_LOG = "adapters_log.json"
+HISTORY = "adapters_history.json"
+"""Every committed adapter state: cumulative training tokens and test agreement by depth."""
 """Beside the committed adapters: the run's held-out curve and a thinned loss log (the Training
 page draws them)."""
 
