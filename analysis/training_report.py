@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from m2r2core.train.runs import HISTORY, TRAINING_LOG
+from m2r2core.artifacts import HISTORY, TRAINING_LOG
 
 ARTIFACT_CARDS = {
     "adapters": "card.json",

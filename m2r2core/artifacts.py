@@ -24,6 +24,10 @@ from m2r2core.errors import ArtifactError
 
 ARTIFACTS_ENV = "M2R2_TRAINED_DIR"
 ARTIFACTS_DIR = Path(__file__).resolve().parent.parent / "artifacts"
+TRAINING_LOG = "adapters_log.json"
+"""The committed adapters' training curve (held-out evaluations, thinned step metrics)."""
+HISTORY = "adapters_history.json"
+"""Every committed adapter state: cumulative training tokens and test agreement by depth."""
 """The committed trained files, one folder per model (the README names it)."""
 
 

@@ -94,3 +94,15 @@ def test_trained_files_live_outside_the_code_package():
     weights = [p for p in code.rglob("*") if p.suffix in (".safetensors", ".pt", ".bin")]
     assert not weights, weights
     assert (ROOT / "artifacts" / "smollm2-135m-instruct" / "card.json").is_file()
+
+
+def test_no_page_script_has_a_bare_string_streamlit_would_print():
+    """`streamlit run` prints every bare string statement of a script it executes ("magic"):
+    in a page, an attribute docstring below a constant appears on the page. Only the module
+    docstring may be a bare string there."""
+    scripts = [ROOT / "streamlit_app.py", *sorted((ROOT / "app" / "pages").glob("*.py"))]
+    for path in scripts:
+        body = ast.parse(path.read_text()).body
+        bare = [node.lineno for node in body[1:] if isinstance(node, ast.Expr)
+                and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)]
+        assert not bare, f"{path.name}: bare strings at lines {bare}"

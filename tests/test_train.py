@@ -38,7 +38,13 @@ def test_adapters_then_routers(tmp_path, corpus, tiny_model_dir, monkeypatch):
     train.main(["adapters", *common, "--steps", "8", "--batch-size", "4", "--save-every", "4",
                 "--kl-positions", "16", "--rate", "2"])
     log = (train.work_dir(str(tiny_model_dir)) / "adapters-r2" / "metrics.jsonl").read_text()
-    assert [json.loads(line)["step"] for line in log.splitlines()][-2:] == [7, 8]
+    rows = [json.loads(line) for line in log.splitlines()]
+    assert [r["step"] for r in rows][-3:] == [6, 7, 8]
+    assert rows[-2]["tokens"] > rows[-3]["tokens"]  # the token count continues too
+    card = json.loads((out / CARD_NAME).read_text())
+    at_step = {r["step"]: r["tokens"] for r in rows}
+    assert card["training"]["tokens_this_run"] == at_step[card["training"]["step"]]
+    assert "held_out_lens_agreement" in card["metrics"]  # the best's test figures, at the end
     train.main(["routers", *common, "--check-vocab", "256", "--per-sample", "8",
                 "--epochs", "2"])
     rcard = json.loads((out / ROUTER_CARD).read_text())

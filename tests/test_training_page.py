@@ -4,9 +4,8 @@ charts drawn from them, an unreadable card reported without losing the rest."""
 import json
 from pathlib import Path
 
-from streamlit.testing.v1 import AppTest
-
 import pytest
+from streamlit.testing.v1 import AppTest
 
 from analysis.training_report import scaling_fit, training_report, variant_rows
 from app import state

@@ -55,11 +55,10 @@ LESSON = """
    splits the promise may fail at most δ of the time (BENCHMARKS.md counts it).
 """
 
-ExitSession = compare.ExitComparison
-"""What one Generate press produced (analysis/compare.py)."""
+ExitSession = compare.ExitComparison  # what one Generate press produced (analysis/compare.py)
 
+# The re-decide controls a bundle restores.
 VIEW_KEYS = (state.EXIT_RE_STREAM, state.EXIT_RE_RULE, state.EXIT_RE_THR, state.EXIT_RE_MIN)
-"""The re-decide controls a bundle restores."""
 
 
 def render() -> None:

@@ -75,11 +75,10 @@ the same capacity and bandwidth, measured one after the other on the same prompt
 """
 
 
+# The two builds of the default MoE the page offers (the first is the default).
 BUILDS = ("distilled", "MoEfication only")
-"""The two builds of the default MoE the page offers (the first is the default)."""
 
-ExpertSession = compare.ExpertComparison
-"""What one Generate press produced (analysis/compare.py)."""
+ExpertSession = compare.ExpertComparison  # what one Generate press produced (compare.py)
 
 
 @st.cache_resource(max_entries=1, show_spinner="Loading the MoE… (the first start builds it "

@@ -54,8 +54,7 @@ and draft a chain of each head's top-1 (no tree); the draft layer does not apply
 """
 
 
-SpecSession = compare.SpecComparison
-"""What one Generate press produced (analysis/compare.py)."""
+SpecSession = compare.SpecComparison  # what one Generate press produced (analysis/compare.py)
 
 
 def render() -> None:

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
+from m2r2core.artifacts import HISTORY
 from m2r2core.config import EngineConfig
 from m2r2core.errors import ConfigError, M2R2Error
 from m2r2core.runtime import hf_compat
@@ -53,7 +54,6 @@ from m2r2core.train.common import (  # noqa: F401
     work_dir,
 )
 from m2r2core.train.lens import cmd_lens
-from m2r2core.train.runs import HISTORY
 from m2r2core.train.speed import cmd_speed
 from m2r2core.train.variants import cmd_variants
 

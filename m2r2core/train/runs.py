@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from m2r2core.artifacts import TRAINING_LOG
+
 log = logging.getLogger("m2r2core.train")
 
 
@@ -26,21 +28,24 @@ class Run:
         self.evals = folder / "eval.jsonl"
         """One line per held-out evaluation."""
 
-    def resume(self, accel: torch.nn.Module, optim, restart: bool) -> tuple[int, float]:
-        """Load the checkpoint if there is one; (step, best dev agreement so far)."""
+    def resume(self, accel: torch.nn.Module, optim, restart: bool) -> tuple[int, float, int]:
+        """Load the checkpoint if there is one; (step, best dev agreement so far, training
+        tokens so far).
+        """
         if restart or not self.checkpoint.is_file():
-            return 0, -1.0
+            return 0, -1.0, 0
         state = torch.load(self.checkpoint, weights_only=False, map_location="cpu")
         accel.load_state_dict(state["adapters"])
         optim.load_state_dict(state["optim"])
         log.info("resumed from %s at step %d", self.checkpoint, state["step"])
-        return state["step"], state.get("best", -1.0)
+        return state["step"], state.get("best", -1.0), state.get("tokens", 0)
 
-    def save(self, accel: torch.nn.Module, optim, step: int, best: float) -> None:
+    def save(self, accel: torch.nn.Module, optim, step: int, best: float, tokens: int = 0
+             ) -> None:
         """Write the checkpoint atomically."""
         tmp = self.checkpoint.with_suffix(".tmp")
         torch.save({"adapters": accel.state_dict(), "optim": optim.state_dict(), "step": step,
-                    "best": best}, tmp)
+                    "best": best, "tokens": tokens}, tmp)
         tmp.replace(self.checkpoint)
 
     def log(self, row: dict, evaluation: bool = False) -> None:
@@ -48,12 +53,6 @@ class Run:
         with (self.evals if evaluation else self.metrics).open("a") as handle:
             handle.write(json.dumps(row) + "\n")
 
-
-TRAINING_LOG = "adapters_log.json"
-HISTORY = "adapters_history.json"
-"""Every committed adapter state: cumulative training tokens and test agreement by depth."""
-"""Beside the committed adapters: the run's held-out curve and a thinned loss log (the Training
-page draws them)."""
 
 
 def write_training_log(run: Run, out: Path, every: int = 5) -> None:
