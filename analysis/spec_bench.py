@@ -10,7 +10,10 @@ Methods (`--methods`, any subset):
 - `spec_slow`: the engine's self-speculative decoder drafting from the slow stream (no adapters);
 - `spec_tuned`: the same decoder drafting from the slow stream read through the tuned lens at
   `--slow-draft-layer` (the distance-based baseline; needs a trained tuned lens);
-- `spec_fast`: the same decoder drafting from the M2R2 accelerated stream;
+- `spec_fast`: the same decoder drafting from the M2R2 accelerated stream (its adapters folded
+  into the draft blocks' weights);
+- `spec_fast_deltas` (only when asked for): the same, adding the adapters' low-rank deltas to
+  each projection instead (`SpecConfig.merge_adapters=False`, what drafting did before);
 - `spec_fast_router`: the same, with an exit rule (`--draft-rule`, ARLA by default) picking each
   draft's depth per token between `--min-draft-layer` and `--draft-layer`;
 - `medusa`: the same decoder drafting with Medusa-style heads on the model's final state (trained
@@ -47,15 +50,20 @@ from m2r2core.spec.speculative import DRAFT_RULES, MAX_DRAFT_LIMIT, SpecConfig
 from m2r2core.trace import SpecRound
 
 METHODS = ("hf_generate", "engine", "prompt_lookup", "hf_early_exit", "spec_slow", "spec_tuned",
-           "spec_fast", "spec_fast_router", "medusa")
-SPEC_METHODS = ("spec_slow", "spec_tuned", "spec_fast", "spec_fast_router", "medusa")
+           "spec_fast", "spec_fast_router", "medusa", "spec_fast_deltas")
+SPEC_METHODS = ("spec_slow", "spec_tuned", "spec_fast", "spec_fast_router", "medusa",
+                "spec_fast_deltas")
+FAST_METHODS = ("spec_fast", "spec_fast_router", "spec_fast_deltas")
+"""M2R2 drafting; spec_fast_deltas adds the adapters' low-rank deltas to each projection
+instead of drafting through the weights they are folded into (SpecConfig.merge_adapters)."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line."""
     p = run_parser("python -m analysis.spec_bench", __doc__, max_new_tokens=128, repeats=2)
     p.add_argument("--model", default=EngineConfig.model)
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=list(METHODS[:-1]), choices=METHODS,
+                   help="default: all but spec_fast_deltas")
     p.add_argument("--draft-layer", type=int, default=8, help="spec_fast draft depth")
     p.add_argument("--slow-draft-layer", type=int, default=8, help="spec_slow draft depth")
     p.add_argument("--max-draft", type=int, default=4, help="K, longest draft chain")
@@ -94,13 +102,14 @@ def spec_config(args: argparse.Namespace, method: str, medusa_heads: int | None 
         k = args.medusa_draft or min(args.max_draft, medusa_heads or args.max_draft)
         return SpecConfig(stream="medusa", max_draft=k, min_confidence=args.medusa_min_confidence,
                           draft_vocab=args.draft_vocab)
-    fast = method in ("spec_fast", "spec_fast_router")
+    fast = method in FAST_METHODS
     rule = ({"draft_rule": args.draft_rule, "draft_threshold": args.draft_threshold,
              "min_draft_layer": args.min_draft_layer} if method == "spec_fast_router" else {})
     stream = "fast" if fast else "tuned" if method == "spec_tuned" else "slow"
     return SpecConfig(draft_layer=args.draft_layer if fast else args.slow_draft_layer,
                       stream=stream, max_draft=args.max_draft,
-                      min_confidence=args.min_confidence, draft_vocab=args.draft_vocab, **rule)
+                      min_confidence=args.min_confidence, draft_vocab=args.draft_vocab,
+                      merge_adapters=method != "spec_fast_deltas", **rule)
 
 
 def runner(engine: Engine, args: argparse.Namespace, method: str
@@ -150,8 +159,8 @@ def divergence(engine: Engine, text: str, max_new_tokens: int, reference: tuple[
 def unavailable(engine: Engine, args: argparse.Namespace) -> dict[str, str]:
     """The asked-for methods this engine cannot run, with why (they are left out)."""
     caps = engine.capabilities()
-    needs = {"spec_fast": "fast", "spec_fast_router": "fast", "spec_tuned": "tuned",
-             "medusa": "medusa"}
+    needs = {"spec_fast": "fast", "spec_fast_router": "fast", "spec_fast_deltas": "fast",
+             "spec_tuned": "tuned", "medusa": "medusa"}
     skipped = {m: f"no {needs[m]} drafter is loaded" for m in args.methods
                if m in needs and needs[m] not in caps.draft_streams}
     if "spec_fast_router" in args.methods and not caps.has_rule(args.draft_rule, "fast"):

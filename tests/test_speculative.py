@@ -85,6 +85,27 @@ def test_fast_stream_drafts_are_lossless(trained_engine, spec):
     assert all(r.emitted[:r.accepted] == r.drafts[:r.accepted] for r in rounds)
 
 
+@pytest.mark.parametrize("draft_rule", ["fixed", "confidence"])
+def test_merged_adapters_draft_what_the_added_deltas_draft(trained_engine, draft_rule):
+    """Folding the adapters into the draft blocks' weights changes only rounding (fp32 here):
+    the same drafts, accepted the same way, and the slow stream's blocks are left untouched."""
+    cfg = DecodeConfig(max_new_tokens=30, trace=False)
+    weights = [p.clone() for p in trained_engine.parts.layers[0].parameters()]
+    runs = [trained_engine.speculate(PROMPT, cfg, SpecConfig(
+        draft_layer=2, max_draft=4, merge_adapters=merge, draft_rule=draft_rule,
+        draft_threshold=0.2, min_draft_layer=1)).run() for merge in (True, False)]
+    assert runs[0].tokens == runs[1].tokens == list(hf_greedy(trained_engine, PROMPT, 30))
+    assert [r.drafts for r in runs[0].rounds] == [r.drafts for r in runs[1].rounds]
+    assert [r.accepted for r in runs[0].rounds] == [r.accepted for r in runs[1].rounds]
+    assert all(torch.equal(a, b) for a, b in zip(weights, trained_engine.parts.layers[0]
+                                                 .parameters(), strict=True))
+    proposer = trained_engine.speculate(PROMPT, cfg, SpecConfig(draft_layer=2)).loop.proposer
+    merged, plain = proposer.draft_blocks[0], proposer.blocks[0]
+    assert proposer.adapters == [None, None]  # nothing added on top of the folded weights
+    assert not torch.equal(merged.q_proj.weight, plain.q_proj.weight)  # trained: folded in
+    assert merged.q_proj.weight.dtype == plain.q_proj.weight.dtype
+
+
 def test_rounds_record_what_happened(tiny_engine):
     """Every round: drafts within K, accepted prefix, one own token, timings measured."""
     spec = SpecConfig(stream="slow", draft_layer=3, max_draft=5)

@@ -124,16 +124,24 @@ class StreamProposer(Proposer):
     def __init__(self, parts: DecoderParts, accel: Accelerator | None, draft_layer: int,
                  draft_weight: torch.Tensor, picker: DraftPicker,
                  rule: ExitRule | None = None, routers: RouterBundle | None = None,
-                 tuned: TunedLens | None = None) -> None:
+                 tuned: TunedLens | None = None, merge: bool = False) -> None:
         """Draft through `draft_layer` blocks; read tokens through `draft_weight` (V', H), and
-        through the tuned lens first when one is given (the 'tuned' stream).
+        through the tuned lens first when one is given (the 'tuned' stream). merge: run the
+        adapters folded into the blocks' weights (stream.blocks.merged_block).
         """
         self.parts, self.picker, self.draft_weight = parts, picker, draft_weight
         self.rule, self.routers, self.tuned = rule, routers, tuned
         self.device = parts.embed_tokens.weight.device
         self.blocks = [hf_compat.block_parts(parts, i) for i in range(draft_layer)]
+        """The plain blocks: copy-up keys/values are made without adapters."""
         self.adapters = [accel.inference_block(i) if accel is not None
                          and accel.block(i) is not None else None for i in range(draft_layer)]
+        self.draft_blocks = self.blocks
+        """The blocks draft rows run: with merge, the adapters folded into their weights."""
+        if merge and accel is not None:
+            self.draft_blocks = [bp if accel.block(i) is None else
+                                 accel.merged_block(i, bp) for i, bp in enumerate(self.blocks)]
+            self.adapters = [None] * draft_layer
 
     @torch.inference_mode()
     def propose(self, ctx: DraftContext) -> Draft:
@@ -172,8 +180,9 @@ class StreamProposer(Proposer):
             past_k, past_v = side.extend_past(layer, *hf_compat.cached_keys_values(state.cache,
                                                                                    layer))
             adapters = self.adapters[layer]
-            hidden, k, v = block_rows(bp, adapters, hidden, cos, sin, past_k, past_v, None,
-                                      int(adapters is not None), exact=False)
+            hidden, k, v = block_rows(self.draft_blocks[layer], adapters, hidden, cos, sin,
+                                      past_k, past_v, None, int(adapters is not None),
+                                      exact=False)
             side.append(layer, k, v)
             if scorer is not None and layer + 1 < len(self.blocks):
                 decide = layer + 1 >= self.rule.min_layer

@@ -84,6 +84,10 @@ class SpecConfig:
     min_draft_layer where its score reaches draft_threshold (draft_layer is then the deepest)."""
     draft_threshold: float = 0.9
     min_draft_layer: int = 2
+    merge_adapters: bool = True
+    """On the fast stream: draft through blocks with the adapters folded into their weights
+    (one matmul per projection), or add the low-rank deltas to each projection as the traced
+    stream does (False). The drafts differ only by rounding; verification keeps the output."""
 
     def validate(self, n_layers: int, fast_depth: int | None, medusa_heads: int | None = None,
                  tuned: bool = False) -> None:
@@ -211,4 +215,4 @@ def make_proposer(parts: DecoderParts, spec: SpecConfig, cfg: DecodeConfig,
             routers.net(rule.rule, rule.stream)  # AdapterError if untrained
     return StreamProposer(parts, accel if spec.stream == "fast" else None, spec.draft_layer,
                           draft_weight, picker, rule, routers,
-                          tuned if spec.stream == "tuned" else None)
+                          tuned if spec.stream == "tuned" else None, spec.merge_adapters)

@@ -21,8 +21,8 @@ from torch.nn import functional as F
 from m2r2core import artifacts
 from m2r2core.errors import AdapterError, ConfigError, require
 from m2r2core.runtime import hf_compat
-from m2r2core.runtime.hf_compat import DecoderParts
-from m2r2core.stream.blocks import FusedAdapters, block_rows, keys_values, visible
+from m2r2core.runtime.hf_compat import BlockParts, DecoderParts
+from m2r2core.stream.blocks import FusedAdapters, block_rows, keys_values, merged_block, visible
 
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 TARGETS = ("rate", "final")
@@ -173,6 +173,16 @@ class Accelerator(nn.Module):
         if offset not in cache or cache[offset][0] != dtype:
             cache[offset] = (dtype, FusedAdapters(self.blocks[offset], dtype))
         return cache[offset][1]
+
+    def merged_block(self, index: int, bp: BlockParts) -> BlockParts:
+        """Block `index` with its adapters folded into the weights (built once; see
+        stream.blocks.merged_block).
+        """
+        cache = self.__dict__.setdefault("_merged", {})
+        key = (index, bp.q_proj.weight.dtype, bp.q_proj.weight.device)
+        if key not in cache:
+            cache[key] = merged_block(bp, self.block(index))
+        return cache[key]
 
     @property
     def depths(self) -> range:

@@ -6,6 +6,8 @@ training (differentiable LowRank adapters) and by decoding (FusedAdapters, in pl
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -50,6 +52,38 @@ class FusedAdapters:
         names, a, b, bias, sizes = self.groups[group]
         out = F.linear(F.linear(x, a), b, bias)
         return dict(zip(names, out.split(sizes, dim=-1), strict=True))
+
+
+PROJECTIONS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}
+"""Adapter name -> BlockParts attribute, for the attention projections (the MLP's: mlp_proj)."""
+
+
+def merged_block(bp: BlockParts, adapters: nn.ModuleDict) -> BlockParts:
+    """`bp` with every adapted projection folded into one linear layer: weight W + scale·B·A,
+    bias its own plus the adapter's, in the model's dtype. For rows that are all fast rows
+    (drafting), one matmul per projection instead of the base one plus two low-rank ones; it
+    rounds differently from adding the deltas, which verification makes harmless.
+    """
+    def fold(name: str, linear: nn.Linear) -> nn.Linear:
+        if name not in adapters:
+            return linear
+        lora = adapters[name]
+        with torch.no_grad():
+            weight = linear.weight.float() + lora.scale * (lora.B.float() @ lora.A.float())
+            bias = torch.zeros(weight.shape[0]) if linear.bias is None else linear.bias.float()
+            if lora.bias is not None:
+                bias = bias + lora.bias.float()
+            merged = nn.Linear(weight.shape[1], weight.shape[0], bias=True,
+                               device=linear.weight.device, dtype=linear.weight.dtype)
+            merged.weight.copy_(weight)
+            merged.bias.copy_(bias)
+        return merged.requires_grad_(False)
+
+    changes = {attr: fold(name, getattr(bp, attr)) for name, attr in PROJECTIONS.items()}
+    if bp.mlp_proj is not None:
+        changes["mlp_proj"] = tuple(fold(name, linear) for name, linear
+                                    in zip(("gate", "up", "down"), bp.mlp_proj, strict=True))
+    return dataclasses.replace(bp, **changes)
 
 
 def _projections(group: str, linears: tuple[nn.Linear, ...], x: torch.Tensor,
