@@ -63,6 +63,33 @@ def test_heads_read_the_state_that_chose_the_last_token(medusa_engine):
         assert list(r.drafts) == guesses[row, :len(r.drafts)].tolist()
 
 
+def test_head_data_in_padded_batches_equals_one_sample_at_a_time(tiny_engine, monkeypatch):
+    """Rows of different lengths share a batch (right padding); every sample's states, greedy
+    tokens, indices and answer flags come back in the samples' order, as one at a time."""
+    from types import SimpleNamespace
+
+    from m2r2core.spec import medusa
+
+    gen = torch.Generator().manual_seed(0)
+    samples = [SimpleNamespace(ids=torch.randint(5, 200, (n,), generator=gen).tolist(),
+                               answer_start=a) for n, a in ((40, 10), (7, 2), (64, 30), (23, 5))]
+    monkeypatch.setattr(medusa, "BATCH_TOKENS", 128)  # several batches, each padded
+    model = tiny_engine.model
+    states, greedy, index, answer = medusa.head_data(model, samples, 48)
+    assert index.tolist() == [i for s in samples for i in range(min(48, len(s.ids)))]
+    with torch.no_grad():
+        for s, (lo, hi) in zip(samples, _spans(index), strict=True):
+            alone = model.model(input_ids=torch.tensor([s.ids[:48]])).last_hidden_state[0]
+            torch.testing.assert_close(states[lo:hi], alone, atol=1e-5, rtol=1e-4)
+            assert greedy[lo:hi].tolist() == model.lm_head(alone).argmax(-1).tolist()
+            assert answer[lo:hi].tolist() == [i >= s.answer_start - 1 for i in range(hi - lo)]
+
+
+def _spans(index: torch.Tensor) -> list[tuple[int, int]]:
+    starts = (index == 0).nonzero().flatten().tolist() + [len(index)]
+    return list(zip(starts[:-1], starts[1:], strict=True))
+
+
 def test_head_pairs_stay_inside_a_row_and_the_answers():
     greedy = torch.tensor([10, 11, 12, 13, 20, 21, 22])
     index = torch.tensor([0, 1, 2, 3, 0, 1, 2])

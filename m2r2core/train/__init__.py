@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import random
 import sys
 import time
 from pathlib import Path
@@ -220,8 +221,9 @@ def cmd_medusa(args: argparse.Namespace) -> None:
     loaded, parts, _ = frozen_model(args)
     splits, source = datasets(args, fingerprint(loaded.model))
     train, held_out = splits["train"], splits["test"]
-    if args.limit:
-        train, held_out = train[:args.limit], held_out[:max(1, args.limit // 9)]
+    if args.limit:  # a seeded sample, so answers and text windows keep their shares
+        train = random.Random(args.seed).sample(train, min(args.limit, len(train)))
+        held_out = held_out[:max(1, args.limit // 9)]
     started = time.time()
     data = medusa.head_data(loaded.model, train, args.seq_len, progress_bar("model states"))
     check = medusa.head_data(loaded.model, held_out, args.seq_len)

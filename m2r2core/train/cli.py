@@ -93,7 +93,7 @@ def _medusa(s: argparse.ArgumentParser) -> None:
     s.add_argument("--batch-size", type=int, default=512, help="positions per step")
     s.add_argument("--lr", type=float, default=1e-3)
     s.add_argument("--limit", type=int, default=0,
-                   help="use only this many training samples (0: all; for smoke runs)")
+                   help="use this many training samples, drawn at random (0: all)")
     s.add_argument("--text-share", type=float, default=0.3,
                    help="teacher-forced text windows as this share of the training rows, as "
                         "for the adapters (the rest: the model's own answers; 1: all text)")
