@@ -254,6 +254,8 @@ class AdapterTraining:
         self.report_depth = min(self.accel.max_depth,
                                 math.ceil(self.parts.n_layers / args.rate))
         self.started, self.tokens, self.last = time.time(), tokens, {}
+        self.resumed_tokens = tokens
+        """Tokens trained before this process started (a resumed run's)."""
         self.untested = False
         """The best adapters in `out` still lack their test figures (measured at the end)."""
 
@@ -287,7 +289,8 @@ class AdapterTraining:
         self.tokens += int(lengths.sum())
         elapsed = time.time() - self.started
         self.last = metrics | {"step": self.step, "lr": lr, "tokens": self.tokens,
-                               "elapsed_s": elapsed, "tokens_per_s": self.tokens / elapsed}
+                               "elapsed_s": elapsed,
+                               "tokens_per_s": (self.tokens - self.resumed_tokens) / elapsed}
         self.run.log(self.last)
 
     def evaluate(self, save: bool = True) -> None:
