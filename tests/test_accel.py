@@ -87,6 +87,32 @@ def test_parallel_training_pattern_equals_token_by_token_inference(engines, fami
                                    atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("family,bias", [("llama", True), ("qwen2", False)])
+def test_merged_blocks_equal_blocks_plus_deltas(engines, family, bias):
+    """A block with the adapters folded into its weights gives, on fast rows, what the block
+    gives with the low-rank deltas added (fp32); the model's own weights stay untouched."""
+    from m2r2core.stream.blocks import merged_block
+
+    engine = engines[family]
+    parts = engine.parts
+    ids = _ids(engine)
+    acc = _random_adapters(parts, bias=bias)
+    slow, (cos, sin) = slow_states(parts, ids)
+    pos = torch.arange(ids.shape[1])
+    for index in range(acc.first, acc.first + acc.n_fast):
+        bp = hf_compat.block_parts(parts, index)
+        before = bp.q_proj.weight.clone()
+        mask = visible(pos, pos, bp.sliding_window)
+        want = block_rows(bp, acc.inference_block(index), slow[index], cos, sin, None, None,
+                          mask, n_fast=ids.shape[1])
+        got = block_rows(merged_block(bp, acc.block(index)), None, slow[index], cos, sin, None,
+                         None, mask, n_fast=0)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+        assert torch.equal(bp.q_proj.weight, before)
+        assert acc.merged_block(index, bp) is acc.merged_block(index, bp)  # built once
+
+
 def test_rate_target_and_shape():
     cfg = AccelConfig(rate=2.0, margin=2)
     assert cfg.fast_layers(30) == 17
