@@ -55,6 +55,14 @@ def digest(paths: list[Path]) -> str:
     return sha.hexdigest()[:16] if found else "none"
 
 
+def write_json(path: Path, body: object, indent: int | None = 1) -> None:
+    """Write a JSON file atomically (a temporary name, then renamed)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(body, indent=indent) + "\n")
+    tmp.replace(path)
+
+
 def save(folder: Path, weights_file: str, tensors: dict[str, torch.Tensor], card_file: str,
          card: dict) -> None:
     """Write weights and card into folder atomically (temporary names, then renamed)."""

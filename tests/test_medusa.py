@@ -68,14 +68,14 @@ def test_head_data_in_padded_batches_equals_one_sample_at_a_time(tiny_engine, mo
     tokens, indices and answer flags come back in the samples' order, as one at a time."""
     from types import SimpleNamespace
 
-    from m2r2core.spec import medusa
+    from m2r2core.train import data
 
     gen = torch.Generator().manual_seed(0)
     samples = [SimpleNamespace(ids=torch.randint(5, 200, (n,), generator=gen).tolist(),
                                answer_start=a) for n, a in ((40, 10), (7, 2), (64, 30), (23, 5))]
-    monkeypatch.setattr(medusa, "BATCH_TOKENS", 128)  # several batches, each padded
+    monkeypatch.setattr(data, "HEAD_BATCH_TOKENS", 128)  # several batches, each padded
     model = tiny_engine.model
-    states, greedy, index, answer = medusa.head_data(model, samples, 48)
+    states, greedy, index, answer = data.head_data(model, samples, 48)
     assert index.tolist() == [i for s in samples for i in range(min(48, len(s.ids)))]
     with torch.no_grad():
         for s, (lo, hi) in zip(samples, _spans(index), strict=True):

@@ -95,54 +95,6 @@ def load_heads(folder: Path, hidden_size: int, model_name: str, model_fingerprin
                           "Medusa head", TRAIN_HEADS), card
 
 
-BATCH_TOKENS = 4096
-"""Tokens per batch of the frozen model's pass over the training samples."""
-
-
-@torch.no_grad()
-def head_data(model, samples: list, seq_len: int,
-              progress: Callable[[int, int], None] | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Run the frozen model over the samples once.
-
-    Returns:
-        (P, H) final normalised states, (P,) the model's greedy next token at each position,
-        (P,) each position's index inside its sample's row (P = all positions of all samples,
-        concatenated in order; a row boundary is where the index restarts at 0), and (P,)
-        whether the position is in the answer (from the one that chooses its first token) or
-        in plain text.
-    """
-    rows: list = [None] * len(samples)
-    order = sorted(range(len(samples)), key=lambda i: len(samples[i].ids))
-    done = 0
-    with torch.inference_mode():
-        while done < len(order):  # rows of similar length, padded on the right (causal: the
-            # real positions never see the padding), about BATCH_TOKENS tokens a batch
-            longest = min(seq_len, len(samples[order[done]].ids))
-            group = []
-            while done < len(order):
-                longest = max(longest, min(seq_len, len(samples[order[done]].ids)))
-                if group and longest * (len(group) + 1) > BATCH_TOKENS:
-                    break
-                group.append(order[done])
-                done += 1
-            width = max(min(seq_len, len(samples[i].ids)) for i in group)
-            ids = torch.zeros(len(group), width, dtype=torch.long)
-            for row, i in enumerate(group):
-                real = samples[i].ids[:seq_len]
-                ids[row, :len(real)] = torch.tensor(real)
-            normed = model.model(input_ids=ids).last_hidden_state  # (B, T, H), final norm
-            for row, i in enumerate(group):
-                n = min(seq_len, len(samples[i].ids))
-                states = normed[row, :n].clone()
-                index = torch.arange(n)
-                rows[i] = (states, model.lm_head(states).argmax(-1), index,
-                           index >= samples[i].answer_start - 1)
-            if progress:
-                progress(done, len(samples))
-    return tuple(torch.cat([r[j] for r in rows]) for j in range(4))
-
-
 def head_pairs(greedy: torch.Tensor, index: torch.Tensor, answer: torch.Tensor, k: int
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """(positions t, labels) for head k: answer positions t, labelled with the model's greedy

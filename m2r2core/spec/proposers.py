@@ -134,14 +134,18 @@ class StreamProposer(Proposer):
         self.device = parts.embed_tokens.weight.device
         self.blocks = [hf_compat.block_parts(parts, i) for i in range(draft_layer)]
         """The plain blocks: copy-up keys/values are made without adapters."""
-        self.adapters = [accel.inference_block(i) if accel is not None
-                         and accel.block(i) is not None else None for i in range(draft_layer)]
+        adapted = [accel is not None and accel.block(i) is not None for i in range(draft_layer)]
         self.draft_blocks = self.blocks
         """The blocks draft rows run: with merge, the adapters folded into their weights."""
-        if merge and accel is not None:
-            self.draft_blocks = [bp if accel.block(i) is None else
-                                 accel.merged_block(i, bp) for i, bp in enumerate(self.blocks)]
-            self.adapters = [None] * draft_layer
+        self.adapters = [None] * draft_layer
+        """Per block, the fused adapters added on top of draft_blocks (none when merged)."""
+        if merge:
+            self.draft_blocks = [accel.merged_block(i, bp) if on else bp
+                                 for i, (bp, on) in enumerate(zip(self.blocks, adapted,
+                                                                  strict=True))]
+        else:
+            self.adapters = [accel.inference_block(i) if on else None
+                             for i, on in enumerate(adapted)]
 
     @torch.inference_mode()
     def propose(self, ctx: DraftContext) -> Draft:

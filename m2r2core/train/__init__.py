@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
+from m2r2core import artifacts
 from m2r2core.artifacts import HISTORY
 from m2r2core.config import EngineConfig
 from m2r2core.errors import ConfigError, M2R2Error
@@ -54,6 +55,7 @@ from m2r2core.train.common import (  # noqa: F401
     train_split,
     work_dir,
 )
+from m2r2core.train.data import head_data
 from m2r2core.train.lens import cmd_lens
 from m2r2core.train.speed import cmd_speed
 from m2r2core.train.variants import cmd_variants
@@ -225,8 +227,8 @@ def cmd_medusa(args: argparse.Namespace) -> None:
         train = random.Random(args.seed).sample(train, min(args.limit, len(train)))
         held_out = held_out[:max(1, args.limit // 9)]
     started = time.time()
-    data = medusa.head_data(loaded.model, train, args.seq_len, progress_bar("model states"))
-    check = medusa.head_data(loaded.model, held_out, args.seq_len)
+    data = head_data(loaded.model, train, args.seq_len, progress_bar("model states"))
+    check = head_data(loaded.model, held_out, args.seq_len)
     states_s = time.time() - started
     run_dir = work_dir(args.model) / "medusa"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -295,9 +297,7 @@ def _record_history(args: argparse.Namespace, report: dict, folder: Path) -> Non
         "run": args.run_label or str(report["adapters"]), "tokens": args.record_tokens,
         "split": "test", "samples": report["samples"], "dtype": report["dtype"],
         "command": report["command"], "agreement": report["agreement"]["fast"]})
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(history, indent=1) + "\n")
-    tmp.replace(path)
+    artifacts.write_json(path, history)
     log.info("recorded %s at %d tokens in %s", history["states"][-1]["run"], args.record_tokens,
              path)
 

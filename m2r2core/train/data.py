@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -52,6 +52,40 @@ def length_chunks(samples: list[distill.Sample], batch_tokens: int, seq_len: int
             chunks.append([])
         chunks[-1].append(s)
     return [c for c in chunks if c]
+
+
+HEAD_BATCH_TOKENS = 4096
+"""Tokens per batch of the frozen model's pass for the Medusa heads (head_data)."""
+
+
+@torch.inference_mode()
+def head_data(model, samples: list[distill.Sample], seq_len: int,
+              progress: Callable[[int, int], None] | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run the frozen model over the samples once, in length chunks padded on the right (causal:
+    the real positions never see the padding).
+
+    Returns:
+        (P, H) final normalised states, (P,) the model's greedy next token at each position,
+        (P,) each position's index inside its sample's row (P = all positions of all samples,
+        concatenated in the samples' order; a row boundary is where the index restarts at 0),
+        and (P,) whether the position is in the answer (from the one that chooses its first
+        token) or in plain text.
+    """
+    found, done = {}, 0
+    for chunk in length_chunks(samples, HEAD_BATCH_TOKENS, seq_len):
+        ids, lengths, _ = pad_rows(chunk, min(seq_len, max(len(s.ids) for s in chunk)))
+        normed = model.model(input_ids=ids).last_hidden_state  # (B, T, H), after the final norm
+        for row, (sample, n) in enumerate(zip(chunk, lengths.tolist(), strict=True)):
+            states = normed[row, :n].clone()
+            index = torch.arange(n)
+            found[id(sample)] = (states, model.lm_head(states).argmax(-1), index,
+                                 index >= sample.answer_start - 1)
+        done += len(chunk)
+        if progress:
+            progress(done, len(samples))
+    rows = [found[id(s)] for s in samples]
+    return tuple(torch.cat([r[j] for r in rows]) for j in range(4))
 
 
 def bucketed_batches(samples: list[distill.Sample], batch_tokens: int, seq_len: int, seed: int

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from m2r2core.artifacts import TRAINING_LOG
+from m2r2core.artifacts import TRAINING_LOG, write_json
 
 log = logging.getLogger("m2r2core.train")
 
@@ -69,6 +69,4 @@ def write_training_log(run: Run, out: Path, every: int = 5) -> None:
     log_rows = [{k: v for k, v in r.items() if k in keep or k.startswith(("kl@", "agree@"))}
                 for r in steps]
     body = {"run": run.folder.name, "evaluations": rows(run.evals), "steps": log_rows}
-    tmp = Path(out) / (TRAINING_LOG + ".tmp")
-    tmp.write_text(json.dumps(body) + "\n")
-    tmp.replace(Path(out) / TRAINING_LOG)
+    write_json(Path(out) / TRAINING_LOG, body, indent=None)
