@@ -61,6 +61,9 @@ def test_scaling_fit_of_the_committed_history(tmp_path):
     assert flat.per_doubling == 0 and flat.tokens_for(0.6) is None
     assert scaling_fit(points[:1], 2) is None  # one size: no trend
     assert training_report(tmp_path).history_points(9) == []  # a depth it never measured
+    (tmp_path / "adapters_history.json").write_text('{"states": [')  # damaged: said, no trend
+    report = training_report(tmp_path)
+    assert report.history == () and any("adapters_history.json" in p for p in report.problems)
 
 
 def test_variant_rows():
