@@ -14,6 +14,8 @@ Methods (`--methods`, any subset):
   into the draft blocks' weights);
 - `spec_fast_deltas` (only when asked for): the same, adding the adapters' low-rank deltas to
   each projection instead (`SpecConfig.merge_adapters=False`, what drafting did before);
+- `spec_fast_model` (only when asked for, with `--draft-weights int8`): spec_fast with its
+  draft weights in the model's dtype, to measure what int8 draft weights buy in the same run;
 - `spec_fast_router`: the same, with an exit rule (`--draft-rule`, ARLA by default) picking each
   draft's depth per token between `--min-draft-layer` and `--draft-layer`;
 - `medusa`: the same decoder drafting with Medusa-style heads on the model's final state (trained
@@ -46,30 +48,34 @@ from analysis.prompts import select_prompts
 from analysis.speculation import acceptance
 from m2r2core.config import DecodeConfig, EngineConfig
 from m2r2core.engine import Engine, environment
-from m2r2core.spec.speculative import DRAFT_RULES, MAX_DRAFT_LIMIT, SpecConfig
+from m2r2core.spec.speculative import DRAFT_RULES, DRAFT_WEIGHTS, MAX_DRAFT_LIMIT, SpecConfig
 from m2r2core.trace import SpecRound
 
 METHODS = ("hf_generate", "engine", "prompt_lookup", "hf_early_exit", "spec_slow", "spec_tuned",
-           "spec_fast", "spec_fast_router", "medusa", "spec_fast_deltas")
+           "spec_fast", "spec_fast_router", "medusa", "spec_fast_deltas", "spec_fast_model")
+DEFAULT_METHODS = METHODS[:-2]
 SPEC_METHODS = ("spec_slow", "spec_tuned", "spec_fast", "spec_fast_router", "medusa",
-                "spec_fast_deltas")
-FAST_METHODS = ("spec_fast", "spec_fast_router", "spec_fast_deltas")
+                "spec_fast_deltas", "spec_fast_model")
+FAST_METHODS = ("spec_fast", "spec_fast_router", "spec_fast_deltas", "spec_fast_model")
 """M2R2 drafting; spec_fast_deltas adds the adapters' low-rank deltas to each projection
-instead of drafting through the weights they are folded into (SpecConfig.merge_adapters)."""
+instead of drafting through the weights they are folded into (SpecConfig.merge_adapters);
+spec_fast_model drafts with the weights in the model's dtype whatever --draft-weights says."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line."""
     p = run_parser("python -m analysis.spec_bench", __doc__, max_new_tokens=128, repeats=2)
     p.add_argument("--model", default=EngineConfig.model)
-    p.add_argument("--methods", nargs="+", default=list(METHODS[:-1]), choices=METHODS,
-                   help="default: all but spec_fast_deltas")
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS,
+                   help="default: all but spec_fast_deltas and spec_fast_model")
     p.add_argument("--draft-layer", type=int, default=8, help="spec_fast draft depth")
     p.add_argument("--slow-draft-layer", type=int, default=8, help="spec_slow draft depth")
     p.add_argument("--max-draft", type=int, default=4, help="K, longest draft chain")
     p.add_argument("--min-confidence", type=float, default=0.0,
                    help="adaptive draft length: stop below this top-1 probability (0: off)")
     p.add_argument("--draft-vocab", default="sub", choices=("full", "sub"))
+    p.add_argument("--draft-weights", default=SpecConfig.draft_weights, choices=DRAFT_WEIGHTS,
+                   help="every drafter's draft blocks and head: the model's dtype or int8")
     p.add_argument("--draft-rule", default="arla", choices=DRAFT_RULES[1:],
                    help="spec_fast_router's rule choosing each draft's depth")
     p.add_argument("--draft-threshold", type=float, default=0.3,
@@ -101,7 +107,7 @@ def spec_config(args: argparse.Namespace, method: str, medusa_heads: int | None 
     if method == "medusa":
         k = args.medusa_draft or min(args.max_draft, medusa_heads or args.max_draft)
         return SpecConfig(stream="medusa", max_draft=k, min_confidence=args.medusa_min_confidence,
-                          draft_vocab=args.draft_vocab)
+                          draft_vocab=args.draft_vocab, draft_weights=args.draft_weights)
     fast = method in FAST_METHODS
     rule = ({"draft_rule": args.draft_rule, "draft_threshold": args.draft_threshold,
              "min_draft_layer": args.min_draft_layer} if method == "spec_fast_router" else {})
@@ -109,7 +115,9 @@ def spec_config(args: argparse.Namespace, method: str, medusa_heads: int | None 
     return SpecConfig(draft_layer=args.draft_layer if fast else args.slow_draft_layer,
                       stream=stream, max_draft=args.max_draft,
                       min_confidence=args.min_confidence, draft_vocab=args.draft_vocab,
-                      merge_adapters=method != "spec_fast_deltas", **rule)
+                      merge_adapters=method != "spec_fast_deltas",
+                      draft_weights="model" if method == "spec_fast_model" else args.draft_weights,
+                      **rule)
 
 
 def runner(engine: Engine, args: argparse.Namespace, method: str
@@ -160,7 +168,7 @@ def unavailable(engine: Engine, args: argparse.Namespace) -> dict[str, str]:
     """The asked-for methods this engine cannot run, with why (they are left out)."""
     caps = engine.capabilities()
     needs = {"spec_fast": "fast", "spec_fast_router": "fast", "spec_fast_deltas": "fast",
-             "spec_tuned": "tuned", "medusa": "medusa"}
+             "spec_fast_model": "fast", "spec_tuned": "tuned", "medusa": "medusa"}
     skipped = {m: f"no {needs[m]} drafter is loaded" for m in args.methods
                if m in needs and needs[m] not in caps.draft_streams}
     if "spec_fast_router" in args.methods and not caps.has_rule(args.draft_rule, "fast"):

@@ -132,6 +132,7 @@ SPEC_SAMPLING = "spec_sampling"
 SPEC_STREAM = "spec_stream"
 SPEC_TIMELINE = "spec_timeline"
 SPEC_VOCAB = "spec_vocab"
+SPEC_WEIGHTS = "spec_weights"
 
 
 def result() -> RunResult | None:

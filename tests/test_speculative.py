@@ -57,7 +57,9 @@ def trained_engine(tiny_trained_dir, tiny_model_dir):
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mixtral"])
 @pytest.mark.parametrize("spec", [SpecConfig(stream="slow", draft_layer=1, max_draft=4),
                                   SpecConfig(stream="slow", draft_layer=3, max_draft=7,
-                                             min_confidence=0.01)])
+                                             min_confidence=0.01),
+                                  SpecConfig(stream="slow", draft_layer=2, max_draft=4,
+                                             draft_weights="int8")])
 def test_greedy_equals_transformers_generate(tiny_model_dirs, family, spec):
     engine = Engine.load(EngineConfig(model=str(tiny_model_dirs[family]), dtype="float32"))
     want = hf_greedy(engine, PROMPT, 24)
@@ -70,6 +72,8 @@ def test_greedy_equals_transformers_generate(tiny_model_dirs, family, spec):
 @pytest.mark.parametrize("spec", [SpecConfig(draft_layer=1), SpecConfig(draft_layer=2,
                                                                         max_draft=6),
                                   SpecConfig(draft_layer=2, draft_vocab="sub", max_draft=3),
+                                  SpecConfig(draft_layer=2, draft_vocab="sub", max_draft=4,
+                                             draft_weights="int8"),
                                   SpecConfig(stream="tuned", draft_layer=2, max_draft=4),
                                   SpecConfig(stream="tuned", draft_layer=3, max_draft=3,
                                              draft_rule="confidence", draft_threshold=0.2,
@@ -104,6 +108,25 @@ def test_merged_adapters_draft_what_the_added_deltas_draft(trained_engine, draft
     assert proposer.adapters == [None, None]  # nothing added on top of the folded weights
     assert not torch.equal(merged.q_proj.weight, plain.q_proj.weight)  # trained: folded in
     assert merged.q_proj.weight.dtype == plain.q_proj.weight.dtype
+
+
+def test_int8_draft_weights_draft_like_the_model_weights(trained_engine):
+    """int8 draft blocks and head are the model-dtype ones rounded per output channel: most
+    drafts are the same, the output is the model's, and the model's own weights are untouched."""
+    cfg = DecodeConfig(max_new_tokens=30, trace=False)
+    weights = [p.clone() for p in trained_engine.parts.layers[0].parameters()]
+    runs = [trained_engine.speculate(PROMPT, cfg, SpecConfig(draft_layer=2, max_draft=1,
+                                                             draft_weights=w)).run()
+            for w in ("model", "int8")]
+    assert runs[0].tokens == runs[1].tokens == list(hf_greedy(trained_engine, PROMPT, 30))
+    same = [a.drafts == b.drafts for a, b in zip(runs[0].rounds, runs[1].rounds, strict=False)]
+    assert sum(same) >= 0.8 * len(same)
+    assert all(torch.equal(a, b) for a, b in zip(weights, trained_engine.parts.layers[0]
+                                                 .parameters(), strict=True))
+    proposer = trained_engine.speculate(PROMPT, cfg, SpecConfig(
+        draft_layer=2, draft_weights="int8")).loop.proposer
+    assert proposer.draft_blocks[0].q_proj.qweight.dtype == torch.int8
+    assert isinstance(proposer.blocks[0].q_proj, torch.nn.Linear)  # copy-up stays exact
 
 
 def test_rounds_record_what_happened(tiny_engine):
@@ -155,6 +178,7 @@ def test_drafts_never_reach_the_slow_cache(trained_engine):
     (SpecConfig(stream="sideways"), "stream"),
     (SpecConfig(stream="slow", draft_layer=1, min_confidence=1.0), "min_confidence"),
     (SpecConfig(stream="slow", draft_layer=1, draft_vocab="sub"), "draft_vocab"),
+    (SpecConfig(stream="slow", draft_layer=1, draft_weights="int4"), "draft_weights"),
 ])
 def test_bad_settings_are_refused(tiny_engine, bad, field):
     with pytest.raises(ConfigError, match=field):

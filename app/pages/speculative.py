@@ -17,6 +17,7 @@ from m2r2core.errors import M2R2Error
 from m2r2core.spec.speculative import (
     DRAFT_RULES,
     DRAFT_VOCABS,
+    DRAFT_WEIGHTS,
     MAX_DRAFT_LIMIT,
     SpecConfig,
 )
@@ -120,7 +121,7 @@ def _spec_controls(engine) -> tuple[SpecConfig | None, bool]:
     sampling = cols[5].checkbox("Sampling", key=state.SPEC_SAMPLING,
                                 help="Speculative rejection sampling at the temperature and "
                                      "top-p above (needs temperature > 0).")
-    cols = st.columns(3)
+    cols = st.columns(4)
     draft_stream = stream if stream in ("fast", "tuned") else "slow"
     rules = tuple(r for r in DRAFT_RULES if r == "fixed" or caps.has_rule(r, draft_stream))
     rule = cols[0].selectbox("Draft depth", rules, key=state.SPEC_RULE,
@@ -136,8 +137,16 @@ def _spec_controls(engine) -> tuple[SpecConfig | None, bool]:
     shallowest = cols[2].number_input("Shallowest draft depth", value=min(4, int(layer)),
                                       step=1, key=state.SPEC_RULE_MIN, disabled=rule == "fixed",
                                       help="The rule is not asked before this depth.")
+    weights = cols[3].selectbox("Draft weights", DRAFT_WEIGHTS,
+                                index=DRAFT_WEIGHTS.index(SpecConfig.draft_weights),
+                                key=state.SPEC_WEIGHTS,
+                                help="model = the draft blocks and head in the model's dtype; "
+                                     "int8 = the same weights rounded to int8 per output "
+                                     "channel: about half the bytes to read per draft, so "
+                                     "cheaper drafts on a CPU. Verification always runs the "
+                                     "model's own weights, so the output does not change.")
     spec = SpecConfig(draft_layer=int(layer), stream=stream, max_draft=int(k),
-                      min_confidence=float(bound), draft_vocab=vocab,
+                      min_confidence=float(bound), draft_vocab=vocab, draft_weights=weights,
                       draft_rule=rule if stream != "medusa" else "fixed",
                       draft_threshold=float(threshold), min_draft_layer=int(shallowest))
     try:
@@ -208,7 +217,8 @@ def _show(engine, s: SpecSession) -> None:
                    f"{sum(depths) / max(1, len(depths)):.1f})")
     st.caption(f"Drafted {source}, K = "
                f"{spec.max_draft}, adaptive bound {spec.min_confidence:g}, {spec.draft_vocab} "
-               f"draft head, {'sampling' if s.sampling else 'greedy'}. Drafting took "
+               f"draft head, {spec.draft_weights} draft weights, "
+               f"{'sampling' if s.sampling else 'greedy'}. Drafting took "
                f"{stats['draft_ms'] / max(1e-9, stats['draft_ms'] + stats['verify_ms']):.0%} "
                "of decoding time.")
     left, right = st.columns(2)

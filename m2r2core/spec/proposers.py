@@ -16,6 +16,7 @@ probability, and the depth each exited at. Proposers here:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +25,7 @@ from m2r2core.config import SamplingConfig
 from m2r2core.exits.routers import ExitRule, RouterBundle, TokenScorer
 from m2r2core.runtime import hf_compat
 from m2r2core.runtime.hf_compat import DecoderParts
+from m2r2core.runtime.int8 import int8_block
 from m2r2core.runtime.sampling import filtered_probs
 from m2r2core.runtime.state import DecodeState
 from m2r2core.spec.medusa import MedusaHeads
@@ -57,6 +59,10 @@ class Draft:
     """Each draft's probability under its draft distribution."""
     depths: list[int] = field(default_factory=list)
     """The depth each draft exited at (empty where the proposer has no depth)."""
+
+
+DraftHead = Callable[[torch.Tensor], torch.Tensor]
+"""Reads draft logits off a normalised state: (..., H) -> (..., V') over the draft vocabulary."""
 
 
 class Proposer:
@@ -122,14 +128,16 @@ class StreamProposer(Proposer):
     """
 
     def __init__(self, parts: DecoderParts, accel: Accelerator | None, draft_layer: int,
-                 draft_weight: torch.Tensor, picker: DraftPicker,
+                 head: DraftHead, picker: DraftPicker,
                  rule: ExitRule | None = None, routers: RouterBundle | None = None,
-                 tuned: TunedLens | None = None, merge: bool = False) -> None:
-        """Draft through `draft_layer` blocks; read tokens through `draft_weight` (V', H), and
-        through the tuned lens first when one is given (the 'tuned' stream). merge: run the
-        adapters folded into the blocks' weights (stream.blocks.merged_block).
+                 tuned: TunedLens | None = None, merge: bool = False,
+                 int8: bool = False) -> None:
+        """Draft through `draft_layer` blocks; read tokens through `head`, and through the tuned
+        lens first when one is given (the 'tuned' stream). merge: run the adapters folded into
+        the blocks' weights (stream.blocks.merged_block). int8: the draft blocks' projections
+        in weight-only int8 (runtime/int8.py).
         """
-        self.parts, self.picker, self.draft_weight = parts, picker, draft_weight
+        self.parts, self.picker, self.head = parts, picker, head
         self.rule, self.routers, self.tuned = rule, routers, tuned
         self.device = parts.embed_tokens.weight.device
         self.blocks = [hf_compat.block_parts(parts, i) for i in range(draft_layer)]
@@ -146,6 +154,8 @@ class StreamProposer(Proposer):
         else:
             self.adapters = [accel.inference_block(i) if on else None
                              for i, on in enumerate(adapted)]
+        if int8:
+            self.draft_blocks = [int8_block(bp) for bp in self.draft_blocks]
 
     @torch.inference_mode()
     def propose(self, ctx: DraftContext) -> Draft:
@@ -162,8 +172,7 @@ class StreamProposer(Proposer):
             hidden, depth = self._walk(hidden, cos, sin, i, exits, side, state)
             exits.append(hidden)
             read = hidden if self.tuned is None else self.tuned.translate(depth, hidden)
-            logits = torch.nn.functional.linear(parts.norm(read)[0, -1],
-                                                self.draft_weight).float()
+            logits = self.head(parts.norm(read)[0, -1]).float()
             if self.picker.extend(draft, logits, state.generator, depth):
                 break
             token = draft.tokens[-1]
@@ -241,16 +250,15 @@ class MedusaProposer(Proposer):
     token k+1 positions ahead (a chain of each head's pick, no tree).
     """
 
-    def __init__(self, heads: MedusaHeads, draft_weight: torch.Tensor, picker: DraftPicker
-                 ) -> None:
-        """Read the heads' outputs through `draft_weight` (V', H), the model's frozen head."""
-        self.heads, self.draft_weight, self.picker = heads, draft_weight, picker
+    def __init__(self, heads: MedusaHeads, head: DraftHead, picker: DraftPicker) -> None:
+        """Read the heads' outputs through `head`, the model's frozen LM head."""
+        self.heads, self.head, self.picker = heads, head, picker
 
     @torch.inference_mode()
     def propose(self, ctx: DraftContext) -> Draft:
         """Up to ctx.budget drafts at once."""
         inputs = self.heads(ctx.normed)[:ctx.budget]  # (n, H)
-        logits = torch.nn.functional.linear(inputs, self.draft_weight).float()  # (n, V')
+        logits = self.head(inputs).float()  # (n, V')
         draft = Draft()
         for row in logits:
             if self.picker.extend(draft, row, ctx.state.generator):

@@ -28,16 +28,19 @@ between a multi-row verification and single-row steps (tests prove identity in f
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from dataclasses import dataclass
 
 import torch
+from torch.nn import functional as F
 
 from m2r2core.config import DecodeConfig
 from m2r2core.errors import UnsupportedModel, require
 from m2r2core.exits.routers import LEARNED, RULES, ExitRule, RouterBundle
 from m2r2core.runtime.decode import forward
 from m2r2core.runtime.hf_compat import DecoderParts
+from m2r2core.runtime.int8 import Int8Linear
 from m2r2core.runtime.loop import DecodeRun, cut
 from m2r2core.runtime.sampling import sample_next
 from m2r2core.runtime.state import DecodeState
@@ -56,6 +59,7 @@ from m2r2core.trace import SpecRound
 
 STREAMS = ("fast", "slow", "tuned", "medusa")
 DRAFT_VOCABS = ("full", "sub")
+DRAFT_WEIGHTS = ("model", "int8")
 MAX_DRAFT_LIMIT = 16
 DRAFT_RULES = ("fixed", *RULES)
 
@@ -88,6 +92,12 @@ class SpecConfig:
     """On the fast stream: draft through blocks with the adapters folded into their weights
     (one matmul per projection), or add the low-rank deltas to each projection as the traced
     stream does (False). The drafts differ only by rounding; verification keeps the output."""
+    draft_weights: str = "model"
+    """'model': the draft blocks and draft head in the model's dtype; 'int8': their weights in
+    weight-only int8, one scale per output channel (runtime/int8.py). Decoding at batch 1 is
+    bound by reading weights, so int8 drafts cost about half of bf16 ones; they may differ from
+    the model-dtype drafts where the top two tokens are close, and verification (always in the
+    model's own weights) keeps the output exact either way."""
 
     def validate(self, n_layers: int, fast_depth: int | None, medusa_heads: int | None = None,
                  tuned: bool = False) -> None:
@@ -121,6 +131,8 @@ class SpecConfig:
                 "0 (off) to below 1")
         require(self.draft_vocab in DRAFT_VOCABS, "draft_vocab", self.draft_vocab,
                 f"one of {DRAFT_VOCABS}")
+        require(self.draft_weights in DRAFT_WEIGHTS, "draft_weights", self.draft_weights,
+                f"one of {DRAFT_WEIGHTS}")
         require(self.draft_rule in DRAFT_RULES, "draft_rule", self.draft_rule,
                 f"one of {DRAFT_RULES}")
         if self.draft_rule != "fixed":
@@ -202,9 +214,11 @@ def make_proposer(parts: DecoderParts, spec: SpecConfig, cfg: DecodeConfig,
     weight = parts.lm_head.weight
     sub = sub_vocab.to(weight.device) if spec.draft_vocab == "sub" else None
     draft_weight = weight if sub is None else weight[sub].clone()
+    int8 = spec.draft_weights == "int8"
+    head = Int8Linear(draft_weight) if int8 else functools.partial(F.linear, weight=draft_weight)
     picker = DraftPicker(cfg.sampling, sub, weight.shape[0], spec.min_confidence, eos_ids)
     if spec.stream == "medusa":
-        return MedusaProposer(medusa, draft_weight, picker)
+        return MedusaProposer(medusa, head, picker)
     rule = None
     if spec.draft_rule != "fixed":
         require(routers is not None, "draft_rule", spec.draft_rule,
@@ -214,5 +228,5 @@ def make_proposer(parts: DecoderParts, spec: SpecConfig, cfg: DecodeConfig,
         if rule.rule in LEARNED:
             routers.net(rule.rule, rule.stream)  # AdapterError if untrained
     return StreamProposer(parts, accel if spec.stream == "fast" else None, spec.draft_layer,
-                          draft_weight, picker, rule, routers,
-                          tuned if spec.stream == "tuned" else None, spec.merge_adapters)
+                          head, picker, rule, routers,
+                          tuned if spec.stream == "tuned" else None, spec.merge_adapters, int8)
