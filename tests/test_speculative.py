@@ -129,6 +129,19 @@ def test_int8_draft_weights_draft_like_the_model_weights(trained_engine):
     assert isinstance(proposer.blocks[0].q_proj, torch.nn.Linear)  # copy-up stays exact
 
 
+def test_adaptive_length_keeps_the_unconfident_draft_and_stops_after_it():
+    """A draft below the bound is already paid for: it is verified, and the chain ends there."""
+    from m2r2core.spec.proposers import Draft, DraftPicker
+    picker = DraftPicker(SamplingConfig(), None, 4, min_confidence=0.6, eos_ids=frozenset({3}))
+    draft, gen = Draft(), torch.Generator()
+    assert not picker.extend(draft, torch.tensor([0.0, 5.0, 0.0, 0.0]), gen)  # confident
+    assert picker.extend(draft, torch.tensor([0.0, 0.1, 0.2, 0.0]), gen)  # unconfident: stop
+    assert draft.tokens == [1, 2] and len(draft.probs) == 2 and draft.probs[1] < 0.6
+    assert picker.extend(Draft(), torch.tensor([0.0, 0.0, 0.0, 9.0]), gen)  # EOS ends it too
+    off = DraftPicker(SamplingConfig(), None, 4, min_confidence=0.0, eos_ids=frozenset())
+    assert not off.extend(Draft(), torch.tensor([0.1, 0.2, 0.0, 0.0]), gen)
+
+
 def test_rounds_record_what_happened(tiny_engine):
     """Every round: drafts within K, accepted prefix, one own token, timings measured."""
     spec = SpecConfig(stream="slow", draft_layer=3, max_draft=5)

@@ -42,8 +42,9 @@ CHOICES = """
 **Choices our reading of the method made (all switchable below):** the draft exits at a fixed
 *draft layer* and reads either the full LM head or a **sub-vocabulary head** (the 2,048 most
 frequent tokens of the training answers: about 30x cheaper; a token outside it simply cannot be
-drafted). The chain stops at *K* drafts or, with **adaptive length**, at the first draft whose
-top-1 probability is below the confidence bound. The draft depth is fixed, or picked **per token by
+drafted). The chain stops at *K* drafts or, with **adaptive length**, after the first draft whose
+top-1 probability is below the confidence bound (that draft is still verified: it is already paid
+for). The draft depth is fixed, or picked **per token by
 an exit rule** (ARLA, the MLP, confidence, ...) on the draft stream; a deeper draft reads earlier
 shallower drafts' keys/values made from their exit states (copy-up). Draft keys/values live in a
 side buffer and never enter the model's cache; verification runs transformers' own blocks. Timings
@@ -112,8 +113,8 @@ def _spec_controls(engine) -> tuple[SpecConfig | None, bool]:
                              help=f"Longest draft chain per verification (1–{longest}"
                                   + (", one per Medusa head)." if stream == "medusa" else ")."))
     bound = cols[3].number_input("Adaptive bound", value=0.0, step=0.1, key=state.SPEC_CONF,
-                                 help="Stop the chain once a draft's top-1 probability is below "
-                                      "this (0 = always draft K).")
+                                 help="Stop the chain after a draft whose top-1 probability is "
+                                      "below this (0 = always draft K).")
     has_sub = caps.sub_vocab
     vocab = cols[4].selectbox("Draft head", DRAFT_VOCABS if has_sub else ("full",),
                               index=1 if has_sub else 0, key=state.SPEC_VOCAB,

@@ -75,8 +75,10 @@ class Proposer:
 
 class DraftPicker:
     """Reads a draft token off draft logits and grows the chain: greedy top-1 or a sample from
-    the filtered draft distribution; adaptive length stops the chain once a draft's top-1
-    probability falls below `min_confidence` (the first draft is always kept).
+    the filtered draft distribution; adaptive length stops the chain after a draft whose top-1
+    probability is below `min_confidence`. That draft is still kept: it is already paid for,
+    and one more row in the verification costs far less than a draft, so only the drafts after
+    it are saved.
     """
 
     def __init__(self, sampling: SamplingConfig, sub_vocab: torch.Tensor | None, vocab: int,
@@ -87,18 +89,16 @@ class DraftPicker:
 
     def extend(self, draft: Draft, logits: torch.Tensor, gen: torch.Generator,
                depth: int | None = None) -> bool:
-        """Append the draft the (V',) logits choose unless adaptive length stops the chain
-        first; True once the chain is done (stopped, or the draft is an EOS).
+        """Append the draft the (V',) logits choose; True once the chain is done (the draft is
+        unconfident under adaptive length, or an EOS).
         """
         token, q, prob, top1 = self._choose(logits, gen)
-        if draft.tokens and top1 < self.min_confidence:
-            return True
         draft.tokens.append(token)
         draft.dists.append(q)
         draft.probs.append(prob)
         if depth is not None:
             draft.depths.append(depth)
-        return token in self.eos_ids
+        return top1 < self.min_confidence or token in self.eos_ids
 
     def _choose(self, logits: torch.Tensor, gen: torch.Generator
                 ) -> tuple[int, torch.Tensor | None, float, float]:

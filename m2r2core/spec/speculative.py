@@ -4,7 +4,7 @@ Each round is propose (spec/proposers.py) -> verify -> accept -> crop (spec/veri
 
 1. **Draft.** From the last emitted token, the draft stream runs the first `draft_layer` blocks
    for one position and reads a token off the LM head (the full head, or a frequency-ranked
-   sub-vocabulary); it repeats for up to `max_draft` tokens, stopping early when the draft's
+   sub-vocabulary); it repeats for up to `max_draft` tokens, stopping early after a draft whose
    top-1 probability falls below `min_confidence` (adaptive length). On the fast stream (M2R2)
    the accelerator adapters are on; on the slow stream (LayerSkip-style) they are off. A draft
    row reads the slow cache of earlier positions plus the draft rows before it; the drafts' own
@@ -78,7 +78,8 @@ class SpecConfig:
     max_draft: int = 4
     """K, the longest draft chain per verification."""
     min_confidence: float = 0.0
-    """Adaptive length: stop the chain once a draft's top-1 probability is below this (0: off)."""
+    """Adaptive length: stop the chain after a draft whose top-1 probability is below this (that
+    draft is still verified: it is already paid for; 0: off, always draft K)."""
     draft_vocab: str = "full"
     """'full' LM head, or 'sub': the routers' frequency-ranked sub-vocabulary (cheaper; a token
     outside it can never be drafted, but verification stays exact)."""
