@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 
 from analysis.bench import run_method, run_parser
+from analysis.ledger import SpecLedger
 from analysis.prompts import select_prompts
 from analysis.speculation import acceptance
 from m2r2core.config import DecodeConfig, EngineConfig
@@ -285,7 +286,42 @@ def summarise(rows: list[dict], methods: tuple[str, ...], max_draft: int) -> dic
     categories = sorted({r["category"] for r in rows})
     return {"overall": block(rows),
             "by_category": {c: block([r for r in rows if r["category"] == c])
-                            for c in categories}}
+                            for c in categories},
+            "break_even": {m: line for m in methods if (line := break_even(rows, m))}}
+
+
+def break_even(rows: list[dict], method: str) -> dict | None:
+    """A drafter's break-even line over all prompts (analysis/ledger.py's formula): drafts and
+    accepted drafts per round, the cost of a draft (c_d) and of a verification (c_v) as fractions
+    of a `generate` step T, the speedup those predict, E[a + 1] / (E[k]·c_d + c_v), beside the
+    measured one (total time per token, prefill included), and the accepted drafts per round
+    1.0x and 1.5x would need at these costs. None for a method without drafts.
+
+    T and the measured times are medians over repeats; the round statistics are the last
+    repeat's.
+    """
+    accs = [r["acceptance"][method] for r in rows if method in r["acceptance"]]
+    rounds = sum(a["verifications"] for a in accs)
+    if not rounds:
+        return None
+
+    def ms_per_token(m: str) -> float:
+        seconds = sum(statistics.median(r["seconds"][m]) for r in rows)
+        return 1000.0 * seconds / max(1, sum(r["new_tokens"][m] for r in rows))
+
+    drafted = sum(a["drafted"] for a in accs)
+    plain_ms = ms_per_token("hf_generate")
+    book = SpecLedger(
+        plain_ms=plain_ms, spec_ms=ms_per_token(method), rounds=rounds,
+        mean_drafted=drafted / rounds, mean_accepted=sum(a["accepted"] for a in accs) / rounds,
+        draft_cost=sum(a["draft_ms"] for a in accs) / max(1, drafted) / plain_ms,
+        verify_cost=sum(a["verify_ms"] for a in accs) / rounds / plain_ms, time_ms={})
+    return {"mean_drafted": book.mean_drafted, "mean_accepted": book.mean_accepted,
+            "draft_cost": book.draft_cost, "verify_cost": book.verify_cost,
+            "predicted_speedup": book.predicted_speedup,
+            "measured_speedup": book.measured_speedup,
+            "needed_accepted": {"1.0x": book.needed_accepted(1.0),
+                                "1.5x": book.needed_accepted(1.5)}}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -303,6 +339,12 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{method:14s} {s['median_tokens_per_s']:7.1f} tok/s  "
               f"x{s['median_speedup_vs_hf_generate']:.3f} vs generate  "
               f"identical {s['identical']}/{s['prompts']}{extra}")
+    for method, line in report["summary"]["break_even"].items():
+        print(f"break-even {method:14s} E[k] {line['mean_drafted']:.2f}  "
+              f"E[a] {line['mean_accepted']:.2f}  c_d {line['draft_cost']:.3f}  "
+              f"c_v {line['verify_cost']:.3f}  predicted x{line['predicted_speedup']:.2f}  "
+              f"measured x{line['measured_speedup']:.2f}  "
+              f"1.0x needs E[a] {line['needed_accepted']['1.0x']:.2f}")
     print(f"report: {out}")
     return report
 

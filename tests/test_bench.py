@@ -28,3 +28,28 @@ def test_named_prompt_sets_are_real():
     assert len(mt) == 80 and {p.category for p in mt} >= {"writing", "coding", "math"}
     assert len(load_prompts("koala")) == 156
     assert len(load_prompts("selfinstruct", limit=5)) == 5
+
+
+def test_spec_bench_cli_reports_speed_identity_and_break_even(tiny_model_dir, tmp_path):
+    """spec_bench in-process on the tiny model: every method timed against generate, fp32
+    outputs identical, and a break-even line per drafter whose prediction uses its own costs."""
+    from analysis import spec_bench
+    out = tmp_path / "s.json"
+    spec_bench.main(["--prompts", "mt-bench", "--limit", "2", "--model", str(tiny_model_dir),
+                     "--dtype", "float32", "--max-new-tokens", "12", "--repeats", "1",
+                     "--slow-draft-layer", "2", "--max-draft", "3", "--draft-vocab", "full",
+                     "--min-confidence", "0.2", "--methods", "hf_generate", "spec_slow",
+                     "--out", str(out)])
+    report = json.loads(out.read_text())
+    overall = report["summary"]["overall"]
+    assert overall["spec_slow"]["identical"] == overall["spec_slow"]["prompts"] == 2
+    assert report["spec_configs"]["spec_slow"]["draft_weights"] == "int8"
+    assert report["spec_configs"]["spec_slow"]["min_confidence"] == 0.2
+    line = report["summary"]["break_even"]["spec_slow"]
+    assert set(report["summary"]["break_even"]) == {"spec_slow"}  # generate drafts nothing
+    assert 0 < line["mean_drafted"] <= 3 and 0 <= line["mean_accepted"] <= line["mean_drafted"]
+    assert line["draft_cost"] > 0 and line["verify_cost"] > 0
+    want = (line["mean_accepted"] + 1) / (line["mean_drafted"] * line["draft_cost"]
+                                          + line["verify_cost"])
+    assert abs(line["predicted_speedup"] - want) < 1e-9
+    assert line["needed_accepted"]["1.5x"] > line["needed_accepted"]["1.0x"]

@@ -53,3 +53,17 @@ def test_int8_block_swaps_projections_only(tiny_model_dirs, family):
         assert q.mlp is bp.mlp and q.mlp_proj is None
     else:
         assert all(isinstance(p, Int8Linear) for p in q.mlp_proj)
+
+
+def test_int8_forms_are_made_once_per_layer_and_row_set():
+    """Decoders build their draft blocks per run: the quantisation must not be redone."""
+    from m2r2core.runtime.int8 import int8_head
+    linear = torch.nn.Linear(16, 8)
+    assert Int8Linear.of(linear) is Int8Linear.of(linear)
+    head = torch.nn.Linear(16, 10, bias=False)
+    rows = torch.tensor([1, 4, 7])
+    assert int8_head(head, rows) is int8_head(head, rows.clone())
+    assert int8_head(head, rows) is not int8_head(head, None)
+    assert int8_head(head, rows).out_features == 3 and int8_head(head, None).out_features == 10
+    x = torch.randn(2, 16)
+    assert torch.allclose(int8_head(head, rows)(x), int8_head(head, None)(x)[:, rows], atol=0.05)

@@ -97,13 +97,15 @@ def test_merged_adapters_draft_what_the_added_deltas_draft(trained_engine, draft
     weights = [p.clone() for p in trained_engine.parts.layers[0].parameters()]
     runs = [trained_engine.speculate(PROMPT, cfg, SpecConfig(
         draft_layer=2, max_draft=4, merge_adapters=merge, draft_rule=draft_rule,
-        draft_threshold=0.2, min_draft_layer=1)).run() for merge in (True, False)]
+        draft_threshold=0.2, min_draft_layer=1, draft_weights="model")).run()
+        for merge in (True, False)]
     assert runs[0].tokens == runs[1].tokens == list(hf_greedy(trained_engine, PROMPT, 30))
     assert [r.drafts for r in runs[0].rounds] == [r.drafts for r in runs[1].rounds]
     assert [r.accepted for r in runs[0].rounds] == [r.accepted for r in runs[1].rounds]
     assert all(torch.equal(a, b) for a, b in zip(weights, trained_engine.parts.layers[0]
                                                  .parameters(), strict=True))
-    proposer = trained_engine.speculate(PROMPT, cfg, SpecConfig(draft_layer=2)).loop.proposer
+    proposer = trained_engine.speculate(PROMPT, cfg, SpecConfig(
+        draft_layer=2, draft_weights="model")).loop.proposer
     merged, plain = proposer.draft_blocks[0], proposer.blocks[0]
     assert proposer.adapters == [None, None]  # nothing added on top of the folded weights
     assert not torch.equal(merged.q_proj.weight, plain.q_proj.weight)  # trained: folded in

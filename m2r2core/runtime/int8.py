@@ -12,6 +12,7 @@ dequantised per call, which is exact to the same rounding but saves nothing.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 
 import torch
 from torch import nn
@@ -38,8 +39,12 @@ class Int8Linear(nn.Module):
 
     @classmethod
     def of(cls, linear: nn.Linear) -> Int8Linear:
-        """The int8 form of a linear layer."""
-        return cls(linear.weight, linear.bias)
+        """The int8 form of a linear layer, made once per layer (a decoder builds its draft
+        blocks per run; quantising every time would cost as much as several drafts)."""
+        made = _MADE.get(linear)
+        if made is None:
+            made = _MADE[linear] = cls(linear.weight, linear.bias)
+        return made
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in) -> (..., out) in x's dtype."""
@@ -56,6 +61,23 @@ class Int8Linear(nn.Module):
     def dequantized(self) -> torch.Tensor:
         """The (out, in) weight this layer multiplies by, in the scale's dtype."""
         return self.qweight.to(self.scale.dtype) * self.scale[:, None]
+
+
+_MADE: weakref.WeakKeyDictionary[nn.Module, Int8Linear] = weakref.WeakKeyDictionary()
+"""Int8Linear.of's results, dropped with the layer they quantise."""
+
+
+def int8_head(head: nn.Module, rows: torch.Tensor | None) -> Int8Linear:
+    """An LM head's weight (or the given rows of it: a sub-vocabulary) in int8, made once per
+    head and row set."""
+    made = _HEADS.setdefault(head, {})
+    key = None if rows is None else tuple(rows.tolist())
+    if key not in made:
+        made[key] = Int8Linear(head.weight if rows is None else head.weight[rows])
+    return made[key]
+
+
+_HEADS: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
 
 
 def int8_block(bp: BlockParts) -> BlockParts:
