@@ -40,7 +40,8 @@ class Int8Linear(nn.Module):
     @classmethod
     def of(cls, linear: nn.Linear) -> Int8Linear:
         """The int8 form of a linear layer, made once per layer (a decoder builds its draft
-        blocks per run; quantising every time would cost as much as several drafts)."""
+        blocks per run; quantising every time would cost as much as several drafts).
+        """
         made = _MADE.get(linear)
         if made is None:
             made = _MADE[linear] = cls(linear.weight, linear.bias)
@@ -69,7 +70,8 @@ _MADE: weakref.WeakKeyDictionary[nn.Module, Int8Linear] = weakref.WeakKeyDiction
 
 def int8_head(head: nn.Module, rows: torch.Tensor | None) -> Int8Linear:
     """An LM head's weight (or the given rows of it: a sub-vocabulary) in int8, made once per
-    head and row set."""
+    head and row set.
+    """
     made = _HEADS.setdefault(head, {})
     key = None if rows is None else tuple(rows.tolist())
     if key not in made:
