@@ -97,7 +97,7 @@ class SpecConfig:
     """'int8': the draft blocks' projections and the draft head in weight-only int8, one scale
     per output channel (runtime/int8.py); 'model': in the model's dtype. Decoding at batch 1 is
     bound by reading weights, so an int8 draft costs about half of a bf16 one (measured: 0.15
-    against 0.26 of a decoding step at depth 8); int8 drafts may differ from model-dtype ones
+    against 0.25 of a decoding step at depth 8); int8 drafts may differ from model-dtype ones
     where the top two tokens are close, and verification (always in the model's own weights)
     keeps the output exact either way."""
 
