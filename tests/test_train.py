@@ -126,3 +126,21 @@ def test_a_run_from_init_must_beat_its_start_to_replace_it(tmp_path, corpus, tin
     assert [e["step"] for e in evals] == [0, 2, 4]
     improved = any(e["dev_score"] > evals[0]["dev_score"] for e in evals[1:])
     assert (out / WEIGHTS_NAME).is_file() == improved
+
+
+def test_training_commands_run_on_the_threads_they_are_given(tiny_model_dir):
+    """--threads reaches torch (the trainers load through `load`, which does not set it)."""
+    import argparse
+
+    import torch
+
+    from m2r2core.train.common import frozen_model
+
+    before = torch.get_num_threads()
+    want = 1 if before != 1 else 2
+    try:
+        frozen_model(argparse.Namespace(seed=0, threads=want, model=str(tiny_model_dir),
+                                        dtype="float32", data=None))
+        assert torch.get_num_threads() == want
+    finally:
+        torch.set_num_threads(before)
