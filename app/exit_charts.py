@@ -42,7 +42,7 @@ def pareto_figure(configs: list[dict], current: dict | None = None,
             hovertemplate=f"current setting<br>{x} %{{x:.2f}}<br>{y} %{{y:.3f}}<extra></extra>"))
     fig.update_layout(
         title={"text": "Quality against speed for every exit rule (solid: fast stream, "
-                       "dotted: slow stream)"},
+                       "dotted: slow stream, dashed: tuned lens)"},
         xaxis={"title": {"text": "speedup vs the full model" if x == "speedup"
                          else "layer ratio N / mean exit depth"}},
         yaxis={"title": {"text": "ROUGE-L vs the full model's output" if y == "rouge_full"
