@@ -141,8 +141,6 @@ class Engine:
     @classmethod
     def load(cls, config: EngineConfig = EngineConfig()) -> Engine:
         """Load the model named by the config (the packaged default unless told otherwise)."""
-        if config.threads:
-            torch.set_num_threads(config.threads)
         return cls(load(config), config)
 
     def capabilities(self) -> Capabilities:

@@ -129,7 +129,7 @@ def test_a_run_from_init_must_beat_its_start_to_replace_it(tmp_path, corpus, tin
 
 
 def test_training_commands_run_on_the_threads_they_are_given(tiny_model_dir):
-    """--threads reaches torch (the trainers load through `load`, which does not set it)."""
+    """--threads reaches torch (the trainers load through `load`, not `Engine.load`)."""
     import argparse
 
     import torch

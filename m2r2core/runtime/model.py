@@ -210,7 +210,11 @@ def pick_device(requested: str) -> torch.device:
 
 
 def load(cfg: EngineConfig) -> LoadedModel:
-    """Load tokenizer and model for an EngineConfig, in eval mode, with sdpa attention."""
+    """Load tokenizer and model for an EngineConfig, in eval mode, with sdpa attention; set
+    torch's thread count when the config names one.
+    """
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     source = resolve_model_dir(cfg.model)
     device = pick_device(cfg.device)
     dtype = getattr(torch, cfg.dtype)

@@ -54,10 +54,8 @@ def router_split(samples: list[distill.Sample]) -> list[distill.Sample]:
 
 
 def frozen_model(args: argparse.Namespace) -> tuple:
-    """Seed, set --threads, load the frozen model; (loaded, its parts, the corpus path)."""
+    """Seed, load the model with every weight frozen; (loaded, its parts, the corpus path)."""
     torch.manual_seed(args.seed)
-    if args.threads:  # `load` alone leaves torch's thread count as it was (Engine.load sets it)
-        torch.set_num_threads(args.threads)
     loaded = load(EngineConfig(model=args.model, dtype=args.dtype, threads=args.threads,
                                device=getattr(args, "device", "auto")))
     for p in loaded.model.parameters():

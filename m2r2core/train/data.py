@@ -95,7 +95,7 @@ def head_data(model, samples: list[distill.Sample], seq_len: int,
             for start in offsets[id(sample)]:
                 states[start:start + n] = normed[row, :n]
                 greedy[start:start + n] = tokens
-                answer[start:start + n] = torch.arange(n) >= sample.answer_start - 1
+                answer[start:start + n] = index[start:start + n] >= sample.answer_start - 1
         done += len(chunk)
         if progress:
             progress(done, len(unique))
