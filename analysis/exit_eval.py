@@ -154,7 +154,9 @@ def _report(engine: Engine, steps: tuple, rows: list[dict], per_config: dict[str
         "full_model": {"rouge_ref": float(np.mean(refs)) if refs else None,
                        "ms_per_token_median": statistics.median(
                            r["full_ms_per_token"] for r in rows)},
-        "speedup_at_rouge_0.9": curves, "configs": configs, "offline_sweeps": sweeps,
+        # null, not NaN, where no configuration reaches the target: strict JSON readers refuse NaN
+        "speedup_at_rouge_0.9": {k: (v if v == v else None) for k, v in curves.items()},
+        "configs": configs, "offline_sweeps": sweeps,
         "traced_tokens": len(steps),
     }
 
@@ -199,14 +201,15 @@ def main(argv: list[str] | None = None) -> dict:
     report["command"] = "python -m analysis.exit_eval " + " ".join(argv or __import__(
         "sys").argv[1:])
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
+    args.out.write_text(json.dumps(report, indent=1, allow_nan=False))
     if args.chart:
         from app.exit_charts import pareto_figure  # plotly only when a chart is asked for
 
         args.chart.parent.mkdir(parents=True, exist_ok=True)
         pareto_figure(report["configs"]).write_html(args.chart, include_plotlyjs="cdn")
     for key, value in report["speedup_at_rouge_0.9"].items():
-        print(f"{key:22s} speedup at ROUGE-L {QUALITY_TARGET}: {value:.2f}")
+        shown = "none reaches it" if value is None else f"{value:.2f}"
+        print(f"{key:22s} speedup at ROUGE-L {QUALITY_TARGET}: {shown}")
     print("lens agreement at depth", {k: [round(x, 2) for x in v]
                                       for k, v in report["lens_agreement_by_layer"].items()})
     return report

@@ -53,3 +53,16 @@ def test_spec_bench_cli_reports_speed_identity_and_break_even(tiny_model_dir, tm
                                           + line["verify_cost"])
     assert abs(line["predicted_speedup"] - want) < 1e-9
     assert line["needed_accepted"]["1.5x"] > line["needed_accepted"]["1.0x"]
+
+
+def test_committed_reports_are_strict_json():
+    """Every committed report parses without NaN or Infinity, which strict JSON readers refuse."""
+    from pathlib import Path
+
+    def refuse(constant):
+        raise ValueError(f"{constant} in a committed report")
+
+    reports = sorted((Path(__file__).parent.parent / "benchmarks").glob("*.json"))
+    assert reports
+    for path in reports:
+        json.loads(path.read_text(), parse_constant=refuse)
