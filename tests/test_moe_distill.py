@@ -156,3 +156,27 @@ def test_another_base_model_or_moefication_or_a_damaged_file_is_refused(tmp_path
     (damaged / distilled.CARD).write_text("{")
     with pytest.raises(ArtifactError, match="corrupt"):
         distilled.load(damaged, "tiny")
+
+
+def test_layer_sensitivity_gives_back_dense_layers_and_restores_the_moe(tiny_dense):
+    from m2r2core.train import moe_quality
+
+    original, _, card, tensors, downs, _ = _wrapped(tiny_dense)
+    built = moefy.moe_model(*moefy.moe_state(original, tensors, card, downs))
+    ids = torch.randint(0, 49152, (1, 16), generator=torch.Generator().manual_seed(5))
+
+    def loss(model):
+        with torch.no_grad():
+            logits = model(ids).logits[0, :-1]
+        return float(torch.nn.functional.cross_entropy(logits, ids[0, 1:]))
+
+    before = loss(built)
+    n_moe = original.config.num_hidden_layers - 1
+    report = moe_quality.layer_sensitivity(built, original, loss, max_dense=n_moe)
+    assert report["moe"] == pytest.approx(before)
+    assert sorted(report["order"]) == list(range(1, n_moe + 1))
+    assert set(report["one_layer_dense"]) == {str(i) for i in range(1, n_moe + 1)}
+    # every MoE layer made dense again is the dense model itself
+    assert report["greedy"][-1]["score"] == pytest.approx(loss(original), abs=1e-5)
+    assert report["greedy"][-1]["score"] != pytest.approx(before, abs=1e-3)
+    assert loss(built) == pytest.approx(before)  # the MoE is left as it was

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -164,6 +165,74 @@ def cmd_quality(args: argparse.Namespace) -> None:
         tmp.replace(moefy.TRAINED_DIR / distilled.CARD)
 
 
+def layer_sensitivity(moe, dense, measure: Callable[[object], float], max_dense: int,
+                      progress: Callable[[int, int], None] | None = None) -> dict:
+    """Which MoE layers cost the most: the score (`measure`, e.g. perplexity) with each MoE
+    layer alone given back its dense MLP, then with the worst layers made dense one by one (in
+    the order of that single-layer score). `moe` is left as it was.
+    """
+    layers = [i for i, layer in enumerate(moe.model.layers) if hasattr(layer.mlp, "experts")]
+    originals = {i: moe.model.layers[i].mlp for i in layers}
+    total, done = len(layers) + min(max_dense, len(layers)), 0
+    base = measure(moe)
+    single: dict[int, float] = {}
+    greedy = []
+    try:
+        for index in layers:
+            moe.model.layers[index].mlp = dense.model.layers[index].mlp
+            single[index] = measure(moe)
+            moe.model.layers[index].mlp = originals[index]
+            done += 1
+            if progress:
+                progress(done, total)
+        order = sorted(layers, key=lambda i: single[i])
+        for count, index in enumerate(order[:max_dense], start=1):
+            moe.model.layers[index].mlp = dense.model.layers[index].mlp
+            greedy.append({"dense_layers": sorted(order[:count]), "score": measure(moe)})
+            done += 1
+            if progress:
+                progress(done, total)
+    finally:
+        for index, mlp in originals.items():
+            moe.model.layers[index].mlp = mlp
+    return {"moe": base, "one_layer_dense": {str(i): v for i, v in single.items()},
+            "order": order, "greedy": greedy}
+
+
+def cmd_sensitivity(args: argparse.Namespace) -> None:
+    """Perplexity of the distilled MoE (or the plain MoEfication) with its costliest layers
+    made dense, on the distillation's dev texts (a tuning split: the reported set is not read).
+    """
+    from m2r2core.config import EngineConfig
+    from m2r2core.moe import distilled, moefy
+    from m2r2core.runtime.model import DEFAULT_MODEL, load
+    from m2r2core.train.common import progress_bar
+    from m2r2core.train.moe import perplexity
+    from m2r2core.train.moe_distill import dev_texts
+
+    use_distilled = not args.moefied and distilled.exists(moefy.TRAINED_DIR)
+    folder = moefy.build(distilled=use_distilled)
+    config = dict(dtype="float32", threads=args.threads)
+    dense = load(EngineConfig(model=DEFAULT_MODEL, **config))
+    moe = load(EngineConfig(model=str(folder), **config))
+    texts = dev_texts(args.texts)
+    bar = progress_bar("layer sensitivity")
+    report = layer_sensitivity(moe.model, dense.model,
+                               lambda m: round(perplexity(m, moe.tokenizer, texts), 3),
+                               args.max_dense, bar)
+    dense_ppl = perplexity(dense.model, dense.tokenizer, texts)
+    report |= {"which": "distilled" if use_distilled else "moefied", "texts": len(texts),
+               "dense": round(dense_ppl, 3), "metric": "perplexity (dev texts)",
+               "command": "python -m m2r2core.train.moe sensitivity " + " ".join(
+                   f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+                   if k in ("texts", "max_dense", "threads"))}
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.report:
+        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.report).write_text(text + "\n")
+
+
 def add_parser(sub) -> None:
     """`quality` on the MoE command line."""
     q = sub.add_parser("quality", help="perplexity, answers and routers of each MoE vs dense")
@@ -173,3 +242,11 @@ def add_parser(sub) -> None:
     q.add_argument("--threads", type=int, default=2)
     q.add_argument("--report", type=Path, default=None)
     q.set_defaults(func=cmd_quality)
+    s = sub.add_parser("sensitivity", help="perplexity with the costliest MoE layers made dense")
+    s.add_argument("--texts", type=int, default=12, help="dev texts (the distillation's)")
+    s.add_argument("--max-dense", type=int, default=8, help="layers made dense, one by one")
+    s.add_argument("--moefied", action="store_true", help="the plain MoEfication, not the "
+                   "distilled MoE")
+    s.add_argument("--threads", type=int, default=2)
+    s.add_argument("--report", type=Path, default=None)
+    s.set_defaults(func=cmd_sensitivity)
