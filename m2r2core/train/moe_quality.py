@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -203,6 +204,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> None:
     """Perplexity of the distilled MoE (or the plain MoEfication) with its costliest layers
     made dense, on the distillation's dev texts (a tuning split: the reported set is not read).
     """
+    from m2r2core import artifacts
     from m2r2core.config import EngineConfig
     from m2r2core.moe import distilled, moefy
     from m2r2core.runtime.model import DEFAULT_MODEL, load
@@ -223,14 +225,11 @@ def cmd_sensitivity(args: argparse.Namespace) -> None:
     dense_ppl = perplexity(dense.model, dense.tokenizer, texts)
     report |= {"which": "distilled" if use_distilled else "moefied", "texts": len(texts),
                "dense": round(dense_ppl, 3), "metric": "perplexity (dev texts)",
-               "command": "python -m m2r2core.train.moe sensitivity " + " ".join(
-                   f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-                   if k in ("texts", "max_dense", "threads"))}
-    text = json.dumps(report, indent=1)
-    print(text)
+               "command": "python -m m2r2core.train.moe " + " ".join(sys.argv[1:])}
+    print(json.dumps(report, indent=1))
     if args.report:
         Path(args.report).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.report).write_text(text + "\n")
+        artifacts.write_json(args.report, report)
 
 
 def add_parser(sub) -> None:
