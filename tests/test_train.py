@@ -144,3 +144,24 @@ def test_training_commands_run_on_the_threads_they_are_given(tiny_model_dir):
         assert torch.get_num_threads() == want
     finally:
         torch.set_num_threads(before)
+
+
+def test_gpu_script_continues_the_committed_adapters_in_their_shape():
+    """`./studio gpu-train` starts from the committed adapters (--init), so it must ask for
+    their rank and design: a different rank or a missing bias is refused by `init_adapters`,
+    and a lent GPU's minutes would be lost to the error."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    script = (root / "studio").read_text()
+    block = script[script.index("gpu-train)"):]
+    block = block[:block.index(";;")].replace("\\\n", " ")
+    words = shlex.split(block[block.index("m2r2core.train adapters"):])
+    card = json.loads((root / "artifacts" / "smollm2-135m-instruct" / CARD_NAME).read_text())
+    assert "--init" in words
+    assert int(words[words.index("--rank") + 1]) == card["config"]["rank"]
+    assert int(words[words.index("--margin") + 1]) == card["config"]["margin"]
+    assert ("--bias" in words) == card["config"]["bias"]
+    assert re.search(r"--device cuda", block)
