@@ -180,3 +180,39 @@ def test_layer_sensitivity_gives_back_dense_layers_and_restores_the_moe(tiny_den
     assert report["greedy"][-1]["score"] == pytest.approx(loss(original), abs=1e-5)
     assert report["greedy"][-1]["score"] != pytest.approx(before, abs=1e-3)
     assert loss(built) == pytest.approx(before)  # the MoE is left as it was
+
+
+def test_routing_probe_reproduces_the_build_and_every_expert_is_the_refitted_dense_mlp(
+        tiny_dense):
+    """The probe's 'as built' routing is the MoE itself; every expert at weight one is the dense
+    MLP with the MoEfication's refitted down projection (shared neurons and experts partition
+    the neurons); the MoE is left as it was."""
+    import copy
+
+    from m2r2core.train import moe_quality
+
+    original, _, card, tensors, downs, _ = _wrapped(tiny_dense)
+    built = moefy.moe_model(*moefy.moe_state(original, tensors, card, downs))
+    refitted = copy.deepcopy(original)
+    for index, layer in enumerate(refitted.model.layers):
+        if index not in card.dense_layers:
+            layer.mlp.down_proj.weight.data = downs[index].clone()
+    ids = torch.randint(0, 49152, (1, 16), generator=torch.Generator().manual_seed(7))
+
+    def loss(model):
+        with torch.no_grad():
+            logits = model(ids).logits[0, :-1]
+        return float(torch.nn.functional.cross_entropy(logits, ids[0, 1:]))
+
+    before = loss(built)
+    report = moe_quality.routing_probe(built, loss)
+    rows = report["rows"]
+    assert report["k_built"] == card.top_k and report["experts"] == card.n_experts
+    assert rows[0] == {"routing": "unpatched", "score": pytest.approx(before)}
+    assert rows[1]["select"] == "router" and rows[1]["weights"] == "router"
+    assert rows[1]["score"] == pytest.approx(before, abs=1e-5)
+    every = next(r for r in rows[1:] if r["k"] == card.n_experts and r["weights"] == "uniform")
+    assert every["score"] == pytest.approx(loss(refitted), abs=1e-5)
+    assert every["score"] != pytest.approx(before, abs=1e-3)
+    assert {r["select"] for r in rows[1:]} == {"router", "oracle"}
+    assert loss(built) == pytest.approx(before)  # the MoE is left as it was

@@ -200,6 +200,109 @@ def layer_sensitivity(moe, dense, measure: Callable[[object], float], max_dense:
             "order": order, "greedy": greedy}
 
 
+ROUTINGS = (
+    {"select": "router", "k": None, "weights": "router"},
+    {"select": "router", "k": None, "weights": "uniform"},
+    {"select": "oracle", "k": None, "weights": "router"},
+    {"select": "oracle", "k": None, "weights": "uniform"},
+    {"select": "router", "k": 3, "weights": "uniform"},
+    {"select": "router", "k": 4, "weights": "uniform"},
+    {"select": "router", "k": 0, "weights": "uniform"},
+)
+"""The routings `routing_probe` compares by default. k None: the MoE's own top-k; k 0: every
+expert. The first is the MoE as built (its score must equal the unpatched model's)."""
+
+
+def expert_outputs(experts, x: torch.Tensor) -> torch.Tensor:
+    """(E, T, H) every expert's output for every token (T, H), unweighted: the cost of a dense
+    MLP, which a probe can afford.
+    """
+    gate, up = torch.einsum("th,eih->eti", x, experts.gate_up_proj).chunk(2, dim=-1)
+    return torch.einsum("eti,ehi->eth", experts.act_fn(gate) * up, experts.down_proj)
+
+
+def routed_forward(block, select: str, k: int, weights: str, k_built: int) -> Callable:
+    """A Qwen2-MoE sparse block's forward with another routing: the top-k experts by the
+    router's probabilities ('router') or by the norm of their outputs ('oracle', what a perfect
+    router of this MoE would pick), weighted as Qwen2-MoE weights them ('router': normalised
+    top-k probabilities, rescaled so that the weights sum to k as the build's do for its own k)
+    or each by one ('uniform': every chosen expert's neurons at their dense weight, as the
+    MoEfication cut them). The build multiplies each expert's down projection by its own k, so
+    the outputs here are divided by it first.
+    """
+    def forward(hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        shared = F.sigmoid(block.shared_expert_gate(x)) * block.shared_expert(x)
+        outs = expert_outputs(block.experts, x) / k_built
+        probs = F.softmax(F.linear(x, block.gate.weight).float(), dim=-1)
+        rank = probs if select == "router" else outs.float().norm(dim=-1).T
+        top = rank.topk(k, dim=-1).indices
+        chosen = torch.zeros_like(probs).scatter(-1, top, 1.0)
+        if weights == "router":
+            picked = probs * chosen
+            chosen = picked / picked.sum(-1, keepdim=True) * k
+        return (shared + torch.einsum("te,eth->th", chosen.to(outs.dtype), outs)).reshape(shape)
+
+    return forward
+
+
+def routing_probe(moe, measure: Callable[[object], float], routings=ROUTINGS,
+                  progress: Callable[[int, int], None] | None = None) -> dict:
+    """Where an MoE's loss comes from: the score (`measure`, e.g. perplexity) under other
+    routings of the same experts (`routed_forward`): the router against the oracle's choice
+    (what routing costs), router weights against each expert at weight one (what the
+    weighting costs), and more experts per token (what the sparsity costs; every expert is
+    the MoEfication's ceiling). `moe` is left as it was.
+    """
+    blocks = [layer.mlp for layer in moe.model.layers if hasattr(layer.mlp, "experts")]
+    k_built, n_experts = blocks[0].gate.top_k, blocks[0].gate.num_experts
+    rows = [{"routing": "unpatched", "score": measure(moe)}]
+    try:
+        for done, routing in enumerate(routings, start=1):
+            k = {None: k_built, 0: n_experts}.get(routing["k"], routing["k"])
+            for block in blocks:
+                block.forward = routed_forward(block, routing["select"], k, routing["weights"],
+                                               k_built)
+            rows.append(routing | {"k": k, "score": measure(moe)})
+            if progress:
+                progress(done, len(routings))
+    finally:
+        for block in blocks:
+            block.__dict__.pop("forward", None)
+    return {"k_built": k_built, "experts": n_experts, "rows": rows}
+
+
+def cmd_routing(args: argparse.Namespace) -> None:
+    """Perplexity of the distilled MoE (or the plain MoEfication) under other routings of its
+    experts, on the distillation's dev texts (a tuning split: the reported set is not read).
+    """
+    from m2r2core import artifacts
+    from m2r2core.config import EngineConfig
+    from m2r2core.moe import distilled, moefy
+    from m2r2core.runtime.model import DEFAULT_MODEL, load
+    from m2r2core.train.common import progress_bar
+    from m2r2core.train.moe import perplexity
+    from m2r2core.train.moe_distill import dev_texts
+
+    use_distilled = not args.moefied and distilled.exists(moefy.TRAINED_DIR)
+    folder = moefy.build(distilled=use_distilled)
+    config = dict(dtype="float32", threads=args.threads)
+    moe = load(EngineConfig(model=str(folder), **config))
+    texts = dev_texts(args.texts)
+    report = routing_probe(moe.model, lambda m: round(perplexity(m, moe.tokenizer, texts), 3),
+                           progress=progress_bar("routings"))
+    dense = load(EngineConfig(model=DEFAULT_MODEL, **config))
+    report |= {"which": "distilled" if use_distilled else "moefied", "texts": len(texts),
+               "dense": round(perplexity(dense.model, dense.tokenizer, texts), 3),
+               "metric": "perplexity (dev texts)",
+               "command": "python -m m2r2core.train.moe " + " ".join(sys.argv[1:])}
+    print(json.dumps(report, indent=1))
+    if args.report:
+        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+        artifacts.write_json(args.report, report)
+
+
 def cmd_sensitivity(args: argparse.Namespace) -> None:
     """Perplexity of the distilled MoE (or the plain MoEfication) with its costliest layers
     made dense, on the distillation's dev texts (a tuning split: the reported set is not read).
@@ -249,3 +352,11 @@ def add_parser(sub) -> None:
     s.add_argument("--threads", type=int, default=2)
     s.add_argument("--report", type=Path, default=None)
     s.set_defaults(func=cmd_sensitivity)
+    r = sub.add_parser("routing", help="perplexity under other routings of the same experts "
+                       "(oracle choice, uniform weights, more experts per token)")
+    r.add_argument("--texts", type=int, default=12, help="dev texts (the distillation's)")
+    r.add_argument("--moefied", action="store_true", help="the plain MoEfication, not the "
+                   "distilled MoE")
+    r.add_argument("--threads", type=int, default=2)
+    r.add_argument("--report", type=Path, default=None)
+    r.set_defaults(func=cmd_routing)
