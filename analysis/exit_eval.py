@@ -8,8 +8,9 @@ Per prompt: one traced full-model run (lens agreement by layer for both streams,
 teacher-forced agreement of every rule on a fine threshold grid), one timed plain run, and one
 timed early-exit run per configuration of the grid. Per configuration: ROUGE-L against the full
 model's own output and against the set's reference answers, teacher-forced token agreement,
-mean exit layer, and the measured speedup (median over prompts of plain time / exit time per
-token, same prompts, dtype and threads).
+mean exit layer, the measured speedup (median over prompts of plain time / exit time per
+token, same prompts, dtype and threads), and its break-even line (analysis/ledger.py: the exit
+distribution and unit costs, the speedup they predict, the mean exit depth 1.0x would need).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from analysis import exits as ex
+from analysis.ledger import exit_ledger
 from analysis.prompts import load_prompts
 from m2r2core.config import DecodeConfig, EngineConfig
 from m2r2core.engine import Engine, environment
@@ -55,10 +57,27 @@ def _timed(generation) -> tuple[list, float]:
     return steps, generation.ms_per_token
 
 
+def _break_even(generation, steps: list, full_ms: float, ms: float, min_layer: int) -> dict:
+    """The run's ledger (analysis/ledger.py): its exit distribution and unit costs as fractions
+    of a full-model step, the speedup they predict beside the measured one, and the mean exit
+    depth 1.0x would need at those costs (None: out of reach even at depth 1).
+    """
+    loop = generation.loop
+    book = exit_ledger(steps, loop.costs | {"block_calls": loop.rows.blocks_run,
+                                            "decode_ms": loop.decode_ms},
+                       full_ms, ms, min_layer)
+    return {"mean_depth": book.mean_depth, "checks_per_token": book.checks_per_token,
+            "block_cost": book.block_cost, "check_cost": book.check_cost,
+            "head_cost": book.head_cost, "fill_cost": book.fill_cost,
+            "predicted": book.predicted_speedup, "measured": book.measured_speedup,
+            "needed_depth_1x": book.needed_depth(1.0)}
+
+
 def _exit_run(engine: Engine, prompt, plain_cfg: DecodeConfig, cfg: ExitConfig, full_steps,
               full_ms: float, full_text: str) -> dict:
     """One early-exit generation measured against the full model's run of the same prompt."""
-    steps, ms = _timed(engine.generate_exits(prompt.text, plain_cfg, cfg))
+    generation = engine.generate_exits(prompt.text, plain_cfg, cfg)
+    steps, ms = _timed(generation)
     text = engine.tokenizer.decode([s.token_id for s in steps], skip_special_tokens=True)
     return {
         "prompt_id": prompt.id, "tokens": len(steps), "ms_per_token": ms,
@@ -68,6 +87,7 @@ def _exit_run(engine: Engine, prompt, plain_cfg: DecodeConfig, cfg: ExitConfig, 
         "mean_exit_layer": float(np.mean([s.exit_layer for s in steps[1:]]))
         if len(steps) > 1 else float(engine.parts.n_layers),
         "identical": [s.token_id for s in steps] == [s.token_id for s in full_steps],
+        "ledger": _break_even(generation, steps, full_ms, ms, cfg.rule.min_layer),
     }
 
 
@@ -83,8 +103,20 @@ def _summarise(key: str, runs: list[dict], steps: tuple, min_layer: int, n: int)
         "rouge_ref": float(np.mean(refs)) if refs else None,
         "agreement": offline["agreement"],
         "mean_exit_layer": float(np.mean([r["mean_exit_layer"] for r in runs])),
-        "identical_outputs": sum(r["identical"] for r in runs), "runs": runs,
+        "identical_outputs": sum(r["identical"] for r in runs),
+        "break_even": _median_ledger([r["ledger"] for r in runs]), "runs": runs,
     }
+
+
+def _median_ledger(ledgers: list[dict]) -> dict:
+    """A setting's break-even line: the median over prompts of each ledger figure (the depth
+    1.0x needs is None when no prompt's costs allow it at any depth).
+    """
+    out = {}
+    for key in ledgers[0]:
+        values = [b[key] for b in ledgers if b[key] is not None]
+        out[key] = statistics.median(values) if values else None
+    return out
 
 
 def evaluate(engine: Engine, prompt_sets: list[str], limit: int, max_new_tokens: int,

@@ -173,6 +173,27 @@ def speedup_at_quality(points: list[dict], quality: float, key: str = "rouge_ful
     return best
 
 
+def break_even_rows(configs: list[dict]) -> list[dict]:
+    """One row per measured exit setting (exit_eval's configs) with its break-even line: quality,
+    measured and predicted speedup, where tokens left, the unit costs as fractions of a
+    full-model step, and the mean exit depth 1.0x would need at those costs (None: no depth is
+    shallow enough). Settings measured before reports carried the line are left out.
+    """
+    rows = []
+    for c in sorted(configs, key=lambda c: (c["stream"], c["rule"], c["threshold"])):
+        line = c.get("break_even")
+        if not line:
+            continue
+        rows.append({"stream": c["stream"], "rule": c["rule"], "threshold": c["threshold"],
+                     "rouge_full": c["rouge_full"], "measured": line["measured"],
+                     "predicted": line["predicted"], "mean_depth": line["mean_depth"],
+                     "checks_per_token": line["checks_per_token"],
+                     "block_cost": line["block_cost"], "check_cost": line["check_cost"],
+                     "head_and_fill_cost": line["head_cost"] + line["fill_cost"],
+                     "needed_depth_1x": line["needed_depth_1x"]})
+    return rows
+
+
 def checks_made(decisions: list[Decision], min_layer: int, last_depth: int) -> list[int]:
     """How many exit checks each re-decided token made: from min_layer to its exit depth, or to
     the stream's last checked depth when the rule never fired.

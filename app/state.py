@@ -33,6 +33,7 @@ PROJECTION_METHOD = "projection_method"
 
 # widget keys of exits.py
 EXIT_DL_CSV = "exit_dl_csv"
+EXIT_DL_BREAK_EVEN = "exit_dl_break_even"
 EXIT_DL_JSON = "exit_dl_json"
 EXIT_BUNDLE = "exit_bundle"
 EXIT_LEDGER = "exit_ledger"

@@ -92,6 +92,13 @@ def test_evaluation_writes_a_report(trained_engine, tmp_path):
     assert {c["rule"] for c in report["configs"]} == {"confidence", "arla"}
     assert all(c["speedup"] > 0 and 0 <= c["rouge_full"] <= 1 for c in report["configs"])
     assert set(report["lens_agreement_by_layer"]) == {"fast", "slow", "tuned"}
+    for config in report["configs"]:  # a break-even line per setting, from its own runs
+        line = config["break_even"]
+        assert line["predicted"] > 0 and 1 <= line["mean_depth"] <= trained_engine.parts.n_layers
+        assert line["block_cost"] > 0 and line["head_cost"] > 0
+        for run in config["runs"]:
+            assert run["ledger"]["measured"] == pytest.approx(run["speedup"])
+            assert run["ledger"]["mean_depth"] == pytest.approx(run["mean_exit_layer"])
     json.dumps(report, allow_nan=False)  # strict JSON: null, not NaN, where nothing reaches 0.9
 
 
@@ -107,3 +114,21 @@ def test_attribution_explains_a_learned_router(trained_engine, traced, stream):
     with pytest.raises(ValueError, match="learned routers"):
         explain_exit(trained_engine.parts, trained_engine.accel, trained_engine.routers,
                      trained_engine.token_text, ids, stream, "confidence", 2)
+
+
+def test_break_even_rows_read_each_settings_line_and_skip_older_reports():
+    line = {"measured": 0.8, "predicted": 0.82, "mean_depth": 12.5, "checks_per_token": 9.0,
+            "block_cost": 0.05, "check_cost": 0.004, "head_cost": 0.1, "fill_cost": 0.02,
+            "needed_depth_1x": None}
+    configs = [
+        {"stream": "slow", "rule": "confidence", "threshold": 0.9, "rouge_full": 0.95,
+         "break_even": line | {"needed_depth_1x": 15.0}},
+        {"stream": "fast", "rule": "arla", "threshold": 0.97, "rouge_full": 0.7,
+         "break_even": line},
+        {"stream": "fast", "rule": "arla", "threshold": 0.6, "rouge_full": 0.3},  # older report
+    ]
+    rows = ex.break_even_rows(configs)
+    assert [(r["stream"], r["threshold"]) for r in rows] == [("fast", 0.97), ("slow", 0.9)]
+    assert rows[0]["head_and_fill_cost"] == pytest.approx(0.12)
+    assert rows[0]["needed_depth_1x"] is None and rows[1]["needed_depth_1x"] == 15.0
+    assert rows[1]["measured"] == 0.8 and rows[1]["rouge_full"] == 0.95

@@ -253,6 +253,7 @@ def _pareto(session: ExitSession | None, current: dict | None) -> None:
                    f"{', '.join(report['prompt_sets'])} ({report['limit']} prompts each, "
                    f"{report['max_new_tokens']} tokens, {report['environment']['dtype']}). The "
                    "star is the measured point nearest your rule and threshold.")
+        _break_even(report)
     if session is not None and current is not None:
         steps = session.traced.trace.steps[1:]
         n = session.traced.trace.n_layers
@@ -264,6 +265,30 @@ def _pareto(session: ExitSession | None, current: dict | None) -> None:
             x="layer_ratio", y="agreement"), key=state.EXIT_PARETO_SESSION)
         st.caption("The same trade-off on this generation, teacher-forced: agreement with the "
                    "full model against the layer ratio, for every rule and threshold.")
+
+
+def _break_even(report: dict) -> None:
+    rows = ex.break_even_rows(report["configs"])
+    if not rows:
+        return
+    table = pd.DataFrame(rows)
+    with st.expander("Break-even lines: what each measured setting would need to pay off"):
+        st.caption("A token that leaves at depth d costs d block calls (the fast row rides in "
+                   "them), its exit checks, the head and any cache filling; the costs are "
+                   "fractions of one full-model step, medians over the prompts. 'predicted' is "
+                   "the speedup those costs and this exit distribution give, beside the one "
+                   "measured; 'needed depth' is the mean exit depth at which the setting would "
+                   "break even (empty: not even depth 1 would). A rule pays when tokens leave "
+                   "shallower than that and stay right.")
+        st.dataframe(table, hide_index=True, column_config={
+            "rouge_full": st.column_config.NumberColumn("ROUGE-L vs full", format="%.3f"),
+            "measured": st.column_config.NumberColumn("measured ×", format="%.2f"),
+            "predicted": st.column_config.NumberColumn("predicted ×", format="%.2f"),
+            "mean_depth": st.column_config.NumberColumn("mean exit depth", format="%.1f"),
+            "needed_depth_1x": st.column_config.NumberColumn("needed depth for 1.0×",
+                                                             format="%.1f")})
+        st.download_button("Download break-even lines (CSV)", table.to_csv(index=False),
+                           file_name="exit-break-even.csv", key=state.EXIT_DL_BREAK_EVEN)
 
 
 def _disagreements(engine, s: ExitSession, steps, decisions, stream: str, rule: str) -> None:
