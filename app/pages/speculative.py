@@ -22,7 +22,7 @@ from m2r2core.spec.speculative import (
     SpecConfig,
 )
 
-REPORT = "spec_bf16_s24.json"
+REPORT = "spec_bf16_s26.json"
 RESULT_KEY = "spec_result"
 COMPARE_KEY = "spec_compare_result"
 
