@@ -40,6 +40,10 @@ def generate(at, rule="arla", stream="fast", threshold=0.5, budget=8):
 def test_page_starts(app):
     assert not app.exception and not app.error, [e.value for e in app.error]
     assert app.title[0].value == "Exit Threshold debugger"
+    # the committed exit_eval report carries a break-even line per setting: shown as a table
+    lines = [e for e in app.expander if e.label.startswith("Break-even lines")]
+    assert len(lines) == 1
+    assert len(lines[0].dataframe[0].value) >= 10
 
 
 def test_generate_then_redecide_without_regenerating(app):
