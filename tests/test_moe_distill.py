@@ -158,17 +158,24 @@ def test_another_base_model_or_moefication_or_a_damaged_file_is_refused(tmp_path
         distilled.load(damaged, "tiny")
 
 
+def _next_token_loss(seed: int):
+    """model -> its next-token cross-entropy on 16 random tokens (the probes' `measure`)."""
+    ids = torch.randint(0, 49152, (1, 16), generator=torch.Generator().manual_seed(seed))
+
+    def loss(model) -> float:
+        with torch.no_grad():
+            logits = model(ids).logits[0, :-1]
+        return float(torch.nn.functional.cross_entropy(logits, ids[0, 1:]))
+
+    return loss
+
+
 def test_layer_sensitivity_gives_back_dense_layers_and_restores_the_moe(tiny_dense):
     from m2r2core.train import moe_quality
 
     original, _, card, tensors, downs, _ = _wrapped(tiny_dense)
     built = moefy.moe_model(*moefy.moe_state(original, tensors, card, downs))
-    ids = torch.randint(0, 49152, (1, 16), generator=torch.Generator().manual_seed(5))
-
-    def loss(model):
-        with torch.no_grad():
-            logits = model(ids).logits[0, :-1]
-        return float(torch.nn.functional.cross_entropy(logits, ids[0, 1:]))
+    loss = _next_token_loss(seed=5)
 
     before = loss(built)
     n_moe = original.config.num_hidden_layers - 1
@@ -197,12 +204,7 @@ def test_routing_probe_reproduces_the_build_and_every_expert_is_the_refitted_den
     for index, layer in enumerate(refitted.model.layers):
         if index not in card.dense_layers:
             layer.mlp.down_proj.weight.data = downs[index].clone()
-    ids = torch.randint(0, 49152, (1, 16), generator=torch.Generator().manual_seed(7))
-
-    def loss(model):
-        with torch.no_grad():
-            logits = model(ids).logits[0, :-1]
-        return float(torch.nn.functional.cross_entropy(logits, ids[0, 1:]))
+    loss = _next_token_loss(seed=7)
 
     before = loss(built)
     report = moe_quality.routing_probe(built, loss)

@@ -344,19 +344,20 @@ def add_parser(sub) -> None:
     q.add_argument("--threads", type=int, default=2)
     q.add_argument("--report", type=Path, default=None)
     q.set_defaults(func=cmd_quality)
-    s = sub.add_parser("sensitivity", help="perplexity with the costliest MoE layers made dense")
-    s.add_argument("--texts", type=int, default=12, help="dev texts (the distillation's)")
+    s = _probe_parser(sub, "sensitivity", cmd_sensitivity,
+                      "perplexity with the costliest MoE layers made dense")
     s.add_argument("--max-dense", type=int, default=8, help="layers made dense, one by one")
-    s.add_argument("--moefied", action="store_true", help="the plain MoEfication, not the "
+    _probe_parser(sub, "routing", cmd_routing, "perplexity under other routings of the same "
+                  "experts (oracle choice, uniform weights, more experts per token)")
+
+
+def _probe_parser(sub, name: str, func: Callable, help_text: str):
+    """A probe's command line: which MoE, how many dev texts, threads, where the report goes."""
+    p = sub.add_parser(name, help=help_text)
+    p.add_argument("--texts", type=int, default=12, help="dev texts (the distillation's)")
+    p.add_argument("--moefied", action="store_true", help="the plain MoEfication, not the "
                    "distilled MoE")
-    s.add_argument("--threads", type=int, default=2)
-    s.add_argument("--report", type=Path, default=None)
-    s.set_defaults(func=cmd_sensitivity)
-    r = sub.add_parser("routing", help="perplexity under other routings of the same experts "
-                       "(oracle choice, uniform weights, more experts per token)")
-    r.add_argument("--texts", type=int, default=12, help="dev texts (the distillation's)")
-    r.add_argument("--moefied", action="store_true", help="the plain MoEfication, not the "
-                   "distilled MoE")
-    r.add_argument("--threads", type=int, default=2)
-    r.add_argument("--report", type=Path, default=None)
-    r.set_defaults(func=cmd_routing)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--report", type=Path, default=None)
+    p.set_defaults(func=func)
+    return p
