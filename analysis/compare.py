@@ -91,8 +91,7 @@ def compare_exit(engine: Engine, text: str, cfg: DecodeConfig, exit_cfg: ExitCon
     traced = engine.generate(text, cfg.replace(trace=True))
     for step in traced:
         on_token("trace", step.position + 1, traced)
-    costs = exiting.loop.costs | {"block_calls": exiting.loop.rows.blocks_run,
-                                  "decode_ms": exiting.loop.decode_ms}
+    costs = exiting.loop.ledger_costs
     return ExitComparison(exit_cfg, traced.result, list(exiting.steps), exiting.ms_per_token,
                           plain.ms_per_token, exiting.result.trace.completion,
                           plain.result.trace.completion, costs)

@@ -62,10 +62,7 @@ def _break_even(generation, steps: list, full_ms: float, ms: float, min_layer: i
     of a full-model step, the speedup they predict beside the measured one, and the mean exit
     depth 1.0x would need at those costs (None: out of reach even at depth 1).
     """
-    loop = generation.loop
-    book = exit_ledger(steps, loop.costs | {"block_calls": loop.rows.blocks_run,
-                                            "decode_ms": loop.decode_ms},
-                       full_ms, ms, min_layer)
+    book = exit_ledger(steps, generation.loop.ledger_costs, full_ms, ms, min_layer)
     return {"mean_depth": book.mean_depth, "checks_per_token": book.checks_per_token,
             "block_cost": book.block_cost, "check_cost": book.check_cost,
             "head_cost": book.head_cost, "fill_cost": book.fill_cost,

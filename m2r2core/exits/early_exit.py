@@ -93,6 +93,13 @@ class ExitLoop(DecodeRun[TokenStep]):
         filling rides in them), exit checks, the head and sampling, copy filling; with
         `rows.blocks_run` the speedup ledger (analysis/ledger.py) reads them."""
 
+    @property
+    def ledger_costs(self) -> dict:
+        """`costs` with the block calls and decoding time: what analysis/ledger.exit_ledger
+        reads.
+        """
+        return self.costs | {"block_calls": self.rows.blocks_run, "decode_ms": self.decode_ms}
+
     def prefill(self, state: DecodeState) -> tuple[TokenStep, tuple[int, ...]]:
         """The prompt runs the full model; the first token is never an exit."""
         logits = forward(self.parts, self.prompt, state, keep_states=False).logits

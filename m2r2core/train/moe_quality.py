@@ -273,9 +273,11 @@ def routing_probe(moe, measure: Callable[[object], float], routings=ROUTINGS,
     return {"k_built": k_built, "experts": n_experts, "rows": rows}
 
 
-def cmd_routing(args: argparse.Namespace) -> None:
-    """Perplexity of the distilled MoE (or the plain MoEfication) under other routings of its
-    experts, on the distillation's dev texts (a tuning split: the reported set is not read).
+def _run_probe(args: argparse.Namespace, probe: Callable) -> None:
+    """Load the distilled MoE (or, with --moefied, the plain MoEfication) and the dense model in
+    fp32, run `probe(moe, dense, measure, progress)` with `measure` the perplexity on the
+    distillation's dev texts (a tuning split: the reported set is not read), and print and write
+    its report with the dense perplexity and the command line.
     """
     from m2r2core import artifacts
     from m2r2core.config import EngineConfig
@@ -288,11 +290,12 @@ def cmd_routing(args: argparse.Namespace) -> None:
     use_distilled = not args.moefied and distilled.exists(moefy.TRAINED_DIR)
     folder = moefy.build(distilled=use_distilled)
     config = dict(dtype="float32", threads=args.threads)
+    dense = load(EngineConfig(model=DEFAULT_MODEL, **config))
     moe = load(EngineConfig(model=str(folder), **config))
     texts = dev_texts(args.texts)
-    report = routing_probe(moe.model, lambda m: round(perplexity(m, moe.tokenizer, texts), 3),
-                           progress=progress_bar("routings"))
-    dense = load(EngineConfig(model=DEFAULT_MODEL, **config))
+    report = probe(moe.model, dense.model,
+                   lambda m: round(perplexity(m, moe.tokenizer, texts), 3),
+                   progress_bar(args.cmd))
     report |= {"which": "distilled" if use_distilled else "moefied", "texts": len(texts),
                "dense": round(perplexity(dense.model, dense.tokenizer, texts), 3),
                "metric": "perplexity (dev texts)",
@@ -303,36 +306,16 @@ def cmd_routing(args: argparse.Namespace) -> None:
         artifacts.write_json(args.report, report)
 
 
-def cmd_sensitivity(args: argparse.Namespace) -> None:
-    """Perplexity of the distilled MoE (or the plain MoEfication) with its costliest layers
-    made dense, on the distillation's dev texts (a tuning split: the reported set is not read).
-    """
-    from m2r2core import artifacts
-    from m2r2core.config import EngineConfig
-    from m2r2core.moe import distilled, moefy
-    from m2r2core.runtime.model import DEFAULT_MODEL, load
-    from m2r2core.train.common import progress_bar
-    from m2r2core.train.moe import perplexity
-    from m2r2core.train.moe_distill import dev_texts
+def cmd_routing(args: argparse.Namespace) -> None:
+    """Perplexity of the MoE under other routings of its experts (routing_probe)."""
+    _run_probe(args, lambda moe, dense, measure, bar: routing_probe(moe, measure,
+                                                                     progress=bar))
 
-    use_distilled = not args.moefied and distilled.exists(moefy.TRAINED_DIR)
-    folder = moefy.build(distilled=use_distilled)
-    config = dict(dtype="float32", threads=args.threads)
-    dense = load(EngineConfig(model=DEFAULT_MODEL, **config))
-    moe = load(EngineConfig(model=str(folder), **config))
-    texts = dev_texts(args.texts)
-    bar = progress_bar("layer sensitivity")
-    report = layer_sensitivity(moe.model, dense.model,
-                               lambda m: round(perplexity(m, moe.tokenizer, texts), 3),
-                               args.max_dense, bar)
-    dense_ppl = perplexity(dense.model, dense.tokenizer, texts)
-    report |= {"which": "distilled" if use_distilled else "moefied", "texts": len(texts),
-               "dense": round(dense_ppl, 3), "metric": "perplexity (dev texts)",
-               "command": "python -m m2r2core.train.moe " + " ".join(sys.argv[1:])}
-    print(json.dumps(report, indent=1))
-    if args.report:
-        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
-        artifacts.write_json(args.report, report)
+
+def cmd_sensitivity(args: argparse.Namespace) -> None:
+    """Perplexity of the MoE with its costliest layers made dense (layer_sensitivity)."""
+    _run_probe(args, lambda moe, dense, measure, bar: layer_sensitivity(
+        moe, dense, measure, args.max_dense, bar))
 
 
 def add_parser(sub) -> None:
