@@ -180,11 +180,15 @@ def cmd_routers(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     loaded = load(EngineConfig(model=args.model, dtype=args.dtype, threads=args.threads))
     parts = hf_compat.decoder_parts(loaded.model)
+    splits, source = datasets(args, fingerprint(loaded.model))
+    if not splits["router"]:
+        raise M2R2Error("The routers learn on the corpus's train answers (every tenth), and none "
+                        "is built yet: run `python -m m2r2core.train corpus` until its first "
+                        "train shard is written.")
     out = args.out or default_out(args.model)
     accel, _ = load_accelerator(args.adapters or out, parts, args.model,
                                 fingerprint(loaded.model))
     accel.to(loaded.model.dtype)
-    splits, source = datasets(args, fingerprint(loaded.model))
     # The check head's sub-vocabulary: the most frequent tokens of the training answers.
     counts = torch.bincount(torch.tensor([t for s in splits["train"] for t in s.ids]),
                             minlength=parts.lm_head.weight.shape[0])

@@ -307,6 +307,13 @@ def shard_plan(planned: list[Instruction], tokenizer, shard_size: int
     return out
 
 
+def finished(folder: Path, split: str) -> list[Sample]:
+    """The chat answers of one split built so far (none while its first shard is being made)."""
+    return [Sample(r["ids"], r["answer_start"], "chat")
+            for path in sorted((folder / "chat").glob(f"{split}-*.jsonl"))
+            for r in read_jsonl(path) if len(r["ids"]) >= 2]
+
+
 def load(folder: Path, split: str, with_text: bool = True,
          model_fingerprint: str | None = None) -> list[Sample]:
     """The finished samples of one split: chat answers (and, for train, the teacher-forced text).
@@ -323,9 +330,7 @@ def load(folder: Path, split: str, with_text: bool = True,
             f"The corpus in {folder} was built by '{manifest.get('model_name')}' (fingerprint "
             f"{manifest.get('model_fingerprint')}); the loaded model's fingerprint is "
             f"{model_fingerprint}. Build a corpus for this model.")
-    samples = []
-    for path in sorted((folder / "chat").glob(f"{split}-*.jsonl")):
-        samples += [Sample(r["ids"], r["answer_start"], "chat") for r in read_jsonl(path)]
+    samples = finished(folder, split)
     if split == "train" and with_text and (folder / "text.jsonl").is_file():
         samples += [Sample(**r) for r in read_jsonl(folder / "text.jsonl")]
     samples = [s for s in samples if len(s.ids) >= 2]

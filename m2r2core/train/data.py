@@ -131,18 +131,20 @@ def datasets(args: argparse.Namespace, fingerprint: str) -> tuple[dict, str]:
 
     folder = getattr(args, "corpus", None) or work_dir(args.model) / "corpus"
     if args.data is None and (folder / "manifest.json").is_file():
-        chat = corpus.load(folder, "train", with_text=False, model_fingerprint=fingerprint)
-        text = [s for s in corpus.load(folder, "train") if s.kind != "chat"]
-        splits = {split: corpus.load(folder, split, with_text=False)
+        splits = {split: corpus.load(folder, split, with_text=False,
+                                     model_fingerprint=fingerprint)
                   for split in ("dev", "test")}
+        chat = corpus.finished(folder, "train")
+        text = [s for s in corpus.load(folder, "train") if s.kind != "chat"]
         answers = train_split(chat)
         share = getattr(args, "text_share", None)
-        if share is not None and 0 <= share < 1:  # teacher-forced text as this share of rows
+        if answers and share is not None and 0 <= share < 1:  # text as this share of rows
             keep = min(len(text), round(len(answers) * share / (1 - share)))
             text = random.Random(args.seed).sample(text, keep)
+        note = "" if answers else ", the train answers not built yet: text only"
         return (splits | {"train": answers + text, "router": router_split(chat)},
                 f"corpus {folder.name} (train/dev/test splits; {len(answers)} answers, "
-                f"{len(text)} text windows)")
+                f"{len(text)} text windows{note})")
     path = args.data or work_dir(args.model) / "corpus.jsonl"
     samples = distill.load(path)
     held = router_split(samples)

@@ -1,0 +1,131 @@
+"""The distillation corpus (m2r2core/train/corpus.py) on a tiny model: evaluation prompts are
+kept out, an interrupted build resumes shard by shard and never leaves a shard that loads half
+written, a corpus of another model is refused naming both, and a corpus whose train answers are
+not built yet trains on its teacher-forced text alone."""
+
+import argparse
+import json
+
+import pytest
+
+from m2r2core import train
+from m2r2core.config import EngineConfig
+from m2r2core.runtime.model import fingerprint, load
+from m2r2core.train import corpus, data
+from m2r2core.train.distill import Sample
+
+
+def test_overlap_filter_drops_copies_and_near_copies():
+    evals = ["Write a persuasive essay about renewable energy for high school students."]
+    overlap = corpus.OverlapFilter(evals)
+    assert overlap.overlaps("write a persuasive ESSAY about renewable energy, for high school "
+                            "students!")
+    assert overlap.overlaps("Please write a persuasive essay about renewable energy for high "
+                            "school students.")  # word-trigram Jaccard 0.83
+    assert not overlap.overlaps("Summarise the history of the printing press in Europe.")
+
+
+def test_real_evaluation_prompts_are_all_caught():
+    texts = corpus.evaluation_texts()
+    assert len(texts) > 800  # MT-Bench's two turns and every AlpacaEval slice
+    overlap = corpus.OverlapFilter(texts)
+    assert all(overlap.overlaps(t) for t in texts[::50])
+
+
+def _small_plan(settings, tokenizer, overlap):
+    rows = [corpus.Instruction(f"r{n}", "wiki", split, f"Explain topic number {n} briefly.")
+            for n, split in enumerate(["dev", "test", "train", "train", "train", "train"])]
+    return rows, [], 0
+
+
+def _small_text(tokenizer, conversations, settings):
+    ids = tokenizer("The quick brown fox jumps over the lazy dog. " * 12)["input_ids"]
+    return corpus._windows(ids, 0, "text", 32)
+
+
+def _build(folder, engine, fingerprint="fp-tiny", name="tiny"):
+    settings = corpus.Settings(max_new_tokens=4)
+    return corpus.build(folder, engine.model, engine.tokenizer, name, fingerprint, settings,
+                        batch_size=2, shard_size=2)
+
+
+def test_build_resumes_by_shard_and_refuses_another_model(tmp_path, tiny_engine, monkeypatch):
+    monkeypatch.setattr(corpus, "plan", _small_plan)
+    monkeypatch.setattr(corpus, "teacher_forced", _small_text)
+    monkeypatch.setattr(corpus, "evaluation_texts", lambda: ["an evaluation prompt"])
+    folder = tmp_path / "corpus"
+    _build(folder, tiny_engine)
+    shards = sorted(p.name for p in (folder / "chat").glob("*.jsonl"))
+    assert shards == ["dev-00000.jsonl", "test-00000.jsonl", "train-00000.jsonl",
+                      "train-00001.jsonl"]
+    assert not list(folder.rglob("*.tmp"))
+    # an interrupted build: the last shard is gone; a resume answers only that one again
+    kept = (folder / "chat" / "train-00000.jsonl").stat().st_mtime_ns
+    (folder / "chat" / "train-00001.jsonl").unlink()
+    calls = []
+    real = corpus.answer_batch
+    monkeypatch.setattr(corpus, "answer_batch",
+                        lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
+    _build(folder, tiny_engine)
+    assert calls == [2]
+    assert (folder / "chat" / "train-00000.jsonl").stat().st_mtime_ns == kept
+    assert len(corpus.load(folder, "train", with_text=False)) == 4
+    with pytest.raises(corpus.CorpusError, match="built for 'tiny'.*this run is for 'other'"):
+        _build(folder, tiny_engine, fingerprint="fp-other", name="other")
+    with pytest.raises(corpus.CorpusError, match="fingerprint fp-tiny"):
+        corpus.load(folder, "dev", model_fingerprint="fp-other")
+
+
+def test_a_corrupt_shard_names_itself(tmp_path):
+    folder = tmp_path / "corpus"
+    (folder / "chat").mkdir(parents=True)
+    (folder / "manifest.json").write_text(json.dumps({"model_fingerprint": "x"}))
+    (folder / "chat" / "dev-00000.jsonl").write_text('{"ids": [1, 2], "answer_st')
+    with pytest.raises(corpus.CorpusError, match="dev-00000.jsonl is corrupt"):
+        corpus.load(folder, "dev")
+
+
+def _write_split(folder, split, samples):
+    corpus.write_jsonl(folder / "chat" / f"{split}-00000.jsonl",
+                       [{"ids": s.ids, "answer_start": s.answer_start} for s in samples])
+
+
+def test_train_answers_not_built_yet_mean_text_only(tmp_path):
+    folder = tmp_path / "corpus"
+    (folder / "chat").mkdir(parents=True)
+    (folder / "manifest.json").write_text(json.dumps({"model_fingerprint": "fp"}))
+    chat = [Sample([5, 6, 7, 8], 2, "chat")] * 3
+    _write_split(folder, "dev", chat)
+    _write_split(folder, "test", chat)
+    text = [Sample(list(range(10, 30)), 0, "text") for _ in range(12)]
+    corpus.write_jsonl(folder / "text.jsonl",
+                       [{"ids": s.ids, "answer_start": 0, "kind": "text"} for s in text])
+    args = argparse.Namespace(corpus=folder, data=None, model="tiny", seed=0, text_share=0.3)
+    splits, note = data.datasets(args, "fp")
+    assert len(splits["train"]) == 12 and splits["router"] == []  # every window, not 0.3 of none
+    assert "text only" in note
+    _write_split(folder, "train", [Sample([5, 6, 7, 8, 9], 2, "chat")] * 20)
+    splits, note = data.datasets(args, "fp")
+    answers = [s for s in splits["train"] if s.kind == "chat"]
+    assert len(answers) == 18 and len(splits["router"]) == 2
+    assert len(splits["train"]) - len(answers) == round(18 * 0.3 / 0.7)
+    assert "text only" not in note
+    with pytest.raises(corpus.CorpusError, match="fingerprint fp"):
+        data.datasets(args, "another")
+
+
+def test_routers_without_train_answers_say_what_to_run(tmp_path, tiny_model_dir, monkeypatch):
+    folder = tmp_path / "corpus"
+    (folder / "chat").mkdir(parents=True)
+    fp = fingerprint(load(EngineConfig(model=str(tiny_model_dir), dtype="float32")).model)
+    (folder / "manifest.json").write_text(json.dumps({"model_fingerprint": fp}))
+    for split in ("dev", "test"):
+        _write_split(folder, split, [Sample(list(range(5, 40)), 4, "chat")] * 2)
+    corpus.write_jsonl(folder / "text.jsonl",
+                       [{"ids": list(range(10, 60)), "answer_start": 0, "kind": "text"}] * 3)
+    monkeypatch.setenv("M2R2_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(SystemExit, match="none is built yet"):
+        train.main(["routers", "--model", str(tiny_model_dir), "--dtype", "float32",
+                    "--corpus", str(folder), "--out", str(tmp_path / "out"),
+                    "--seq-len", "48"])
+    assert not (tmp_path / "out").exists()
