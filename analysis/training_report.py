@@ -69,6 +69,50 @@ class TrainingReport:
             found["tuned"] = list(tuned["tuned"])
         return found
 
+    def reads_like(self, stream: str = "fast") -> list[ReadsLike]:
+        """For every depth of `stream` ('fast' or 'tuned'), the slow layer its held-out
+        agreement matches on the slow stream's logit-lens curve (same split, same tokens).
+        """
+        curves = self.held_out_by_depth()
+        slow, values = curves.get("slow"), curves.get(stream)
+        if not slow or not values:
+            return []
+        return [ReadsLike(d, float(a), slow_layer_for(slow, float(a)))
+                for d, a in enumerate(values, start=1)]
+
+
+@dataclass(frozen=True)
+class ReadsLike:
+    """Where one depth of a stream sits on the slow stream's logit-lens curve."""
+
+    depth: int
+    agreement: float
+    slow_layer: float | None
+    """The slow layer (interpolated between whole layers) whose logit lens agrees as often;
+    None when the slow curve only gets there at its last layer."""
+
+    def rate(self) -> float | None:
+        """Slow layers per layer run: the acceleration the stream achieved at this depth."""
+        return None if self.slow_layer is None else self.slow_layer / self.depth
+
+
+def slow_layer_for(slow: list[float], agreement: float) -> float | None:
+    """The (fractional) slow layer whose logit-lens agreement first reaches `agreement`.
+
+    The slow curve is made non-decreasing first (its running maximum: a layer cannot read
+    worse than an earlier one it has already passed), then interpolated linearly between
+    whole layers; layer 0 (the embeddings) counts as agreement 0. None when only the last layer
+    (the full model, agreement 1.0 by definition) reaches it.
+    """
+    best, previous = 0.0, 0.0
+    for layer, value in enumerate(slow[:-1], start=1):
+        best = max(best, value)
+        if best >= agreement:
+            step = best - previous
+            return layer if step <= 0 else layer - 1 + (agreement - previous) / step
+        previous = best
+    return None
+
 
 @dataclass(frozen=True)
 class ScalingFit:

@@ -32,6 +32,44 @@ def agreement_by_depth(report: TrainingReport) -> go.Figure:
     return fig
 
 
+def reads_like_figure(report: TrainingReport, rate: float, n_layers: int) -> go.Figure:
+    """For every depth of the fast stream (and the tuned lens), the slow layer whose logit lens
+    agrees with the final token as often: the rate the stream achieved, against the r·d the
+    method aims at and the slow stream's own d."""
+    fig = go.Figure()
+    longest = 0
+    for stream in ("fast", "tuned"):
+        rows = [r for r in report.reads_like(stream) if r.slow_layer is not None]
+        if not rows:
+            continue
+        longest = max(longest, max(r.depth for r in rows))
+        fig.add_trace(go.Scatter(
+            x=[r.depth for r in rows], y=[r.slow_layer for r in rows], mode="lines+markers",
+            name="fast stream" if stream == "fast" else "tuned lens (slow states)",
+            line={"color": palette.STREAM_COLOURS[stream]},
+            customdata=[[r.agreement, r.rate()] for r in rows],
+            hovertemplate=(f"{stream}<br>depth %{{x}}<br>agreement %{{customdata[0]:.3f}}"
+                           "<br>reads like slow layer %{y:.1f}<br>achieved rate "
+                           "%{customdata[1]:.2f}<extra></extra>")))
+    depths = list(range(1, longest + 1))
+    fig.add_trace(go.Scatter(
+        x=depths, y=[min(n_layers, rate * d) for d in depths], mode="lines",
+        name=f"the method's aim: slow layer r·d (r = {rate:g})",
+        line={"color": "grey", "dash": "dash"},
+        hovertemplate="depth %{x}: aim slow layer %{y:g}<extra></extra>"))
+    fig.add_trace(go.Scatter(
+        x=depths, y=depths, mode="lines", name="slow stream itself (logit lens)",
+        line={"color": palette.STREAM_COLOURS["slow"], "dash": "dot"},
+        hovertemplate="depth %{x}: slow layer %{y}<extra></extra>"))
+    fig.update_layout(
+        title={"text": "Which slow layer each depth reads like (held-out agreement matched)"},
+        xaxis={"title": {"text": "depth (layers run)"}},
+        yaxis={"title": {"text": "slow layer with the same logit-lens agreement"},
+               "range": [0, n_layers]},
+        height=380, margin={"l": 60, "r": 20, "t": 50, "b": 50})
+    return fig
+
+
 def agreement_over_steps(report: TrainingReport, depths: tuple[int, ...]) -> go.Figure:
     """The fast stream's dev agreement at chosen depths over training steps."""
     fig = go.Figure()

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from analysis.training_report import scaling_fit, training_report, variant_rows
+from analysis.training_report import scaling_fit, slow_layer_for, training_report, variant_rows
 from app import state
 
 ENTRY = str(Path(__file__).resolve().parent.parent / "streamlit_app.py")
@@ -39,6 +39,20 @@ def test_report_reads_cards_and_curve(tmp_path):
     (tmp_path / "tuned_lens.json").write_text(json.dumps(
         {"metrics": {"held_out": {"logit": [0.1, 1.0], "tuned": [0.2, 1.0]}}}))
     assert training_report(tmp_path).held_out_by_depth()["tuned"] == [0.2, 1.0]
+
+
+def test_slow_layer_each_depth_reads_like(tmp_path):
+    slow = [0.1, 0.3, 0.2, 0.5, 1.0]  # layer 3 reads worse than layer 2: the running max counts
+    assert slow_layer_for(slow, 0.05) == pytest.approx(0.5)  # half way from the embeddings
+    assert slow_layer_for(slow, 0.3) == pytest.approx(2.0)
+    assert slow_layer_for(slow, 0.4) == pytest.approx(3.5)  # between layer 3 (0.3) and 4 (0.5)
+    assert slow_layer_for(slow, 0.6) is None  # only the final layer gets there
+    (tmp_path / "card.json").write_text(json.dumps(
+        {"metrics": {"held_out_lens_agreement": {"fast": [0.3, 0.5], "slow": slow}}}))
+    rows = training_report(tmp_path).reads_like()
+    assert [(r.depth, r.slow_layer) for r in rows] == [(1, 2.0), (2, 4.0)]
+    assert rows[1].rate() == pytest.approx(2.0)
+    assert training_report(tmp_path).reads_like("tuned") == []  # no tuned-lens card
 
 
 def _history(folder: Path) -> None:
@@ -99,9 +113,12 @@ def test_page_shows_the_committed_cards(tiny_model_dir, tiny_trained_dir, monkey
     assert at.title[0].value == "Training"
     charts = [c.proto.id for c in at.get("plotly_chart")]
     variants = resources.benchmark_report("adapter_variants.json") is not None
-    # by depth, over steps, agreement against tokens, loss (+ variants)
-    assert len(charts) == 4 + variants, charts
+    # by depth, reads like, over steps, agreement against tokens, loss (+ variants)
+    assert len(charts) == 5 + variants, charts
     assert any(state.TRAIN_SCALING in c for c in charts)
+    assert any(state.TRAIN_READS_LIKE in c for c in charts)
+    assert any("reads like" in c.value or "as often as the slow stream" in c.value
+               for c in at.caption)
     assert any("per doubling" in c.value for c in at.caption)
     assert set(at.selectbox(key=state.TRAIN_CARD).options) >= {"adapters", "routers",
                                                                "Medusa heads", "tuned lens"}

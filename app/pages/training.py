@@ -8,7 +8,7 @@ import json
 import pandas as pd
 import streamlit as st
 
-from analysis.training_report import scaling_fit, training_report, variant_rows
+from analysis.training_report import scaling_fit, slow_layer_for, training_report, variant_rows
 from app import resources, state, training_charts
 
 VARIANTS = "adapter_variants.json"
@@ -47,6 +47,7 @@ def render() -> None:
         st.caption("Each point: the share of held-out tokens whose logit lens at that depth "
                    "already gives the full model's token. The fast stream should rise far "
                    "earlier than the slow one; hover for the exact value.")
+    _reads_like(report, caps)
     if report.evaluations:
         n_over_r = round(caps.n_layers / caps.rate) if caps.rate else 15
         depths = tuple(sorted({d for d in (4, 8, n_over_r, caps.n_fast) if 1 <= d <= caps.n_fast}))
@@ -64,6 +65,40 @@ def render() -> None:
                    "text without generalising.")
     _variants()
     _cards(report)
+
+
+def _reads_like(report, caps) -> None:
+    """The fast stream's depths placed on the slow stream's agreement curve."""
+    rows = report.reads_like("fast")
+    if not any(r.slow_layer is not None for r in rows):
+        return
+    st.plotly_chart(training_charts.reads_like_figure(report, caps.rate or 2.0, caps.n_layers),
+                    key=state.TRAIN_READS_LIKE, alt="Slow layer each fast depth reads like")
+    n_over_r = round(caps.n_layers / caps.rate) if caps.rate else 15
+    at = {r.depth: r for r in rows}
+    notes = []
+    for depth in (8, n_over_r):
+        r = at.get(depth)
+        if r is not None and r.slow_layer is not None:
+            notes.append(f"after {depth} layers the fast stream names the final token as often "
+                         f"as the slow stream after {r.slow_layer:.1f} (rate {r.rate():.2f})")
+    slow = report.held_out_by_depth()["slow"]
+    target = slow_layer_for(slow, 0.60)
+    where = (f"slow layer {target:.1f}'s" if target is not None else
+             f"every slow layer's but the last (layer {len(slow) - 1}: {slow[-2]:.3f})")
+    st.caption("Agreement read another way: each fast depth is placed at the slow layer whose "
+               "logit lens agrees with the final token as often, on the same held-out tokens. "
+               "Above the dashed line the fast stream is ahead of the rate the method aims at; "
+               + "; ".join(notes) + f". The issue's 0.60 at depth {n_over_r} is above {where} "
+               "agreement: the slow stream of this model settles its token only in its last "
+               "layers, so the target asks for more than rate-r acceleration of its curve.")
+    st.download_button(
+        "Download the table (CSV)", key=state.TRAIN_READS_LIKE_DL, file_name="reads_like.csv",
+        mime="text/csv", data=pd.DataFrame(
+            [{"stream": stream, "depth": r.depth, "agreement": r.agreement,
+              "slow layer": r.slow_layer, "achieved rate": r.rate()}
+             for stream in ("fast", "tuned") for r in report.reads_like(stream)]
+        ).to_csv(index=False))
 
 
 def _scaling(report, caps) -> None:
