@@ -91,7 +91,8 @@ def _reads_like(report, caps) -> None:
                "Above the dashed line the fast stream is ahead of the rate the method aims at; "
                + "; ".join(notes) + f". The issue's 0.60 at depth {n_over_r} is above {where} "
                "agreement: the slow stream of this model settles its token only in its last "
-               "layers, so the target asks for more than rate-r acceleration of its curve.")
+               "layers, so the target asks for more than rate-r acceleration of its curve."
+               + _kl_note(report))
     st.download_button(
         "Download the table (CSV)", key=state.TRAIN_READS_LIKE_DL, file_name="reads_like.csv",
         mime="text/csv", data=pd.DataFrame(
@@ -99,6 +100,16 @@ def _reads_like(report, caps) -> None:
               "slow layer": r.slow_layer, "achieved rate": r.rate()}
              for stream in ("fast", "tuned") for r in report.reads_like(stream)]
         ).to_csv(index=False))
+
+
+def _kl_note(report) -> str:
+    """Which depths carried the KL term, when the card says (they read far better)."""
+    depths = report.cards.get("adapters", {}).get("training", {}).get("kl_depths")
+    if not depths:
+        return ""
+    listed = ", ".join(map(str, depths))
+    return (f" The depths trained with the KL term to the final distribution ({listed}) stand "
+            "out; the others only learn to look like their slow target state.")
 
 
 def _scaling(report, caps) -> None:

@@ -97,8 +97,11 @@ def router_agreement(moe, tokenizer, texts: list[str], seq_len: int = 256) -> di
 
 
 def measure(n_texts: int, n_prompts: int, max_new_tokens: int, threads: int,
-            progress=print) -> dict:
-    """Perplexity, answers and router agreement of the dense model and each MoE."""
+            progress=print, trained: Path | None = None) -> dict:
+    """Perplexity, answers and router agreement of the dense model and each MoE of `trained`
+    (a MoEfication folder, default the committed one; another, such as a fit of another
+    structure, builds into its own cache folder).
+    """
     from analysis.exits import rouge_l
     from analysis.prompts import load_prompts
     from m2r2core.config import EngineConfig
@@ -109,10 +112,11 @@ def measure(n_texts: int, n_prompts: int, max_new_tokens: int, threads: int,
     torch.set_num_threads(threads)
     texts = heldout_texts(n_texts)
     prompts = [p.text for p in load_prompts("mt-bench")[:n_prompts]]
-    folders = {"moefied": moefy.build(distilled=False)}
-    if distilled.exists(moefy.TRAINED_DIR):
-        folders["distilled"] = moefy.build()
-    report: dict = {"ppl_texts": len(texts), "prompts": len(prompts),
+    trained = Path(trained or moefy.TRAINED_DIR)
+    folders = {"moefied": moefy.build(trained, distilled=False)}
+    if distilled.exists(trained):
+        folders["distilled"] = moefy.build(trained)
+    report: dict = {"trained": trained.name, "ppl_texts": len(texts), "prompts": len(prompts),
                     "max_new_tokens": max_new_tokens, "models": {}}
     dense_answers = None
     for name, folder in [("dense", DEFAULT_MODEL), *folders.items()]:
@@ -147,23 +151,25 @@ def cmd_quality(args: argparse.Namespace) -> None:
     from m2r2core import artifacts
     from m2r2core.moe import distilled, moefy
 
-    report = measure(args.texts, args.prompts, args.max_new_tokens, args.threads)
+    trained = Path(args.trained or moefy.TRAINED_DIR)
+    report = measure(args.texts, args.prompts, args.max_new_tokens, args.threads,
+                     trained=trained)
     text = json.dumps(report, indent=2)
     print(text)
     if args.report:
         Path(args.report).parent.mkdir(parents=True, exist_ok=True)
         Path(args.report).write_text(text + "\n")
     if "distilled" in report["models"]:
-        card = artifacts.read_card(moefy.TRAINED_DIR, distilled.CARD, "distilled MoE",
+        card = artifacts.read_card(trained, distilled.CARD, "distilled MoE",
                                    distilled.DISTILL)
         card["metrics"]["quality"] = {
             name: {k: v for k, v in row.items() if k != "sample"}
             for name, row in report["models"].items()} | {
             "ppl_texts": report["ppl_texts"], "prompts": report["prompts"],
             "max_new_tokens": report["max_new_tokens"]}
-        tmp = moefy.TRAINED_DIR / (distilled.CARD + ".tmp")
+        tmp = trained / (distilled.CARD + ".tmp")
         tmp.write_text(json.dumps(card, indent=2) + "\n")
-        tmp.replace(moefy.TRAINED_DIR / distilled.CARD)
+        tmp.replace(trained / distilled.CARD)
 
 
 def layer_sensitivity(moe, dense, measure: Callable[[object], float], max_dense: int,
@@ -326,6 +332,8 @@ def add_parser(sub) -> None:
     q.add_argument("--max-new-tokens", type=int, default=128)
     q.add_argument("--threads", type=int, default=2)
     q.add_argument("--report", type=Path, default=None)
+    q.add_argument("--trained", type=Path, default=None, help="the MoEfication folder to "
+                   "measure (default: the committed one, artifacts/smollm2-135m-moe)")
     q.set_defaults(func=cmd_quality)
     s = _probe_parser(sub, "sensitivity", cmd_sensitivity,
                       "perplexity with the costliest MoE layers made dense")
