@@ -6,7 +6,7 @@ from __future__ import annotations
 import plotly.colors
 import plotly.graph_objects as go
 
-from analysis.training_report import ScalingFit, TrainingReport
+from analysis.training_report import ReadsLike, ScalingFit, TrainingReport
 from app import palette
 
 DEPTH_COLOURS = plotly.colors.qualitative.D3
@@ -32,22 +32,23 @@ def agreement_by_depth(report: TrainingReport) -> go.Figure:
     return fig
 
 
-def reads_like_figure(report: TrainingReport, rate: float, n_layers: int) -> go.Figure:
+def reads_like_figure(rows: dict[str, list[ReadsLike]], rate: float, n_layers: int
+                      ) -> go.Figure:
     """For every depth of the fast stream (and the tuned lens), the slow layer whose logit lens
-    agrees with the final token as often: the rate the stream achieved, against the r·d the
-    method aims at and the slow stream's own d."""
+    agrees with the final token as often (`TrainingReport.reads_like` by stream): the rate the
+    stream achieved, against the r·d the method aims at and the slow stream's own d."""
     fig = go.Figure()
     longest = 0
-    for stream in ("fast", "tuned"):
-        rows = [r for r in report.reads_like(stream) if r.slow_layer is not None]
-        if not rows:
+    for stream, found in rows.items():
+        placed = [r for r in found if r.slow_layer is not None]
+        if not placed:
             continue
-        longest = max(longest, max(r.depth for r in rows))
+        longest = max(longest, max(r.depth for r in placed))
         fig.add_trace(go.Scatter(
-            x=[r.depth for r in rows], y=[r.slow_layer for r in rows], mode="lines+markers",
+            x=[r.depth for r in placed], y=[r.slow_layer for r in placed], mode="lines+markers",
             name="fast stream" if stream == "fast" else "tuned lens (slow states)",
             line={"color": palette.STREAM_COLOURS[stream]},
-            customdata=[[r.agreement, r.rate()] for r in rows],
+            customdata=[[r.agreement, r.rate()] for r in placed],
             hovertemplate=(f"{stream}<br>depth %{{x}}<br>agreement %{{customdata[0]:.3f}}"
                            "<br>reads like slow layer %{y:.1f}<br>achieved rate "
                            "%{customdata[1]:.2f}<extra></extra>")))

@@ -49,7 +49,7 @@ def render() -> None:
                    "earlier than the slow one; hover for the exact value.")
     _reads_like(report, caps)
     if report.evaluations:
-        n_over_r = round(caps.n_layers / caps.rate) if caps.rate else 15
+        n_over_r = _n_over_r(caps)
         depths = tuple(sorted({d for d in (4, 8, n_over_r, caps.n_fast) if 1 <= d <= caps.n_fast}))
         st.plotly_chart(training_charts.agreement_over_steps(report, depths),
                         key=state.TRAIN_OVER_STEPS, alt="Dev agreement over training steps")
@@ -67,15 +67,25 @@ def render() -> None:
     _cards(report)
 
 
+def _n_over_r(caps) -> int:
+    """The depth N/r the method's headline figures are read at (15 for SmolLM2 at r = 2)."""
+    return round(caps.n_layers / caps.rate) if caps.rate else 15
+
+
+def _targets(caps) -> dict[int, float]:
+    """The issue's agreement targets by depth."""
+    return {8: 0.45, _n_over_r(caps): 0.60}
+
+
 def _reads_like(report, caps) -> None:
     """The fast stream's depths placed on the slow stream's agreement curve."""
-    rows = report.reads_like("fast")
-    if not any(r.slow_layer is not None for r in rows):
+    rows = {stream: report.reads_like(stream) for stream in ("fast", "tuned")}
+    if not any(r.slow_layer is not None for r in rows["fast"]):
         return
-    st.plotly_chart(training_charts.reads_like_figure(report, caps.rate or 2.0, caps.n_layers),
+    st.plotly_chart(training_charts.reads_like_figure(rows, caps.rate or 2.0, caps.n_layers),
                     key=state.TRAIN_READS_LIKE, alt="Slow layer each fast depth reads like")
-    n_over_r = round(caps.n_layers / caps.rate) if caps.rate else 15
-    at = {r.depth: r for r in rows}
+    n_over_r = _n_over_r(caps)
+    at = {r.depth: r for r in rows["fast"]}
     notes = []
     for depth in (8, n_over_r):
         r = at.get(depth)
@@ -83,23 +93,23 @@ def _reads_like(report, caps) -> None:
             notes.append(f"after {depth} layers the fast stream names the final token as often "
                          f"as the slow stream after {r.slow_layer:.1f} (rate {r.rate():.2f})")
     slow = report.held_out_by_depth()["slow"]
-    target = slow_layer_for(slow, 0.60)
+    goal = _targets(caps)[n_over_r]
+    target = slow_layer_for(slow, goal)
     where = (f"slow layer {target:.1f}'s" if target is not None else
              f"every slow layer's but the last (layer {len(slow) - 1}: {slow[-2]:.3f})")
     st.caption("Agreement read another way: each fast depth is placed at the slow layer whose "
                "logit lens agrees with the final token as often, on the same held-out tokens. "
                "Above the dashed line the fast stream is ahead of the rate the method aims at; "
-               + "; ".join(notes) + f". The issue's 0.60 at depth {n_over_r} is above {where} "
-               "agreement: the slow stream of this model settles its token only in its last "
-               "layers, so the target asks for more than rate-r acceleration of its curve."
+               + "; ".join(notes) + f". The issue's {goal:.2f} at depth {n_over_r} is above "
+               f"{where} agreement: the slow stream of this model settles its token only in its "
+               "last layers, so the target asks for more than rate-r acceleration of its curve."
                + _kl_note(report))
     st.download_button(
         "Download the table (CSV)", key=state.TRAIN_READS_LIKE_DL, file_name="reads_like.csv",
         mime="text/csv", data=pd.DataFrame(
             [{"stream": stream, "depth": r.depth, "agreement": r.agreement,
               "slow layer": r.slow_layer, "achieved rate": r.rate()}
-             for stream in ("fast", "tuned") for r in report.reads_like(stream)]
-        ).to_csv(index=False))
+             for stream, found in rows.items() for r in found]).to_csv(index=False))
 
 
 def _kl_note(report) -> str:
@@ -115,7 +125,7 @@ def _kl_note(report) -> str:
 def _scaling(report, caps) -> None:
     """Test agreement of every committed state against training tokens, and the trend's
     extrapolation to the issue's targets."""
-    targets = {8: 0.45, round(caps.n_layers / caps.rate) if caps.rate else 15: 0.60}
+    targets = _targets(caps)
     fits = [f for f in (scaling_fit(report.history_points(d), d) for d in targets) if f]
     if not fits:
         return

@@ -314,6 +314,12 @@ def finished(folder: Path, split: str) -> list[Sample]:
             for r in read_jsonl(path) if len(r["ids"]) >= 2]
 
 
+def text_samples(folder: Path) -> list[Sample]:
+    """The teacher-forced text windows (train split only; none before the plan is written)."""
+    path = folder / "text.jsonl"
+    return [Sample(**r) for r in read_jsonl(path)] if path.is_file() else []
+
+
 def load(folder: Path, split: str, with_text: bool = True,
          model_fingerprint: str | None = None) -> list[Sample]:
     """The finished samples of one split: chat answers (and, for train, the teacher-forced text).
@@ -331,8 +337,8 @@ def load(folder: Path, split: str, with_text: bool = True,
             f"{manifest.get('model_fingerprint')}); the loaded model's fingerprint is "
             f"{model_fingerprint}. Build a corpus for this model.")
     samples = finished(folder, split)
-    if split == "train" and with_text and (folder / "text.jsonl").is_file():
-        samples += [Sample(**r) for r in read_jsonl(folder / "text.jsonl")]
+    if split == "train" and with_text:
+        samples += text_samples(folder)
     samples = [s for s in samples if len(s.ids) >= 2]
     if not samples:
         raise CorpusError(f"The corpus in {folder} has no finished {split} samples yet.")

@@ -135,7 +135,10 @@ def datasets(args: argparse.Namespace, fingerprint: str) -> tuple[dict, str]:
                                      model_fingerprint=fingerprint)
                   for split in ("dev", "test")}
         chat = corpus.finished(folder, "train")
-        text = [s for s in corpus.load(folder, "train") if s.kind != "chat"]
+        text = [s for s in corpus.text_samples(folder) if len(s.ids) >= 2]
+        if not chat and not text:
+            raise corpus.CorpusError(f"The corpus in {folder} has no finished train samples "
+                                     "yet.")
         answers = train_split(chat)
         share = getattr(args, "text_share", None)
         if answers and share is not None and 0 <= share < 1:  # text as this share of rows

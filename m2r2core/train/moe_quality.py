@@ -96,11 +96,11 @@ def router_agreement(moe, tokenizer, texts: list[str], seq_len: int = 256) -> di
     return {"mean": round(sum(by_layer.values()) / len(by_layer), 4), "by_layer": by_layer}
 
 
-def measure(n_texts: int, n_prompts: int, max_new_tokens: int, threads: int,
-            progress=print, trained: Path | None = None) -> dict:
+def measure(trained: Path, n_texts: int, n_prompts: int, max_new_tokens: int, threads: int,
+            progress=print) -> dict:
     """Perplexity, answers and router agreement of the dense model and each MoE of `trained`
-    (a MoEfication folder, default the committed one; another, such as a fit of another
-    structure, builds into its own cache folder).
+    (a MoEfication folder: the committed one, or another, such as a fit of another structure,
+    which builds into its own cache folder).
     """
     from analysis.exits import rouge_l
     from analysis.prompts import load_prompts
@@ -112,7 +112,6 @@ def measure(n_texts: int, n_prompts: int, max_new_tokens: int, threads: int,
     torch.set_num_threads(threads)
     texts = heldout_texts(n_texts)
     prompts = [p.text for p in load_prompts("mt-bench")[:n_prompts]]
-    trained = Path(trained or moefy.TRAINED_DIR)
     folders = {"moefied": moefy.build(trained, distilled=False)}
     if distilled.exists(trained):
         folders["distilled"] = moefy.build(trained)
@@ -152,8 +151,7 @@ def cmd_quality(args: argparse.Namespace) -> None:
     from m2r2core.moe import distilled, moefy
 
     trained = Path(args.trained or moefy.TRAINED_DIR)
-    report = measure(args.texts, args.prompts, args.max_new_tokens, args.threads,
-                     trained=trained)
+    report = measure(trained, args.texts, args.prompts, args.max_new_tokens, args.threads)
     text = json.dumps(report, indent=2)
     print(text)
     if args.report:
@@ -167,9 +165,7 @@ def cmd_quality(args: argparse.Namespace) -> None:
             for name, row in report["models"].items()} | {
             "ppl_texts": report["ppl_texts"], "prompts": report["prompts"],
             "max_new_tokens": report["max_new_tokens"]}
-        tmp = trained / (distilled.CARD + ".tmp")
-        tmp.write_text(json.dumps(card, indent=2) + "\n")
-        tmp.replace(trained / distilled.CARD)
+        artifacts.write_json(trained / distilled.CARD, card, indent=2)
 
 
 def layer_sensitivity(moe, dense, measure: Callable[[object], float], max_dense: int,
