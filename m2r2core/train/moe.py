@@ -268,7 +268,8 @@ def parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fit", help="cluster neurons into experts and fit the routers")
     f.add_argument("--experts", type=int, default=8)
     f.add_argument("--top-k", type=int, default=2)
-    f.add_argument("--shared", type=int, default=384, help="neurons of the shared expert")
+    f.add_argument("--shared", type=int, default=768,
+                   help="neurons of the shared expert (768 since session 28; 384 before)")
     f.add_argument("--dense-layers", type=int, nargs="*", default=[0])
     f.add_argument("--refit-tokens", type=int, default=8192)
     f.add_argument("--chat-prompts", type=int, default=10, help="MT-Bench prompts for the "
