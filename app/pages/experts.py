@@ -232,7 +232,8 @@ def _show_generation(s: ExpertSession) -> None:
     ceiling, share = s.ceiling, s.oracle_share
     cols[0].metric("Ceiling (all resident)", "–" if ceiling is None else f"{ceiling:.2f}x",
                    help="On-demand LRU decode time ÷ all experts resident: what a predictor "
-                        "would reach if loading cost nothing. No setting can pass it.")
+                        "would reach if loading cost nothing. No setting can pass it beyond the "
+                        "noise of one run.")
     oracle = s.oracle_speedup
     cols[1].metric("Oracle", "–" if oracle is None else f"{oracle:.2f}x",
                    help="The oracle predictor (this run's own routing, known in advance) at "
