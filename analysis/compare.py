@@ -205,34 +205,37 @@ class ExpertComparison:
     oracle: dict = field(default_factory=dict)
     """The oracle predictor at the same setting (the run itself when it is the oracle)."""
 
+    def _against_baseline(self, run: dict) -> float | None:
+        """On-demand LRU's decode time over `run`'s (None before `run` has one)."""
+        ms = run.get("decode_ms")
+        return self.baseline["decode_ms"] / ms if ms else None
+
     @property
     def speedup(self) -> float | None:
-        """On-demand LRU's decode time over this setting's."""
-        ms = self.summary.get("decode_ms")
-        return self.baseline["decode_ms"] / ms if ms else None
+        """This setting against on-demand LRU."""
+        return self._against_baseline(self.summary)
 
     @property
     def ceiling(self) -> float | None:
         """All resident over on-demand LRU: no predictor can pass it (beyond timing noise)."""
-        ms = self.resident.get("decode_ms")
-        return self.baseline["decode_ms"] / ms if ms else None
+        return self._against_baseline(self.resident)
 
     @property
     def oracle_speedup(self) -> float | None:
-        """The oracle's decode time against on-demand LRU's."""
-        ms = self.oracle.get("decode_ms")
-        return self.baseline["decode_ms"] / ms if ms else None
+        """The oracle against on-demand LRU."""
+        return self._against_baseline(self.oracle)
 
     def bounds_passed(self) -> list[str]:
         """The bounds this one run's timings passed ("the ceiling", "the oracle"): each
         setting runs once here, so on a noisy CPU a setting can time faster than a bound it
         cannot pass in expectation.
         """
-        speedup, out = self.speedup, []
-        for name, bound in (("the ceiling", self.ceiling), ("the oracle", self.oracle_speedup)):
-            if speedup and bound and speedup > bound and self.offload.predictor != "oracle":
-                out.append(name)
-        return out
+        speedup = self.speedup
+        if speedup is None or self.offload.predictor == "oracle":  # the oracle is its own bound
+            return []
+        return [name for name, bound in (("the ceiling", self.ceiling),
+                                         ("the oracle", self.oracle_speedup))
+                if bound is not None and speedup > bound]
 
     @property
     def oracle_share(self) -> float | None:
