@@ -254,7 +254,7 @@ class ExpertComparison:
     def from_dict(cls, data: dict) -> ExpertComparison:
         """Rebuild from `to_dict` output (KeyError/TypeError/ValueError on a damaged one)."""
         data = dict(data)
-        data["offload"] = OffloadConfig(**data["offload"])
+        data["offload"] = OffloadConfig(**{"queue": "fifo"} | data["offload"])  # older: fifo
         data["events"] = [Event(**e) for e in data["events"]]
         data["routes"] = [[tuple(r) for r in token] for token in data["routes"]]
         data["warm"] = [tuple(k) for k in data["warm"]]

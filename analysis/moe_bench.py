@@ -27,7 +27,7 @@ from analysis.compare import share_of_gain
 from analysis.prompts import select_prompts
 from m2r2core.config import DecodeConfig
 from m2r2core.engine import environment
-from m2r2core.moe.channel import PRESETS
+from m2r2core.moe.channel import PRESETS, QUEUES
 from m2r2core.moe.eviction import POLICIES
 from m2r2core.moe.offload import OffloadConfig, OffloadEngine, load_moe
 from m2r2core.moe.prefetch import PREDICTORS
@@ -50,7 +50,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--policies", nargs="+", default=["lru", "predicted"], choices=POLICIES)
     p.add_argument("--lookahead", type=int, nargs="+", default=[2],
                    help="one or more D; the first is used in the sweeps")
-    p.add_argument("--margin", type=int, default=0)
+    p.add_argument("--margin", type=int, nargs="+", default=[0],
+                   help="one or more margins (experts per layer beyond the top-k); the first "
+                        "is used in the sweeps")
+    p.add_argument("--queues", nargs="+", default=["deadline"], choices=QUEUES,
+                   help="prefetch orders on the storage channel to time (the first is used in "
+                        "the sweeps); on-demand loading has no prefetches and runs once")
     p.add_argument("--sweep-capacity", type=int, nargs="*", default=[],
                    help="capacities for the sweep (baseline and the sweep predictors)")
     p.add_argument("--sweep-bandwidth", nargs="*", default=[], choices=tuple(PRESETS))
@@ -66,24 +71,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def settings(args: argparse.Namespace) -> list[OffloadConfig]:
     """Every setting to time: the main grid, then the sweeps (each with its own baseline)."""
-    out = [OffloadConfig(args.capacity, args.bandwidth, BASELINE[0], args.lookahead[0],
-                         args.margin, BASELINE[1])]
+    out = [_baseline(OffloadConfig(args.capacity, args.bandwidth), args)]
     for predictor in args.predictors:
         # without predictions `predicted` is LRU; `lfu` and `ahead` still differ
         policies = (["lru"] + [q for q in args.policies if q in ("lfu", "ahead")]
                     if predictor == "none" else args.policies)
         lookaheads = [args.lookahead[0]] if predictor in ("none",) else args.lookahead
+        queues = [QUEUES[0]] if predictor == "none" else args.queues
+        margins = args.margin[:1] if predictor in ("none", "oracle") else args.margin
         for policy in policies:
             for lookahead in lookaheads:
-                out.append(OffloadConfig(args.capacity, args.bandwidth, predictor, lookahead,
-                                         args.margin, policy))
+                for queue in queues:
+                    for margin in margins:
+                        out.append(OffloadConfig(args.capacity, args.bandwidth, predictor,
+                                                 lookahead, margin, policy, queue=queue))
     sweep = [(c, args.bandwidth) for c in args.sweep_capacity]
     sweep += [(args.capacity, b) for b in args.sweep_bandwidth]
     for capacity, bw in sweep:
-        out.append(OffloadConfig(capacity, bw, "none", args.lookahead[0], args.margin, "lru"))
+        out.append(_baseline(OffloadConfig(capacity, bw), args))
         for predictor in args.sweep_predictors:
-            out.append(OffloadConfig(capacity, bw, predictor, args.lookahead[0], args.margin,
-                                     args.sweep_policy))
+            out.append(OffloadConfig(capacity, bw, predictor, args.lookahead[0], args.margin[0],
+                                     args.sweep_policy, queue=args.queues[0]))
     seen, unique = set(), []
     for s in out:
         if s not in seen:
@@ -93,8 +101,12 @@ def settings(args: argparse.Namespace) -> list[OffloadConfig]:
 
 
 def label(s: OffloadConfig) -> str:
-    """A setting's key in the report."""
-    return f"{s.predictor}/{s.policy}/D{s.lookahead}/cap{s.capacity}/{s.bandwidth}"
+    """A setting's key in the report (a margin and a prefetch order other than the default
+    are appended).
+    """
+    key = f"{s.predictor}/{s.policy}/D{s.lookahead}/cap{s.capacity}/{s.bandwidth}"
+    key += f"/m{s.margin}" if s.margin else ""
+    return key if s.queue == QUEUES[0] else f"{key}/{s.queue}"
 
 
 def bench(args: argparse.Namespace, progress: Callable[[int, int, str], None] | None = None,
@@ -135,7 +147,7 @@ def bench(args: argparse.Namespace, progress: Callable[[int, int, str], None] | 
             got = runs[label(s)]
             row["settings"][label(s)] = _median_row(got)
         for s in grid:
-            base = row["settings"][label(_baseline(s, args.lookahead[0]))]["decode_ms"]
+            base = row["settings"][label(_baseline(s, args))]["decode_ms"]
             mine = row["settings"][label(s)]["decode_ms"]
             row["settings"][label(s)]["speedup_vs_ondemand_lru"] = round(base / mine, 4)
             row["settings"][label(s)]["ceiling"] = round(base / reference.decode_ms, 4)
@@ -159,9 +171,10 @@ def _model(offload: OffloadEngine) -> dict:
     return info
 
 
-def _baseline(s: OffloadConfig, lookahead: int) -> OffloadConfig:
+def _baseline(s: OffloadConfig, args: argparse.Namespace) -> OffloadConfig:
     """On-demand LRU at the same capacity and bandwidth."""
-    return OffloadConfig(s.capacity, s.bandwidth, BASELINE[0], lookahead, s.margin, BASELINE[1])
+    return OffloadConfig(s.capacity, s.bandwidth, BASELINE[0], args.lookahead[0], args.margin[0],
+                         BASELINE[1])
 
 
 def _median_row(runs: list[dict]) -> dict:
@@ -189,7 +202,8 @@ def summarise(rows: list[dict], grid: list[OffloadConfig]) -> dict:
                 recall.setdefault(d, []).append(v)
         out[key] = {
             "predictor": s.predictor, "policy": s.policy, "lookahead": s.lookahead,
-            "capacity": s.capacity, "bandwidth": s.bandwidth,
+            "capacity": s.capacity, "bandwidth": s.bandwidth, "queue": s.queue,
+            "margin": s.margin,
             "speedup_vs_ondemand_lru": round(statistics.median(
                 c["speedup_vs_ondemand_lru"] for c in cells), 4),
             "tok_per_s": round(statistics.median(c["tok_per_s"] for c in cells), 3),
@@ -213,12 +227,14 @@ def summarise(rows: list[dict], grid: list[OffloadConfig]) -> dict:
 
 
 def _oracle_of(summary: dict, row: dict) -> float | None:
-    """The oracle's speedup at a setting's capacity and bandwidth: the same policy and lookahead
-    when that was timed, else the best oracle there; None when no oracle ran there.
+    """The oracle's speedup at a setting's capacity and bandwidth: the same policy, lookahead
+    and prefetch order when that was timed, else the best oracle there; None when no oracle ran
+    there.
     """
     here = [r for r in summary.values() if r["predictor"] == "oracle"
             and r["capacity"] == row["capacity"] and r["bandwidth"] == row["bandwidth"]]
-    same = [r for r in here if r["policy"] == row["policy"] and r["lookahead"] == row["lookahead"]]
+    same = [r for r in here if r["policy"] == row["policy"] and r["lookahead"] == row["lookahead"]
+            and r.get("queue") == row.get("queue")]  # the oracle runs at the first margin
     pick = same or here
     return max(r["speedup_vs_ondemand_lru"] for r in pick) if pick else None
 

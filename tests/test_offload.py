@@ -230,6 +230,56 @@ def test_a_newer_prediction_cancels_a_stale_queued_prefetch(offload):
         cache.close()
 
 
+@pytest.mark.parametrize("queue, order", [
+    ("deadline", [(1, 0), (3, 1), (3, 2)]),  # the next layer's prefetch goes ahead of layer 3's
+    ("fifo", [(3, 1), (3, 2), (1, 0)]),      # in the order predicted
+])
+def test_prefetches_wait_by_deadline_or_in_order(offload, queue, order):
+    slow = Bandwidth("slow", 1e9, 0.05, "slow")  # 50 ms per load: everything after (3, 0) waits
+    cache = ExpertCache(offload.store, 4, slow, "predicted", 2, queue=queue)
+    try:
+        cache.layer = 0
+        cache.prefetch(3, [0, 1], distance=3)  # (3, 0) starts at once, (3, 1) waits
+        cache.prefetch(3, [0, 1, 2], distance=3)
+        cache.prefetch(1, [0], distance=1)  # needed two layers before the rest
+        assert cache.channel.queue[1:] == order
+    finally:
+        cache.close()
+
+
+def test_a_margin_waits_behind_every_top_k_guess(offload):
+    """Under `deadline` a margin's extra guess (beyond the top-k) queues after the top-k guesses
+    of later layers; a newer prediction that re-ranks a queued guess moves it."""
+    slow = Bandwidth("slow", 1e9, 0.05, "slow")
+    cache = ExpertCache(offload.store, 6, slow, "predicted", 1)  # top-1: a second is a margin
+    try:
+        cache.layer = 0
+        cache.prefetch(1, [0, 1], distance=1)  # (1, 0) loading, (1, 1) is the margin
+        cache.prefetch(2, [2, 3], distance=2)
+        assert cache.channel.queue == [(1, 0), (2, 2), (1, 1), (2, 3)]
+        cache.prefetch(2, [3, 2], distance=2)  # (2, 3) is now the top guess, (2, 2) a margin
+        assert cache.channel.queue == [(1, 0), (2, 3), (1, 1), (2, 2)]
+    finally:
+        cache.close()
+
+
+def test_a_layer_drops_its_wrong_queued_prefetches_when_it_computes(offload):
+    """Under the deadline order a queued prediction the layer did not use is cancelled when the
+    layer asks for its experts (it would take the channel for nothing this token)."""
+    slow = Bandwidth("slow", 1e9, 0.05, "slow")
+    for queue, dropped in (("deadline", [(2, 1)]), ("fifo", [])):
+        cache = ExpertCache(offload.store, 4, slow, "predicted", 2, queue=queue)
+        try:
+            cache.layer = 1
+            cache.prefetch(2, [0, 1], distance=1)  # (2, 0) loading, (2, 1) queued
+            cache.layer = 2
+            cache.request(2, [0, 3])  # (2, 1) was a wrong guess
+            assert [(e.layer, e.expert) for e in cache.events if e.kind == "cancel"] == dropped
+            assert ((2, 1) in cache.slots) == (queue == "fifo")
+        finally:
+            cache.close()
+
+
 @pytest.mark.parametrize("field, value, needle", [
     ("capacity", 1, "the minimum capacity is 2"),
     ("capacity", 17, "the most is 16"),
@@ -238,6 +288,7 @@ def test_a_newer_prediction_cancels_a_stale_queued_prefetch(offload):
     ("policy", "random", "Unknown eviction policy"),
     ("lookahead", 0, "Lookahead 0 is out of range"),
     ("margin", 5, "Margin 5 is out of range"),
+    ("queue", "lifo", "Unknown prefetch queue order 'lifo'"),
 ])
 def test_bad_settings_are_refused(offload, field, value, needle):
     cfg = dataclasses.replace(OffloadConfig(capacity=4), **{field: value})
@@ -436,7 +487,8 @@ def test_benchmark_cli_in_process(offload, tmp_path):
         "--prompts", str(prompts), "--max-new-tokens", "5", "--repeats", "1", "--capacity",
         "4", "--bandwidth", "nvme", "--predictors", "none", "pregate", "oracle", "--policies",
         "lru", "predicted", "ahead", "--lookahead", "1", "2", "--sweep-capacity", "2", "8",
-        "--sweep-bandwidth", "emmc", "--dtype", "float32"])
+        "--sweep-bandwidth", "emmc", "--dtype", "float32", "--margin", "0", "1",
+        "--queues", "deadline", "fifo"])
     report = moe_bench.bench(args, offload=offload)
     summary = report["summary"]
     base = summary["none/lru/D1/cap4/nvme"]
@@ -447,6 +499,12 @@ def test_benchmark_cli_in_process(offload, tmp_path):
     # on-demand loading gets the policies that differ without predictions, `predicted` does not
     assert "none/ahead/D1/cap4/nvme" in summary and "none/predicted/D1/cap4/nvme" not in summary
     assert "oracle/ahead/D2/cap4/nvme" in summary
+    # margins and prefetch orders: every predictor but the oracle at each, named in the key
+    assert {"pregate/predicted/D2/cap4/nvme/m1", "pregate/predicted/D2/cap4/nvme/fifo",
+            "pregate/predicted/D2/cap4/nvme/m1/fifo"} <= set(summary)
+    assert "oracle/predicted/D2/cap4/nvme/m1" not in summary
+    assert summary["pregate/predicted/D2/cap4/nvme/m1/fifo"]["margin"] == 1
+    assert summary["pregate/predicted/D2/cap4/nvme/m1/fifo"]["queue"] == "fifo"
     for key, row in summary.items():
         if key == "resident_tok_per_s":
             continue

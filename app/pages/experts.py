@@ -16,7 +16,7 @@ from app import expert_charts, resources, state
 from app.components import bundles, controls
 from m2r2core.errors import M2R2Error
 from m2r2core.moe import distilled, moefy
-from m2r2core.moe.channel import PRESETS
+from m2r2core.moe.channel import PRESETS, QUEUES
 from m2r2core.moe.eviction import POLICIES
 from m2r2core.moe.offload import OffloadConfig, OffloadEngine
 from m2r2core.moe.prefetch import PREDICTORS
@@ -68,7 +68,11 @@ leaves first; a predicted expert is expected this token, an unpredicted one of a
 predicted layer only next token). LRU is the worst choice when one token needs more experts
 than the tier holds: it evicts exactly the expert the next token reaches first. Demand loads
 jump the queue of prefetches; a closer prediction for a layer cancels its queued prefetches
-that it no longer names.
+that it no longer names. **Prefetch order**: *deadline* (the default) queues a prediction
+ahead of those for later layers, and a layer that starts computing drops its queued
+predictions it did not use; *fifo* keeps the order predicted (the engine before session 29).
+With a lookahead above 1 the difference matters: under fifo the next layer's experts can wait
+behind guesses for layers further on.
 
 **Timings** are decode-phase wall-clock of this session, the setting against on-demand LRU at
 the same capacity and bandwidth, measured one after the other on the same prompt.
@@ -143,7 +147,7 @@ def render() -> None:
 
 def _offload_controls(moe: OffloadEngine) -> OffloadConfig | None:
     total, top_k = moe.total_experts, moe.moe.top_k
-    cols = st.columns(6)
+    cols = st.columns(7)
     capacity = cols[0].number_input(
         "Capacity (experts)", value=max(top_k, total // 3), step=1, key=state.EXPERTS_CAPACITY,
         help=f"Experts the fast tier holds ({top_k}–{total}; {total} routed experts in all).")
@@ -159,8 +163,12 @@ def _offload_controls(moe: OffloadEngine) -> OffloadConfig | None:
                                   help="Experts fetched per layer beyond the top-k.")
     policy = cols[5].selectbox("Eviction", POLICIES, index=POLICIES.index("predicted"),
                                key=state.EXPERTS_POLICY)
+    queue = cols[6].selectbox("Prefetch order", QUEUES, key=state.EXPERTS_QUEUE,
+                              help="deadline: a prediction for a nearer layer goes ahead of "
+                              "queued ones for later layers; fifo: in the order predicted.")
     offload = OffloadConfig(capacity=int(capacity), bandwidth=preset, predictor=predictor,
-                            lookahead=int(lookahead), margin=int(margin), policy=policy)
+                            lookahead=int(lookahead), margin=int(margin), policy=policy,
+                            queue=queue)
     try:
         offload.validate(total, moe.moe.n_layers, moe.moe.n_experts, top_k)
     except M2R2Error as exc:
@@ -355,6 +363,7 @@ def _report() -> None:
             if v["capacity"] == args["capacity"] and v["bandwidth"] == args["bandwidth"]}
     table = pd.DataFrame([{
         "predictor": v["predictor"], "eviction": v["policy"], "lookahead": v["lookahead"],
+        "prefetch order": v.get("queue", "fifo"),  # reports before session 29: fifo
         "speedup vs on-demand LRU": v["speedup_vs_ondemand_lru"],
         "ceiling (all resident)": v.get("ceiling"),
         "share of the oracle's gain": v.get("share_of_oracle_gain"), "tok/s": v["tok_per_s"],
@@ -387,10 +396,12 @@ def _has_sweeps(report: dict) -> bool:
 
 def _sweeps(report: dict, right) -> None:
     """The capacity and storage sweeps, at the report's first lookahead with its sweep policy
-    (the baseline: no predictor, LRU)."""
+    and first prefetch order (the baseline: no predictor, LRU)."""
     args = report["args"]
+    queue = args.get("queues", ["fifo"])[0]
     summary = {k: dict(v) for k, v in report["summary"].items() if isinstance(v, dict)
                and v["lookahead"] == args["lookahead"][0]
+               and (v["predictor"] == "none" or v.get("queue", "fifo") == queue)
                and (v["policy"] == "lru" if v["predictor"] == "none"
                     else v["policy"] == args["sweep_policy"])}
     bws = {k: v.bytes_per_s for k, v in PRESETS.items()}

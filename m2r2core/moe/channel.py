@@ -3,14 +3,18 @@
 Loads go through one modelled channel (bytes per second plus a per-load latency; presets below):
 each takes the time it would on that storage, one after the other in queue order, and an expert
 is resident once its modelled load has ended. Demand loads jump the queue of prefetches but never
-interrupt the load in flight. The channel is a clock, not a sleeping thread: `advance` moves it
-to now, so storage time overlaps with compute as a DMA engine's would.
+interrupt the load in flight; prefetches queue in arrival order (`fifo`) or by how soon their
+layer computes (`deadline`, earliest first: see QUEUES). The channel is a clock, not a
+sleeping thread: `advance` moves it to now, so storage time overlaps with compute as a DMA
+engine's would.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from m2r2core.errors import ConfigError
 
@@ -41,6 +45,13 @@ PRESETS = {b.name: b for b in (
 )}
 """Bandwidth presets. `ufs` is the flash-like default of the benchmarks."""
 
+QUEUES = ("deadline", "fifo")
+"""How prefetches are ordered on the channel. `deadline`: a prediction for the next layer goes
+ahead of queued ones for later layers (with a lookahead above 1, a later layer's prefetches are
+often still queued when the next layer's arrive), and a margin's extra guesses wait behind every
+top-k guess. `fifo`: in the order predicted (the engine before session 29)."""
+
+
 def bandwidth(name: str) -> Bandwidth:
     """A preset by name, or ConfigError listing the presets."""
     if name not in PRESETS:
@@ -70,9 +81,12 @@ class StorageChannel:
         slot = self.slots.get(key)
         return slot is not None and not slot.ready and slot.start is None and not slot.demand
 
-    def schedule(self, key: Key, demand: bool) -> None:
-        """Queue a load: a demand one after the load in flight and earlier demands, a prefetch
-        at the end.
+    def schedule(self, key: Key, demand: bool, deadline: Callable[[Key], Any] | None = None
+                 ) -> None:
+        """Queue a load: a demand one after the load in flight and earlier demands; a prefetch
+        at the end, or with `deadline` (a sort key: how soon an expert is needed) before the
+        first queued prefetch that is needed later (earliest deadline first; ties keep their
+        order).
         """
         slot = self.slots[key]
         slot.demand = slot.demand or demand
@@ -84,6 +98,13 @@ class StorageChannel:
                 if queued.start is None and not queued.demand:
                     break
                 index += 1
+        elif deadline is not None:
+            mine = deadline(key)
+            for i, k in enumerate(self.queue):
+                queued = self.slots[k]
+                if queued.start is None and not queued.demand and deadline(k) > mine:
+                    index = i
+                    break
         self.queue.insert(index, key)
 
     def promote(self, key: Key) -> None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from m2r2core.errors import ConfigError
-from m2r2core.moe.channel import Bandwidth, Key, StorageChannel
+from m2r2core.moe.channel import QUEUES, Bandwidth, Key, StorageChannel
 from m2r2core.moe.eviction import POLICIES, POLICY_CLASSES, next_use
 from m2r2core.moe.reader import ExpertReader
 from m2r2core.moe.store import ExpertStore
@@ -52,6 +52,13 @@ class _Slot:
     demand: bool = False
 
 
+def check_queue(queue: str) -> None:
+    """ConfigError unless `queue` is a prefetch order of the storage channel."""
+    if queue not in QUEUES:
+        raise ConfigError(f"Unknown prefetch queue order '{queue}'; choose one of "
+                          f"{', '.join(QUEUES)}.")
+
+
 def check_tier(capacity: int, total: int, top_k: int, policy: str) -> None:
     """ConfigError unless a fast tier of `capacity` experts (of `total`) can hold one layer's
     top-k experts and `policy` is an eviction policy.
@@ -77,10 +84,18 @@ class ExpertCache:  # over 150 lines: one lock guards slots, pins, queue and clo
     """
 
     def __init__(self, store: ExpertStore, capacity: int, bw: Bandwidth, policy: str,
-                 top_k: int, device: torch.device = torch.device("cpu")) -> None:
-        """ConfigError when the tier cannot hold one layer's experts or the policy is unknown."""
+                 top_k: int, device: torch.device = torch.device("cpu"),
+                 queue: str = "deadline") -> None:
+        """ConfigError when the tier cannot hold one layer's experts, or the policy or the
+        queue order (channel.QUEUES) is unknown.
+        """
         check_tier(capacity, len(store.files), top_k, policy)
+        check_queue(queue)
         self.store, self.capacity, self.bw, self.policy = store, capacity, bw, policy
+        self.queue, self.top_k = queue, top_k
+        self.spare: set[Key] = set()
+        """Prefetches beyond a prediction's top-k (its margin): under `deadline` they wait
+        behind every top-k prefetch, using the channel only when nothing likelier is queued."""
         self.eviction = POLICY_CLASSES[policy]()
         self.n_layers = store.n_layers
         self.device = device
@@ -126,6 +141,11 @@ class ExpertCache:  # over 150 lines: one lock guards slots, pins, queue and clo
             self._advance()
             first = experts[: self.capacity]
             self.pinned = {(layer, e) for e in first}
+            if self.queue == "deadline":  # this layer's wrong predictions: nothing waits on them
+                for key in [k for k in self.channel.queue if k[0] == layer
+                            and k[1] not in experts and self.channel.queued(k)]:
+                    if self._cancel(key) and self.predicted.get(key) == self.token:
+                        del self.predicted[key]
             for e in first:
                 key = (layer, e)
                 if key not in self.slots:
@@ -185,11 +205,21 @@ class ExpertCache:  # over 150 lines: one lock guards slots, pins, queue and clo
                     continue
                 if self.predicted.get(key) == self.token:
                     del self.predicted[key]
-            for e in experts:
+            for rank, e in enumerate(experts):
                 key = (layer, e)
                 self.predicted[key] = self.token
+                spare = rank >= self.top_k
                 if key in self.slots:
+                    if (self.queue == "deadline" and (key in self.spare) != spare
+                            and self.channel.queued(key)):  # re-ranked: it changes its place
+                        self.spare.symmetric_difference_update({key})
+                        self.channel.drop(key)
+                        self.channel.schedule(key, demand=False, deadline=self._deadline)
                     continue
+                if spare:
+                    self.spare.add(key)
+                else:
+                    self.spare.discard(key)
                 if len(self.slots) >= self.capacity:
                     victim = self._victim(for_prefetch=True, need=key)
                     if victim is None:
@@ -290,9 +320,16 @@ class ExpertCache:  # over 150 lines: one lock guards slots, pins, queue and clo
                      seconds=self.bw.seconds(nbytes))
         self.slots[key] = slot
         self.peak = max(self.peak, len(self.slots))
-        self.channel.schedule(key, demand=cause == "demand")
+        self.channel.schedule(key, demand=cause == "demand",
+                              deadline=self._deadline if self.queue == "deadline" else None)
         self.reader.submit(key)
         return slot
+
+    def _deadline(self, key: Key) -> tuple[bool, int]:
+        """A queued prefetch's place under `deadline`: margin guesses after top-k ones, then
+        layers until `key`'s layer computes next (a layer already passed: the next token's).
+        """
+        return key in self.spare, (key[0] - self.layer) % self.n_layers
 
     def next_use(self, key: Key) -> int:
         """The `ahead` policy's estimate of when an expert is next used, in layers from now."""

@@ -29,7 +29,7 @@ from m2r2core.config import DecodeConfig
 from m2r2core.engine import Engine
 from m2r2core.errors import ConfigError, UnsupportedModel
 from m2r2core.moe.channel import bandwidth
-from m2r2core.moe.experts import ExpertCache, check_tier
+from m2r2core.moe.experts import ExpertCache, check_queue, check_tier
 from m2r2core.moe.prefetch import (
     PREDICTORS,
     MoeParts,
@@ -64,10 +64,14 @@ class OffloadConfig:
     policy: str = "predicted"
     warm: bool = True
     """Start with the fast tier filled by the first layers' experts (else empty)."""
+    queue: str = "deadline"
+    """How prefetches wait on the storage channel (moe/channel.py QUEUES): earliest-needed
+    first, or in the order predicted (`fifo`)."""
 
     def validate(self, total: int, n_layers: int, n_experts: int, top_k: int) -> None:
         """ConfigError naming the field and its allowed range (total: experts in the model)."""
         check_tier(self.capacity, total, top_k, self.policy)
+        check_queue(self.queue)
         bandwidth(self.bandwidth)
         if self.predictor not in PREDICTORS:
             raise ConfigError(f"Unknown predictor '{self.predictor}'; choose one of "
@@ -245,7 +249,8 @@ class OffloadRun(DecodeRun[OffloadToken]):
         cache = None
         if offload is not None:
             cache = ExpertCache(owner.store, offload.capacity, bandwidth(offload.bandwidth),
-                                offload.policy, owner.moe.top_k, owner.engine.device)
+                                offload.policy, owner.moe.top_k, owner.engine.device,
+                                offload.queue)
             try:
                 if offload.warm:
                     cache.warm(owner.expert_keys())
