@@ -250,7 +250,8 @@ def _show_generation(s: ExpertSession) -> None:
                    help="(speedup − 1) ÷ (oracle's speedup − 1).")
     o = s.offload
     st.caption(f"{o.predictor} prediction, lookahead {o.lookahead}, margin {o.margin}, "
-               f"{o.policy} eviction, {o.capacity} of {s.total} experts resident "
+               f"{o.policy} eviction, prefetches by {o.queue}, {o.capacity} of {s.total} "
+               f"experts resident "
                f"({o.capacity / s.total:.0%}), {PRESETS[o.bandwidth].label}. "
                f"{mine['loads_per_token']} loads per token "
                f"({mine['wasted_per_token']} prefetched and evicted unused).")
