@@ -60,6 +60,18 @@ def test_generation_is_identical_and_charted(app, predictor):
         assert any(name in k for k in keys), keys
 
 
+def test_the_prefetch_order_is_a_control_and_named(app):
+    """Deadline order is the default; fifo (the engine before) stays one click away, runs with
+    the same output, and the run's caption names the order it ran with."""
+    assert app.selectbox(key=state.EXPERTS_QUEUE).value == "deadline"
+    app.selectbox(key=state.EXPERTS_QUEUE).set_value("fifo")
+    at = generate(app, predictor="pregate", budget=4)
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    session = at.session_state[RESULT_KEY]
+    assert session.offload.queue == "fifo" and session.identical
+    assert any("prefetches by fifo" in c.value for c in at.caption)
+
+
 def test_a_run_timed_past_its_ceiling_says_why(app):
     """One run per setting on a noisy CPU can time faster than a bound it cannot pass in
     expectation; the page says so instead of showing a share over 100% unexplained."""
