@@ -251,8 +251,7 @@ def _show_generation(s: ExpertSession) -> None:
     o = s.offload
     st.caption(f"{o.predictor} prediction, lookahead {o.lookahead}, margin {o.margin}, "
                f"{o.policy} eviction, prefetches by {o.queue}, {o.capacity} of {s.total} "
-               f"experts resident "
-               f"({o.capacity / s.total:.0%}), {PRESETS[o.bandwidth].label}. "
+               f"experts resident ({o.capacity / s.total:.0%}), {PRESETS[o.bandwidth].label}. "
                f"{mine['loads_per_token']} loads per token "
                f"({mine['wasted_per_token']} prefetched and evicted unused).")
     passed = s.bounds_passed()
