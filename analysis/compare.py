@@ -17,6 +17,7 @@ from m2r2core.config import DecodeConfig
 from m2r2core.engine import Engine, RunResult
 from m2r2core.exits.early_exit import ExitConfig
 from m2r2core.exits.routers import ExitRule
+from m2r2core.moe.channel import UNRECORDED_QUEUE
 from m2r2core.moe.offload import OffloadConfig, OffloadEngine
 from m2r2core.spec.speculative import SpecConfig
 from m2r2core.trace import Event, RunTrace, SpecRound, TokenStep, from_dict, to_dict
@@ -254,7 +255,7 @@ class ExpertComparison:
     def from_dict(cls, data: dict) -> ExpertComparison:
         """Rebuild from `to_dict` output (KeyError/TypeError/ValueError on a damaged one)."""
         data = dict(data)
-        data["offload"] = OffloadConfig(**{"queue": "fifo"} | data["offload"])  # older: fifo
+        data["offload"] = OffloadConfig(**{"queue": UNRECORDED_QUEUE} | data["offload"])
         data["events"] = [Event(**e) for e in data["events"]]
         data["routes"] = [[tuple(r) for r in token] for token in data["routes"]]
         data["warm"] = [tuple(k) for k in data["warm"]]

@@ -16,7 +16,7 @@ from app import expert_charts, resources, state
 from app.components import bundles, controls
 from m2r2core.errors import M2R2Error
 from m2r2core.moe import distilled, moefy
-from m2r2core.moe.channel import PRESETS, QUEUES
+from m2r2core.moe.channel import PRESETS, QUEUES, UNRECORDED_QUEUE
 from m2r2core.moe.eviction import POLICIES
 from m2r2core.moe.offload import OffloadConfig, OffloadEngine
 from m2r2core.moe.prefetch import PREDICTORS
@@ -363,7 +363,7 @@ def _report() -> None:
             if v["capacity"] == args["capacity"] and v["bandwidth"] == args["bandwidth"]}
     table = pd.DataFrame([{
         "predictor": v["predictor"], "eviction": v["policy"], "lookahead": v["lookahead"],
-        "prefetch order": v.get("queue", "fifo"),  # reports before session 29: fifo
+        "prefetch order": v.get("queue", UNRECORDED_QUEUE),
         "speedup vs on-demand LRU": v["speedup_vs_ondemand_lru"],
         "ceiling (all resident)": v.get("ceiling"),
         "share of the oracle's gain": v.get("share_of_oracle_gain"), "tok/s": v["tok_per_s"],
@@ -398,10 +398,10 @@ def _sweeps(report: dict, right) -> None:
     """The capacity and storage sweeps, at the report's first lookahead with its sweep policy
     and first prefetch order (the baseline: no predictor, LRU)."""
     args = report["args"]
-    queue = args.get("queues", ["fifo"])[0]
+    queue = args.get("queues", [UNRECORDED_QUEUE])[0]
     summary = {k: dict(v) for k, v in report["summary"].items() if isinstance(v, dict)
                and v["lookahead"] == args["lookahead"][0]
-               and (v["predictor"] == "none" or v.get("queue", "fifo") == queue)
+               and (v["predictor"] == "none" or v.get("queue", UNRECORDED_QUEUE) == queue)
                and (v["policy"] == "lru" if v["predictor"] == "none"
                     else v["policy"] == args["sweep_policy"])}
     bws = {k: v.bytes_per_s for k, v in PRESETS.items()}

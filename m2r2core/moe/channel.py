@@ -50,6 +50,8 @@ QUEUES = ("deadline", "fifo")
 ahead of queued ones for later layers (with a lookahead above 1, a later layer's prefetches are
 often still queued when the next layer's arrive), and a margin's extra guesses wait behind every
 top-k guess. `fifo`: in the order predicted (the engine before session 29)."""
+UNRECORDED_QUEUE = "fifo"
+"""The order of a report or bundle that does not name one (they were made before the choice)."""
 
 
 def bandwidth(name: str) -> Bandwidth:

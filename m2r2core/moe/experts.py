@@ -50,6 +50,9 @@ class _Slot:
     start: float | None = None
     """When the channel started its modelled load (perf_counter s); None while queued."""
     demand: bool = False
+    spare: bool = False
+    """A prefetch beyond its prediction's top-k (a margin guess): under the `deadline` order it
+    waits behind every top-k prefetch."""
 
 
 def check_queue(queue: str) -> None:
@@ -93,9 +96,8 @@ class ExpertCache:  # over 150 lines: one lock guards slots, pins, queue and clo
         check_queue(queue)
         self.store, self.capacity, self.bw, self.policy = store, capacity, bw, policy
         self.queue, self.top_k = queue, top_k
-        self.spare: set[Key] = set()
-        """Prefetches beyond a prediction's top-k (its margin): under `deadline` they wait
-        behind every top-k prefetch, using the channel only when nothing likelier is queued."""
+        self._order = self._deadline if queue == "deadline" else None
+        """The channel's sort key for prefetches (None: in the order predicted)."""
         self.eviction = POLICY_CLASSES[policy]()
         self.n_layers = store.n_layers
         self.device = device
@@ -141,11 +143,8 @@ class ExpertCache:  # over 150 lines: one lock guards slots, pins, queue and clo
             self._advance()
             first = experts[: self.capacity]
             self.pinned = {(layer, e) for e in first}
-            if self.queue == "deadline":  # this layer's wrong predictions: nothing waits on them
-                for key in [k for k in self.channel.queue if k[0] == layer
-                            and k[1] not in experts and self.channel.queued(k)]:
-                    if self._cancel(key) and self.predicted.get(key) == self.token:
-                        del self.predicted[key]
+            if self._order is not None:  # this layer's wrong guesses: nothing waits on them
+                self._drop_queued(layer, set(experts))
             for e in first:
                 key = (layer, e)
                 if key not in self.slots:
@@ -198,34 +197,25 @@ class ExpertCache:  # over 150 lines: one lock guards slots, pins, queue and clo
         with self._lock:
             self._advance()
             self.predicted_layers[layer] = self.token
-            wanted = set(experts)
-            for key in [k for k in self.channel.queue if self.channel.queued(k)
-                        and k[0] == layer and k[1] not in wanted and k not in self.pinned]:
-                if not self._cancel(key):
-                    continue
-                if self.predicted.get(key) == self.token:
-                    del self.predicted[key]
+            self._drop_queued(layer, set(experts))
             for rank, e in enumerate(experts):
                 key = (layer, e)
                 self.predicted[key] = self.token
                 spare = rank >= self.top_k
-                if key in self.slots:
-                    if (self.queue == "deadline" and (key in self.spare) != spare
+                slot = self.slots.get(key)
+                if slot is not None:
+                    if (self._order is not None and slot.spare != spare
                             and self.channel.queued(key)):  # re-ranked: it changes its place
-                        self.spare.symmetric_difference_update({key})
+                        slot.spare = spare
                         self.channel.drop(key)
-                        self.channel.schedule(key, demand=False, deadline=self._deadline)
+                        self.channel.schedule(key, demand=False, deadline=self._order)
                     continue
-                if spare:
-                    self.spare.add(key)
-                else:
-                    self.spare.discard(key)
                 if len(self.slots) >= self.capacity:
                     victim = self._victim(for_prefetch=True, need=key)
                     if victim is None:
                         continue
                     self._evict(victim)
-                self._reserve(key, "prefetch")
+                self._reserve(key, "prefetch", spare)
                 now = self.now_ms()
                 self.events.append(Event("prefetch", self.token, layer, e, now, now,
                                          str(distance)))
@@ -265,6 +255,15 @@ class ExpertCache:  # over 150 lines: one lock guards slots, pins, queue and clo
             if left > 0:
                 time.sleep(left)
 
+    def _drop_queued(self, layer: int, keep: set[int]) -> None:
+        """Cancel `layer`'s queued prefetches of experts not in `keep` (nor pinned), and forget
+        that they were predicted for this token (caller holds the lock).
+        """
+        for key in [k for k in self.channel.queue if self.channel.queued(k)
+                    and k[0] == layer and k[1] not in keep and k not in self.pinned]:
+            if self._cancel(key) and self.predicted.get(key) == self.token:
+                del self.predicted[key]
+
     def _cancel(self, key: Key) -> bool:
         """Drop a queued load that has not started on the channel (nor is being read right
         now); False when it cannot be dropped.
@@ -281,7 +280,7 @@ class ExpertCache:  # over 150 lines: one lock guards slots, pins, queue and clo
 
     # -- eviction -----------------------------------------------------------------------------
 
-    def _reserve(self, key: Key, cause: str) -> _Slot:
+    def _reserve(self, key: Key, cause: str, spare: bool = False) -> _Slot:
         """Take a slot for a load and queue it, evicting if the tier is full (caller holds the
         lock).
 
@@ -317,11 +316,10 @@ class ExpertCache:  # over 150 lines: one lock guards slots, pins, queue and clo
             self._advance()
         nbytes = self.store.files[key]["bytes"]
         slot = _Slot(cause=cause, buffer=self.reader.free.pop(), queued_at=time.perf_counter(),
-                     seconds=self.bw.seconds(nbytes))
+                     seconds=self.bw.seconds(nbytes), spare=spare)
         self.slots[key] = slot
         self.peak = max(self.peak, len(self.slots))
-        self.channel.schedule(key, demand=cause == "demand",
-                              deadline=self._deadline if self.queue == "deadline" else None)
+        self.channel.schedule(key, demand=cause == "demand", deadline=self._order)
         self.reader.submit(key)
         return slot
 
@@ -329,7 +327,7 @@ class ExpertCache:  # over 150 lines: one lock guards slots, pins, queue and clo
         """A queued prefetch's place under `deadline`: margin guesses after top-k ones, then
         layers until `key`'s layer computes next (a layer already passed: the next token's).
         """
-        return key in self.spare, (key[0] - self.layer) % self.n_layers
+        return self.slots[key].spare, (key[0] - self.layer) % self.n_layers
 
     def next_use(self, key: Key) -> int:
         """The `ahead` policy's estimate of when an expert is next used, in layers from now."""
