@@ -416,6 +416,86 @@ def test_a_per_distance_accelerator_trains_each_distance_and_round_trips(offload
                if moe.is_moe(layer + 1))
 
 
+def test_the_rank_objective_asks_for_the_used_experts_as_the_top_k():
+    """Plackett-Luce: lowest when the used experts lead in the gate's order, and a set that is
+    only in the top k+1 costs more than under the set objective's uniform target."""
+    from m2r2core.moe.prefetch import _route_loss
+
+    used = torch.tensor([[0, 1]])
+    right = torch.tensor([[5.0, 4.0, 0.0, 0.0]])
+    swapped = torch.tensor([[4.0, 5.0, 0.0, 0.0]])
+    third = torch.tensor([[5.0, 0.0, 4.0, 0.0]])  # expert 1 ranks below expert 2
+    assert _route_loss(right, used, 4, "rank") < _route_loss(swapped, used, 4, "rank")
+    assert _route_loss(right, used, 4, "rank") < _route_loss(third, used, 4, "rank")
+    # hand-computed: -log p(0) - log p(1 | not 0)
+    p0 = torch.log_softmax(right, -1)[0, 0]
+    p1 = torch.log_softmax(right[:, 1:], -1)[0, 0]
+    assert torch.isclose(_route_loss(right, used, 4, "rank"), -(p0 + p1))
+    goal = torch.tensor([[0.5, 0.5, 0.0, 0.0]])
+    assert torch.isclose(_route_loss(right, used, 4, "set"),
+                         -(goal * torch.log_softmax(right, -1)).sum())
+
+
+def test_minibatch_fits_learn_the_routes_and_bad_losses_are_refused(offload):
+    """A minibatch fit with either objective learns a route the plain state misses (a fixed
+    linear function of the state), and an unknown objective is refused by name."""
+    from m2r2core.moe import prefetch
+
+    moe = offload.moe
+    gen = torch.Generator().manual_seed(5)
+    states = [torch.randn(400, 64, generator=gen).to(torch.bfloat16) for _ in range(moe.n_layers)]
+    mix = torch.randn(64, 64, generator=gen)
+    used = [moe.logits(i, states[i - 1].float() @ mix).topk(moe.top_k, -1).indices
+            if i and moe.is_moe(i) else None for i in range(moe.n_layers)]
+    held = torch.arange(400) % 10 == 0
+    for loss in prefetch.ACCEL_LOSSES:
+        accel = prefetch.fit_accelerator(moe, states, used, rank=8, lookahead=1, steps=150,
+                                         seed=0, batch_tokens=64, lr=1e-2, loss=loss)
+        layer = next(i for i in range(moe.n_layers - 1) if moe.is_moe(i + 1))
+        x = states[layer][held].float()
+
+        def recall(state, target=layer + 1):
+            picked = moe.logits(target, state).topk(moe.top_k, -1).indices
+            return (picked[:, :, None] == used[target][held][:, None, :]).any(-1).float().mean()
+
+        assert accel.b[layer, 0].any(), loss  # kept: it beat the plain state on held tokens
+        assert recall(accel(layer, x, 1)) > recall(x) + 0.1, loss
+    with pytest.raises(ConfigError, match="Unknown accelerator loss 'hinge'"):
+        prefetch.fit_accelerator(moe, states, used, 4, 1, 1, 0, loss="hinge")
+
+
+def test_fit_accel_keeps_its_states_in_the_cache_and_rereads_them(tmp_path, monkeypatch):
+    """--states-cache: the second call with the same settings reads the file instead of the
+    model; other settings, or a corrupt file, read again."""
+    import argparse
+
+    from m2r2core.train import moe_accel
+
+    monkeypatch.setattr("m2r2core.train.common.default_cache_dir", lambda: tmp_path)
+    monkeypatch.setattr("m2r2core.runtime.model.fingerprint", lambda model: "fp")
+    args = argparse.Namespace(states_cache=True, tokens=100, answers=0, answer_tokens=8,
+                              corpus_answers=0, seed=0)
+    calls = []
+
+    def read():
+        calls.append(1)
+        return [torch.ones(3, 2)], [None]
+
+    first = moe_accel._cached(args, None, "train", read)
+    again = moe_accel._cached(args, None, "train", read)
+    assert len(calls) == 1 and torch.equal(first[0][0], again[0][0])
+    args.tokens = 200
+    moe_accel._cached(args, None, "train", read)
+    assert len(calls) == 2
+    for path in tmp_path.rglob("accel-states-*.pt"):
+        path.write_bytes(b"not a torch file")
+    moe_accel._cached(args, None, "train", read)
+    assert len(calls) == 3
+    args.states_cache = False
+    moe_accel._cached(args, None, "train", read)
+    assert len(calls) == 4 and not list(tmp_path.rglob("*.tmp"))
+
+
 def test_loads_read_into_the_tiers_fixed_buffers(offload, reference):
     """Every load lands in one of the tier's preallocated buffers: no memory is allocated per
     load, and a reused buffer holds exactly the new expert's bytes."""

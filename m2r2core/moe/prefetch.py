@@ -291,9 +291,17 @@ def recall_by_distance(predictions: list[tuple[int, int, int, list[int]]],
     return {d: (h / n if n else float("nan")) for d, (h, n) in hits.items()}
 
 
+ACCEL_LOSSES = ("set", "rank")
+"""Training objectives of the route accelerator: `set`, the cross-entropy of the router's softmax
+against the used top-k set (uniform over it); `rank`, the Plackett-Luce likelihood of the used
+experts in the gate's order (the first, then the second among the rest, …), which asks for the
+used experts to be the top k, as a margin-0 prefetch needs."""
+
+
 def fit_accelerator(moe: MoeParts, states: list[torch.Tensor], topk: list[torch.Tensor],
                     rank: int, lookahead: int, steps: int, seed: int, progress=None,
-                    per_distance: bool = True, validation: int = 10) -> RouteAccelerator:
+                    per_distance: bool = True, validation: int = 10, batch_tokens: int = 0,
+                    lr: float = 2e-3, loss: str = "set") -> RouteAccelerator:
     """Train the rate accelerator: f_l(h_l) must route like the states of layers l+1 … l+D
     (per distance: f_{l,d}(h_l) like the state of layer l+d).
 
@@ -303,42 +311,49 @@ def fit_accelerator(moe: MoeParts, states: list[torch.Tensor], topk: list[torch.
     state does not help (in practice: often one layer ahead).
 
     Args:
-        states: per layer l, (T, H) block outputs h_l.
-        topk: per layer l, (T, k) experts the MoE actually used.
-    The loss per target layer is the cross-entropy of its router's softmax against the used
-    top-k set (uniform over it); router logits are divided by their scale on the text so the
-    softmax is not flat.
+        states: per layer l, (T, H) block outputs h_l (any float dtype; bf16 halves the memory
+            of a large fit, each batch is computed in fp32).
+        topk: per layer l, (T, k) experts the MoE actually used, in the gate's order.
+        batch_tokens: tokens per Adam step (0: every training token, full batch).
+        loss: one of ACCEL_LOSSES.
+    Router logits are divided by their scale on the text so the softmax is not flat.
     """
+    if loss not in ACCEL_LOSSES:
+        raise ConfigError(f"Unknown accelerator loss '{loss}'; choose one of "
+                          f"{', '.join(ACCEL_LOSSES)}.")
     torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
     n_layers = moe.n_layers
     hidden = states[0].shape[1]
     accel = RouteAccelerator(n_layers, hidden, rank, lookahead if per_distance else 0)
-    temperature = [float(moe.logits(t, states[t - 1]).std()) if t and moe.is_moe(t) else 1.0
-                   for t in range(n_layers)]
+    sample = slice(0, 8192)
+    temperature = [float(moe.logits(t, states[t - 1][sample].float()).std())
+                   if t and moe.is_moe(t) else 1.0 for t in range(n_layers)]
     held = (torch.arange(len(states[0])) % validation == 0) if validation else None
+    train_rows = torch.arange(len(states[0])) if held is None else (~held).nonzero()[:, 0]
     for layer in range(n_layers - 1):
-        x = states[layer] if held is None else states[layer][~held]
         targets = [t for t in range(layer + 1, min(layer + lookahead, n_layers - 1) + 1)
                    if moe.is_moe(t)]
         groups = [[t] for t in targets] if per_distance else [targets] if targets else []
         for group in groups:
-            used = {t: topk[t] if held is None else topk[t][~held] for t in group}
-            goal = {t: F.one_hot(used[t], moe.n_experts).sum(1).float() / moe.top_k
-                    for t in group}
             slot_a, slot_b = accel.factors(layer, group[0] - layer)
             a = slot_a.detach().clone().requires_grad_(True)  # this map alone: Adam's steps
             b = slot_b.detach().clone().requires_grad_(True)  # touch only its own entries
-            opt = torch.optim.Adam([a, b], lr=2e-3)
+            opt = torch.optim.Adam([a, b], lr=lr)
             for _ in range(steps):
+                rows = train_rows if not batch_tokens or batch_tokens >= len(train_rows) else \
+                    train_rows[torch.randint(len(train_rows), (batch_tokens,),
+                                             generator=generator)]
+                x = states[layer][rows].float()
                 fast = x + F.linear(F.linear(x, a), b)
-                loss = sum(-(goal[t] * F.log_softmax(moe.logits(t, fast) / temperature[t], -1))
-                           .sum(-1).mean() for t in group)
+                total = sum(_route_loss(moe.logits(t, fast) / temperature[t], topk[t][rows],
+                                        moe.n_experts, loss) for t in group)
                 opt.zero_grad()
-                loss.backward()
+                total.backward()
                 opt.step()
-            if held is not None and not _beats_plain(moe, states[layer][held], a.detach(),
-                                                     b.detach(), {t: topk[t][held]
-                                                                  for t in group}):
+            if held is not None and not _beats_plain(moe, states[layer][held].float(),
+                                                     a.detach(), b.detach(),
+                                                     {t: topk[t][held] for t in group}):
                 continue  # the plain state routes these tokens as well or better
             with torch.no_grad():
                 slot_a.copy_(a)
@@ -347,6 +362,23 @@ def fit_accelerator(moe: MoeParts, states: list[torch.Tensor], topk: list[torch.
             progress(layer + 1, n_layers - 1)
     accel.requires_grad_(False)
     return accel
+
+
+def _route_loss(logits: torch.Tensor, used: torch.Tensor, n_experts: int,
+                loss: str) -> torch.Tensor:
+    """The accelerator's objective for one target layer: (T, E) logits, (T, k) used experts."""
+    logp = F.log_softmax(logits, -1)
+    if loss == "set":
+        goal = F.one_hot(used, n_experts).sum(1).float() / used.shape[1]
+        return -(goal * logp).sum(-1).mean()
+    total = logits.new_zeros(())  # Plackett-Luce: each used expert among those not yet taken
+    taken = torch.zeros_like(logits, dtype=torch.bool)
+    for i in range(used.shape[1]):
+        pick = used[:, i:i + 1]
+        total = total - (logits.gather(1, pick)[:, 0]
+                         - torch.logsumexp(logits.masked_fill(taken, float("-inf")), -1)).mean()
+        taken = taken.scatter(1, pick, True)
+    return total
 
 
 @torch.no_grad()

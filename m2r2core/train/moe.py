@@ -40,6 +40,7 @@ from m2r2core.moe.moefy import (
     moe_state,
     refit_all,
 )
+from m2r2core.moe.prefetch import ACCEL_LOSSES
 from m2r2core.runtime.model import DEFAULT_MODEL, load
 from m2r2core.train import distill, moe_distill, moe_quality
 from m2r2core.train.common import labelled_bars
@@ -304,6 +305,17 @@ def parser() -> argparse.ArgumentParser:
                    help="measure the committed accelerator's held-out recall again (no training)")
     a.add_argument("--shared", action="store_true", help="one accelerated state per layer for "
                    "every distance (default: one per distance d = 1 … lookahead)")
+    a.add_argument("--corpus-answers", type=int, default=0, help="chat answers of the "
+                   "distillation corpus's train split (the dense model's, read by the MoE) that "
+                   "join the training text (0: none)")
+    a.add_argument("--batch-tokens", type=int, default=0,
+                   help="tokens per Adam step (0: every training token at once)")
+    a.add_argument("--lr", type=float, default=2e-3)
+    a.add_argument("--loss", choices=ACCEL_LOSSES, default="set",
+                   help="set: cross-entropy against the used experts as a set; rank: their "
+                   "Plackett-Luce likelihood in the gate's order (top-k exact)")
+    a.add_argument("--states-cache", action="store_true", help="keep the training states in "
+                   "the model cache and reuse them for a refit with the same data settings")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--threads", type=int, default=2)
     a.set_defaults(func=cmd_fit_accel)
