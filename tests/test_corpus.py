@@ -5,6 +5,7 @@ not built yet trains on its teacher-forced text alone."""
 
 import argparse
 import json
+import random
 
 import pytest
 
@@ -74,6 +75,62 @@ def test_build_resumes_by_shard_and_refuses_another_model(tmp_path, tiny_engine,
         _build(folder, tiny_engine, fingerprint="fp-other", name="other")
     with pytest.raises(corpus.CorpusError, match="fingerprint fp-tiny"):
         corpus.load(folder, "dev", model_fingerprint="fp-other")
+
+
+def test_a_growth_round_adds_fresh_instructions_and_resumes(tmp_path, tiny_engine, monkeypatch):
+    """`corpus --grow`: fresh train instructions (none planned before, no evaluation copy, half
+    from each source) in their own plan and shards, read with the train split; a resume answers
+    only missing shards; a round planned with another count, or a corpus not built, is refused;
+    a second round takes nothing the first took."""
+    monkeypatch.setattr(corpus, "plan", _small_plan)
+    monkeypatch.setattr(corpus, "teacher_forced", _small_text)
+    monkeypatch.setattr(corpus, "evaluation_texts", lambda: ["an evaluation prompt here"])
+    records = [{"id": f"s{n}", "conversations": [{"from": "human", "value": f"Tell me fact {n}."}]}
+               for n in range(40)]
+    records.append({"id": "copy", "conversations": [{"from": "human",
+                                                     "value": "An evaluation prompt here!"}]})
+    monkeypatch.setattr(corpus, "sharegpt_records", lambda: iter(records))
+    articles = [{"title": f"Article {n}", "extract": f"Article {n} is about topic {n}.",
+                 "description": "a topic"} for n in range(12)]
+    monkeypatch.setattr(corpus, "wiki_articles", lambda split: list(articles))
+    folder = tmp_path / "corpus"
+    settings = corpus.Settings(max_new_tokens=4, n_wiki=3)
+    with pytest.raises(corpus.CorpusError, match="build it first"):
+        corpus.grow(folder, tiny_engine.model, tiny_engine.tokenizer, "tiny", "fp-tiny",
+                    settings, 4, 1, 2, 2)
+    corpus.build(folder, tiny_engine.model, tiny_engine.tokenizer, "tiny", "fp-tiny", settings,
+                 batch_size=2, shard_size=2)
+    base = len(corpus.finished(folder, "train"))
+
+    def grow(count, round_):
+        return corpus.grow(folder, tiny_engine.model, tiny_engine.tokenizer, "tiny", "fp-tiny",
+                           settings, count, round_, 2, 2)
+
+    manifest = grow(6, 1)
+    planned = corpus.read_jsonl(folder / "plan-grow1.jsonl")
+    assert [r["source"] for r in planned].count("sharegpt") == 3 == len(planned) - 3
+    assert all(r["split"] == "train" and r["id"] != "copy" for r in planned)
+    first_wiki = {a["title"] for a in random.Random(settings.seed + 5).sample(articles, 3)}
+    assert not {r["id"].split("/", 1)[1] for r in planned if r["source"] == "wiki"} & first_wiki
+    assert manifest["growth"]["1"]["planned"] == 6
+    shards = sorted(p.name for p in (folder / "chat").glob("train-g1-*.jsonl"))
+    assert len(shards) == 3 and not list(folder.rglob("*.tmp"))
+    assert len(corpus.finished(folder, "train")) == base + 6
+    (folder / "chat" / shards[-1]).unlink()
+    calls = []
+    real = corpus.answer_batch
+    monkeypatch.setattr(corpus, "answer_batch",
+                        lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
+    grow(6, 1)
+    assert calls == [2]
+    with pytest.raises(corpus.CorpusError, match="planned with 6 instructions, not 4"):
+        grow(4, 1)
+    grow(4, 2)
+    second = corpus.read_jsonl(folder / "plan-grow2.jsonl")
+    assert not {r["id"] for r in second} & {r["id"] for r in planned}
+    assert not ({r["id"].split("/", 1)[1] for r in second if r["source"] == "wiki"}
+                & {r["id"].split("/", 1)[1] for r in planned if r["source"] == "wiki"})
+    assert len(corpus.finished(folder, "train")) == base + 10
 
 
 def test_a_corrupt_shard_names_itself(tmp_path):

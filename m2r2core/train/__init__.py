@@ -92,6 +92,11 @@ def cmd_corpus(args: argparse.Namespace) -> None:
     manifest = corpus.build(folder, loaded.model, loaded.tokenizer, args.model,
                             fingerprint(loaded.model), settings, args.batch_size,
                             args.shard_size, progress_bar("answering instructions"))
+    if args.grow:
+        manifest = corpus.grow(folder, loaded.model, loaded.tokenizer, args.model,
+                               fingerprint(loaded.model), settings, args.grow, args.grow_round,
+                               args.batch_size, args.shard_size,
+                               progress_bar(f"growth round {args.grow_round}"))
     counts = {split: sum(len(s.ids) for s in corpus.load(folder, split, with_text=False))
               for split in corpus.SPLITS}
     text = sum(len(s.ids) for s in corpus.load(folder, "train")) - counts["train"]

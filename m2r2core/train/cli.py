@@ -67,6 +67,11 @@ def _corpus(s: argparse.ArgumentParser) -> None:
     s.add_argument("--shard-size", type=int, default=192)
     s.add_argument("--window", type=int, default=256,
                    help="tokens per teacher-forced text window")
+    s.add_argument("--grow", type=int, default=0, metavar="N",
+                   help="after the build, add N fresh train instructions (a growth round; "
+                   "half ShareGPT, half Wikipedia, none planned before), answered the same way")
+    s.add_argument("--grow-round", type=int, default=1, metavar="R",
+                   help="which growth round --grow builds or resumes (default 1)")
 
 
 def _data(s: argparse.ArgumentParser) -> None:

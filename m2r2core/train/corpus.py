@@ -16,6 +16,11 @@ What it holds (one folder, `work_dir(model)/corpus`):
   into windows.
 - `manifest.json`: the model and build settings the shards were made with; a build or a
   trainer with another model or settings is refused, naming both.
+- Growth rounds (`corpus --grow N [--grow-round R]`): N fresh train instructions, half ShareGPT
+  first turns and half written from Wikipedia train articles, none in an earlier plan (nor an
+  article an earlier plan wrote from), in `plan-grow<R>.jsonl`, answered into
+  `chat/train-g<R>-NNNNN.jsonl` shards the same way; trainers read them with the rest of the
+  train split. The manifest records each round.
 
 Every training prompt that matches an MT-Bench turn or an AlpacaEval instruction (normalised
 text, or a near duplicate: word-trigram Jaccard of at least `NEAR_DUPLICATE`) is removed with
@@ -273,7 +278,32 @@ def build(folder: Path, model, tokenizer, model_name: str, model_fingerprint: st
         (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     manifest = json.loads((folder / "manifest.json").read_text())
     planned = [Instruction(**row) for row in read_jsonl(plan_path)]
-    shards = shard_plan(planned, tokenizer, shard_size)
+    _answer_shards(folder, model, tokenizer, shard_plan(planned, tokenizer, shard_size),
+                   settings, batch_size, len(planned), progress)
+    return manifest
+
+
+def shard_plan(planned: list[Instruction], tokenizer, shard_size: int, tag: str = ""
+               ) -> list[tuple[str, list[Instruction]]]:
+    """Shards of similar prompt length (less padding per batch); held-out splits first, so a
+    trainer can measure itself before the train split is complete. `tag` marks a growth
+    round's shards (`train-g1-00000`), which sort after the first build's.
+    """
+    out = []
+    for split in SPLITS:
+        rows = sorted((i for i in planned if i.split == split),
+                      key=lambda i: (len(tokenizer(i.text)["input_ids"]), i.id))
+        for number, start in enumerate(range(0, len(rows), shard_size)):
+            out.append((f"{split}-{tag}{number:05d}", rows[start:start + shard_size]))
+    return out
+
+
+def _answer_shards(folder: Path, model, tokenizer, shards: list[tuple[str, list[Instruction]]],
+                   settings: Settings, batch_size: int, total: int,
+                   progress: Callable[[int, int], None] | None) -> None:
+    """Answer every shard not yet written (each written atomically: a resume starts at the
+    first missing one).
+    """
     (folder / "chat").mkdir(exist_ok=True)
     done = 0
     for name, rows in shards:
@@ -289,22 +319,94 @@ def build(folder: Path, model, tokenizer, model_name: str, model_fingerprint: st
             write_jsonl(path, out)
         done += len(rows)
         if progress:
-            progress(done, len(planned))
-    return manifest
+            progress(done, total)
 
 
-def shard_plan(planned: list[Instruction], tokenizer, shard_size: int
-               ) -> list[tuple[str, list[Instruction]]]:
-    """Shards of similar prompt length (less padding per batch); held-out splits first, so a
-    trainer can measure itself before the train split is complete.
+def growth_plan(settings: Settings, tokenizer, overlap: OverlapFilter, earlier: list[Instruction],
+                count: int, round_: int) -> tuple[list[Instruction], int]:
+    """`count` fresh train instructions for growth round `round_`: half ShareGPT first turns not
+    in `earlier`, half written from Wikipedia train articles no earlier plan wrote from (the
+    first build's articles are drawn again from its seed; a growth round names its article in
+    the id). Returns them and how many prompts were dropped for matching an evaluation prompt.
     """
-    out = []
-    for split in SPLITS:
-        rows = sorted((i for i in planned if i.split == split),
-                      key=lambda i: (len(tokenizer(i.text)["input_ids"]), i.id))
-        for number, start in enumerate(range(0, len(rows), shard_size)):
-            out.append((f"{split}-{number:05d}", rows[start:start + shard_size]))
-    return out
+    rng = random.Random(settings.seed + 1000 * round_)
+    used = {i.id for i in earlier}
+    fresh, removed = [], 0
+    for record in sharegpt_records():
+        turns = record.get("conversations") or []
+        if not turns or turns[0].get("from") != "human" or str(record.get("id")) in used:
+            continue
+        prompt = (turns[0].get("value") or "").strip()
+        if not prompt or split_of(str(record.get("id"))) != "train":
+            continue
+        if overlap.overlaps(prompt):
+            removed += 1
+            continue
+        if prompt.isascii() and len(tokenizer(prompt)["input_ids"]) <= settings.max_prompt_tokens:
+            fresh.append(Instruction(str(record["id"]), "sharegpt", "train", prompt))
+    out = rng.sample(fresh, min(count - count // 2, len(fresh)))
+    articles = list(wiki_articles("train"))
+    first = random.Random(settings.seed + len("train")).sample(articles,
+                                                                min(settings.n_wiki, len(articles)))
+    taken = {a["title"] for a in first} | {i.id.split("/", 1)[1] for i in earlier
+                                           if i.id.startswith("wiki-g")}
+    left = [a for a in articles if a["title"] not in taken]
+    chosen = random.Random(settings.seed + 1000 * round_ + 1).sample(
+        left, min(count - len(out), len(left)))
+    for number, article in enumerate(chosen):
+        text = instructions([article], 1, settings.seed + 1000 * round_ + 2 + number)[0]
+        if overlap.overlaps(text):
+            removed += 1
+            continue
+        out.append(Instruction(f"wiki-g{round_}-{number}/{article['title']}", "wiki", "train",
+                               text))
+    return out, removed
+
+
+def grow(folder: Path, model, tokenizer, model_name: str, model_fingerprint: str,
+         settings: Settings, count: int, round_: int, batch_size: int, shard_size: int,
+         progress: Callable[[int, int], None] | None = None) -> dict:
+    """Add (or resume) growth round `round_` of `count` fresh train instructions to a built
+    corpus; returns the manifest. CorpusError for a corpus not built yet, of another model or
+    settings, or a round already planned with another count.
+    """
+    manifest_path, plan_path = folder / "manifest.json", folder / "plan.jsonl"
+    if not plan_path.is_file() or not manifest_path.is_file():
+        raise CorpusError(f"No corpus in {folder} to grow; build it first with `python -m "
+                          "m2r2core.train corpus`.")
+    check_manifest(folder, {"version": VERSION, "model_name": model_name,
+                            "model_fingerprint": model_fingerprint,
+                            "settings": asdict(settings)})
+    if round_ < 1 or count < 1:
+        raise CorpusError(f"A growth round needs a round of at least 1 and at least one "
+                          f"instruction (got round {round_}, {count} instructions).")
+    manifest = json.loads(manifest_path.read_text())
+    rounds = manifest.setdefault("growth", {})
+    known = rounds.get(str(round_))
+    if known is not None and known["instructions"] != count:
+        raise CorpusError(f"Growth round {round_} of the corpus in {folder} was planned with "
+                          f"{known['instructions']} instructions, not {count}; resume it with "
+                          f"--grow {known['instructions']} or start round {round_ + 1}.")
+    path = folder / f"plan-grow{round_}.jsonl"
+    if not path.is_file():
+        earlier = [Instruction(**row) for row in read_jsonl(plan_path)]
+        for other in sorted(folder.glob("plan-grow*.jsonl")):
+            earlier += [Instruction(**row) for row in read_jsonl(other)]
+        planned, removed = growth_plan(settings, tokenizer, OverlapFilter(evaluation_texts()),
+                                       earlier, count, round_)
+        if not planned:
+            raise CorpusError("No fresh instruction is left for a growth round.")
+        write_jsonl(path, [asdict(i) for i in planned])
+        rounds[str(round_)] = {"instructions": count, "planned": len(planned),
+                               "removed_for_overlap": removed}
+        tmp = manifest_path.with_name(manifest_path.name + ".tmp")
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+        tmp.replace(manifest_path)
+    planned = [Instruction(**row) for row in read_jsonl(path)]
+    _answer_shards(folder, model, tokenizer, shard_plan(planned, tokenizer, shard_size,
+                                                        f"g{round_}-"),
+                   settings, batch_size, len(planned), progress)
+    return manifest
 
 
 def finished(folder: Path, split: str) -> list[Sample]:
