@@ -21,7 +21,7 @@ from m2r2core.moe.eviction import POLICIES
 from m2r2core.moe.offload import OffloadConfig, OffloadEngine
 from m2r2core.moe.prefetch import PREDICTORS
 
-REPORT = "moe_fp32_s28.json"  # the distilled MoE (the page's default model), sweeps included
+REPORT = "moe_fp32_s30.json"  # the distilled MoE (the page's default model), sweeps included
 RESULT_KEY = "experts_result"
 MODEL_KEY = "experts_model"
 
