@@ -58,7 +58,9 @@ so the budget is modelled, not enforced by the operating system.
 
 **The predictors (our reading, switchable).** *m2r2*: the state after block l through a trained
 low-rank **rate accelerator** (the MoE model's fast residual; issue 3's block-level adapters need
-the dense MLPs), then through the routers of layers l+1 … l+D, top-k plus a margin. *pregate*:
+the dense MLPs), then through the routers of layers l+1 … l+D, top-k plus a margin; it is trained
+on the MoE's own states to make the used experts the router's top-k (the objective is a choice
+of `fit-accel --loss`: *rank*, the committed one, or *set*). *pregate*:
 the same routers on the unaccelerated state. *previous*: the previous token's experts. *oracle*:
 the experts this run will use (from the reference run; an upper bound). *none*: load on demand.
 **Eviction**: LRU, LFU, *predicted* (keep what a predictor expects in this token's later
