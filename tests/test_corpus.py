@@ -116,6 +116,7 @@ def test_a_growth_round_adds_fresh_instructions_and_resumes(tmp_path, tiny_engin
     shards = sorted(p.name for p in (folder / "chat").glob("train-g1-*.jsonl"))
     assert len(shards) == 3 and not list(folder.rglob("*.tmp"))
     assert len(corpus.finished(folder, "train")) == base + 6
+    assert len(corpus.finished(folder, "train", growth=False)) == base
     (folder / "chat" / shards[-1]).unlink()
     calls = []
     real = corpus.answer_batch

@@ -409,10 +409,13 @@ def grow(folder: Path, model, tokenizer, model_name: str, model_fingerprint: str
     return manifest
 
 
-def finished(folder: Path, split: str) -> list[Sample]:
-    """The chat answers of one split built so far (none while its first shard is being made)."""
+def finished(folder: Path, split: str, growth: bool = True) -> list[Sample]:
+    """The chat answers of one split built so far (none while its first shard is being made);
+    the growth rounds' after the first build's, or (growth=False) the first build's alone.
+    """
+    pattern = f"{split}-*.jsonl" if growth else f"{split}-[0-9]*.jsonl"
     return [Sample(r["ids"], r["answer_start"], "chat")
-            for path in sorted((folder / "chat").glob(f"{split}-*.jsonl"))
+            for path in sorted((folder / "chat").glob(pattern))
             for r in read_jsonl(path) if len(r["ids"]) >= 2]
 
 

@@ -184,7 +184,9 @@ def _cached(args: argparse.Namespace, model, part: str, read):
 
 def _corpus_answers(count: int, seed: int) -> Iterator[list[int]]:
     """Up to `count` chat answers (prompt and the dense model's answer, at most 384 tokens) of
-    the distillation corpus's train split; none when the corpus is not built (it says so).
+    the distillation corpus's train split as first built (growth rounds left out, so a fit's
+    sample does not change as the corpus grows); none when the corpus is not built (it says
+    so).
     """
     from m2r2core.train import corpus
     from m2r2core.train.common import train_split, work_dir
@@ -192,8 +194,8 @@ def _corpus_answers(count: int, seed: int) -> Iterator[list[int]]:
     if not count:
         return
     folder = work_dir(DEFAULT_MODEL) / "corpus"
-    chat = train_split(corpus.finished(folder, "train")) if (folder / "plan.jsonl").is_file() \
-        else []
+    chat = train_split(corpus.finished(folder, "train", growth=False)) \
+        if (folder / "plan.jsonl").is_file() else []  # the first build's: a stable sample
     if not chat:
         print(f"no corpus answers in {folder}: build it with `python -m m2r2core.train corpus`")
         return
