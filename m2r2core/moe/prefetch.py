@@ -340,11 +340,14 @@ def fit_accelerator(moe: MoeParts, states: list[torch.Tensor], topk: list[torch.
             a = slot_a.detach().clone().requires_grad_(True)  # this map alone: Adam's steps
             b = slot_b.detach().clone().requires_grad_(True)  # touch only its own entries
             opt = torch.optim.Adam([a, b], lr=lr)
+            full = not batch_tokens or batch_tokens >= len(train_rows)
+            if full:  # one batch for every step: gathered once
+                rows, x = train_rows, states[layer][train_rows].float()
             for _ in range(steps):
-                rows = train_rows if not batch_tokens or batch_tokens >= len(train_rows) else \
-                    train_rows[torch.randint(len(train_rows), (batch_tokens,),
-                                             generator=generator)]
-                x = states[layer][rows].float()
+                if not full:
+                    rows = train_rows[torch.randint(len(train_rows), (batch_tokens,),
+                                                    generator=generator)]
+                    x = states[layer][rows].float()
                 fast = x + F.linear(F.linear(x, a), b)
                 total = sum(_route_loss(moe.logits(t, fast) / temperature[t], topk[t][rows],
                                         moe.n_experts, loss) for t in group)

@@ -150,6 +150,27 @@ class Settings:
     seed: int = 0
 
 
+def _sharegpt_prompts(settings: Settings, tokenizer, overlap: OverlapFilter,
+                      removed: dict[str, int]) -> Iterator[tuple[dict, str, Instruction | None]]:
+    """ShareGPT records whose first turn is a human prompt that copies no evaluation prompt:
+    (record, split, its Instruction, or None when the prompt is not ASCII or too long);
+    removed[split] counts the prompts dropped for overlapping an evaluation prompt.
+    """
+    for record in sharegpt_records():
+        turns = record.get("conversations") or []
+        if not turns or turns[0].get("from") != "human":
+            continue
+        prompt = (turns[0].get("value") or "").strip()
+        split = split_of(str(record.get("id")))
+        if not prompt or overlap.overlaps(prompt):
+            removed[split] = removed.get(split, 0) + bool(prompt)
+            continue
+        usable = prompt.isascii() and \
+            len(tokenizer(prompt)["input_ids"]) <= settings.max_prompt_tokens
+        yield record, split, (Instruction(str(record["id"]), "sharegpt", split, prompt)
+                              if usable else None)
+
+
 def plan(settings: Settings, tokenizer, overlap: OverlapFilter
          ) -> tuple[list[Instruction], list[dict], int]:
     """The instructions to answer, the train-split ShareGPT records for teacher forcing, and how
@@ -157,20 +178,13 @@ def plan(settings: Settings, tokenizer, overlap: OverlapFilter
     """
     rng = random.Random(settings.seed)
     chosen: dict[str, list[Instruction]] = {s: [] for s in SPLITS}
-    conversations, removed = [], 0
-    for record in sharegpt_records():
-        turns = record.get("conversations") or []
-        if not turns or turns[0].get("from") != "human":
-            continue
-        prompt = (turns[0].get("value") or "").strip()
-        if not prompt or overlap.overlaps(prompt):
-            removed += bool(prompt)
-            continue
-        split = split_of(str(record.get("id")))
+    conversations, dropped = [], {}
+    for record, split, instruction in _sharegpt_prompts(settings, tokenizer, overlap, dropped):
         if split == "train":
             conversations.append(record)
-        if prompt.isascii() and len(tokenizer(prompt)["input_ids"]) <= settings.max_prompt_tokens:
-            chosen[split].append(Instruction(str(record["id"]), "sharegpt", split, prompt))
+        if instruction is not None:
+            chosen[split].append(instruction)
+    removed = sum(dropped.values())
     wanted = {"train": settings.n_sharegpt, "dev": settings.heldout_per_split // 2,
               "test": settings.heldout_per_split // 2}
     out = [i for s in SPLITS for i in rng.sample(chosen[s], min(wanted[s], len(chosen[s])))]
@@ -331,19 +345,10 @@ def growth_plan(settings: Settings, tokenizer, overlap: OverlapFilter, earlier: 
     """
     rng = random.Random(settings.seed + 1000 * round_)
     used = {i.id for i in earlier}
-    fresh, removed = [], 0
-    for record in sharegpt_records():
-        turns = record.get("conversations") or []
-        if not turns or turns[0].get("from") != "human" or str(record.get("id")) in used:
-            continue
-        prompt = (turns[0].get("value") or "").strip()
-        if not prompt or split_of(str(record.get("id"))) != "train":
-            continue
-        if overlap.overlaps(prompt):
-            removed += 1
-            continue
-        if prompt.isascii() and len(tokenizer(prompt)["input_ids"]) <= settings.max_prompt_tokens:
-            fresh.append(Instruction(str(record["id"]), "sharegpt", "train", prompt))
+    dropped: dict[str, int] = {}
+    fresh = [i for _, split, i in _sharegpt_prompts(settings, tokenizer, overlap, dropped)
+             if split == "train" and i is not None and i.id not in used]
+    removed = dropped.get("train", 0)
     out = rng.sample(fresh, min(count - count // 2, len(fresh)))
     articles = list(wiki_articles("train"))
     first = random.Random(settings.seed + len("train")).sample(articles,
