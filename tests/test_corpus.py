@@ -11,6 +11,7 @@ import pytest
 
 from m2r2core import train
 from m2r2core.config import EngineConfig
+from m2r2core.errors import M2R2Error
 from m2r2core.runtime.model import fingerprint, load
 from m2r2core.train import corpus, data
 from m2r2core.train.distill import Sample
@@ -170,6 +171,49 @@ def test_train_answers_not_built_yet_mean_text_only(tmp_path):
     assert "text only" not in note
     with pytest.raises(corpus.CorpusError, match="fingerprint fp"):
         data.datasets(args, "another")
+
+
+def test_fresh_share_puts_a_growth_rounds_answers_first(tmp_path):
+    """--fresh-share: every growth answer of the train split, plus a seeded sample of the first
+    build's making up the rest; refused without a growth round or outside (0, 1]."""
+    folder = tmp_path / "corpus"
+    (folder / "chat").mkdir(parents=True)
+    (folder / "manifest.json").write_text(json.dumps({"model_fingerprint": "fp"}))
+    _write_split(folder, "dev", [Sample([5, 6, 7, 8], 2, "chat")])
+    _write_split(folder, "test", [Sample([5, 6, 7, 8], 2, "chat")])
+    first = [Sample([5, 6, 7, n], 2, "chat") for n in range(100, 140)]
+    _write_split(folder, "train", first)
+
+    def args(share, seed=0):
+        return argparse.Namespace(corpus=folder, data=None, model="tiny", seed=seed,
+                                  text_share=None, fresh_share=share)
+
+    with pytest.raises(M2R2Error, match="needs a growth round"):
+        data.datasets(args(0.5), "fp")
+    grown = [Sample([5, 6, 7, n], 2, "chat") for n in range(500, 520)]
+    corpus.write_jsonl(folder / "chat" / "train-g1-00000.jsonl",
+                       [{"ids": s.ids, "answer_start": 2} for s in grown])
+    splits, note = data.datasets(args(None), "fp")
+    assert len(splits["train"]) == 54 and "growth" not in note  # 9 in 10 of all 60, alike
+    splits, note = data.datasets(args(0.6), "fp")
+    train = splits["train"]
+    fresh = [s for s in train if s.ids[-1] >= 500]
+    old = [s for s in train if s.ids[-1] < 500]
+    assert len(fresh) == 18 and len(old) == 12  # growth's 18 train answers are 0.6 of 30
+    assert {s.ids[-1] for s in fresh} == {s.ids[-1] for i, s in enumerate(first + grown)
+                                          if i % 10 and s.ids[-1] >= 500}
+    assert all(s.ids[-1] % 10 for s in old)  # never one the routers keep (every tenth)
+    assert "18 from growth rounds, 12 from the first build" in note
+    assert len(splits["router"]) == 6  # the router split is unchanged by the mix
+    again, _ = data.datasets(args(0.6), "fp")
+    assert again["train"] == train
+    other, _ = data.datasets(args(0.6, seed=1), "fp")
+    assert other["train"] != train
+    alone, _ = data.datasets(args(1.0), "fp")
+    assert alone["train"] == fresh
+    for bad in (0.0, 1.5):
+        with pytest.raises(M2R2Error, match="above 0 and at most 1"):
+            data.datasets(args(bad), "fp")
 
 
 def test_routers_without_train_answers_say_what_to_run(tmp_path, tiny_model_dir, monkeypatch):

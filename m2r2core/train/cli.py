@@ -173,6 +173,10 @@ def _adapters(s: argparse.ArgumentParser) -> None:
     s.add_argument("--text-share", type=float, default=None,
                    help="teacher-forced text windows as this share of the training "
                         "rows (the rest: the model's own answers; default: all text)")
+    s.add_argument("--fresh-share", type=float, default=None,
+                   help="the corpus growth rounds' answers as this share of the train "
+                        "answers (every one of them, plus a seeded sample of the first "
+                        "build's); default: every train answer alike")
     s.add_argument("--max-minutes", type=float, default=0,
                    help="stop after this wall-clock budget (0: none)")
     s.add_argument("--save-every", type=int, default=10)

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from m2r2core.errors import M2R2Error
 from m2r2core.train import distill
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -118,6 +119,31 @@ def bucketed_batches(samples: list[distill.Sample], batch_tokens: int, seq_len: 
             yield pad_rows(chunk, min(seq_len, max(len(s.ids) for s in chunk)))
 
 
+def fresh_mix(folder, answers: list[distill.Sample], share: float, seed: int
+              ) -> tuple[list[distill.Sample], str]:
+    """The train answers with the growth rounds' as `share` of them: every growth answer, and
+    a seeded sample of the first build's for the rest (share 1: the growth answers alone).
+
+    A continuation on fresh data: a second pass over the first build's answers bought nothing
+    on held-out answers (BENCHMARKS, session 28), so a run after a growth round can put its
+    steps where the data is new while keeping some of the old answers in the mix.
+    """
+    from m2r2core.train import corpus
+    from m2r2core.train.common import train_split
+
+    if not 0 < share <= 1:
+        raise M2R2Error(f"--fresh-share must be above 0 and at most 1 (got {share}).")
+    first = train_split(corpus.finished(folder, "train", growth=False))
+    grown = answers[len(first):]
+    if not grown:
+        raise M2R2Error(f"--fresh-share needs a growth round's answers; the corpus in {folder} "
+                        "has none yet (build one: `python -m m2r2core.train corpus --grow N`).")
+    keep = min(len(first), round(len(grown) * (1 - share) / share))
+    old = random.Random(seed).sample(first, keep)
+    return grown + old, (f" ({len(grown)} from growth rounds, {keep} from the first build: "
+                         f"--fresh-share {share:g})")
+
+
 def datasets(args: argparse.Namespace, fingerprint: str) -> tuple[dict, str]:
     """{'train', 'router', 'dev', 'test'} samples and a description of where they came from.
 
@@ -139,15 +165,18 @@ def datasets(args: argparse.Namespace, fingerprint: str) -> tuple[dict, str]:
         if not chat and not text:
             raise corpus.CorpusError(f"The corpus in {folder} has no finished train samples "
                                      "yet.")
-        answers = train_split(chat)
+        answers, fresh_note = train_split(chat), ""
+        fresh = getattr(args, "fresh_share", None)
+        if fresh is not None:
+            answers, fresh_note = fresh_mix(folder, answers, fresh, args.seed)
         share = getattr(args, "text_share", None)
         if answers and share is not None and 0 <= share < 1:  # text as this share of rows
             keep = min(len(text), round(len(answers) * share / (1 - share)))
             text = random.Random(args.seed).sample(text, keep)
         note = "" if answers else ", the train answers not built yet: text only"
         return (splits | {"train": answers + text, "router": router_split(chat)},
-                f"corpus {folder.name} (train/dev/test splits; {len(answers)} answers, "
-                f"{len(text)} text windows{note})")
+                f"corpus {folder.name} (train/dev/test splits; {len(answers)} answers"
+                f"{fresh_note}, {len(text)} text windows{note})")
     path = args.data or work_dir(args.model) / "corpus.jsonl"
     samples = distill.load(path)
     held = router_split(samples)
