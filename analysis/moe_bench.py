@@ -53,6 +53,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--margin", type=int, nargs="+", default=[0],
                    help="one or more margins (experts per layer beyond the top-k); the first "
                         "is used in the sweeps")
+    p.add_argument("--margin-gap", type=float, nargs="*", default=[],
+                   help="also time each margin above 0 with its experts gated by these gaps "
+                        "(m2r2 and pre-gating; m2r2core/moe/prefetch.py MARGIN_GAP); the first "
+                        "is used in the sweeps when the first margin is above 0")
     p.add_argument("--queues", nargs="+", default=["deadline"], choices=QUEUES,
                    help="prefetch orders on the storage channel to time (the first is used in "
                         "the sweeps); on-demand loading has no prefetches and runs once")
@@ -83,15 +87,18 @@ def settings(args: argparse.Namespace) -> list[OffloadConfig]:
             for lookahead in lookaheads:
                 for queue in queues:
                     for margin in margins:
-                        out.append(OffloadConfig(args.capacity, args.bandwidth, predictor,
-                                                 lookahead, margin, policy, queue=queue))
+                        out.extend(OffloadConfig(args.capacity, args.bandwidth, predictor,
+                                                 lookahead, margin, policy, queue=queue,
+                                                 margin_gap=gap)
+                                   for gap in [None, *_gaps(args, predictor, margin)])
     sweep = [(c, args.bandwidth) for c in args.sweep_capacity]
     sweep += [(args.capacity, b) for b in args.sweep_bandwidth]
     for capacity, bw in sweep:
         out.append(_baseline(OffloadConfig(capacity, bw), args))
         for predictor in args.sweep_predictors:
+            gap = next(iter(_gaps(args, predictor, args.margin[0])), None)
             out.append(OffloadConfig(capacity, bw, predictor, args.lookahead[0], args.margin[0],
-                                     args.sweep_policy, queue=args.queues[0]))
+                                     args.sweep_policy, queue=args.queues[0], margin_gap=gap))
     seen, unique = set(), []
     for s in out:
         if s not in seen:
@@ -100,12 +107,20 @@ def settings(args: argparse.Namespace) -> list[OffloadConfig]:
     return unique
 
 
+def _gaps(args: argparse.Namespace, predictor: str, margin: int) -> list[float]:
+    """The margin gaps to time beside the ungated margin: only router predictors have logits to
+    gate, and only a margin above 0 has experts to gate.
+    """
+    return list(args.margin_gap) if margin and predictor in ("m2r2", "pregate") else []
+
+
 def label(s: OffloadConfig) -> str:
     """A setting's key in the report (a margin and a prefetch order other than the default
     are appended).
     """
     key = f"{s.predictor}/{s.policy}/D{s.lookahead}/cap{s.capacity}/{s.bandwidth}"
     key += f"/m{s.margin}" if s.margin else ""
+    key += f"g{s.margin_gap:g}" if s.margin and s.margin_gap is not None else ""
     return key if s.queue == QUEUES[0] else f"{key}/{s.queue}"
 
 
@@ -203,7 +218,7 @@ def summarise(rows: list[dict], grid: list[OffloadConfig]) -> dict:
         out[key] = {
             "predictor": s.predictor, "policy": s.policy, "lookahead": s.lookahead,
             "capacity": s.capacity, "bandwidth": s.bandwidth, "queue": s.queue,
-            "margin": s.margin,
+            "margin": s.margin, "margin_gap": s.margin_gap,
             "speedup_vs_ondemand_lru": round(statistics.median(
                 c["speedup_vs_ondemand_lru"] for c in cells), 4),
             "tok_per_s": round(statistics.median(c["tok_per_s"] for c in cells), 3),

@@ -289,6 +289,8 @@ def test_a_layer_drops_its_wrong_queued_prefetches_when_it_computes(offload):
     ("lookahead", 0, "Lookahead 0 is out of range"),
     ("margin", 5, "Margin 5 is out of range"),
     ("queue", "lifo", "Unknown prefetch queue order 'lifo'"),
+    ("margin_gap", -0.1, "Margin gap -0.1 is out of range"),
+    ("margin_gap", float("nan"), "Margin gap nan is out of range"),
 ])
 def test_bad_settings_are_refused(offload, field, value, needle):
     cfg = dataclasses.replace(OffloadConfig(capacity=4), **{field: value})
@@ -386,6 +388,44 @@ def test_folded_router_predictions_equal_the_unfolded_ones(offload, accelerated)
     finally:
         for layer in range(moe.n_layers):
             moe.norms[layer].weight.data.fill_(1.0)
+
+
+@pytest.mark.parametrize("accelerated", [False, True])
+def test_a_margin_gap_names_an_extra_expert_only_where_the_router_hesitates(offload,
+                                                                           accelerated):
+    """With a margin gap, an expert beyond the top-k is named only when its router logit is
+    within gap standard deviations (of that prediction's logits) of the k-th one's: computed
+    here from the routers directly. No gap names every margin expert, a huge gap too, gap 0
+    only the top-k (and exact ties)."""
+    from m2r2core.moe.prefetch import RouterPredictor
+
+    moe = offload.moe
+    accel = offload.accel if accelerated else None
+    k, margin = moe.top_k, 2
+    gated = {gap: RouterPredictor(moe, 2, margin, accel, margin_gap=gap)
+             for gap in (None, 0.0, 0.5, 1e9)}
+    generator = torch.Generator().manual_seed(4)
+    named = {gap: 0 for gap in gated}
+    for layer in range(moe.n_layers - 1):
+        for _ in range(30):
+            state = torch.randn(64, generator=generator) * 3
+            every = gated[None].predict(0, layer, state)
+            assert every == gated[1e9].predict(0, layer, state)
+            for gap, predictor in gated.items():
+                got = predictor.predict(0, layer, state)
+                named[gap] += sum(len(v) for v in got.values())
+                for target, experts in got.items():
+                    x = state if accel is None else accel(layer, state, target - layer)
+                    logits = moe.logits(target, x)
+                    top = logits.topk(k + margin)
+                    want = top.indices.tolist()
+                    if gap is not None:
+                        cut = top.values[k - 1] - gap * logits.std()
+                        want = [e for e, v in zip(want, top.values.tolist(), strict=True)
+                                if v >= cut - 1e-6]
+                    assert experts == want
+                    assert experts[:k] == every[target][:k]  # the top-k is never gated
+    assert named[0.0] < named[0.5] < named[None] == named[1e9]
 
 
 def test_a_per_distance_accelerator_trains_each_distance_and_round_trips(offload, tmp_path):
@@ -568,7 +608,7 @@ def test_benchmark_cli_in_process(offload, tmp_path):
         "4", "--bandwidth", "nvme", "--predictors", "none", "pregate", "oracle", "--policies",
         "lru", "predicted", "ahead", "--lookahead", "1", "2", "--sweep-capacity", "2", "8",
         "--sweep-bandwidth", "emmc", "--dtype", "float32", "--margin", "0", "1",
-        "--queues", "deadline", "fifo"])
+        "--queues", "deadline", "fifo", "--margin-gap", "0.3"])
     report = moe_bench.bench(args, offload=offload)
     summary = report["summary"]
     base = summary["none/lru/D1/cap4/nvme"]
@@ -583,6 +623,11 @@ def test_benchmark_cli_in_process(offload, tmp_path):
     assert {"pregate/predicted/D2/cap4/nvme/m1", "pregate/predicted/D2/cap4/nvme/fifo",
             "pregate/predicted/D2/cap4/nvme/m1/fifo"} <= set(summary)
     assert "oracle/predicted/D2/cap4/nvme/m1" not in summary
+    # a margin gap: beside the ungated margin, for router predictors only
+    gated = summary["pregate/predicted/D2/cap4/nvme/m1g0.3"]
+    assert gated["margin"] == 1 and gated["margin_gap"] == 0.3
+    assert summary["pregate/predicted/D2/cap4/nvme/m1"]["margin_gap"] is None
+    assert not [k for k in summary if "g0.3" in k and not k.startswith("pregate/")]
     assert summary["pregate/predicted/D2/cap4/nvme/m1/fifo"]["margin"] == 1
     assert summary["pregate/predicted/D2/cap4/nvme/m1/fifo"]["queue"] == "fifo"
     for key, row in summary.items():

@@ -149,7 +149,7 @@ def render() -> None:
 
 def _offload_controls(moe: OffloadEngine) -> OffloadConfig | None:
     total, top_k = moe.total_experts, moe.moe.top_k
-    cols = st.columns(7)
+    cols = st.columns(8)
     capacity = cols[0].number_input(
         "Capacity (experts)", value=max(top_k, total // 3), step=1, key=state.EXPERTS_CAPACITY,
         help=f"Experts the fast tier holds ({top_k}–{total}; {total} routed experts in all).")
@@ -163,14 +163,19 @@ def _offload_controls(moe: OffloadEngine) -> OffloadConfig | None:
                                      help=f"Layers ahead to predict (1–{moe.moe.n_layers - 1}).")
     margin = cols[4].number_input("Margin", value=0, step=1, key=state.EXPERTS_MARGIN,
                                   help="Experts fetched per layer beyond the top-k.")
-    policy = cols[5].selectbox("Eviction", POLICIES, index=POLICIES.index("predicted"),
+    gap = cols[5].number_input(
+        "Margin gap (σ)", value=None, min_value=0.0, step=0.05, key=state.EXPERTS_MARGIN_GAP,
+        placeholder="every", help="With a margin, on m2r2 and pre-gating: fetch a margin expert "
+        "only where the router hesitates, its logit within this many standard deviations (of "
+        "that prediction's logits) of the k-th expert's. Empty: every margin expert.")
+    policy = cols[6].selectbox("Eviction", POLICIES, index=POLICIES.index("predicted"),
                                key=state.EXPERTS_POLICY)
-    queue = cols[6].selectbox("Prefetch order", QUEUES, key=state.EXPERTS_QUEUE,
+    queue = cols[7].selectbox("Prefetch order", QUEUES, key=state.EXPERTS_QUEUE,
                               help="deadline: a prediction for a nearer layer goes ahead of "
                               "queued ones for later layers; fifo: in the order predicted.")
     offload = OffloadConfig(capacity=int(capacity), bandwidth=preset, predictor=predictor,
                             lookahead=int(lookahead), margin=int(margin), policy=policy,
-                            queue=queue)
+                            queue=queue, margin_gap=None if gap is None else float(gap))
     try:
         offload.validate(total, moe.moe.n_layers, moe.moe.n_experts, top_k)
     except M2R2Error as exc:
@@ -251,7 +256,8 @@ def _show_generation(s: ExpertSession) -> None:
     cols[2].metric("Share of the oracle's gain", "–" if share is None else f"{share:.0%}",
                    help="(speedup − 1) ÷ (oracle's speedup − 1).")
     o = s.offload
-    st.caption(f"{o.predictor} prediction, lookahead {o.lookahead}, margin {o.margin}, "
+    gated = f" (gap {o.margin_gap:g}σ)" if o.margin and o.margin_gap is not None else ""
+    st.caption(f"{o.predictor} prediction, lookahead {o.lookahead}, margin {o.margin}{gated}, "
                f"{o.policy} eviction, prefetches by {o.queue}, {o.capacity} of {s.total} "
                f"experts resident ({o.capacity / s.total:.0%}), {PRESETS[o.bandwidth].label}. "
                f"{mine['loads_per_token']} loads per token "

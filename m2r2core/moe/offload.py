@@ -35,6 +35,7 @@ from m2r2core.moe.prefetch import (
     MoeParts,
     Predictor,
     RouteAccelerator,
+    check_margin_gap,
     make_predictor,
     recall_by_distance,
 )
@@ -67,6 +68,9 @@ class OffloadConfig:
     queue: str = "deadline"
     """How prefetches wait on the storage channel (moe/channel.py QUEUES): earliest-needed
     first, or in the order predicted (`fifo`)."""
+    margin_gap: float | None = None
+    """Name a margin expert only where the router hesitates (moe/prefetch.py MARGIN_GAP);
+    None: every margin expert."""
 
     def validate(self, total: int, n_layers: int, n_experts: int, top_k: int) -> None:
         """ConfigError naming the field and its allowed range (total: experts in the model)."""
@@ -82,6 +86,7 @@ class OffloadConfig:
         if not 0 <= self.margin <= n_experts - top_k:
             raise ConfigError(f"Margin {self.margin} is out of range; choose 0 to "
                               f"{n_experts - top_k}.")
+        check_margin_gap(self.margin_gap)
 
 
 class OffloadedExperts(nn.Module):
@@ -256,7 +261,7 @@ class OffloadRun(DecodeRun[OffloadToken]):
                     cache.warm(owner.expert_keys())
                 self.predictor = make_predictor(
                     offload.predictor, owner.moe, offload.lookahead, offload.margin,
-                    owner.accel, self.reference)
+                    owner.accel, self.reference, offload.margin_gap)
             except BaseException:
                 cache.close()
                 raise

@@ -138,20 +138,40 @@ def save_route_accelerator(accel: RouteAccelerator, card: AccelCard, folder: Pat
     artifacts.save(folder, ACCEL_FILE, {"a": accel.a, "b": accel.b}, ACCEL_CARD, asdict(card))
 
 
+MARGIN_GAP = """A margin expert (beyond the top-k) is named only when its router logit is within
+`gap` of the k-th expert's, in units of the standard deviation of that prediction's logits over
+the experts: a guess where the router hesitates. None names every margin expert. Held-out states
+of the committed accelerator (margin 1): gap 0.1 names an extra expert for about one layer in 8
+and recovers a third of the misses (BENCHMARKS, session 31); only router predictors (m2r2,
+pre-gating) have logits to gate."""
+
+
+def check_margin_gap(gap: float | None) -> None:
+    """ConfigError unless the gap is None or a finite number ≥ 0."""
+    if gap is not None and not (math.isfinite(gap) and gap >= 0):
+        raise ConfigError(f"Margin gap {gap} is out of range; choose a number of standard "
+                          "deviations ≥ 0 (or none: every margin expert).")
+
+
 class Predictor:
     """Base: `predict(layer, state)` after block `layer` returns {later layer: experts}."""
 
     name = "none"
 
-    def __init__(self, moe: MoeParts, lookahead: int, margin: int) -> None:
-        """Lookahead D ≥ 1 layers ahead; margin extra experts per layer beyond the top-k."""
+    def __init__(self, moe: MoeParts, lookahead: int, margin: int,
+                 margin_gap: float | None = None) -> None:
+        """Lookahead D ≥ 1 layers ahead; margin extra experts per layer beyond the top-k;
+        margin_gap: see MARGIN_GAP (None: every margin expert is named).
+        """
         if lookahead < 1 or lookahead > moe.n_layers - 1:
             raise ConfigError(f"Lookahead {lookahead} is out of range; choose 1 to "
                               f"{moe.n_layers - 1} layers.")
         if margin < 0 or moe.top_k + margin > moe.n_experts:
             raise ConfigError(f"Margin {margin} is out of range; choose 0 to "
                               f"{moe.n_experts - moe.top_k}.")
+        check_margin_gap(margin_gap)
         self.moe, self.lookahead, self.margin = moe, lookahead, margin
+        self.margin_gap = margin_gap
         self.routes: list[list[list[int]]] = []
         """Per token, per layer, the experts used (the runtime appends)."""
 
@@ -169,9 +189,9 @@ class RouterPredictor(Predictor):
     """Routers of later layers applied to the (optionally accelerated) state."""
 
     def __init__(self, moe: MoeParts, lookahead: int, margin: int,
-                 accel: RouteAccelerator | None = None) -> None:
+                 accel: RouteAccelerator | None = None, margin_gap: float | None = None) -> None:
         """With an accelerator, this is M2R2 ahead-of-time loading; without, pre-gating."""
-        super().__init__(moe, lookahead, margin)
+        super().__init__(moe, lookahead, margin, margin_gap)
         self.accel = accel
         self.name = "m2r2" if accel is not None else "pregate"
         self._targets = [self.targets(layer) for layer in range(moe.n_layers)]
@@ -214,12 +234,21 @@ class RouterPredictor(Predictor):
         folded = self._maps[layer]
         if folded is not None:
             logits = torch.nn.functional.linear(state.to(folded.dtype), folded)
-            best = logits.view(len(targets), -1).topk(width).indices.tolist()
-            return dict(zip(targets, best, strict=True))
-        if self.accel is not None:
-            return {t: self.moe.logits(t, self.accel(layer, state, t - layer)).topk(width)
-                    .indices.tolist() for t in targets}
-        return {t: self.moe.logits(t, state).topk(width).indices.tolist() for t in targets}
+            logits = logits.view(len(targets), -1)
+        elif self.accel is not None:
+            logits = torch.stack([self.moe.logits(t, self.accel(layer, state, t - layer))
+                                  for t in targets])
+        else:
+            logits = torch.stack([self.moe.logits(t, state) for t in targets])
+        best = logits.topk(width)
+        if not self.margin or self.margin_gap is None:
+            return dict(zip(targets, best.indices.tolist(), strict=True))
+        k = self.moe.top_k
+        spread = logits.float().std(-1, keepdim=True)
+        keep = (best.values[:, k - 1:k] - best.values).float() <= self.margin_gap * spread
+        return {t: [e for e, kept in zip(row, flags, strict=True) if kept]
+                for t, row, flags in zip(targets, best.indices.tolist(), keep.tolist(),
+                                         strict=True)}
 
 
 class PreviousPredictor(Predictor):
@@ -255,16 +284,20 @@ class OraclePredictor(Predictor):
 
 def make_predictor(name: str, moe: MoeParts, lookahead: int, margin: int,
                    accel: RouteAccelerator | None = None,
-                   reference: list[list[list[int]]] | None = None) -> Predictor:
-    """A predictor by name; ConfigError for unknown names or missing ingredients."""
+                   reference: list[list[list[int]]] | None = None,
+                   margin_gap: float | None = None) -> Predictor:
+    """A predictor by name; ConfigError for unknown names or missing ingredients. margin_gap
+    (MARGIN_GAP) gates the router predictors' margin; the others have no logits to gate.
+    """
     if name not in PREDICTORS:
         raise ConfigError(f"Unknown predictor '{name}'; choose one of {', '.join(PREDICTORS)}.")
+    check_margin_gap(margin_gap)
     if name == "m2r2":
         if accel is None:
             raise ConfigError("The m2r2 predictor needs the trained accelerator of this model.")
-        return RouterPredictor(moe, lookahead, margin, accel)
+        return RouterPredictor(moe, lookahead, margin, accel, margin_gap)
     if name == "pregate":
-        return RouterPredictor(moe, lookahead, margin)
+        return RouterPredictor(moe, lookahead, margin, margin_gap=margin_gap)
     if name == "previous":
         return PreviousPredictor(moe, lookahead, margin)
     if name == "oracle":
