@@ -536,6 +536,38 @@ def test_fit_accel_keeps_its_states_in_the_cache_and_rereads_them(tmp_path, monk
     assert len(calls) == 4 and not list(tmp_path.rglob("*.tmp"))
 
 
+@pytest.mark.parametrize("gap", [None, 0.0, 0.4])
+def test_held_out_recall_gates_a_margin_as_the_predictor_does(offload, gap):
+    """fit-accel's held-out recall with --margin-gap counts the experts the runtime predictor
+    would name, token by token, and the price (experts beyond the top-k per layer)."""
+    from m2r2core.moe.prefetch import RouterPredictor
+    from m2r2core.train import moe_accel
+
+    moe, n_tokens, distance, margin = offload.moe, 40, 1, 2
+    generator = torch.Generator().manual_seed(5)
+    states = [torch.randn(n_tokens, 64, generator=generator) * 3 for _ in range(moe.n_layers)]
+    used = [torch.stack([torch.randperm(moe.n_experts, generator=generator)[:moe.top_k]
+                         for _ in range(n_tokens)]) if moe.is_moe(t) else None
+            for t in range(moe.n_layers)]
+    recall, extra = moe_accel._state_recall(moe, states, used, None, distance,
+                                            moe.top_k + margin, gap)
+    predictor = RouterPredictor(moe, distance, margin, margin_gap=gap)
+    hits = total = named = rows = 0
+    for layer in range(moe.n_layers - distance):
+        target = layer + distance
+        if not moe.is_moe(target):
+            continue
+        for token in range(n_tokens):
+            experts = predictor.predict(0, layer, states[layer][token])[target]
+            hits += len(set(experts) & set(used[target][token].tolist()))
+            total += moe.top_k
+            named += len(experts) - moe.top_k
+            rows += 1
+    assert recall == pytest.approx(hits / total)
+    assert extra == pytest.approx(named / rows)
+    assert (extra == margin) == (gap is None)
+
+
 def test_loads_read_into_the_tiers_fixed_buffers(offload, reference):
     """Every load lands in one of the tier's preallocated buffers: no memory is allocated per
     load, and a reused buffer holds exactly the new expert's bytes."""

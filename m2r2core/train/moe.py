@@ -296,6 +296,9 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--rank", type=int, default=32)
     a.add_argument("--lookahead", type=int, default=4)
     a.add_argument("--margin", type=int, default=1, help="margin of the reported recall")
+    a.add_argument("--margin-gap", type=float, nargs="*", default=[],
+                   help="also report held-out recall at --margin with its experts gated by "
+                   "these gaps, and the experts each names beyond the top-k per layer")
     a.add_argument("--tokens", type=int, default=8192)
     a.add_argument("--steps", type=int, default=100)
     a.add_argument("--answers", type=int, default=64, help="instructions (from Wikipedia's "

@@ -61,20 +61,29 @@ def own_answers(model, tokenizer, articles: list[dict], count: int, max_new_toke
 
 @torch.inference_mode()
 def _state_recall(moe, states: list[torch.Tensor], used: list[torch.Tensor | None], fast,
-                  distance: int, width: int) -> float:
+                  distance: int, width: int, gap: float | None = None) -> tuple[float, float]:
     """Share of the experts layer l+d used that its router picks (top `width`) from the state
-    after block l, accelerated by `fast` when given.
+    after block l, accelerated by `fast` when given; and how many experts beyond the top-k it
+    names per layer and token. `gap` gates those as the predictor does (prefetch.MARGIN_GAP).
     """
-    hits = total = 0
+    hits = total = extra = rows = 0
     for layer in range(moe.n_layers - distance):
         target = layer + distance
         if not moe.is_moe(target):
             continue
         x = states[layer] if fast is None else fast(layer, states[layer], distance)
-        picked = moe.logits(target, x).topk(width, -1).indices
-        hits += int((picked[:, :, None] == used[target][:, None, :]).any(-1).sum())
+        logits = moe.logits(target, x).float()
+        best = logits.topk(width, -1)
+        named = torch.ones_like(best.indices, dtype=torch.bool)
+        if gap is not None:
+            k = moe.top_k
+            named = (best.values[:, k - 1:k] - best.values) <= gap * logits.std(-1, keepdim=True)
+        hit = (best.indices[:, :, None] == used[target][:, None, :]).any(-1) & named
+        hits += int(hit.sum())
         total += used[target].numel()
-    return hits / total
+        extra += int(named[:, moe.top_k:].sum())
+        rows += named.shape[0]
+    return hits / total, extra / rows
 
 
 def cmd_fit_accel(args: argparse.Namespace) -> None:
@@ -221,11 +230,15 @@ def _report(args: argparse.Namespace, moe, held: dict, accel, tokens: int, fit_s
         metrics[f"heldout_{kind}_tokens"] = int(held_states[0].shape[0])
         suffix = "" if kind == "text" else f"_{kind}"
         for margin in sorted({0, args.margin}):  # margin 0: the benchmark's and page's default
+            gaps = [None, *getattr(args, "margin_gap", [])] if margin else [None]
             for name, fast in (("pregate", None), ("m2r2", accel)):
-                for d in range(1, args.lookahead + 1):
-                    recall = _state_recall(moe, held_states, held_used, fast, d,
-                                           moe.top_k + margin)
-                    metrics[f"recall_{name}_d{d}_margin{margin}{suffix}"] = round(recall, 4)
+                for d, gap in itertools.product(range(1, args.lookahead + 1), gaps):
+                    recall, extra = _state_recall(moe, held_states, held_used, fast, d,
+                                                  moe.top_k + margin, gap)
+                    key = f"{name}_d{d}_margin{margin}" + ("" if gap is None else f"_gap{gap:g}")
+                    metrics[f"recall_{key}{suffix}"] = round(recall, 4)
+                    if gap is not None:  # the price: experts named beyond the top-k
+                        metrics[f"extra_{key}{suffix}"] = round(extra, 4)
     card = prefetch.AccelCard(model_fingerprint=fingerprint(model), rank=accel.a.shape[-2],
                               lookahead=args.lookahead, tokens=tokens,
                               steps=args.steps, metrics=metrics,
