@@ -72,6 +72,20 @@ def test_the_prefetch_order_is_a_control_and_named(app):
     assert any("prefetches by fifo" in c.value for c in at.caption)
 
 
+def test_the_margin_gap_is_a_control_and_named(app):
+    """Empty by default (every margin expert, as before); with a margin and a gap the run is
+    gated, gives the same output, and its caption names the gap."""
+    assert app.number_input(key=state.EXPERTS_MARGIN_GAP).value is None
+    app.number_input(key=state.EXPERTS_MARGIN).set_value(1)
+    app.number_input(key=state.EXPERTS_MARGIN_GAP).set_value(0.2)
+    at = generate(app, predictor="pregate", budget=4)
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    session = at.session_state[RESULT_KEY]
+    assert session.offload.margin == 1 and session.offload.margin_gap == 0.2
+    assert session.identical
+    assert any("margin 1 (gap 0.2σ)" in c.value for c in at.caption)
+
+
 def test_a_run_timed_past_its_ceiling_says_why(app):
     """One run per setting on a noisy CPU can time faster than a bound it cannot pass in
     expectation; the page says so instead of showing a share over 100% unexplained."""
