@@ -271,7 +271,7 @@ def compare_experts(moe: OffloadEngine, text: str, cfg: DecodeConfig, offload: O
     for token in reference:
         on_token("reference", token.position + 1, reference)
     base_cfg = OffloadConfig(offload.capacity, offload.bandwidth, "none", offload.lookahead,
-                             offload.margin, "lru")
+                             offload.margin, "lru", reads=offload.reads)
     baseline = moe.generate(text, cfg, base_cfg, reference.routes)
     for token in baseline:
         on_token("baseline", token.position + 1, baseline)

@@ -15,6 +15,7 @@ bandwidth. Example:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import statistics
@@ -29,6 +30,7 @@ from m2r2core.config import DecodeConfig
 from m2r2core.engine import environment
 from m2r2core.moe.channel import PRESETS, QUEUES
 from m2r2core.moe.eviction import POLICIES
+from m2r2core.moe.experts import READS
 from m2r2core.moe.offload import OffloadConfig, OffloadEngine, load_moe
 from m2r2core.moe.prefetch import PREDICTORS
 
@@ -60,6 +62,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--queues", nargs="+", default=["deadline"], choices=QUEUES,
                    help="prefetch orders on the storage channel to time (the first is used in "
                         "the sweeps); on-demand loading has no prefetches and runs once")
+    p.add_argument("--reads", nargs="+", default=[READS[0]], choices=READS,
+                   help="who reads a loaded expert's bytes (m2r2core/moe/experts.py READS); "
+                        "with several, the whole grid, baselines and oracle included, runs "
+                        "under each, and each setting is timed against the baseline of its own")
     p.add_argument("--sweep-capacity", type=int, nargs="*", default=[],
                    help="capacities for the sweep (baseline and the sweep predictors)")
     p.add_argument("--sweep-bandwidth", nargs="*", default=[], choices=tuple(PRESETS))
@@ -99,6 +105,7 @@ def settings(args: argparse.Namespace) -> list[OffloadConfig]:
             gap = next(iter(_gaps(args, predictor, args.margin[0])), None)
             out.append(OffloadConfig(capacity, bw, predictor, args.lookahead[0], args.margin[0],
                                      args.sweep_policy, queue=args.queues[0], margin_gap=gap))
+    out = [dataclasses.replace(s, reads=reads) for reads in args.reads for s in out]
     seen, unique = set(), []
     for s in out:
         if s not in seen:
@@ -115,13 +122,14 @@ def _gaps(args: argparse.Namespace, predictor: str, margin: int) -> list[float]:
 
 
 def label(s: OffloadConfig) -> str:
-    """A setting's key in the report (a margin and a prefetch order other than the default
-    are appended).
+    """A setting's key in the report (a margin, its gap, and a prefetch order or reads other
+    than the default are appended).
     """
     key = f"{s.predictor}/{s.policy}/D{s.lookahead}/cap{s.capacity}/{s.bandwidth}"
     key += f"/m{s.margin}" if s.margin else ""
     key += f"g{s.margin_gap:g}" if s.margin and s.margin_gap is not None else ""
-    return key if s.queue == QUEUES[0] else f"{key}/{s.queue}"
+    key = key if s.queue == QUEUES[0] else f"{key}/{s.queue}"
+    return key if s.reads == READS[0] else f"{key}/{s.reads}"
 
 
 def bench(args: argparse.Namespace, progress: Callable[[int, int, str], None] | None = None,
@@ -187,9 +195,9 @@ def _model(offload: OffloadEngine) -> dict:
 
 
 def _baseline(s: OffloadConfig, args: argparse.Namespace) -> OffloadConfig:
-    """On-demand LRU at the same capacity and bandwidth."""
+    """On-demand LRU at the same capacity, bandwidth and reads."""
     return OffloadConfig(s.capacity, s.bandwidth, BASELINE[0], args.lookahead[0], args.margin[0],
-                         BASELINE[1])
+                         BASELINE[1], reads=s.reads)
 
 
 def _median_row(runs: list[dict]) -> dict:
@@ -218,6 +226,7 @@ def summarise(rows: list[dict], grid: list[OffloadConfig]) -> dict:
         out[key] = {
             "predictor": s.predictor, "policy": s.policy, "lookahead": s.lookahead,
             "capacity": s.capacity, "bandwidth": s.bandwidth, "queue": s.queue,
+            "reads": s.reads,
             "margin": s.margin, "margin_gap": s.margin_gap,
             "speedup_vs_ondemand_lru": round(statistics.median(
                 c["speedup_vs_ondemand_lru"] for c in cells), 4),
@@ -247,7 +256,8 @@ def _oracle_of(summary: dict, row: dict) -> float | None:
     there.
     """
     here = [r for r in summary.values() if r["predictor"] == "oracle"
-            and r["capacity"] == row["capacity"] and r["bandwidth"] == row["bandwidth"]]
+            and r["capacity"] == row["capacity"] and r["bandwidth"] == row["bandwidth"]
+            and r.get("reads", READS[0]) == row.get("reads", READS[0])]
     same = [r for r in here if r["policy"] == row["policy"] and r["lookahead"] == row["lookahead"]
             and r.get("queue") == row.get("queue")]  # the oracle runs at the first margin
     pick = same or here

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -53,12 +55,13 @@ def test_reference_equals_transformers_generate(offload, reference):
     assert all(len(layer) >= 2 for step in reference.routes for layer in step)
 
 
+@pytest.mark.parametrize("reads", ["thread", "compute"])
 @pytest.mark.parametrize("predictor", PREDICTORS)
 @pytest.mark.parametrize("policy", ["lru", "lfu", "predicted", "ahead"])
 def test_every_predictor_and_policy_gives_the_reference_output(offload, reference, predictor,
-                                                               policy):
+                                                               policy, reads):
     cfg = OffloadConfig(capacity=3, bandwidth=FAST, predictor=predictor, lookahead=2,
-                        margin=1, policy=policy, warm=False)
+                        margin=1, policy=policy, warm=False, reads=reads)
     run = offload.generate(PROMPT, DecodeConfig(max_new_tokens=16, trace=False), cfg,
                            reference.routes).run()
     assert run.token_ids == reference.token_ids
@@ -290,6 +293,7 @@ def test_a_layer_drops_its_wrong_queued_prefetches_when_it_computes(offload):
     ("margin", 5, "Margin 5 is out of range"),
     ("queue", "lifo", "Unknown prefetch queue order 'lifo'"),
     ("margin_gap", -0.1, "Margin gap -0.1 is out of range"),
+    ("reads", "telepathy", "Unknown reads 'telepathy'"),
     ("margin_gap", float("nan"), "Margin gap nan is out of range"),
 ])
 def test_bad_settings_are_refused(offload, field, value, needle):
@@ -319,9 +323,10 @@ def test_m2r2_needs_an_accelerator(offload):
         offload.accel = accel
 
 
+@pytest.mark.parametrize("reads", ["thread", "compute"])
 @pytest.mark.parametrize("damage", ["missing", "corrupt"])
 def test_a_bad_expert_file_is_named_and_nothing_half_loads(offload, tmp_path, reference,
-                                                           damage):
+                                                           damage, reads):
     store = tmp_path / "store"
     shutil.copytree(offload.store.folder, store)
     broken = ExpertStore(store).path(1, reference.routes[0][1][0])
@@ -335,7 +340,7 @@ def test_a_bad_expert_file_is_named_and_nothing_half_loads(offload, tmp_path, re
         with pytest.raises(AssetMissing, match=broken.name):
             offload.generate(PROMPT, DecodeConfig(max_new_tokens=4, trace=False),
                              OffloadConfig(capacity=2, bandwidth=FAST, predictor="none",
-                                           warm=False)).run()
+                                           warm=False, reads=reads)).run()
         with pytest.raises(AssetMissing, match=broken.name):
             ExpertStore(store).check()
     finally:
@@ -568,10 +573,11 @@ def test_held_out_recall_gates_a_margin_as_the_predictor_does(offload, gap):
     assert (extra == margin) == (gap is None)
 
 
-def test_loads_read_into_the_tiers_fixed_buffers(offload, reference):
+@pytest.mark.parametrize("reads", ["thread", "compute"])
+def test_loads_read_into_the_tiers_fixed_buffers(offload, reference, reads):
     """Every load lands in one of the tier's preallocated buffers: no memory is allocated per
     load, and a reused buffer holds exactly the new expert's bytes."""
-    cache = ExpertCache(offload.store, 2, PRESETS[FAST], "lru", 2)
+    cache = ExpertCache(offload.store, 2, PRESETS[FAST], "lru", 2, reads=reads)
     pointers = {b.data_ptr() for b in cache.reader.buffers}
     try:
         for layer in range(4):
@@ -585,6 +591,38 @@ def test_loads_read_into_the_tiers_fixed_buffers(offload, reference):
                 cache.release(layer, expert)
     finally:
         cache.close()
+
+
+def test_compute_reads_read_only_the_experts_used(offload, monkeypatch):
+    """`compute` reads: a prefetched guess is resident on the channel's clock but its bytes are
+    read only when a layer uses it, in the compute thread; a guess never used is never read
+    and may still be evicted; `thread` reads every load as it is queued."""
+    read = []
+    for reads in ("compute", "thread"):
+        cache = ExpertCache(offload.store, 3, PRESETS[FAST], "lru", 2, reads=reads)
+        real = cache.reader.fill
+        monkeypatch.setattr(cache.reader, "fill", lambda key, index, real=real, reads=reads: (
+            read.append((reads, key, threading.current_thread().name)) or real(key, index)))
+        try:
+            cache.prefetch(1, [0, 1, 2], distance=1)  # three guesses, one will be used
+            cache.token, cache.layer = 0, 1
+            cache.request(1, [1])
+            weights = cache.acquire(1, 1)
+            assert torch.equal(weights["down_proj"],
+                               offload.engine.parts.layers[1].mlp.experts.down_proj[1])
+            cache.release(1, 1)
+            time.sleep(0.05)
+            cache.token, cache.layer = 1, 0
+            cache.request(2, [3])  # the tier is full of resident guesses: an unread one leaves
+            cache.acquire(2, 3)
+            cache.release(2, 3)
+        finally:
+            cache.close()
+    computed = [(key, thread) for mode, key, thread in read if mode == "compute"]
+    assert computed == [((1, 1), "MainThread"), ((2, 3), "MainThread")]
+    threaded = {key for mode, key, thread in read if mode == "thread"}
+    assert threaded == {(1, 0), (1, 1), (1, 2), (2, 3)}
+    assert all(thread == "expert-loader" for mode, _, thread in read if mode == "thread")
 
 
 @pytest.fixture(scope="module")
@@ -680,6 +718,26 @@ def test_benchmark_cli_in_process(offload, tmp_path):
             abs=1e-3)
     assert summary["pregate/predicted/D1/cap8/nvme"]["oracle_speedup"] is None  # none ran there
     assert all(r["ceiling"] > 0 for k, r in summary.items() if k != "resident_tok_per_s")
+
+
+def test_benchmark_grid_runs_whole_under_each_reads():
+    """--reads thread compute: every setting, baselines and oracle included, once under each,
+    keyed apart, each against the on-demand baseline of its own reads."""
+    from analysis import moe_bench
+
+    args = moe_bench.parse_args(["--predictors", "none", "m2r2", "oracle", "--policies",
+                                 "predicted", "--sweep-capacity", "38", "--reads", "thread",
+                                 "compute"])
+    grid = moe_bench.settings(args)
+    thread = [s for s in grid if s.reads == "thread"]
+    compute = [s for s in grid if s.reads == "compute"]
+    assert len(thread) == len(compute) == len(grid) // 2
+    assert [dataclasses.replace(s, reads="thread") for s in compute] == thread
+    labels = [moe_bench.label(s) for s in grid]
+    assert len(set(labels)) == len(labels)
+    assert "m2r2/predicted/D2/cap77/ufs/compute" in labels
+    for s in compute:
+        assert moe_bench._baseline(s, args).reads == "compute"
 
 
 def test_an_abandoned_run_blocks_no_other_run_and_leaves_the_model_alone(offload, reference):

@@ -18,6 +18,7 @@ from m2r2core.errors import M2R2Error
 from m2r2core.moe import distilled, moefy
 from m2r2core.moe.channel import PRESETS, QUEUES, UNRECORDED_QUEUE
 from m2r2core.moe.eviction import POLICIES
+from m2r2core.moe.experts import READS
 from m2r2core.moe.offload import OffloadConfig, OffloadEngine
 from m2r2core.moe.prefetch import PREDICTORS
 
@@ -149,7 +150,7 @@ def render() -> None:
 
 def _offload_controls(moe: OffloadEngine) -> OffloadConfig | None:
     total, top_k = moe.total_experts, moe.moe.top_k
-    cols = st.columns(8)
+    cols = st.columns(9)
     capacity = cols[0].number_input(
         "Capacity (experts)", value=max(top_k, total // 3), step=1, key=state.EXPERTS_CAPACITY,
         help=f"Experts the fast tier holds ({top_k}–{total}; {total} routed experts in all).")
@@ -173,9 +174,16 @@ def _offload_controls(moe: OffloadEngine) -> OffloadConfig | None:
     queue = cols[7].selectbox("Prefetch order", QUEUES, key=state.EXPERTS_QUEUE,
                               help="deadline: a prediction for a nearer layer goes ahead of "
                               "queued ones for later layers; fifo: in the order predicted.")
+    reads = cols[8].selectbox("Reads", READS, key=state.EXPERTS_READS,
+                              help="Who copies a loaded expert's bytes into the fast tier: "
+                              "thread, a reader thread as soon as the load is queued (every "
+                              "load, wrong guesses too, costs this CPU a thread switch); "
+                              "compute, the compute thread at the expert's first use, as a DMA "
+                              "engine would leave it (a wrong guess costs only storage time).")
     offload = OffloadConfig(capacity=int(capacity), bandwidth=preset, predictor=predictor,
                             lookahead=int(lookahead), margin=int(margin), policy=policy,
-                            queue=queue, margin_gap=None if gap is None else float(gap))
+                            queue=queue, margin_gap=None if gap is None else float(gap),
+                            reads=reads)
     try:
         offload.validate(total, moe.moe.n_layers, moe.moe.n_experts, top_k)
     except M2R2Error as exc:
@@ -258,7 +266,8 @@ def _show_generation(s: ExpertSession) -> None:
     o = s.offload
     gated = f" (gap {o.margin_gap:g}σ)" if o.margin and o.margin_gap is not None else ""
     st.caption(f"{o.predictor} prediction, lookahead {o.lookahead}, margin {o.margin}{gated}, "
-               f"{o.policy} eviction, prefetches by {o.queue}, {o.capacity} of {s.total} "
+               f"{o.policy} eviction, prefetches by {o.queue}, {o.reads} reads, "
+               f"{o.capacity} of {s.total} "
                f"experts resident ({o.capacity / s.total:.0%}), {PRESETS[o.bandwidth].label}. "
                f"{mine['loads_per_token']} loads per token "
                f"({mine['wasted_per_token']} prefetched and evicted unused).")

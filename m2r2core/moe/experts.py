@@ -55,6 +55,21 @@ class _Slot:
     waits behind every top-k prefetch."""
 
 
+READS = ("thread", "compute")
+"""Who reads a loaded expert's bytes into its buffer. `thread`: a reader thread, as soon as the
+load is queued (on a host with a free core the read overlaps compute; on a busy 2-core host every
+load, wrong guesses too, also costs the compute thread a thread switch). `compute`: the compute
+thread, when it first uses an expert whose modelled load has ended, as a DMA engine would leave it
+(a guess never used is never read, so wrong guesses cost only storage-channel time and a slot;
+each used load costs one read on the critical path). The channel's clock is the same in both."""
+
+
+def check_reads(reads: str) -> None:
+    """ConfigError unless `reads` is one of READS."""
+    if reads not in READS:
+        raise ConfigError(f"Unknown reads '{reads}'; choose one of {', '.join(READS)}.")
+
+
 def check_queue(queue: str) -> None:
     """ConfigError unless `queue` is a prefetch order of the storage channel."""
     if queue not in QUEUES:
@@ -88,14 +103,15 @@ class ExpertCache:  # over 150 lines: one lock guards slots, pins, queue and clo
 
     def __init__(self, store: ExpertStore, capacity: int, bw: Bandwidth, policy: str,
                  top_k: int, device: torch.device = torch.device("cpu"),
-                 queue: str = "deadline") -> None:
-        """ConfigError when the tier cannot hold one layer's experts, or the policy or the
-        queue order (channel.QUEUES) is unknown.
+                 queue: str = "deadline", reads: str = "thread") -> None:
+        """ConfigError when the tier cannot hold one layer's experts, or the policy, the
+        queue order (channel.QUEUES) or the reads (READS) are unknown.
         """
         check_tier(capacity, len(store.files), top_k, policy)
         check_queue(queue)
+        check_reads(reads)
         self.store, self.capacity, self.bw, self.policy = store, capacity, bw, policy
-        self.queue, self.top_k = queue, top_k
+        self.queue, self.top_k, self.reads = queue, top_k, reads
         self._order = self._deadline if queue == "deadline" else None
         """The channel's sort key for prefetches (None: in the order predicted)."""
         self.eviction = POLICY_CLASSES[policy]()
@@ -172,7 +188,9 @@ class ExpertCache:  # over 150 lines: one lock guards slots, pins, queue and clo
             self._wait(key, slot)
             self.events.append(Event("stall", self.token, layer, expert, now, self.now_ms(),
                                      slot.cause))
-        if slot.tensors is None:
+        if slot.tensors is None and self.reads == "compute":
+            self._read_now(key, slot)  # pinned above: nothing else touches its buffer
+        elif slot.tensors is None:
             slot.read.wait()  # the reader lags behind the modelled clock (not seen so far)
         if slot.error is not None:
             raise slot.error
@@ -180,6 +198,14 @@ class ExpertCache:  # over 150 lines: one lock guards slots, pins, queue and clo
             slot.used, slot.uses, slot.last_use = True, slot.uses + 1, time.perf_counter()
             self.slots.move_to_end(key)
         return slot.tensors
+
+    def _read_now(self, key: Key, slot: _Slot) -> None:
+        """Read a resident expert's bytes in this thread (`compute` reads)."""
+        try:
+            slot.tensors = self.reader.fill(key, slot.buffer)
+        except Exception as exc:  # raised by acquire, as a reader thread's failure is
+            slot.error = exc
+        slot.read.set()
 
     def release(self, layer: int, expert: int) -> None:
         """The layer is done with this expert: it may be evicted again."""
@@ -298,8 +324,8 @@ class ExpertCache:  # over 150 lines: one lock guards slots, pins, queue and clo
                       if self.slots[k].start is None and k not in self.pinned]
             if any(self._cancel(k) for k in queued[:1]):
                 continue
-            reading = [s for k, s in self.slots.items()
-                       if s.ready and s.tensors is None and s.error is None]
+            reading = [s for k, s in self.slots.items() if self.reads == "thread"
+                       and s.ready and s.tensors is None and s.error is None]
             if not self.channel.queue and not reading:
                 raise ConfigError(f"The fast tier of {self.capacity} experts is full of experts "
                                   "in use; raise the capacity.")
@@ -320,7 +346,8 @@ class ExpertCache:  # over 150 lines: one lock guards slots, pins, queue and clo
         self.slots[key] = slot
         self.peak = max(self.peak, len(self.slots))
         self.channel.schedule(key, demand=cause == "demand", deadline=self._order)
-        self.reader.submit(key)
+        if self.reads == "thread":
+            self.reader.submit(key)
         return slot
 
     def _deadline(self, key: Key) -> tuple[bool, int]:
@@ -343,8 +370,9 @@ class ExpertCache:  # over 150 lines: one lock guards slots, pins, queue and clo
         """Which resident expert leaves to make room for `need`; None when none may (the
         eviction policy decides, moe/eviction.py).
         """
-        candidates = [k for k, s in self.slots.items()
-                      if s.ready and s.tensors is not None and k not in self.pinned]
+        unread = self.reads == "compute"  # an unread slot: no reader thread holds its buffer
+        candidates = [k for k, s in self.slots.items() if s.ready and k not in self.pinned
+                      and (s.tensors is not None or unread)]
         return self.eviction.victim(self, candidates, for_prefetch, need)
 
     def _evict(self, key: Key) -> None:

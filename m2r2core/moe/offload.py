@@ -29,7 +29,7 @@ from m2r2core.config import DecodeConfig
 from m2r2core.engine import Engine
 from m2r2core.errors import ConfigError, UnsupportedModel
 from m2r2core.moe.channel import bandwidth
-from m2r2core.moe.experts import ExpertCache, check_queue, check_tier
+from m2r2core.moe.experts import ExpertCache, check_queue, check_reads, check_tier
 from m2r2core.moe.prefetch import (
     PREDICTORS,
     MoeParts,
@@ -71,6 +71,9 @@ class OffloadConfig:
     margin_gap: float | None = None
     """Name a margin expert only where the router hesitates (moe/prefetch.py MARGIN_GAP);
     None: every margin expert."""
+    reads: str = "thread"
+    """Who reads a loaded expert's bytes (moe/experts.py READS): a reader thread as the load is
+    queued, or the compute thread at the expert's first use."""
 
     def validate(self, total: int, n_layers: int, n_experts: int, top_k: int) -> None:
         """ConfigError naming the field and its allowed range (total: experts in the model)."""
@@ -87,6 +90,7 @@ class OffloadConfig:
             raise ConfigError(f"Margin {self.margin} is out of range; choose 0 to "
                               f"{n_experts - top_k}.")
         check_margin_gap(self.margin_gap)
+        check_reads(self.reads)
 
 
 class OffloadedExperts(nn.Module):
@@ -255,7 +259,7 @@ class OffloadRun(DecodeRun[OffloadToken]):
         if offload is not None:
             cache = ExpertCache(owner.store, offload.capacity, bandwidth(offload.bandwidth),
                                 offload.policy, owner.moe.top_k, owner.engine.device,
-                                offload.queue)
+                                offload.queue, offload.reads)
             try:
                 if offload.warm:
                     cache.warm(owner.expert_keys())
