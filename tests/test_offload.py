@@ -385,11 +385,14 @@ def test_folded_router_predictions_equal_the_unfolded_ones(offload, accelerated)
         for layer in range(moe.n_layers - 1):
             for _ in range(20):
                 state = torch.randn(64, generator=generator) * 3
-                fast = predictor.predict(0, layer, state)
+                fast = predictor.predict(0, layer, state)  # the folded matrix, in NumPy
+                host, predictor._host[layer] = predictor._host[layer], None
+                folded = predictor.predict(0, layer, state)  # the folded matrix, in torch
                 predictor._maps[layer], kept = None, predictor._maps[layer]
-                slow = predictor.predict(0, layer, state)
-                predictor._maps[layer] = kept
-                assert fast == slow and set(fast) == set(predictor.targets(layer))
+                slow = predictor.predict(0, layer, state)  # norm, accelerator, routers
+                predictor._maps[layer], predictor._host[layer] = kept, host
+                assert host is not None
+                assert fast == folded == slow and set(fast) == set(predictor.targets(layer))
     finally:
         for layer in range(moe.n_layers):
             moe.norms[layer].weight.data.fill_(1.0)
