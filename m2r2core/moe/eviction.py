@@ -2,12 +2,15 @@
 
 Each policy is an object with one question to answer, `victim`, asked by the cache
 (moe/experts.py) with the experts that may leave (resident, loaded, not pinned), least recently
-used first. A prefetch asks with `for_prefetch` and the expert it wants to load; a policy may
-answer None (no prefetch then: a prefetch never forces out what is needed sooner).
+used first, as a lazy iterable: a policy that stops at the first fit (LRU, `predicted`) never
+looks at the rest of a tier of dozens of experts, which it would otherwise do at every load. A
+prefetch asks with `for_prefetch` and the expert it wants to load; a policy may answer None (no
+prefetch then: a prefetch never forces out what is needed sooner).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Protocol
 
 Key = tuple[int, int]
@@ -32,10 +35,10 @@ class EvictionPolicy:
 
     name = "lru"
 
-    def victim(self, tier: TierState, candidates: list[Key], for_prefetch: bool,
+    def victim(self, tier: TierState, candidates: Iterable[Key], for_prefetch: bool,
                need: Key | None) -> Key | None:
         """The expert to evict, or None when none may leave."""
-        return candidates[0] if candidates else None
+        return next(iter(candidates), None)
 
 
 class LeastFrequentlyUsed(EvictionPolicy):
@@ -43,10 +46,10 @@ class LeastFrequentlyUsed(EvictionPolicy):
 
     name = "lfu"
 
-    def victim(self, tier: TierState, candidates: list[Key], for_prefetch: bool,
+    def victim(self, tier: TierState, candidates: Iterable[Key], for_prefetch: bool,
                need: Key | None) -> Key | None:
         """See EvictionPolicy."""
-        return min(candidates, key=tier.uses) if candidates else None
+        return min(candidates, key=tier.uses, default=None)
 
 
 class KeepPredicted(EvictionPolicy):
@@ -56,13 +59,15 @@ class KeepPredicted(EvictionPolicy):
 
     name = "predicted"
 
-    def victim(self, tier: TierState, candidates: list[Key], for_prefetch: bool,
+    def victim(self, tier: TierState, candidates: Iterable[Key], for_prefetch: bool,
                need: Key | None) -> Key | None:
         """See EvictionPolicy."""
+        first = None
         for key in candidates:  # least recently used first
             if key[0] <= tier.layer or tier.predicted.get(key) != tier.token:
                 return key
-        return None if for_prefetch or not candidates else candidates[0]
+            first = first or key
+        return None if for_prefetch else first
 
 
 def next_use(tier: TierState, key: Key) -> int:
@@ -92,12 +97,12 @@ class Ahead(EvictionPolicy):
 
     name = "ahead"
 
-    def victim(self, tier: TierState, candidates: list[Key], for_prefetch: bool,
+    def victim(self, tier: TierState, candidates: Iterable[Key], for_prefetch: bool,
                need: Key | None) -> Key | None:
         """See EvictionPolicy."""
-        if not candidates:
+        best = max(candidates, key=lambda k: next_use(tier, k), default=None)  # first of ties
+        if best is None:
             return None
-        best = max(candidates, key=lambda k: next_use(tier, k))  # max keeps the first of ties
         if for_prefetch and need is not None and next_use(tier, best) <= need[0] - tier.layer:
             return None
         return best

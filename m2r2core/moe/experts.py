@@ -371,8 +371,8 @@ class ExpertCache:  # over 150 lines: one lock guards slots, pins, queue and clo
         eviction policy decides, moe/eviction.py).
         """
         unread = self.reads == "compute"  # an unread slot: no reader thread holds its buffer
-        candidates = [k for k, s in self.slots.items() if s.ready and k not in self.pinned
-                      and (s.tensors is not None or unread)]
+        candidates = (k for k, s in self.slots.items() if s.ready and k not in self.pinned
+                      and (s.tensors is not None or unread))
         return self.eviction.victim(self, candidates, for_prefetch, need)
 
     def _evict(self, key: Key) -> None:
