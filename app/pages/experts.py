@@ -51,8 +51,11 @@ are stored as standard Qwen2-MoE checkpoints; the same engine runs Mixtral and Q
 
 **The tiers.** Every routed expert is a file in an expert store. A load takes the time the chosen
 storage would (bytes ÷ bandwidth + a per-read latency), on one storage channel, one load after
-the other, while compute goes on: the presets and that clock are modelled, the reads are real (a
-background thread reads the file as soon as the load is queued). The fast tier is *capacity*
+the other, while compute goes on: the presets and that clock are modelled, the reads are real.
+**Reads** (a choice): *thread*, the default, reads the file on a background thread as soon as
+the load is queued; *compute* reads it in the compute thread when a layer first uses an expert
+whose load has ended, as a DMA engine would leave it, so a wrong guess is never read. The fast
+tier is *capacity*
 buffers allocated once; a load reads the file straight into one, as a serving engine fills a
 slot of device memory. The model's own weights stay in memory for the all-resident reference,
 so the budget is modelled, not enforced by the operating system.
@@ -64,6 +67,9 @@ on the MoE's own states to make the used experts the router's top-k (the objecti
 of `fit-accel --loss`: *rank*, the committed one, or *set*). *pregate*:
 the same routers on the unaccelerated state. *previous*: the previous token's experts. *oracle*:
 the experts this run will use (from the reference run; an upper bound). *none*: load on demand.
+A **margin gap** makes the margin selective: m2r2 and pregate then name an expert beyond the
+top-k only where the router hesitates (its logit within that many standard deviations of the
+k-th expert's), about one layer in eight at 0.1σ.
 **Eviction**: LRU, LFU, *predicted* (keep what a predictor expects in this token's later
 layers, evict the rest by LRU), or *ahead* (a Belady estimate with the layers as the clock:
 decoding visits layers 1 … N token after token, so the expert whose layer comes round last
