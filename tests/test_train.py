@@ -128,6 +128,33 @@ def test_a_run_from_init_must_beat_its_start_to_replace_it(tmp_path, corpus, tin
     assert (out / WEIGHTS_NAME).is_file() == improved
 
 
+def test_a_best_saved_before_an_interruption_is_tested_when_the_run_ends(tmp_path, corpus,
+                                                                         tiny_model_dir,
+                                                                         monkeypatch):
+    """A run killed after saving its best (no test figures yet) and resumed with no better
+    state still measures that best's test figures when it ends."""
+    from m2r2core.train import adapters
+
+    monkeypatch.setenv("M2R2_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "trained"
+    common = ["--model", str(tiny_model_dir), "--dtype", "float32", "--seq-len", "48",
+              "--data", str(corpus), "--out", str(out), "--batch-size", "4",
+              "--kl-positions", "16", "--eval-every", "2", "--save-every", "2",
+              "--run-name", "interrupted"]
+    real = adapters.AdapterTraining.test_best
+    monkeypatch.setattr(adapters.AdapterTraining, "test_best", lambda self: None)  # "killed"
+    train.main(["adapters", *common, "--steps", "2"])
+    card = json.loads((out / CARD_NAME).read_text())
+    assert "held_out_lens_agreement" not in card["metrics"]
+    monkeypatch.setattr(adapters.AdapterTraining, "test_best", real)
+    monkeypatch.setattr(adapters.AdapterTraining, "evaluate",  # no better state after resume
+                        lambda self, save=True: self.run.save(self.accel, self.optim, self.step,
+                                                              self.best, self.tokens))
+    train.main(["adapters", *common, "--steps", "4"])
+    card = json.loads((out / CARD_NAME).read_text())
+    assert card["training"]["step"] == 2 and "held_out_lens_agreement" in card["metrics"]
+
+
 def test_training_commands_run_on_the_threads_they_are_given(tiny_model_dir):
     """--threads reaches torch (the trainers load through `load`, not `Engine.load`)."""
     import argparse

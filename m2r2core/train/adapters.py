@@ -29,6 +29,7 @@ from torch.nn import functional as F
 from m2r2core.errors import M2R2Error
 from m2r2core.runtime import hf_compat
 from m2r2core.stream.accel import (
+    CARD_NAME,
     WEIGHTS_NAME,
     AccelConfig,
     Accelerator,
@@ -256,8 +257,22 @@ class AdapterTraining:
         self.started, self.tokens, self.last = time.time(), tokens, {}
         self.resumed_tokens = tokens
         """Tokens trained before this process started (a resumed run's)."""
-        self.untested = False
-        """The best adapters in `out` still lack their test figures (measured at the end)."""
+        self.untested = self._saved_untested()
+        """The best adapters in `out` still lack their test figures (measured at the end): saved
+        by this process, or by this run before it was interrupted and resumed."""
+
+    def _saved_untested(self) -> bool:
+        """Whether `out` holds adapters this run saved whose card has no test figures yet."""
+        from m2r2core.stream.accel import read_card
+
+        if self.step == 0 or not (self.out / CARD_NAME).is_file():
+            return False
+        try:
+            card = read_card(self.out)
+        except M2R2Error:
+            return False
+        return (card.training.get("run") == self.run.folder.name
+                and "held_out_lens_agreement" not in card.metrics)
 
     def batches(self) -> Iterator[Batch]:
         """The training batches, positioned after the steps already taken."""
