@@ -32,7 +32,7 @@ from m2r2core.moe.channel import PRESETS, QUEUES
 from m2r2core.moe.eviction import POLICIES
 from m2r2core.moe.experts import READS
 from m2r2core.moe.offload import OffloadConfig, OffloadEngine, load_moe
-from m2r2core.moe.prefetch import PREDICTORS
+from m2r2core.moe.prefetch import PREDICTORS, ROUTER_PREDICTORS
 
 BASELINE = ("none", "lru")
 
@@ -118,7 +118,7 @@ def _gaps(args: argparse.Namespace, predictor: str, margin: int) -> list[float]:
     """The margin gaps to time beside the ungated margin: only router predictors have logits to
     gate, and only a margin above 0 has experts to gate.
     """
-    return list(args.margin_gap) if margin and predictor in ("m2r2", "pregate") else []
+    return list(args.margin_gap) if margin and predictor in ROUTER_PREDICTORS else []
 
 
 def label(s: OffloadConfig) -> str:

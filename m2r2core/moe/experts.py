@@ -324,8 +324,9 @@ class ExpertCache:  # over 150 lines: one lock guards slots, pins, queue and clo
                       if self.slots[k].start is None and k not in self.pinned]
             if any(self._cancel(k) for k in queued[:1]):
                 continue
-            reading = [s for k, s in self.slots.items() if self.reads == "thread"
-                       and s.ready and s.tensors is None and s.error is None]
+            reading = [s for s in self.slots.values()  # only a reader thread lags behind
+                       if s.ready and s.tensors is None and s.error is None
+                       ] if self.reads == "thread" else []
             if not self.channel.queue and not reading:
                 raise ConfigError(f"The fast tier of {self.capacity} experts is full of experts "
                                   "in use; raise the capacity.")

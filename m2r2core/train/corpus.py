@@ -418,7 +418,16 @@ def finished(folder: Path, split: str, growth: bool = True) -> list[Sample]:
     """The chat answers of one split built so far (none while its first shard is being made);
     the growth rounds' after the first build's, or (growth=False) the first build's alone.
     """
-    pattern = f"{split}-*.jsonl" if growth else f"{split}-[0-9]*.jsonl"
+    first = _answers(folder, f"{split}-[0-9]*.jsonl")
+    return first + grown(folder, split) if growth else first
+
+
+def grown(folder: Path, split: str) -> list[Sample]:
+    """The growth rounds' chat answers of one split, in round and shard order."""
+    return _answers(folder, f"{split}-g*.jsonl")
+
+
+def _answers(folder: Path, pattern: str) -> list[Sample]:
     return [Sample(r["ids"], r["answer_start"], "chat")
             for path in sorted((folder / "chat").glob(pattern))
             for r in read_jsonl(path) if len(r["ids"]) >= 2]

@@ -119,22 +119,18 @@ def bucketed_batches(samples: list[distill.Sample], batch_tokens: int, seq_len: 
             yield pad_rows(chunk, min(seq_len, max(len(s.ids) for s in chunk)))
 
 
-def fresh_mix(folder, answers: list[distill.Sample], share: float, seed: int
-              ) -> tuple[list[distill.Sample], str]:
-    """The train answers with the growth rounds' as `share` of them: every growth answer, and
-    a seeded sample of the first build's for the rest (share 1: the growth answers alone).
+def fresh_mix(folder, first: list[distill.Sample], grown: list[distill.Sample], share: float,
+              seed: int) -> tuple[list[distill.Sample], str]:
+    """The train answers with the growth rounds' as `share` of them: every growth answer
+    (`grown`), and a seeded sample of the first build's (`first`) for the rest (share 1: the
+    growth answers alone).
 
     A continuation on fresh data: a second pass over the first build's answers bought nothing
     on held-out answers (BENCHMARKS, session 28), so a run after a growth round can put its
     steps where the data is new while keeping some of the old answers in the mix.
     """
-    from m2r2core.train import corpus
-    from m2r2core.train.common import train_split
-
     if not 0 < share <= 1:
         raise M2R2Error(f"--fresh-share must be above 0 and at most 1 (got {share}).")
-    first = train_split(corpus.finished(folder, "train", growth=False))
-    grown = answers[len(first):]
     if not grown:
         raise M2R2Error(f"--fresh-share needs a growth round's answers; the corpus in {folder} "
                         "has none yet (build one: `python -m m2r2core.train corpus --grow N`).")
@@ -160,7 +156,8 @@ def datasets(args: argparse.Namespace, fingerprint: str) -> tuple[dict, str]:
         splits = {split: corpus.load(folder, split, with_text=False,
                                      model_fingerprint=fingerprint)
                   for split in ("dev", "test")}
-        chat = corpus.finished(folder, "train")
+        first = corpus.finished(folder, "train", growth=False)
+        chat = first + corpus.grown(folder, "train")  # as corpus.finished reads them
         text = [s for s in corpus.text_samples(folder) if len(s.ids) >= 2]
         if not chat and not text:
             raise corpus.CorpusError(f"The corpus in {folder} has no finished train samples "
@@ -168,7 +165,9 @@ def datasets(args: argparse.Namespace, fingerprint: str) -> tuple[dict, str]:
         answers, fresh_note = train_split(chat), ""
         fresh = getattr(args, "fresh_share", None)
         if fresh is not None:
-            answers, fresh_note = fresh_mix(folder, answers, fresh, args.seed)
+            split = len(train_split(first))  # the first build's answers come first
+            answers, fresh_note = fresh_mix(folder, answers[:split], answers[split:], fresh,
+                                            args.seed)
         share = getattr(args, "text_share", None)
         if answers and share is not None and 0 <= share < 1:  # text as this share of rows
             keep = min(len(text), round(len(answers) * share / (1 - share)))

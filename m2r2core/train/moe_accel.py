@@ -19,6 +19,7 @@ import torch
 
 from m2r2core.config import EngineConfig
 from m2r2core.moe.moefy import _run_hooked, build, files_digest, fitting_sequences
+from m2r2core.moe.prefetch import margin_kept
 from m2r2core.runtime.model import DEFAULT_MODEL, load
 from m2r2core.train import distill
 from m2r2core.train.common import labelled_bars
@@ -74,10 +75,8 @@ def _state_recall(moe, states: list[torch.Tensor], used: list[torch.Tensor | Non
         x = states[layer] if fast is None else fast(layer, states[layer], distance)
         logits = moe.logits(target, x).float()
         best = logits.topk(width, -1)
-        named = torch.ones_like(best.indices, dtype=torch.bool)
-        if gap is not None:
-            k = moe.top_k
-            named = (best.values[:, k - 1:k] - best.values) <= gap * logits.std(-1, keepdim=True)
+        named = (torch.ones_like(best.indices, dtype=torch.bool) if gap is None
+                 else margin_kept(logits, best.values, moe.top_k, gap))
         hit = (best.indices[:, :, None] == used[target][:, None, :]).any(-1) & named
         hits += int(hit.sum())
         total += used[target].numel()
