@@ -214,6 +214,27 @@ def test_fresh_share_puts_a_growth_rounds_answers_first(tmp_path):
     for bad in (0.0, 1.5):
         with pytest.raises(M2R2Error, match="above 0 and at most 1"):
             data.datasets(args(bad), "fp")
+    # a second round: --fresh-rounds 2 counts only its answers as fresh, round 1 joins the old
+    second = [Sample([5, 6, 7, n], 2, "chat") for n in range(700, 720)]
+    corpus.write_jsonl(folder / "chat" / "train-g2-00000.jsonl",
+                       [{"ids": s.ids, "answer_start": 2} for s in second])
+    assert list(corpus.growth_rounds(folder, "train")) == [1, 2]
+    both, _ = data.datasets(args(0.6), "fp")
+    assert len([s for s in both["train"] if s.ids[-1] >= 500]) == 36
+    latest = argparse.Namespace(**vars(args(0.6)), fresh_rounds=[2])
+    splits, note = data.datasets(latest, "fp")
+    train = splits["train"]
+    assert [s.ids[-1] for s in train[:18]] == [s.ids[-1] for i, s in
+                                               enumerate(first + grown + second)
+                                               if i % 10 and s.ids[-1] >= 700]
+    assert all(s.ids[-1] < 700 and s.ids[-1] % 10 for s in train[18:]) and len(train) == 30
+    assert any(500 <= s.ids[-1] < 700 for s in train[18:])  # round 1 sampled with the old
+    assert "18 from growth round 2, 12 from the first build and older rounds" in note
+    assert len(splits["router"]) == 8  # every tenth of all 80, as before
+    with pytest.raises(M2R2Error, match="growth rounds 1, 2"):
+        data.datasets(argparse.Namespace(**vars(args(0.6)), fresh_rounds=[3]), "fp")
+    with pytest.raises(M2R2Error, match="give --fresh-share too"):
+        data.datasets(argparse.Namespace(**vars(args(None)), fresh_rounds=[2]), "fp")
 
 
 def test_routers_without_train_answers_say_what_to_run(tmp_path, tiny_model_dir, monkeypatch):

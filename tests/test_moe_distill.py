@@ -103,6 +103,61 @@ def test_a_step_lowers_the_losses_and_touches_only_the_trainable_parts(tiny_dens
     assert all(torch.equal(after[k], v) for k, v in frozen.items())
 
 
+def test_a_full_weight_student_trains_its_weights_builds_and_saves_as_deltas(tmp_path, tiny_dense):
+    """--full: the projections themselves train (starting from the low-rank corrections folded
+    in), the teacher stays the dense model, the built Qwen2-MoE with the deltas is the
+    student, and the deltas round-trip through distilled.save/load (card rank 0)."""
+    import copy
+
+    original, _, card, tensors, downs, low_rank = _wrapped(tiny_dense)
+    corrections = {}
+    for index, mlp in low_rank.items():
+        corrections |= mlp.tensors(index)
+    dense = copy.deepcopy(original)
+    sparse = moe_distill.wrap(dense, card, tensors, downs, 0, seed=0, full=True)
+    for index, mlp in sparse.items():
+        mlp.load(corrections, index)
+        assert not list(mlp.fix.parameters()) and len(list(mlp.weights.parameters())) == 3
+    ids = torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(6))
+    built_low = moefy.moe_model(*moefy.moe_state(original, tensors, card, downs, corrections))
+    dense.eval()
+    with torch.no_grad():  # the corrections, folded into full weights, are the same MoE
+        assert torch.allclose(dense(ids).logits, built_low(ids).logits, atol=1e-4, rtol=1e-4)
+    params = [p for m in sparse.values() for p in [m.router, *m.weights.values()]]
+    optim = torch.optim.Adam(params, lr=1e-3)
+    dense.train()
+    first = None
+    for _ in range(4):
+        moe_distill.set_teacher(sparse, True)
+        with torch.no_grad():
+            teacher = dense(ids).logits
+        moe_distill.set_teacher(sparse, False)
+        loss = moe_distill.kl_loss(dense(ids).logits, teacher, torch.ones(ids.shape), top=16)
+        first = loss.item() if first is None else first
+        optim.zero_grad()
+        loss.backward()
+        optim.step()
+    assert loss.item() < first
+    moe_distill.set_teacher(sparse, True)
+    dense.eval()
+    with torch.no_grad():
+        assert torch.allclose(dense(ids).logits, original(ids).logits, atol=1e-5)
+    deltas = {}
+    for index, mlp in sparse.items():
+        deltas |= mlp.tensors(index)
+    assert {k.rsplit(".", 1)[-1] for k in deltas} == {"router", "delta"}
+    moe_distill.set_teacher(sparse, False)
+    built = moefy.moe_model(*moefy.moe_state(original, tensors, card, downs, deltas))
+    with torch.no_grad():
+        assert torch.allclose(dense(ids).logits, built(ids).logits, atol=1e-4, rtol=1e-4)
+    folder, _ = _saved(tmp_path, tiny_dense)
+    distilled.save(folder, deltas, distilled.DistilledCard(
+        base_model="tiny", moefy_digest=distilled.moefy_digest(folder), rank=0,
+        layers=sorted(sparse), steps=4, tokens=1, data="test"))
+    saved_card, loaded = distilled.load(folder, "tiny")
+    assert saved_card.rank == 0 and set(loaded) == set(deltas)
+
+
 def test_top_k_kl_is_the_full_kl_when_the_tail_is_empty():
     gen = torch.Generator().manual_seed(5)
     teacher = torch.randn(6, 10, generator=gen)

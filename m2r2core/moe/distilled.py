@@ -10,7 +10,9 @@ one. `moefy.moe_state` applies them before it cuts the matrices into experts, so
 is the same Qwen2-MoE format and everything that runs the MoE runs the distilled one unchanged.
 
 Files, beside the MoEfication under artifacts/smollm2-135m-moe/: distilled.safetensors (per MoE
-layer i: `layers.{i}.router` (E, H) logits weight, `layers.{i}.{gate,up,down}.{a,b}`) and
+layer i: `layers.{i}.router` (E, H) logits weight, `layers.{i}.{gate,up,down}.{a,b}`, or for a
+full-weight distillation (card rank 0, `distill --full`: about 150 MB, a measurement the repository
+does not carry) `layers.{i}.{gate,up,down}.delta`, the trained weight minus the frozen one) and
 distilled.json (its card: the MoEfication it was trained on, data, steps, figures).
 """
 
@@ -72,8 +74,9 @@ def load(folder: Path, base_model: str) -> tuple[DistilledCard, dict[str, torch.
                             f"(digest {card.moefy_digest[:12]}, the folder's is "
                             f"{moefy_digest(folder)[:12]}); rerun `{DISTILL}` or restore it.")
     tensors = artifacts.load_tensors(folder, WEIGHTS, "distilled MoE", DISTILL)
+    parts = ("a", "b") if card.rank else ("delta",)  # rank 0: full-weight deltas
     expected = {f"layers.{i}.router" for i in card.layers} | {
-        f"layers.{i}.{p}.{m}" for i in card.layers for p in PROJECTIONS for m in "ab"}
+        f"layers.{i}.{p}.{m}" for i in card.layers for p in PROJECTIONS for m in parts}
     if set(tensors) != expected:
         raise ArtifactError(f"{Path(folder) / WEIGHTS} does not hold the tensors its card "
                             f"describes; rerun `{DISTILL}` or restore it.")
@@ -82,8 +85,11 @@ def load(folder: Path, base_model: str) -> tuple[DistilledCard, dict[str, torch.
 
 def corrected(weight: torch.Tensor, tensors: dict[str, torch.Tensor], layer: int, name: str
               ) -> torch.Tensor:
-    """A dense-order projection weight plus its low-rank correction (`weight` when none)."""
+    """A dense-order projection weight plus its low-rank correction or full delta (`weight`
+    when none)."""
     key = f"layers.{layer}.{name}"
+    if f"{key}.delta" in tensors:
+        return weight + tensors[f"{key}.delta"].float()
     if f"{key}.a" not in tensors:
         return weight
     return weight + tensors[f"{key}.b"].float() @ tensors[f"{key}.a"].float()

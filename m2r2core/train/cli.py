@@ -177,6 +177,9 @@ def _adapters(s: argparse.ArgumentParser) -> None:
                    help="the corpus growth rounds' answers as this share of the train "
                         "answers (every one of them, plus a seeded sample of the first "
                         "build's); default: every train answer alike")
+    s.add_argument("--fresh-rounds", type=int, nargs="+", default=None,
+                   help="with --fresh-share: only these growth rounds count as fresh (the "
+                        "others join the first build's, sampled); default: every round")
     s.add_argument("--max-minutes", type=float, default=0,
                    help="stop after this wall-clock budget (0: none)")
     s.add_argument("--save-every", type=int, default=10)

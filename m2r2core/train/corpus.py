@@ -424,7 +424,14 @@ def finished(folder: Path, split: str, growth: bool = True) -> list[Sample]:
 
 def grown(folder: Path, split: str) -> list[Sample]:
     """The growth rounds' chat answers of one split, in round and shard order."""
-    return _answers(folder, f"{split}-g*.jsonl")
+    return [s for samples in growth_rounds(folder, split).values() for s in samples]
+
+
+def growth_rounds(folder: Path, split: str) -> dict[int, list[Sample]]:
+    """{growth round: its chat answers of one split so far}, in round order."""
+    rounds = sorted({int(path.name[len(split) + 2:].split("-")[0])
+                     for path in (folder / "chat").glob(f"{split}-g*-*.jsonl")})
+    return {r: _answers(folder, f"{split}-g{r}-*.jsonl") for r in rounds}
 
 
 def _answers(folder: Path, pattern: str) -> list[Sample]:

@@ -120,10 +120,10 @@ def bucketed_batches(samples: list[distill.Sample], batch_tokens: int, seq_len: 
 
 
 def fresh_mix(folder, first: list[distill.Sample], grown: list[distill.Sample], share: float,
-              seed: int) -> tuple[list[distill.Sample], str]:
+              seed: int, rounds: str = "growth rounds") -> tuple[list[distill.Sample], str]:
     """The train answers with the growth rounds' as `share` of them: every growth answer
-    (`grown`), and a seeded sample of the first build's (`first`) for the rest (share 1: the
-    growth answers alone).
+    (`grown`), and a seeded sample of the older ones (`first`: the first build's, and any
+    growth round not counted as fresh) for the rest (share 1: the growth answers alone).
 
     A continuation on fresh data: a second pass over the first build's answers bought nothing
     on held-out answers (BENCHMARKS, session 28), so a run after a growth round can put its
@@ -136,7 +136,8 @@ def fresh_mix(folder, first: list[distill.Sample], grown: list[distill.Sample], 
                         "has none yet (build one: `python -m m2r2core.train corpus --grow N`).")
     keep = min(len(first), round(len(grown) * (1 - share) / share))
     old = random.Random(seed).sample(first, keep)
-    return grown + old, (f" ({len(grown)} from growth rounds, {keep} from the first build: "
+    return grown + old, (f" ({len(grown)} from {rounds}, {keep} from the first build"
+                         f"{'' if rounds == 'growth rounds' else ' and older rounds'}: "
                          f"--fresh-share {share:g})")
 
 
@@ -157,17 +158,31 @@ def datasets(args: argparse.Namespace, fingerprint: str) -> tuple[dict, str]:
                                      model_fingerprint=fingerprint)
                   for split in ("dev", "test")}
         first = corpus.finished(folder, "train", growth=False)
-        chat = first + corpus.grown(folder, "train")  # as corpus.finished reads them
+        rounds = corpus.growth_rounds(folder, "train")
+        chat = first + [s for samples in rounds.values() for s in samples]  # as finished reads
+        origin = [0] * len(first) + [r for r, samples in rounds.items() for _ in samples]
         text = [s for s in corpus.text_samples(folder) if len(s.ids) >= 2]
         if not chat and not text:
             raise corpus.CorpusError(f"The corpus in {folder} has no finished train samples "
                                      "yet.")
         answers, fresh_note = train_split(chat), ""
         fresh = getattr(args, "fresh_share", None)
+        if fresh is None and getattr(args, "fresh_rounds", None):
+            raise M2R2Error("--fresh-rounds says which growth rounds --fresh-share counts as "
+                            "fresh; give --fresh-share too.")
         if fresh is not None:
-            split = len(train_split(first))  # the first build's answers come first
-            answers, fresh_note = fresh_mix(folder, answers[:split], answers[split:], fresh,
-                                            args.seed)
+            wanted = getattr(args, "fresh_rounds", None) or sorted(rounds)
+            unknown = sorted(set(wanted) - set(rounds))
+            if unknown and rounds:
+                raise M2R2Error(f"--fresh-rounds {' '.join(map(str, unknown))}: the corpus in "
+                                f"{folder} has growth rounds {', '.join(map(str, rounds))}.")
+            is_new = [o in wanted for o in train_split(origin)]
+            answers, fresh_note = fresh_mix(
+                folder, [a for a, n in zip(answers, is_new, strict=True) if not n],
+                [a for a, n in zip(answers, is_new, strict=True) if n], fresh, args.seed,
+                "growth rounds" if getattr(args, "fresh_rounds", None) is None
+                else "growth round" + "s" * (len(wanted) > 1) + " "
+                + ", ".join(map(str, sorted(wanted))))
         share = getattr(args, "text_share", None)
         if answers and share is not None and 0 <= share < 1:  # text as this share of rows
             keep = min(len(text), round(len(answers) * share / (1 - share)))

@@ -5,7 +5,9 @@
 The dense model is loaded once. Each MoE layer's MLP is wrapped in a `SparseMLP` that runs it
 either as the dense MLP (the teacher) or as the MoE layer the build writes (the student: shared
 neurons, plus the router's top-k experts weighted as Qwen2-MoE weights them), with a trainable
-router and low-rank corrections of the gate, up and down projections. A step runs the teacher
+router and low-rank corrections of the gate, up and down projections (or, with --full, those
+projections' own weights: 77M parameters, a measurement of what the corrections leave, whose
+~150 MB file the repository does not carry). A step runs the teacher
 without gradients, then the student, and minimises
 
     KL(dense || MoE) over every position
@@ -74,10 +76,16 @@ class Distillation:
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.sparse = wrap(self.model, self.card, tensors, downs, args.rank, args.seed)
+        if args.full:
+            args.rank = 0
+        if args.lr is None:
+            args.lr = 5e-5 if args.full else 1e-3
+        self.sparse = wrap(self.model, self.card, tensors, downs, args.rank, args.seed,
+                           args.full)
         self.model.train()
         routers = [m.router for m in self.sparse.values()]
-        fixes = [p for m in self.sparse.values() for p in m.fix.values()]
+        fixes = [p for m in self.sparse.values()
+                 for p in (*m.fix.values(), *m.weights.values())]
         self.optim = torch.optim.AdamW([{"params": fixes, "lr": args.lr},
                                         {"params": routers, "lr": args.router_lr}],
                                        weight_decay=0.0)
@@ -221,7 +229,7 @@ def card_for(run: Distillation, metrics: dict) -> distilled.DistilledCard:
     """The card the artifacts carry."""
     a = run.args
     settings = {k: getattr(a, k) for k in (
-        "rank", "lr", "router_lr", "kl_top", "kl_positions", "local_weight",
+        "rank", "full", "lr", "router_lr", "kl_top", "kl_positions", "local_weight",
         "balance_weight", "batch_tokens", "seq_len", "text_share", "dtype", "seed", "warmup")}
     return distilled.DistilledCard(
         base_model=run.card.base_model, moefy_digest=distilled.moefy_digest(run.trained),
@@ -245,7 +253,11 @@ def add_parser(sub) -> None:
     d.add_argument("--steps", type=int, default=2000)
     d.add_argument("--batch-tokens", type=int, default=2048)
     d.add_argument("--seq-len", type=int, default=256)
-    d.add_argument("--lr", type=float, default=1e-3)
+    d.add_argument("--full", action="store_true",
+                   help="train the experts' full gate, up and down weights instead of low-rank "
+                   "corrections (a ~150 MB distillation; for measurement)")
+    d.add_argument("--lr", type=float, default=None,
+                   help="of the corrections (default 1e-3) or full weights (default 5e-5)")
     d.add_argument("--router-lr", type=float, default=3e-4,
                    help="relative to the router's largest entry")
     d.add_argument("--warmup", type=int, default=20)

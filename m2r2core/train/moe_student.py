@@ -1,7 +1,8 @@
 """The MoE student of the distillation: a dense Llama MLP's frozen weights run either as the dense
 MLP (the teacher) or as the MoE layer `moefy.build` writes (shared neurons plus the router's top-k
-experts, weighted as Qwen2-MoE weights them), with a trainable router and low-rank corrections of
-the gate, up and down projections; and the loss that compares their distributions.
+experts, weighted as Qwen2-MoE weights them), with a trainable router and either low-rank
+corrections of the gate, up and down projections or (full) those projections' own weights; and
+the loss that compares their distributions.
 """
 
 from __future__ import annotations
@@ -22,12 +23,16 @@ class SparseMLP(nn.Module):
     """
 
     def __init__(self, mlp, down: torch.Tensor, shared: torch.Tensor, experts: torch.Tensor,
-                 router: torch.Tensor, top_k: int, rank: int, seed: int) -> None:
+                 router: torch.Tensor, top_k: int, rank: int, seed: int, full: bool = False
+                 ) -> None:
         """Args:
         mlp: the dense Llama MLP (its weights are read, not changed).
         down: (H, I) the MoEfication's refitted down projection.
         shared, experts: neuron indices of the shared expert and (E, I/E) of the experts.
         router: (E, H) the effective router logits weight the student starts from.
+        rank: of each projection's correction (0 with full).
+        full: train the gate, up and down weights themselves (float32 copies; the frozen ones
+            stay the teacher's and the base the saved deltas are taken from).
         """
         super().__init__()
         dtype = mlp.gate_proj.weight.dtype
@@ -52,30 +57,52 @@ class SparseMLP(nn.Module):
         hidden = self.w_gate.shape[1]
         shapes = {"gate": (n_neurons, hidden), "up": (n_neurons, hidden),
                   "down": (hidden, n_neurons)}
+        self.full = full
+        self.weights = nn.ParameterDict()
+        """With full: the trained projections, in the dense model's neuron order."""
+        if full:
+            rank = 0
+            for name, base in self._bases().items():
+                self.weights[name] = nn.Parameter(base.detach().float().clone())
         self.fix = nn.ParameterDict()
-        for name, (out_dim, in_dim) in shapes.items():
+        for name, (out_dim, in_dim) in (shapes.items() if rank else ()):
             self.fix[f"{name}_a"] = nn.Parameter(torch.randn(rank, in_dim, generator=gen)
                                                  / math.sqrt(in_dim))
             self.fix[f"{name}_b"] = nn.Parameter(torch.zeros(out_dim, rank))
         self.teacher = False
         self.losses: dict[str, torch.Tensor] = {}
 
+    def _bases(self) -> dict[str, torch.Tensor]:
+        """The frozen projections the corrections (or full deltas) are added to."""
+        return {"gate": self.w_gate, "up": self.w_up, "down": self.w_down}
+
     def _low_rank(self, x: torch.Tensor, name: str) -> torch.Tensor:
         a, b = self.fix[f"{name}_a"], self.fix[f"{name}_b"]
         return F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype))
+
+    def _project(self, x: torch.Tensor, name: str, base: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+        """The student's projection `name` of x (`base`: the frozen one, already applied)."""
+        if self.full:
+            return F.linear(x, self.weights[name].to(x.dtype))
+        if base is None:
+            base = F.linear(x, self._bases()[name])
+        return base + self._low_rank(x, name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The dense MLP (teacher) or the MoE layer (student; its losses kept in .losses)."""
         gate, up = F.linear(x, self.w_gate), F.linear(x, self.w_up)
         if self.teacher:
             return F.linear(F.silu(gate) * up, self.w_down_dense)
-        act = F.silu(gate + self._low_rank(x, "gate")) * (up + self._low_rank(x, "up"))
+        if self.full:
+            gate, up = gate.detach(), up.detach()  # the teacher's, for the layer loss only
+        act = F.silu(self._project(x, "gate", gate)) * self._project(x, "up", up)
         probs = F.softmax(F.linear(x.float(), self.router * self.router_scale), dim=-1)
         top = probs.topk(self.top_k, dim=-1)
         weights = torch.zeros_like(probs).scatter(
             -1, top.indices, top.values / top.values.sum(-1, keepdim=True) * self.top_k)
         kept = act * (self.shared_mask + weights @ self.onehot).to(act.dtype)
-        out = F.linear(kept, self.w_down) + self._low_rank(kept, "down")
+        out = self._project(kept, "down")
         if self.training:
             with torch.no_grad():
                 target = F.linear(F.silu(gate) * up, self.w_down_dense).float()
@@ -90,22 +117,35 @@ class SparseMLP(nn.Module):
     def tensors(self, layer: int) -> dict[str, torch.Tensor]:
         """This layer's share of distilled.safetensors."""
         out = {f"layers.{layer}.router": self.router.detach().float() * self.router_scale}
+        bases = self._bases()
         for name in distilled.PROJECTIONS:
-            out[f"layers.{layer}.{name}.a"] = self.fix[f"{name}_a"].detach().clone()
-            out[f"layers.{layer}.{name}.b"] = self.fix[f"{name}_b"].detach().clone()
+            if self.full:
+                out[f"layers.{layer}.{name}.delta"] = (self.weights[name].detach()
+                                                       - bases[name].float())
+            else:
+                out[f"layers.{layer}.{name}.a"] = self.fix[f"{name}_a"].detach().clone()
+                out[f"layers.{layer}.{name}.b"] = self.fix[f"{name}_b"].detach().clone()
         return out
 
     def load(self, tensors: dict[str, torch.Tensor], layer: int) -> None:
-        """Start from a saved distillation."""
+        """Start from a saved distillation (a full student takes low-rank corrections too,
+        folded into its weights)."""
+        bases = self._bases()
         with torch.no_grad():
             self.router.copy_(tensors[f"layers.{layer}.router"] / self.router_scale)
             for name in distilled.PROJECTIONS:
+                if self.full:
+                    self.weights[name].copy_(distilled.corrected(bases[name].float(), tensors,
+                                                                 layer, name))
+                    continue
+                if f"layers.{layer}.{name}.a" not in tensors:
+                    raise ValueError("a full-weight distillation cannot start a low-rank one")
                 self.fix[f"{name}_a"].copy_(tensors[f"layers.{layer}.{name}.a"])
                 self.fix[f"{name}_b"].copy_(tensors[f"layers.{layer}.{name}.b"])
 
 
 def wrap(model, card: MoeCard, tensors: dict[str, torch.Tensor], downs: dict[int, torch.Tensor],
-         rank: int, seed: int) -> dict[int, SparseMLP]:
+         rank: int, seed: int, full: bool = False) -> dict[int, SparseMLP]:
     """Replace every MoE layer's MLP of the (frozen) dense model by a SparseMLP; {layer: it}."""
     sparse = {}
     for index, layer in enumerate(model.model.layers):
@@ -114,7 +154,7 @@ def wrap(model, card: MoeCard, tensors: dict[str, torch.Tensor], downs: dict[int
         sparse[index] = SparseMLP(layer.mlp, downs[index], tensors[f"layers.{index}.shared"],
                                   tensors[f"layers.{index}.experts"],
                                   tensors[f"layers.{index}.router"].float() * card.router_scale,
-                                  card.top_k, rank, seed + index)
+                                  card.top_k, rank, seed + index, full)
         layer.mlp = sparse[index]
     return sparse
 
