@@ -66,10 +66,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="who reads a loaded expert's bytes (m2r2core/moe/experts.py READS); "
                         "with several, the whole grid, baselines and oracle included, runs "
                         "under each, and each setting is timed against the baseline of its own")
-    p.add_argument("--recheck", nargs="+", default=["off"], choices=("off", "on"),
-                   help="m2r2 and pre-gating without and/or with the recheck after each "
-                        "attention (m2r2core/moe/prefetch.py RECHECK); the first is used in the "
-                        "sweeps")
     p.add_argument("--sweep-capacity", type=int, nargs="*", default=[],
                    help="capacities for the sweep (baseline and the sweep predictors)")
     p.add_argument("--sweep-bandwidth", nargs="*", default=[], choices=tuple(PRESETS))
@@ -101,9 +97,6 @@ def settings(args: argparse.Namespace) -> list[OffloadConfig]:
                                                  lookahead, margin, policy, queue=queue,
                                                  margin_gap=gap)
                                    for gap in [None, *_gaps(args, predictor, margin)])
-    recheck = [r == "on" for r in args.recheck]
-    out = [dataclasses.replace(s, recheck=r) for s in out
-           for r in (recheck if s.predictor in ROUTER_PREDICTORS else [False])]
     sweep = [(c, args.bandwidth) for c in args.sweep_capacity]
     sweep += [(args.capacity, b) for b in args.sweep_bandwidth]
     for capacity, bw in sweep:
@@ -111,8 +104,7 @@ def settings(args: argparse.Namespace) -> list[OffloadConfig]:
         for predictor in args.sweep_predictors:
             gap = next(iter(_gaps(args, predictor, args.margin[0])), None)
             out.append(OffloadConfig(capacity, bw, predictor, args.lookahead[0], args.margin[0],
-                                     args.sweep_policy, queue=args.queues[0], margin_gap=gap,
-                                     recheck=recheck[0] and predictor in ROUTER_PREDICTORS))
+                                     args.sweep_policy, queue=args.queues[0], margin_gap=gap))
     out = [dataclasses.replace(s, reads=reads) for reads in args.reads for s in out]
     seen, unique = set(), []
     for s in out:
@@ -137,7 +129,6 @@ def label(s: OffloadConfig) -> str:
     key += f"/m{s.margin}" if s.margin else ""
     key += f"g{s.margin_gap:g}" if s.margin and s.margin_gap is not None else ""
     key = key if s.queue == QUEUES[0] else f"{key}/{s.queue}"
-    key += "/recheck" if s.recheck else ""
     return key if s.reads == READS[0] else f"{key}/{s.reads}"
 
 
@@ -217,8 +208,6 @@ def _median_row(runs: list[dict]) -> dict:
         values = [r[key] for r in runs if r[key] is not None]
         out[key] = round(statistics.median(values), 4) if values else None
     out["recall_by_distance"] = runs[0]["recall_by_distance"]
-    if "recheck_recall" in runs[0]:
-        out["recheck_recall"] = runs[0]["recheck_recall"]
     out["identical"] = all(r["identical"] for r in runs)
     out["repeats_decode_ms"] = [r["decode_ms"] for r in runs]
     return out
@@ -238,7 +227,7 @@ def summarise(rows: list[dict], grid: list[OffloadConfig]) -> dict:
             "predictor": s.predictor, "policy": s.policy, "lookahead": s.lookahead,
             "capacity": s.capacity, "bandwidth": s.bandwidth, "queue": s.queue,
             "reads": s.reads,
-            "margin": s.margin, "margin_gap": s.margin_gap, "recheck": s.recheck,
+            "margin": s.margin, "margin_gap": s.margin_gap,
             "speedup_vs_ondemand_lru": round(statistics.median(
                 c["speedup_vs_ondemand_lru"] for c in cells), 4),
             "tok_per_s": round(statistics.median(c["tok_per_s"] for c in cells), 3),
@@ -247,8 +236,6 @@ def summarise(rows: list[dict], grid: list[OffloadConfig]) -> dict:
             "hit_rate": round(statistics.median(c["hit_rate"] for c in cells), 4),
             "loads_per_token": round(statistics.median(c["loads_per_token"] for c in cells), 3),
             "recall_by_distance": {d: round(statistics.mean(v), 4) for d, v in recall.items()},
-            **({"recheck_recall": round(statistics.mean(c["recheck_recall"] for c in cells), 4)}
-               if s.recheck else {}),
             "identical": sum(c["identical"] for c in cells),
             "prompts": len(cells),
             "ceiling": round(statistics.median(c["ceiling"] for c in cells), 4),

@@ -77,58 +77,6 @@ def test_every_predictor_and_policy_gives_the_reference_output(offload, referenc
         assert all(r == 1.0 for r in summary["recall_by_distance"].values())
 
 
-@pytest.mark.parametrize("predictor", ["m2r2", "pregate"])
-def test_recheck_prefetches_the_next_layers_router_after_attention(offload, reference,
-                                                                    predictor):
-    """Recheck: after each attention the next MoE layer's own router (on the residual stream
-    there, captured by a hook on the post-attention norm) names its experts, which are
-    prefetched; outputs and routes stay the reference's, the hooks are gone afterwards, and the
-    recheck's recall is reported."""
-    base = OffloadConfig(capacity=3, bandwidth=FAST, predictor=predictor, lookahead=2,
-                         policy="predicted", warm=False)
-    plain = offload.generate(PROMPT, DecodeConfig(max_new_tokens=16, trace=False), base,
-                             reference.routes).run()
-    cfg = dataclasses.replace(base, recheck=True)
-    run = offload.generate(PROMPT, DecodeConfig(max_new_tokens=16, trace=False), cfg,
-                           reference.routes).run()
-    assert run.token_ids == reference.token_ids and run.routes == reference.routes
-    assert not plain.rechecks and "recheck_recall" not in plain.summary()
-    n_layers = offload.moe.n_layers
-    assert len(run.rechecks) == len(run.tokens) * (n_layers - 1)
-    assert {r[2] - r[1] for r in run.rechecks} == {1}
-    assert [e for e in run.events if e.kind == "prefetch" and e.cause == "recheck"]
-    assert 0.0 <= run.summary()["recheck_recall"] <= 1.0
-    for layer in offload.engine.parts.layers:
-        assert not layer.post_attention_layernorm._forward_pre_hooks
-
-
-def test_the_recheck_is_the_next_routers_top_k_on_the_residual(offload):
-    """RouterPredictor.recheck(l, x) is the top-k (+ margin) of layer l+1's router on norm(x),
-    in NumPy and in torch alike; nothing after the last layer; other predictors recheck
-    nothing."""
-    from m2r2core.moe.prefetch import OraclePredictor, RouterPredictor
-
-    moe = offload.moe
-    for layer in range(moe.n_layers):
-        moe.norms[layer].weight.data = torch.linspace(0.5, 1.5, 64)
-    try:
-        predictor = RouterPredictor(moe, 2, 1, offload.accel)
-        generator = torch.Generator().manual_seed(7)
-        for layer in range(moe.n_layers - 1):
-            for _ in range(10):
-                state = torch.randn(64, generator=generator) * 3
-                want = moe.logits(layer + 1, state).topk(moe.top_k + 1).indices.tolist()
-                assert predictor.recheck(layer, state) == {layer + 1: want}
-                host, predictor._next_host[layer] = predictor._next_host[layer], None
-                assert predictor.recheck(layer, state) == {layer + 1: want}
-                predictor._next_host[layer] = host
-        assert predictor.recheck(moe.n_layers - 1, state) == {}
-        assert OraclePredictor(moe, 2, 0, [[()] * moe.n_layers]).recheck(0, state) == {}
-    finally:
-        for layer in range(moe.n_layers):
-            moe.norms[layer].weight.data.fill_(1.0)
-
-
 def test_sampling_is_identical_too(offload):
     cfg = DecodeConfig(max_new_tokens=12, trace=False,
                        sampling=SamplingConfig(temperature=0.9, top_p=0.9, seed=7))
@@ -333,13 +281,6 @@ def test_a_layer_drops_its_wrong_queued_prefetches_when_it_computes(offload):
             assert ((2, 1) in cache.slots) == (queue == "fifo")
         finally:
             cache.close()
-
-
-def test_recheck_without_routers_is_refused(offload):
-    for predictor in ("oracle", "previous", "none"):
-        cfg = OffloadConfig(capacity=4, predictor=predictor, recheck=True)
-        with pytest.raises(ConfigError, match=f"'{predictor}' predictor has none"):
-            offload.generate(PROMPT, DecodeConfig(max_new_tokens=2), cfg, [[()]])
 
 
 @pytest.mark.parametrize("field, value, needle", [
@@ -800,28 +741,6 @@ def test_benchmark_grid_runs_whole_under_each_reads():
     assert "m2r2/predicted/D2/cap77/ufs/compute" in labels
     for s in compute:
         assert moe_bench._baseline(s, args).reads == "compute"
-
-
-def test_benchmark_grid_rechecks_only_the_router_predictors():
-    """--recheck off on: m2r2 and pre-gating timed without and with the recheck, every other
-    predictor once; the sweeps use the first choice."""
-    from analysis import moe_bench
-
-    args = moe_bench.parse_args(["--predictors", "none", "pregate", "m2r2", "oracle",
-                                 "--policies", "predicted", "--sweep-capacity", "38",
-                                 "--recheck", "off", "on"])
-    grid = moe_bench.settings(args)
-    labels = [moe_bench.label(s) for s in grid]
-    assert len(set(labels)) == len(labels)
-    main = [s for s in grid if s.capacity == 77]
-    for predictor in ("m2r2", "pregate"):
-        assert sorted(s.recheck for s in main if s.predictor == predictor) == [False, True]
-    assert "m2r2/predicted/D2/cap77/ufs/recheck" in labels
-    assert not any(s.recheck for s in grid if s.predictor in ("none", "oracle"))
-    assert not any(s.recheck for s in grid if s.capacity == 38)
-    on_first = moe_bench.settings(moe_bench.parse_args(
-        ["--predictors", "m2r2", "--sweep-capacity", "38", "--recheck", "on"]))
-    assert all(s.recheck for s in on_first if s.predictor == "m2r2")
 
 
 def test_an_abandoned_run_blocks_no_other_run_and_leaves_the_model_alone(offload, reference):

@@ -212,7 +212,7 @@ class ExpertCache:  # over 150 lines: one lock guards slots, pins, queue and clo
         with self._lock:
             self.pinned.discard((layer, expert))
 
-    def prefetch(self, layer: int, experts: list[int], distance: int | str) -> None:
+    def prefetch(self, layer: int, experts: list[int], distance: int) -> None:
         """Queue ahead-of-time loads of predicted experts that are neither resident nor in
         flight; skipped when only pinned (or, under `predicted` and `ahead`, only experts
         expected as soon) experts could make room.

@@ -32,7 +32,6 @@ from m2r2core.moe.channel import bandwidth
 from m2r2core.moe.experts import ExpertCache, check_queue, check_reads, check_tier
 from m2r2core.moe.prefetch import (
     PREDICTORS,
-    ROUTER_PREDICTORS,
     MoeParts,
     Predictor,
     RouteAccelerator,
@@ -75,9 +74,6 @@ class OffloadConfig:
     reads: str = "thread"
     """Who reads a loaded expert's bytes (moe/experts.py READS): a reader thread as the load is
     queued, or the compute thread at the expert's first use."""
-    recheck: bool = False
-    """After each block's attention, the next layer's own router names its experts and they are
-    prefetched (moe/prefetch.py RECHECK; m2r2 and pre-gating only)."""
 
     def validate(self, total: int, n_layers: int, n_experts: int, top_k: int) -> None:
         """ConfigError naming the field and its allowed range (total: experts in the model)."""
@@ -95,9 +91,6 @@ class OffloadConfig:
                               f"{n_experts - top_k}.")
         check_margin_gap(self.margin_gap)
         check_reads(self.reads)
-        if self.recheck and self.predictor not in ROUTER_PREDICTORS:
-            raise ConfigError(f"Recheck applies routers after attention; the '{self.predictor}' "
-                              f"predictor has none (use {' or '.join(ROUTER_PREDICTORS)}).")
 
 
 class OffloadedExperts(nn.Module):
@@ -190,18 +183,11 @@ class OffloadEngine:
         if run.wrappers is None:  # made once per run, installed for each of its passes
             run.wrappers = {i: OffloadedExperts(layers[i].mlp.experts, i, run)
                             for i in range(self.moe.n_layers) if self.moe.is_moe(i)}
-        hooks = []
         try:
             for index, wrapper in run.wrappers.items():
                 layers[index].mlp.experts = wrapper
-            if run.offload is not None and run.offload.recheck:
-                hooks = [layers[i].post_attention_layernorm.register_forward_pre_hook(
-                    run.recheck_hook(i)) for i in range(self.moe.n_layers - 1)
-                    if self.moe.is_moe(i + 1)]
             yield
         finally:
-            for hook in hooks:
-                hook.remove()
             for index, wrapper in run.wrappers.items():
                 layers[index].mlp.experts = wrapper.original
 
@@ -251,8 +237,6 @@ class OffloadRun(DecodeRun[OffloadToken]):
         self.tokens: list[OffloadToken] = []
         self.events: list[Event] = []
         self.predictions: list[tuple[int, int, int, list[int]]] = []
-        self.rechecks: list[tuple[int, int, int, list[int]]] = []
-        """(token, after the attention of layer, next layer, experts) of each recheck."""
         self.routes: list[list[tuple[int, ...]]] = []
         self.bytes_loaded = 0
         self.peak_occupancy = 0
@@ -354,19 +338,6 @@ class OffloadRun(DecodeRun[OffloadToken]):
             cache.layer = index + 1
         return after_layer
 
-    def recheck_hook(self, index: int):
-        """A pre-hook on layer `index`'s post-attention norm: its input is the residual stream
-        after that attention; the next layer's router on it prefetches (RECHECK).
-        """
-        def hook(module, args) -> None:
-            cache = self.cache
-            if cache is None or self.predictor is None:
-                return
-            for target, experts in self.predictor.recheck(index, args[0][0, -1]).items():
-                self.rechecks.append((cache.token, index, target, experts))
-                cache.prefetch(target, experts, "recheck")
-        return hook
-
     def run(self) -> OffloadRun:
         """Generate to the end."""
         for _ in self:
@@ -395,9 +366,7 @@ class OffloadRun(DecodeRun[OffloadToken]):
             loads_per_token=round(len(loads) / n, 3) if n else None,
             wasted_per_token=round(len(wasted) / n, 3) if n else None,
             recall_by_distance={str(d): round(r, 4) for d, r in recall.items()},
-        ) | ({"recheck_recall": round(recall_by_distance(
-            [r for r in self.rechecks if r[0] >= 1], self.routes, 1)[1], 4)}
-            if self.rechecks else {})
+        )
 
 
 def load_moe(model: str | None = None, dtype: str = "bfloat16", threads: int = 0,

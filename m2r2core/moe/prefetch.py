@@ -148,19 +148,6 @@ pre-gating) have logits to gate."""
 
 
 ROUTER_PREDICTORS = ("m2r2", "pregate")
-
-RECHECK = """With recheck on, after each block's attention the next MoE layer's own router is
-applied to the residual stream there (router predictors only: m2r2 and pre-gating) and its
-top-k (plus margin) are prefetched, superseding the after-block guesses for that layer: the
-state is one MLP away from the one that layer routes, so the guess is nearly exact, and the
-MLP's compute is time to load about one expert. An engine choice beside the method (M2R2's
-ahead-of-time loading is the after-block prediction D layers ahead); off by default."""
-
-
-def _plain_rms(norm) -> bool:
-    """Whether a norm is a plain RMSNorm (x / rms(x) · weight), which folds into a router."""
-    return ("RMSNorm" in type(norm).__name__ and "Gemma" not in type(norm).__name__
-            and getattr(norm, "weight", None) is not None)
 """The predictors that read routers, so have logits a margin gap can gate."""
 
 
@@ -211,13 +198,6 @@ class Predictor:
         """{target layer: predicted experts, most likely first}."""
         return {}
 
-    def recheck(self, layer: int, state: torch.Tensor) -> dict[int, list[int]]:
-        """After block `layer`'s attention (`state`: the residual stream there): {the next
-        layer: its experts} where the predictor can say better than its after-block guess;
-        {} for predictors without routers (RECHECK).
-        """
-        return {}
-
 
 class RouterPredictor(Predictor):
     """Routers of later layers applied to the (optionally accelerated) state."""
@@ -231,12 +211,8 @@ class RouterPredictor(Predictor):
         self._targets = [self.targets(layer) for layer in range(moe.n_layers)]
         self._maps = [self._fold(layer) for layer in range(moe.n_layers)]
         """Per layer, everything a prediction does folded into one matrix (or None)."""
-        self._next = [self._fold_next(layer) for layer in range(moe.n_layers)]
-        """Per layer, the next MoE layer's router × its RMSNorm gain (the recheck's matrix)."""
         self._host = [None if m is None or m.device.type != "cpu" else m.float().numpy()
                       for m in self._maps]
-        self._next_host = [None if m is None or m.device.type != "cpu" else m.float().numpy()
-                           for m in self._next]
         """The folded matrices as float32 arrays: on the CPU a prediction is a NumPy
         matrix-vector product and an argsort of a few rows, under 20 µs where the same
         three tensor ops cost 30-70 µs of dispatch (it runs after every block)."""
@@ -257,7 +233,8 @@ class RouterPredictor(Predictor):
         rows = []
         for t in targets:
             norm = self.moe.norms[t]
-            if not _plain_rms(norm):
+            if "RMSNorm" not in type(norm).__name__ or "Gemma" in type(norm).__name__ \
+                    or getattr(norm, "weight", None) is None:
                 return None
             rows.append(self.moe.routers[t].float() * norm.weight.float()[None, :])
         if self.accel is not None:
@@ -265,41 +242,6 @@ class RouterPredictor(Predictor):
                 a, b = (f.float() for f in self.accel.factors(layer, t - layer))
                 rows[i] = rows[i] + (rows[i] @ b) @ a
         return torch.cat(rows).to(self.moe.routers[targets[0]].dtype)
-
-    @torch.inference_mode()
-    def _fold_next(self, layer: int) -> torch.Tensor | None:
-        """The next layer's router times its RMSNorm gain (None: not an MoE layer, or a norm
-        that does not fold; the recheck then applies the norm and router as they are).
-        """
-        t = layer + 1
-        if t >= self.moe.n_layers or not self.moe.is_moe(t):
-            return None
-        norm = self.moe.norms[t]
-        if not _plain_rms(norm):
-            return None
-        return (self.moe.routers[t].float() * norm.weight.float()[None, :]).to(
-            self.moe.routers[t].dtype)
-
-    @torch.inference_mode()
-    def recheck(self, layer: int, state: torch.Tensor) -> dict[int, list[int]]:
-        """The next layer's own router on the residual stream after this block's attention:
-        one MLP away from the state it will route, so it names that layer's experts better
-        than any guess made after the previous block, early enough to load one expert while
-        this layer's MLP computes. The plain router for m2r2 and pre-gating alike (no
-        accelerator: there is no depth left to skip).
-        """
-        t = layer + 1
-        if t >= self.moe.n_layers or not self.moe.is_moe(t):
-            return {}
-        host = self._next_host[layer]
-        if host is not None and state.device.type == "cpu":
-            x = state.detach()
-            logits = host @ (x if x.dtype == torch.float32 else x.float()).numpy()
-            return self._pick_host([t], logits.reshape(1, -1))
-        folded = self._next[layer]
-        logits = (torch.nn.functional.linear(state.to(folded.dtype), folded) if folded is not None
-                  else self.moe.logits(t, state))
-        return self._pick_tensor([t], logits.view(1, -1))
 
     def predict(self, token: int, layer: int, state: torch.Tensor) -> dict[int, list[int]]:
         """Top-k plus margin of each target layer's router on the (accelerated) state."""
@@ -331,6 +273,7 @@ class RouterPredictor(Predictor):
     def _predict_tensor(self, targets: list[int], layer: int, state: torch.Tensor
                         ) -> dict[int, list[int]]:
         """The prediction with tensor ops (a GPU state, or a norm that does not fold)."""
+        width = self.moe.top_k + self.margin
         folded = self._maps[layer]
         if folded is not None:
             logits = torch.nn.functional.linear(state.to(folded.dtype), folded)
@@ -340,11 +283,6 @@ class RouterPredictor(Predictor):
                                   for t in targets])
         else:
             logits = torch.stack([self.moe.logits(t, state) for t in targets])
-        return self._pick_tensor(targets, logits)
-
-    def _pick_tensor(self, targets: list[int], logits: torch.Tensor) -> dict[int, list[int]]:
-        """Top-k plus the (gated) margin of a (T, E) tensor of logits."""
-        width = self.moe.top_k + self.margin
         best = logits.topk(width)
         if not self.margin or self.margin_gap is None:
             return dict(zip(targets, best.indices.tolist(), strict=True))
