@@ -86,7 +86,8 @@ def load(folder: Path, base_model: str) -> tuple[DistilledCard, dict[str, torch.
 def corrected(weight: torch.Tensor, tensors: dict[str, torch.Tensor], layer: int, name: str
               ) -> torch.Tensor:
     """A dense-order projection weight plus its low-rank correction or full delta (`weight`
-    when none)."""
+    when none).
+    """
     key = f"layers.{layer}.{name}"
     if f"{key}.delta" in tensors:
         return weight + tensors[f"{key}.delta"].float()

@@ -129,7 +129,8 @@ class SparseMLP(nn.Module):
 
     def load(self, tensors: dict[str, torch.Tensor], layer: int) -> None:
         """Start from a saved distillation (a full student takes low-rank corrections too,
-        folded into its weights)."""
+        folded into its weights).
+        """
         bases = self._bases()
         with torch.no_grad():
             self.router.copy_(tensors[f"layers.{layer}.router"] / self.router_scale)
