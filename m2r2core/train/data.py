@@ -120,7 +120,8 @@ def bucketed_batches(samples: list[distill.Sample], batch_tokens: int, seq_len: 
 
 
 def fresh_mix(folder, first: list[distill.Sample], grown: list[distill.Sample], share: float,
-              seed: int, rounds: str = "growth rounds") -> tuple[list[distill.Sample], str]:
+              seed: int, rounds: str = "growth rounds", older: str = "the first build"
+              ) -> tuple[list[distill.Sample], str]:
     """The train answers with the growth rounds' as `share` of them: every growth answer
     (`grown`), and a seeded sample of the older ones (`first`: the first build's, and any
     growth round not counted as fresh) for the rest (share 1: the growth answers alone).
@@ -136,8 +137,7 @@ def fresh_mix(folder, first: list[distill.Sample], grown: list[distill.Sample], 
                         "has none yet (build one: `python -m m2r2core.train corpus --grow N`).")
     keep = min(len(first), round(len(grown) * (1 - share) / share))
     old = random.Random(seed).sample(first, keep)
-    return grown + old, (f" ({len(grown)} from {rounds}, {keep} from the first build"
-                         f"{'' if rounds == 'growth rounds' else ' and older rounds'}: "
+    return grown + old, (f" ({len(grown)} from {rounds}, {keep} from {older}: "
                          f"--fresh-share {share:g})")
 
 
@@ -166,23 +166,24 @@ def datasets(args: argparse.Namespace, fingerprint: str) -> tuple[dict, str]:
             raise corpus.CorpusError(f"The corpus in {folder} has no finished train samples "
                                      "yet.")
         answers, fresh_note = train_split(chat), ""
-        fresh = getattr(args, "fresh_share", None)
-        if fresh is None and getattr(args, "fresh_rounds", None):
+        fresh, chosen = getattr(args, "fresh_share", None), getattr(args, "fresh_rounds", None)
+        if fresh is None and chosen:
             raise M2R2Error("--fresh-rounds says which growth rounds --fresh-share counts as "
                             "fresh; give --fresh-share too.")
         if fresh is not None:
-            wanted = getattr(args, "fresh_rounds", None) or sorted(rounds)
+            wanted = chosen or sorted(rounds)
             unknown = sorted(set(wanted) - set(rounds))
             if unknown and rounds:
                 raise M2R2Error(f"--fresh-rounds {' '.join(map(str, unknown))}: the corpus in "
                                 f"{folder} has growth rounds {', '.join(map(str, rounds))}.")
             is_new = [o in wanted for o in train_split(origin)]
+            labels = (("growth rounds", "the first build") if chosen is None else
+                      ("growth round" + "s" * (len(wanted) > 1) + " "
+                       + ", ".join(map(str, sorted(wanted))), "the first build and older rounds"))
             answers, fresh_note = fresh_mix(
                 folder, [a for a, n in zip(answers, is_new, strict=True) if not n],
                 [a for a, n in zip(answers, is_new, strict=True) if n], fresh, args.seed,
-                "growth rounds" if getattr(args, "fresh_rounds", None) is None
-                else "growth round" + "s" * (len(wanted) > 1) + " "
-                + ", ".join(map(str, sorted(wanted))))
+                *labels)
         share = getattr(args, "text_share", None)
         if answers and share is not None and 0 <= share < 1:  # text as this share of rows
             keep = min(len(text), round(len(answers) * share / (1 - share)))

@@ -61,11 +61,10 @@ class SparseMLP(nn.Module):
         self.weights = nn.ParameterDict()
         """With full: the trained projections, in the dense model's neuron order."""
         if full:
-            rank = 0
             for name, base in self._bases().items():
                 self.weights[name] = nn.Parameter(base.detach().float().clone())
         self.fix = nn.ParameterDict()
-        for name, (out_dim, in_dim) in (shapes.items() if rank else ()):
+        for name, (out_dim, in_dim) in (() if full else shapes.items()):
             self.fix[f"{name}_a"] = nn.Parameter(torch.randn(rank, in_dim, generator=gen)
                                                  / math.sqrt(in_dim))
             self.fix[f"{name}_b"] = nn.Parameter(torch.zeros(out_dim, rank))
