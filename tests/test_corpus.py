@@ -135,6 +135,90 @@ def test_a_growth_round_adds_fresh_instructions_and_resumes(tmp_path, tiny_engin
     assert len(corpus.finished(folder, "train")) == base + 10
 
 
+def _train_ids(count, prefix):
+    """Record ids that the split hash puts in the train split."""
+    ids = (f"{prefix}{n}" for n in range(1000))
+    return [key for key in ids if corpus.split_of(key) == "train"][:count]
+
+
+def test_growth_falls_back_to_follow_ups_and_new_templates(tmp_path, tiny_engine, monkeypatch):
+    """Once first turns and untouched articles run out, a round takes later ShareGPT user turns
+    (answered after their conversation, read back with a short context) and articles again with
+    templates they were not asked with; no instruction repeats across rounds."""
+    monkeypatch.setattr(corpus, "plan", _small_plan)
+    monkeypatch.setattr(corpus, "teacher_forced", _small_text)
+    monkeypatch.setattr(corpus, "evaluation_texts", lambda: ["an evaluation prompt here"])
+    monkeypatch.setattr(corpus, "FOLLOW_UP_CONTEXT", 8)
+
+    def turns(n, *follow_ups):
+        out = [{"from": "human", "value": f"Tell me fact {n}."},
+               {"from": "gpt", "value": f"Fact {n} is that topic {n} has a long history."}]
+        for text in follow_ups:
+            out += [{"from": "human", "value": text}, {"from": "gpt", "value": "Sure, here."}]
+        return out
+
+    keys = _train_ids(5, "f")
+    records = [{"id": key, "conversations": turns(n, f"Why is fact {n} true?",
+                                                   f"Give an example of fact {n}.")}
+               for n, key in enumerate(keys[:3])]
+    records.append({"id": keys[3], "conversations": turns(3, "An evaluation prompt here!")})
+    records.append({"id": keys[4], "conversations": turns(4, "Qu'est-ce que c'est, où ?")})
+    monkeypatch.setattr(corpus, "sharegpt_records", lambda: iter(records))
+    articles = [{"title": f"Article {n}", "extract": f"Article {n} is about topic {n}.",
+                 "description": "a topic"} for n in range(3)]
+    monkeypatch.setattr(corpus, "wiki_articles", lambda split: list(articles))
+    folder = tmp_path / "corpus"
+    settings = corpus.Settings(max_new_tokens=4, n_wiki=2)
+    corpus.build(folder, tiny_engine.model, tiny_engine.tokenizer, "tiny", "fp-tiny", settings,
+                 batch_size=2, shard_size=4)
+    prompts = []
+    real = corpus.answer_batch
+    monkeypatch.setattr(corpus, "answer_batch",
+                        lambda *a, **k: prompts.extend(a[2]) or real(*a, **k))
+
+    def grow(count, round_):
+        corpus.grow(folder, tiny_engine.model, tiny_engine.tokenizer, "tiny", "fp-tiny",
+                    settings, count, round_, 2, 4)
+        return [corpus.Instruction(**r) for r in
+                corpus.read_jsonl(folder / f"plan-grow{round_}.jsonl")]
+
+    first = grow(10, 1)
+    sources = [i.source for i in first]
+    assert sources.count("sharegpt") == 5 and sources.count("sharegpt-followup") == 0
+    assert sources.count("wiki") == 5  # one untouched article, then four new templates
+    second = grow(10, 2)
+    follow_ups = [i for i in second if i.source == "sharegpt-followup"]
+    # half the round, of the 6 later turns left once the evaluation copy and the non-ASCII
+    # turn are dropped
+    assert len(follow_ups) == 5 and len({i.id for i in follow_ups}) == 5
+    assert {"An evaluation prompt here!", "Qu'est-ce que c'est, où ?"}.isdisjoint(
+        i.text for i in follow_ups)
+    record = {r["id"]: r for r in records}
+    for instruction in follow_ups:
+        key, turn = instruction.id.split("#")
+        conversation = record[key]["conversations"]
+        assert instruction.text == conversation[int(turn)]["value"]
+        assert [m["content"] for m in instruction.history] == \
+            [t["value"] for t in conversation[:int(turn)]]
+        assert [m["role"] for m in instruction.history][:2] == ["user", "assistant"]
+        assert instruction.messages() in prompts  # answered after its conversation
+    every = first + second
+    assert len({i.id for i in every}) == len(every)
+    wiki = [i.text for i in every if i.source == "wiki"]
+    assert len(set(wiki)) == len(wiki)
+    assert {i.id.split("/", 1)[1] for i in every if i.source == "wiki"} <= \
+        {a["title"] for a in articles}
+    rows = [r for path in sorted((folder / "chat").glob("train-g2-*.jsonl"))
+            for r in corpus.read_jsonl(path) if r["source"] == "sharegpt-followup"]
+    loaded = {tuple(s.ids) for s in corpus.grown(folder, "train")}
+    assert len(rows) == 5
+    for row in rows:
+        cut = row["answer_start"] - 8
+        assert cut > 0 and tuple(row["ids"][cut:]) in loaded
+        assert "has a long history" in tiny_engine.tokenizer.decode(
+            row["ids"][:row["answer_start"]])
+
+
 def test_a_corrupt_shard_names_itself(tmp_path):
     folder = tmp_path / "corpus"
     (folder / "chat").mkdir(parents=True)

@@ -46,6 +46,13 @@ def validate_text(text: str | bytes) -> str:
     return text
 
 
+def encode_messages(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> list[int]:
+    """Token ids for a conversation ending with a user turn, with the generation prompt."""
+    templated = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                              tokenize=False)
+    return list(tokenizer(templated, add_special_tokens=False)["input_ids"])
+
+
 def encode(
     tokenizer: PreTrainedTokenizerBase,
     text: str,

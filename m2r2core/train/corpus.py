@@ -20,7 +20,10 @@ What it holds (one folder, `work_dir(model)/corpus`):
   first turns and half written from Wikipedia train articles, none in an earlier plan (nor an
   article an earlier plan wrote from), in `plan-grow<R>.jsonl`, answered into
   `chat/train-g<R>-NNNNN.jsonl` shards the same way; trainers read them with the rest of the
-  train split. The manifest records each round.
+  train split. The manifest records each round. Once the first turns run out, the ShareGPT half
+  is later user turns answered after the record's conversation so far (`sharegpt-followup`; read
+  back with only FOLLOW_UP_CONTEXT tokens of it before the answer); once every article is taken,
+  the Wikipedia half writes from an article again with a template it was not yet asked with.
 
 Every training prompt that matches an MT-Bench turn or an AlpacaEval instruction (normalised
 text, or a near duplicate: word-trigram Jaccard of at least `NEAR_DUPLICATE`) is removed with
@@ -39,10 +42,17 @@ from pathlib import Path
 
 from m2r2core.errors import M2R2Error
 from m2r2core.runtime import assets
-from m2r2core.train.distill import Sample, answer_batch, instructions, wiki_articles
+from m2r2core.runtime.prompt import encode_messages
+from m2r2core.train.distill import TEMPLATES, Sample, answer_batch, instructions, wiki_articles
 
 VERSION = 1
 NEAR_DUPLICATE = 0.5
+FOLLOW_UP_PROMPT_TOKENS = 512
+"""The longest templated conversation (history and the follow-up turn) a follow-up may have."""
+FOLLOW_UP_CONTEXT = 96
+"""Tokens of conversation kept before a follow-up's answer when the corpus is read: a training
+window then starts near the answer instead of spending itself on the history."""
+_ROLES = {"human": "user", "gpt": "assistant"}
 SPLITS = ("dev", "test", "train")
 
 
@@ -130,9 +140,16 @@ class Instruction:
 
     id: str
     source: str
-    """'sharegpt' or 'wiki'."""
+    """'sharegpt' (a first user turn), 'sharegpt-followup' (a later user turn, answered after
+    the conversation before it) or 'wiki'."""
     split: str
     text: str
+    history: list[dict] | None = None
+    """The chat messages before `text` (a follow-up's conversation so far), or None."""
+
+    def messages(self) -> list[dict]:
+        """The conversation the model answers: the history, then this user turn."""
+        return [*(self.history or []), {"role": "user", "content": self.text}]
 
 
 @dataclass(frozen=True)
@@ -169,6 +186,50 @@ def _sharegpt_prompts(settings: Settings, tokenizer, overlap: OverlapFilter,
             len(tokenizer(prompt)["input_ids"]) <= settings.max_prompt_tokens
         yield record, split, (Instruction(str(record["id"]), "sharegpt", split, prompt)
                               if usable else None)
+
+
+def _sharegpt_follow_ups(settings: Settings, tokenizer, overlap: OverlapFilter,
+                         used: set[str]) -> tuple[list[Instruction], int]:
+    """Later user turns of train-split ShareGPT records (`<record id>#<turn>`), each with the
+    record's conversation before it as history, not in `used`: ASCII, no copy of an evaluation
+    prompt (nor a record whose first turn is one), the turn within `max_prompt_tokens` and the
+    templated conversation within FOLLOW_UP_PROMPT_TOKENS. Returns them and how many turns were
+    dropped for matching an evaluation prompt.
+    """
+    out, removed = [], 0
+    for record in sharegpt_records():
+        turns = [t for t in record.get("conversations") or []
+                 if t.get("from") in _ROLES and t.get("value")]
+        if len(turns) < 3 or split_of(str(record.get("id"))) != "train":
+            continue
+        if overlap.overlaps(turns[0]["value"].strip()):
+            continue
+        for k in range(2, len(turns), 2):
+            if [t["from"] for t in turns[:k + 1]] != ["human", "gpt"] * (k // 2) + ["human"]:
+                break
+            key, text = f"{record['id']}#{k}", turns[k]["value"].strip()
+            if key in used or not text.isascii():
+                continue
+            if overlap.overlaps(text):
+                removed += 1
+                continue
+            if len(tokenizer(text)["input_ids"]) > settings.max_prompt_tokens:
+                continue
+            history = [{"role": _ROLES[t["from"]], "content": t["value"].strip()}
+                       for t in turns[:k]]
+            follow_up = Instruction(key, "sharegpt-followup", "train", text, history)
+            if prompt_length(tokenizer, follow_up) <= FOLLOW_UP_PROMPT_TOKENS:
+                out.append(follow_up)
+    return out, removed
+
+
+def prompt_length(tokenizer, instruction: Instruction) -> int:
+    """Tokens of the prompt the model answers: the user turn, or a follow-up's templated
+    conversation.
+    """
+    if not instruction.history:
+        return len(tokenizer(instruction.text)["input_ids"])
+    return len(encode_messages(tokenizer, instruction.messages()))
 
 
 def plan(settings: Settings, tokenizer, overlap: OverlapFilter
@@ -306,7 +367,7 @@ def shard_plan(planned: list[Instruction], tokenizer, shard_size: int, tag: str 
     out = []
     for split in SPLITS:
         rows = sorted((i for i in planned if i.split == split),
-                      key=lambda i: (len(tokenizer(i.text)["input_ids"]), i.id))
+                      key=lambda i: (prompt_length(tokenizer, i), i.id))
         for number, start in enumerate(range(0, len(rows), shard_size)):
             out.append((f"{split}-{tag}{number:05d}", rows[start:start + shard_size]))
     return out
@@ -326,7 +387,8 @@ def _answer_shards(folder: Path, model, tokenizer, shards: list[tuple[str, list[
             out = []
             for start in range(0, len(rows), batch_size):
                 batch = rows[start:start + batch_size]
-                answers = answer_batch(model, tokenizer, [i.text for i in batch],
+                answers = answer_batch(model, tokenizer,
+                                       [i.messages() if i.history else i.text for i in batch],
                                        settings.max_new_tokens)
                 out += [asdict(s) | {"id": i.id, "source": i.source, "split": i.split}
                         for i, s in zip(batch, answers, strict=True)]
@@ -338,10 +400,14 @@ def _answer_shards(folder: Path, model, tokenizer, shards: list[tuple[str, list[
 
 def growth_plan(settings: Settings, tokenizer, overlap: OverlapFilter, earlier: list[Instruction],
                 count: int, round_: int) -> tuple[list[Instruction], int]:
-    """`count` fresh train instructions for growth round `round_`: half ShareGPT first turns not
-    in `earlier`, half written from Wikipedia train articles no earlier plan wrote from (the
-    first build's articles are drawn again from its seed; a growth round names its article in
-    the id). Returns them and how many prompts were dropped for matching an evaluation prompt.
+    """`count` fresh train instructions for growth round `round_`, none in `earlier`.
+
+    Half from ShareGPT: first user turns no plan took, then, once those run out, later user
+    turns with their conversation as history (`_sharegpt_follow_ups`). The rest written from
+    Wikipedia train articles: articles no earlier plan wrote from first (the first build's are
+    drawn again from its seed; a growth round names its article in the id), then, once every
+    article is taken, an article again with a template none of its earlier instructions used.
+    Returns them and how many prompts were dropped for matching an evaluation prompt.
     """
     rng = random.Random(settings.seed + 1000 * round_)
     used = {i.id for i in earlier}
@@ -349,7 +415,12 @@ def growth_plan(settings: Settings, tokenizer, overlap: OverlapFilter, earlier: 
     fresh = [i for _, split, i in _sharegpt_prompts(settings, tokenizer, overlap, dropped)
              if split == "train" and i is not None and i.id not in used]
     removed = dropped.get("train", 0)
-    out = rng.sample(fresh, min(count - count // 2, len(fresh)))
+    half = count - count // 2
+    out = rng.sample(fresh, min(half, len(fresh)))
+    if len(out) < half:
+        follow_ups, dropped_turns = _sharegpt_follow_ups(settings, tokenizer, overlap, used)
+        removed += dropped_turns
+        out += rng.sample(follow_ups, min(half - len(out), len(follow_ups)))
     articles = list(wiki_articles("train"))
     first = random.Random(settings.seed + len("train")).sample(articles,
                                                                 min(settings.n_wiki, len(articles)))
@@ -358,14 +429,36 @@ def growth_plan(settings: Settings, tokenizer, overlap: OverlapFilter, earlier: 
     left = [a for a in articles if a["title"] not in taken]
     chosen = random.Random(settings.seed + 1000 * round_ + 1).sample(
         left, min(count - len(out), len(left)))
-    for number, article in enumerate(chosen):
-        text = instructions([article], 1, settings.seed + 1000 * round_ + 2 + number)[0]
+    written = [instructions([article], 1, settings.seed + 1000 * round_ + 2 + number)[0]
+               for number, article in enumerate(chosen)]
+    wanted = count - len(out) - len(chosen)
+    if wanted > 0:
+        pairs = _unused_templates(articles, earlier)
+        for article, template in random.Random(settings.seed + 1000 * round_ + 3).sample(
+                pairs, min(wanted, len(pairs))):
+            chosen.append(article)
+            written.append(_written(template, article))
+    for number, (article, text) in enumerate(zip(chosen, written, strict=True)):
         if overlap.overlaps(text):
             removed += 1
             continue
         out.append(Instruction(f"wiki-g{round_}-{number}/{article['title']}", "wiki", "train",
                                text))
     return out, removed
+
+
+def _written(template: str, article: dict) -> str:
+    """An instruction written from an article with one template (as distill.instructions)."""
+    return template.format(title=article["title"], extract=article["extract"][:700],
+                           description=article.get("description") or "a topic")
+
+
+def _unused_templates(articles: list[dict], earlier: list[Instruction]
+                      ) -> list[tuple[dict, str]]:
+    """(article, template) pairs whose instruction no earlier plan holds, in article order."""
+    planned = {i.text for i in earlier if i.source == "wiki"}
+    return [(article, template) for article in articles for template in TEMPLATES
+            if _written(template, article) not in planned]
 
 
 def grow(folder: Path, model, tokenizer, model_name: str, model_fingerprint: str,
@@ -435,9 +528,16 @@ def growth_rounds(folder: Path, split: str) -> dict[int, list[Sample]]:
 
 
 def _answers(folder: Path, pattern: str) -> list[Sample]:
-    return [Sample(r["ids"], r["answer_start"], "chat")
-            for path in sorted((folder / "chat").glob(pattern))
+    return [_sample(r) for path in sorted((folder / "chat").glob(pattern))
             for r in read_jsonl(path) if len(r["ids"]) >= 2]
+
+
+def _sample(row: dict) -> Sample:
+    """One answer row as a Sample; a follow-up keeps FOLLOW_UP_CONTEXT tokens before its answer."""
+    cut = 0
+    if row.get("source") == "sharegpt-followup":
+        cut = max(0, row["answer_start"] - FOLLOW_UP_CONTEXT)
+    return Sample(row["ids"][cut:], row["answer_start"] - cut, "chat")
 
 
 def text_samples(folder: Path) -> list[Sample]:

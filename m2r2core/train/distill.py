@@ -44,11 +44,15 @@ def instructions(articles: list[dict], count: int, seed: int) -> list[str]:
 
 
 @torch.inference_mode()
-def answer_batch(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[Sample]:
-    """The base model's greedy answers to a batch of instructions (left-padded, one call)."""
-    from m2r2core.runtime.prompt import encode
+def answer_batch(model, tokenizer, prompts: list[str | list[dict]], max_new_tokens: int
+                 ) -> list[Sample]:
+    """The base model's greedy answers to a batch of instructions (left-padded, one call); a
+    prompt is a user turn, or a conversation (chat messages ending with the user turn).
+    """
+    from m2r2core.runtime.prompt import encode, encode_messages
 
-    encoded = [encode(tokenizer, p) for p in prompts]
+    encoded = [encode(tokenizer, p) if isinstance(p, str) else encode_messages(tokenizer, p)
+               for p in prompts]
     width = max(len(e) for e in encoded)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
