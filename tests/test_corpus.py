@@ -78,22 +78,28 @@ def test_build_resumes_by_shard_and_refuses_another_model(tmp_path, tiny_engine,
         corpus.load(folder, "dev", model_fingerprint="fp-other")
 
 
+def _fake_sources(monkeypatch, records, n_articles):
+    """A small first build, an evaluation prompt, these ShareGPT records and n articles."""
+    monkeypatch.setattr(corpus, "plan", _small_plan)
+    monkeypatch.setattr(corpus, "teacher_forced", _small_text)
+    monkeypatch.setattr(corpus, "evaluation_texts", lambda: ["an evaluation prompt here"])
+    monkeypatch.setattr(corpus, "sharegpt_records", lambda: iter(records))
+    articles = [{"title": f"Article {n}", "extract": f"Article {n} is about topic {n}.",
+                 "description": "a topic"} for n in range(n_articles)]
+    monkeypatch.setattr(corpus, "wiki_articles", lambda split: list(articles))
+    return articles
+
+
 def test_a_growth_round_adds_fresh_instructions_and_resumes(tmp_path, tiny_engine, monkeypatch):
     """`corpus --grow`: fresh train instructions (none planned before, no evaluation copy, half
     from each source) in their own plan and shards, read with the train split; a resume answers
     only missing shards; a round planned with another count, or a corpus not built, is refused;
     a second round takes nothing the first took."""
-    monkeypatch.setattr(corpus, "plan", _small_plan)
-    monkeypatch.setattr(corpus, "teacher_forced", _small_text)
-    monkeypatch.setattr(corpus, "evaluation_texts", lambda: ["an evaluation prompt here"])
     records = [{"id": f"s{n}", "conversations": [{"from": "human", "value": f"Tell me fact {n}."}]}
                for n in range(40)]
     records.append({"id": "copy", "conversations": [{"from": "human",
                                                      "value": "An evaluation prompt here!"}]})
-    monkeypatch.setattr(corpus, "sharegpt_records", lambda: iter(records))
-    articles = [{"title": f"Article {n}", "extract": f"Article {n} is about topic {n}.",
-                 "description": "a topic"} for n in range(12)]
-    monkeypatch.setattr(corpus, "wiki_articles", lambda split: list(articles))
+    articles = _fake_sources(monkeypatch, records, 12)
     folder = tmp_path / "corpus"
     settings = corpus.Settings(max_new_tokens=4, n_wiki=3)
     with pytest.raises(corpus.CorpusError, match="build it first"):
@@ -145,9 +151,6 @@ def test_growth_falls_back_to_follow_ups_and_new_templates(tmp_path, tiny_engine
     """Once first turns and untouched articles run out, a round takes later ShareGPT user turns
     (answered after their conversation, read back with a short context) and articles again with
     templates they were not asked with; no instruction repeats across rounds."""
-    monkeypatch.setattr(corpus, "plan", _small_plan)
-    monkeypatch.setattr(corpus, "teacher_forced", _small_text)
-    monkeypatch.setattr(corpus, "evaluation_texts", lambda: ["an evaluation prompt here"])
     monkeypatch.setattr(corpus, "FOLLOW_UP_CONTEXT", 8)
 
     def turns(n, *follow_ups):
@@ -163,10 +166,7 @@ def test_growth_falls_back_to_follow_ups_and_new_templates(tmp_path, tiny_engine
                for n, key in enumerate(keys[:3])]
     records.append({"id": keys[3], "conversations": turns(3, "An evaluation prompt here!")})
     records.append({"id": keys[4], "conversations": turns(4, "Qu'est-ce que c'est, où ?")})
-    monkeypatch.setattr(corpus, "sharegpt_records", lambda: iter(records))
-    articles = [{"title": f"Article {n}", "extract": f"Article {n} is about topic {n}.",
-                 "description": "a topic"} for n in range(3)]
-    monkeypatch.setattr(corpus, "wiki_articles", lambda split: list(articles))
+    articles = _fake_sources(monkeypatch, records, 3)
     folder = tmp_path / "corpus"
     settings = corpus.Settings(max_new_tokens=4, n_wiki=2)
     corpus.build(folder, tiny_engine.model, tiny_engine.tokenizer, "tiny", "fp-tiny", settings,

@@ -433,7 +433,9 @@ def growth_plan(settings: Settings, tokenizer, overlap: OverlapFilter, earlier: 
                for number, article in enumerate(chosen)]
     wanted = count - len(out) - len(chosen)
     if wanted > 0:
-        pairs = _unused_templates(articles, earlier)
+        this_round = set(written)
+        pairs = [(article, template) for article, template in _unused_templates(articles, earlier)
+                 if _written(template, article) not in this_round]
         for article, template in random.Random(settings.seed + 1000 * round_ + 3).sample(
                 pairs, min(wanted, len(pairs))):
             chosen.append(article)
