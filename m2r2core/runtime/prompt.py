@@ -64,10 +64,7 @@ def encode(
         messages = [{"role": "user", "content": text}]
         if system_prompt is not None:
             messages.insert(0, {"role": "system", "content": system_prompt})
-        templated = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=False
-        )
-        return list(tokenizer(templated, add_special_tokens=False)["input_ids"])
+        return encode_messages(tokenizer, messages)
     return list(tokenizer(text)["input_ids"])
 
 

@@ -43,7 +43,14 @@ from pathlib import Path
 from m2r2core.errors import M2R2Error
 from m2r2core.runtime import assets
 from m2r2core.runtime.prompt import encode_messages
-from m2r2core.train.distill import TEMPLATES, Sample, answer_batch, instructions, wiki_articles
+from m2r2core.train.distill import (
+    TEMPLATES,
+    Sample,
+    answer_batch,
+    instructions,
+    wiki_articles,
+    written,
+)
 
 VERSION = 1
 NEAR_DUPLICATE = 0.5
@@ -270,12 +277,11 @@ def teacher_forced(tokenizer, conversations: list[dict], settings: Settings) -> 
         samples += _windows(ids, 0, "text", settings.window)
     budget -= sum(len(s.ids) for s in samples)
     rng.shuffle(conversations)
-    roles = {"human": "user", "gpt": "assistant"}
     for record in conversations:
         if budget <= 0:
             break
-        messages = [{"role": roles[t["from"]], "content": t["value"]}
-                    for t in record["conversations"] if t.get("from") in roles and t.get("value")]
+        messages = [{"role": _ROLES[t["from"]], "content": t["value"]}
+                    for t in record["conversations"] if t.get("from") in _ROLES and t.get("value")]
         if len(messages) < 2 or messages[1]["role"] != "assistant":
             continue
         first = tokenizer.apply_chat_template(messages[:1], add_generation_prompt=True,
@@ -429,18 +435,18 @@ def growth_plan(settings: Settings, tokenizer, overlap: OverlapFilter, earlier: 
     left = [a for a in articles if a["title"] not in taken]
     chosen = random.Random(settings.seed + 1000 * round_ + 1).sample(
         left, min(count - len(out), len(left)))
-    written = [instructions([article], 1, settings.seed + 1000 * round_ + 2 + number)[0]
+    texts = [instructions([article], 1, settings.seed + 1000 * round_ + 2 + number)[0]
                for number, article in enumerate(chosen)]
     wanted = count - len(out) - len(chosen)
     if wanted > 0:
-        this_round = set(written)
+        this_round = set(texts)
         pairs = [(article, template) for article, template in _unused_templates(articles, earlier)
-                 if _written(template, article) not in this_round]
+                 if written(template, article) not in this_round]
         for article, template in random.Random(settings.seed + 1000 * round_ + 3).sample(
                 pairs, min(wanted, len(pairs))):
             chosen.append(article)
-            written.append(_written(template, article))
-    for number, (article, text) in enumerate(zip(chosen, written, strict=True)):
+            texts.append(written(template, article))
+    for number, (article, text) in enumerate(zip(chosen, texts, strict=True)):
         if overlap.overlaps(text):
             removed += 1
             continue
@@ -449,18 +455,12 @@ def growth_plan(settings: Settings, tokenizer, overlap: OverlapFilter, earlier: 
     return out, removed
 
 
-def _written(template: str, article: dict) -> str:
-    """An instruction written from an article with one template (as distill.instructions)."""
-    return template.format(title=article["title"], extract=article["extract"][:700],
-                           description=article.get("description") or "a topic")
-
-
 def _unused_templates(articles: list[dict], earlier: list[Instruction]
                       ) -> list[tuple[dict, str]]:
     """(article, template) pairs whose instruction no earlier plan holds, in article order."""
     planned = {i.text for i in earlier if i.source == "wiki"}
     return [(article, template) for article in articles for template in TEMPLATES
-            if _written(template, article) not in planned]
+            if written(template, article) not in planned]
 
 
 def grow(folder: Path, model, tokenizer, model_name: str, model_fingerprint: str,

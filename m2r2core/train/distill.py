@@ -37,10 +37,14 @@ def instructions(articles: list[dict], count: int, seed: int) -> list[str]:
     chosen = rng.sample(articles, min(count, len(articles)))
     out = []
     for row in chosen:
-        template = rng.choice(TEMPLATES)
-        out.append(template.format(title=row["title"], extract=row["extract"][:700],
-                                   description=row.get("description") or "a topic"))
+        out.append(written(rng.choice(TEMPLATES), row))
     return out
+
+
+def written(template: str, article: dict) -> str:
+    """The instruction one template writes from one article."""
+    return template.format(title=article["title"], extract=article["extract"][:700],
+                           description=article.get("description") or "a topic")
 
 
 @torch.inference_mode()
