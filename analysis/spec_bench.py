@@ -16,6 +16,9 @@ Methods (`--methods`, any subset):
   each projection instead (`SpecConfig.merge_adapters=False`, what drafting did before);
 - `spec_fast_model` (only when asked for, with `--draft-weights int8`): spec_fast with its
   draft weights in the model's dtype, to measure what int8 draft weights buy in the same run;
+- `spec_fast_wide` (only when asked for): spec_fast verifying with transformers' own
+  `rows @ weight.T` products (`narrow_verify="off"`), to measure what narrow products buy
+  (`--narrow-verify` sets every other speculative method's choice; auto by default);
 - `spec_fast_router`: the same, with an exit rule (`--draft-rule`, ARLA by default) picking each
   draft's depth per token between `--min-draft-layer` and `--draft-layer`;
 - `medusa`: the same decoder drafting with Medusa-style heads on the model's final state (trained
@@ -49,15 +52,23 @@ from analysis.prompts import select_prompts
 from analysis.speculation import acceptance
 from m2r2core.config import DecodeConfig, EngineConfig
 from m2r2core.engine import Engine, environment
-from m2r2core.spec.speculative import DRAFT_RULES, DRAFT_WEIGHTS, MAX_DRAFT_LIMIT, SpecConfig
+from m2r2core.spec.speculative import (
+    DRAFT_RULES,
+    DRAFT_WEIGHTS,
+    MAX_DRAFT_LIMIT,
+    NARROW_MODES,
+    SpecConfig,
+)
 from m2r2core.trace import SpecRound
 
 METHODS = ("hf_generate", "engine", "prompt_lookup", "hf_early_exit", "spec_slow", "spec_tuned",
-           "spec_fast", "spec_fast_router", "medusa", "spec_fast_deltas", "spec_fast_model")
-DEFAULT_METHODS = METHODS[:-2]
+           "spec_fast", "spec_fast_router", "medusa", "spec_fast_deltas", "spec_fast_model",
+           "spec_fast_wide")
+DEFAULT_METHODS = METHODS[:-3]
 SPEC_METHODS = ("spec_slow", "spec_tuned", "spec_fast", "spec_fast_router", "medusa",
-                "spec_fast_deltas", "spec_fast_model")
-FAST_METHODS = ("spec_fast", "spec_fast_router", "spec_fast_deltas", "spec_fast_model")
+                "spec_fast_deltas", "spec_fast_model", "spec_fast_wide")
+FAST_METHODS = ("spec_fast", "spec_fast_router", "spec_fast_deltas", "spec_fast_model",
+                "spec_fast_wide")
 """M2R2 drafting; spec_fast_deltas adds the adapters' low-rank deltas to each projection
 instead of drafting through the weights they are folded into (SpecConfig.merge_adapters);
 spec_fast_model drafts with the weights in the model's dtype whatever --draft-weights says."""
@@ -68,7 +79,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = run_parser("python -m analysis.spec_bench", __doc__, max_new_tokens=128, repeats=2)
     p.add_argument("--model", default=EngineConfig.model)
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS,
-                   help="default: all but spec_fast_deltas and spec_fast_model")
+                   help="default: all but spec_fast_deltas, spec_fast_model and spec_fast_wide")
     p.add_argument("--draft-layer", type=int, default=8, help="spec_fast draft depth")
     p.add_argument("--slow-draft-layer", type=int, default=8, help="spec_slow draft depth")
     p.add_argument("--max-draft", type=int, default=4, help="K, longest draft chain")
@@ -77,6 +88,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--draft-vocab", default="sub", choices=("full", "sub"))
     p.add_argument("--draft-weights", default=SpecConfig.draft_weights, choices=DRAFT_WEIGHTS,
                    help="every drafter's draft blocks and head: the model's dtype or int8")
+    p.add_argument("--narrow-verify", default=SpecConfig.narrow_verify, choices=NARROW_MODES,
+                   help="verification's products of a few rows (runtime/narrow.py)")
     p.add_argument("--draft-rule", default="arla", choices=DRAFT_RULES[1:],
                    help="spec_fast_router's rule choosing each draft's depth")
     p.add_argument("--draft-threshold", type=float, default=0.3,
@@ -108,7 +121,8 @@ def spec_config(args: argparse.Namespace, method: str, medusa_heads: int | None 
     if method == "medusa":
         k = args.medusa_draft or min(args.max_draft, medusa_heads or args.max_draft)
         return SpecConfig(stream="medusa", max_draft=k, min_confidence=args.medusa_min_confidence,
-                          draft_vocab=args.draft_vocab, draft_weights=args.draft_weights)
+                          draft_vocab=args.draft_vocab, draft_weights=args.draft_weights,
+                          narrow_verify=args.narrow_verify)
     fast = method in FAST_METHODS
     rule = ({"draft_rule": args.draft_rule, "draft_threshold": args.draft_threshold,
              "min_draft_layer": args.min_draft_layer} if method == "spec_fast_router" else {})
@@ -118,6 +132,7 @@ def spec_config(args: argparse.Namespace, method: str, medusa_heads: int | None 
                       min_confidence=args.min_confidence, draft_vocab=args.draft_vocab,
                       merge_adapters=method != "spec_fast_deltas",
                       draft_weights="model" if method == "spec_fast_model" else args.draft_weights,
+                      narrow_verify="off" if method == "spec_fast_wide" else args.narrow_verify,
                       **rule)
 
 
@@ -169,7 +184,8 @@ def unavailable(engine: Engine, args: argparse.Namespace) -> dict[str, str]:
     """The asked-for methods this engine cannot run, with why (they are left out)."""
     caps = engine.capabilities()
     needs = {"spec_fast": "fast", "spec_fast_router": "fast", "spec_fast_deltas": "fast",
-             "spec_fast_model": "fast", "spec_tuned": "tuned", "medusa": "medusa"}
+             "spec_fast_model": "fast", "spec_fast_wide": "fast", "spec_tuned": "tuned",
+             "medusa": "medusa"}
     skipped = {m: f"no {needs[m]} drafter is loaded" for m in args.methods
                if m in needs and needs[m] not in caps.draft_streams}
     if "spec_fast_router" in args.methods and not caps.has_rule(args.draft_rule, "fast"):

@@ -44,7 +44,8 @@ EXIT_RELIABILITY = "exit_reliability"
 EXIT_EXPLAIN = "exit_explain"
 EXIT_GENERATE = "exit_generate"
 EXIT_GEN = "exit_gen"
-"""Prefix of the generation's rule controls: exit_gen_rule, _stream, _thr, _min, _fill."""
+"""Prefix of the generation's rule controls: exit_gen_rule, _stream, _thr, _min, _fill,
+_narrow."""
 EXIT_AB = ("ab_A", "ab_B")
 """Prefixes of the two A/B settings' controls: ab_A_stream, _rule, _thr, _min."""
 
@@ -128,6 +129,7 @@ SPEC_K = "spec_k"
 SPEC_LAYER = "spec_layer"
 SPEC_METHODS_LIVE = "spec_methods_live"
 SPEC_METHODS_REPORT = "spec_methods_report"
+SPEC_REPORT_KIND = "spec_report_kind"
 SPEC_RATE = "spec_rate"
 SPEC_RULE = "spec_rule"
 SPEC_RULE_MIN = "spec_rule_min"
@@ -137,6 +139,7 @@ SPEC_STREAM = "spec_stream"
 SPEC_TIMELINE = "spec_timeline"
 SPEC_VOCAB = "spec_vocab"
 SPEC_WEIGHTS = "spec_weights"
+SPEC_NARROW = "spec_narrow"
 
 
 def result() -> RunResult | None:

@@ -23,7 +23,7 @@ from m2r2core.config import DecodeConfig, EngineConfig
 from m2r2core.exits.early_exit import ExitConfig, ExitLoop
 from m2r2core.exits.routers import LEARNED, ROUTER_FILE, RouterBundle, load_routers
 from m2r2core.exits.tracer import FastStreamTracer
-from m2r2core.runtime import hf_compat, lens, prompt
+from m2r2core.runtime import hf_compat, lens, narrow, prompt
 from m2r2core.runtime.decode import TokenLoop
 from m2r2core.runtime.environment import environment  # noqa: F401  (also the engine's name)
 from m2r2core.runtime.model import LoadedModel, ModelInfo, load
@@ -208,7 +208,8 @@ class Engine:
             proposer = make_proposer(self.parts, spec, cfg, self.eos_ids, self.accel, sub_vocab,
                                      self.medusa, self.routers, self.tuned_lens)
         loop = SpecLoop(self.parts, proposer, ids, cfg, self.eos_ids, self.token_text,
-                        self._lock, spec.max_draft)
+                        self._lock, spec.max_draft,
+                        narrow.wanted(spec.narrow_verify, self.parts.lm_head.weight))
         return Speculation(self, clean, ids, cfg, spec, loop)
 
     def load_trained(self, folder: str | Path) -> None:

@@ -55,6 +55,32 @@ def test_spec_bench_cli_reports_speed_identity_and_break_even(tiny_model_dir, tm
     assert line["needed_accepted"]["1.5x"] > line["needed_accepted"]["1.0x"]
 
 
+def test_spec_bench_measures_narrow_against_plain_verification(tiny_model_dir, tmp_path):
+    from analysis import spec_bench
+    out = tmp_path / "s.json"
+    spec_bench.main(["--prompts", "mt-bench", "--limit", "1", "--model", str(tiny_model_dir),
+                     "--dtype", "float32", "--max-new-tokens", "8", "--repeats", "1",
+                     "--slow-draft-layer", "2", "--draft-vocab", "full", "--narrow-verify", "on",
+                     "--methods", "hf_generate", "spec_slow", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["spec_configs"]["spec_slow"]["narrow_verify"] == "on"
+    assert report["summary"]["overall"]["spec_slow"]["identical"] == 1
+
+
+def test_dtype_bench_times_narrow_products(tiny_model_dir, tmp_path):
+    from analysis import dtype_bench
+    out = tmp_path / "d.json"
+    dtype_bench.main(["--model", str(tiny_model_dir), "--rows", "1", "3", "--repeats", "1",
+                      "--dtypes", "float32", "--narrow", "--out", str(out)])
+    table = json.loads(out.read_text())["table"]
+    assert [row["rows"] for row in table] == [1, 3]
+    for row in table:
+        assert row["float32_ms"] > 0 and row["float32+narrow_ms"] > 0
+        ratio = row["float32+narrow_ms"] / row["float32_ms"]
+        assert abs(row["float32_narrow_over_plain"] - ratio) < 0.01
+    assert "bf16_over_fp32" not in table[0]
+
+
 def test_committed_reports_are_strict_json():
     """Every committed report parses without NaN or Infinity, which strict JSON readers refuse."""
     from pathlib import Path

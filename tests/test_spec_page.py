@@ -53,6 +53,16 @@ def test_greedy_generation_is_lossless_and_charted(app):
         assert any(name in k for k in keys), keys
 
 
+def test_plain_verification_products_are_a_choice(app):
+    app.selectbox(key=state.SPEC_NARROW).set_value("off")
+    at = generate(app)
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    session = at.session_state[RESULT_KEY]
+    assert session.spec.narrow_verify == "off"
+    assert session.spec_tokens == session.plain_tokens
+    assert any("verification products off" in c.value for c in at.caption)
+
+
 def test_medusa_generation_is_lossless(app):
     at = generate(app, k=3, stream="medusa")
     assert not at.exception and not at.error, [e.value for e in at.error]

@@ -59,7 +59,9 @@ def trained_engine(tiny_trained_dir, tiny_model_dir):
                                   SpecConfig(stream="slow", draft_layer=3, max_draft=7,
                                              min_confidence=0.01),
                                   SpecConfig(stream="slow", draft_layer=2, max_draft=4,
-                                             draft_weights="int8")])
+                                             draft_weights="int8"),
+                                  SpecConfig(stream="slow", draft_layer=2, max_draft=4,
+                                             narrow_verify="off")])
 def test_greedy_equals_transformers_generate(tiny_model_dirs, family, spec):
     engine = Engine.load(EngineConfig(model=str(tiny_model_dirs[family]), dtype="float32"))
     want = hf_greedy(engine, PROMPT, 24)

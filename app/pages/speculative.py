@@ -12,17 +12,20 @@ import streamlit as st
 from analysis import bundle, compare, ledger, speculation
 from app import charts, resources, spec_ab, spec_charts, state
 from app.components import bundles, controls, metrics
-from m2r2core.config import SamplingConfig
+from m2r2core.config import SamplingConfig, batched_dtype
 from m2r2core.errors import M2R2Error
 from m2r2core.spec.speculative import (
     DRAFT_RULES,
     DRAFT_VOCABS,
     DRAFT_WEIGHTS,
     MAX_DRAFT_LIMIT,
+    NARROW_MODES,
     SpecConfig,
 )
 
-REPORT = "spec_bf16_s26.json"
+REPORTS = {"CPU without native bf16 (AVX2), fp32": "spec_fp32_narrow065_s34.json",
+           "CPU with native bf16 (AMX), bf16": "spec_bf16_s26.json"}
+"""The committed issue-setting runs, one per machine kind (sessions 34 and 26)."""
 RESULT_KEY = "spec_result"
 COMPARE_KEY = "spec_compare_result"
 
@@ -112,11 +115,13 @@ def _spec_controls(engine) -> tuple[SpecConfig | None, bool]:
     k = cols[2].number_input("Max drafts K", value=4, step=1, key=state.SPEC_K,
                              help=f"Longest draft chain per verification (1–{longest}"
                                   + (", one per Medusa head)." if stream == "medusa" else ")."))
-    bound = cols[3].number_input("Adaptive bound", value=0.8, step=0.1, key=state.SPEC_CONF,
+    bound = cols[3].number_input("Adaptive bound", value=0.65, step=0.05, key=state.SPEC_CONF,
                                  help="Stop the chain after a draft whose top-1 probability is "
-                                      "below this (0 = always draft K). 0.8 was the fastest of "
-                                      "0.4–0.9 on the AlpacaEval helpful-base prompts (a tuning "
-                                      "set no report uses).")
+                                      "below this (0 = always draft K). On the AlpacaEval "
+                                      "helpful-base prompts (a tuning set no report uses) 0.65 "
+                                      "was the fastest of 0.5–0.8 on an AVX2 CPU in fp32 "
+                                      "(session 34), 0.8 of 0.4–0.9 on a CPU with native bf16 "
+                                      "(session 23).")
     has_sub = caps.sub_vocab
     vocab = cols[4].selectbox("Draft head", DRAFT_VOCABS if has_sub else ("full",),
                               index=1 if has_sub else 0, key=state.SPEC_VOCAB,
@@ -124,7 +129,7 @@ def _spec_controls(engine) -> tuple[SpecConfig | None, bool]:
     sampling = cols[5].checkbox("Sampling", key=state.SPEC_SAMPLING,
                                 help="Speculative rejection sampling at the temperature and "
                                      "top-p above (needs temperature > 0).")
-    cols = st.columns(4)
+    cols = st.columns(5)
     draft_stream = stream if stream in ("fast", "tuned") else "slow"
     rules = tuple(r for r in DRAFT_RULES if r == "fixed" or caps.has_rule(r, draft_stream))
     rule = cols[0].selectbox("Draft depth", rules, key=state.SPEC_RULE,
@@ -140,24 +145,41 @@ def _spec_controls(engine) -> tuple[SpecConfig | None, bool]:
     shallowest = cols[2].number_input("Shallowest draft depth", value=min(4, int(layer)),
                                       step=1, key=state.SPEC_RULE_MIN, disabled=rule == "fixed",
                                       help="The rule is not asked before this depth.")
-    weights = cols[3].selectbox("Draft weights", DRAFT_WEIGHTS,
-                                index=DRAFT_WEIGHTS.index(SpecConfig.draft_weights),
-                                key=state.SPEC_WEIGHTS,
-                                help="model = the draft blocks and head in the model's dtype; "
-                                     "int8 = the same weights rounded to int8 per output "
-                                     "channel: about half the bytes to read per draft, so "
-                                     "cheaper drafts on a CPU. Verification always runs the "
-                                     "model's own weights, so the output does not change.")
+    weights = _default_select(cols[3], "Draft weights", DRAFT_WEIGHTS, "draft_weights",
+                              state.SPEC_WEIGHTS,
+                              "model = the draft blocks and head in the model's dtype; "
+                              "int8 = the same weights rounded to int8 per output "
+                              "channel: about half the bytes to read per draft, so "
+                              "cheaper drafts on a CPU. Verification always runs the "
+                              "model's own weights, so the output does not change.")
+    products = _default_select(cols[4], "Verification products", NARROW_MODES, "narrow_verify",
+                               state.SPEC_NARROW,
+                               "How the verification pass multiplies its few rows (the "
+                               "last token and the drafts) by each weight. on = weight × "
+                               "rowsᵀ, which keeps reading the weights the way a "
+                               "one-token step does: on an AVX2 CPU in float32, "
+                               "verifying one draft then costs 1.27 decoding steps "
+                               "instead of 1.6. off = transformers' own rows × weightᵀ. "
+                               "auto = on for float32 on a CPU. The two differ only by "
+                               "float32 rounding; the output stays plain decoding's.")
     spec = SpecConfig(draft_layer=int(layer), stream=stream, max_draft=int(k),
                       min_confidence=float(bound), draft_vocab=vocab, draft_weights=weights,
                       draft_rule=rule if stream != "medusa" else "fixed",
-                      draft_threshold=float(threshold), min_draft_layer=int(shallowest))
+                      draft_threshold=float(threshold), min_draft_layer=int(shallowest),
+                      narrow_verify=products)
     try:
         spec.validate(caps.n_layers, fast_depth, medusa_heads, "tuned" in caps.draft_streams)
     except M2R2Error as exc:
         st.error(str(exc))
         return None, sampling
     return spec, sampling
+
+
+def _default_select(col, label: str, options: tuple[str, ...], field: str, key: str,
+                    help: str) -> str:
+    """A selectbox over `options` that starts at SpecConfig's default for `field`."""
+    return col.selectbox(label, options, index=options.index(getattr(SpecConfig, field)),
+                         key=key, help=help)
 
 
 def _generate(engine, text, cfg, spec: SpecConfig, sampling: bool) -> None:
@@ -220,7 +242,8 @@ def _show(engine, s: SpecSession) -> None:
                    f"{sum(depths) / max(1, len(depths)):.1f})")
     st.caption(f"Drafted {source}, K = "
                f"{spec.max_draft}, adaptive bound {spec.min_confidence:g}, {spec.draft_vocab} "
-               f"draft head, {spec.draft_weights} draft weights, "
+               f"draft head, {spec.draft_weights} draft weights, verification products "
+               f"{spec.narrow_verify}, "
                f"{'sampling' if s.sampling else 'greedy'}. Drafting took "
                f"{stats['draft_ms'] / max(1e-9, stats['draft_ms'] + stats['verify_ms']):.0%} "
                "of decoding time.")
@@ -281,7 +304,14 @@ def _ledger(s: SpecSession, stats: dict) -> None:
 
 def _comparison(engine) -> None:
     st.subheader("All methods, side by side")
-    report = resources.benchmark_report(REPORT)
+    kinds = list(REPORTS)
+    native = batched_dtype() == "bfloat16"
+    kind = st.radio("Measured on", kinds, index=1 if native else 0, horizontal=True,
+                    key=state.SPEC_REPORT_KIND,
+                    help="Whether speculative decoding pays depends on the CPU: without native "
+                         "bf16 a forward of several rows costs more one-row steps. The machine "
+                         "kind like this one is selected first.")
+    report = resources.benchmark_report(REPORTS[kind])
     if report is not None:
         overall = report["summary"]["overall"]
         st.plotly_chart(spec_charts.methods_figure(overall), key=state.SPEC_METHODS_REPORT)

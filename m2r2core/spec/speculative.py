@@ -38,6 +38,7 @@ from torch.nn import functional as F
 from m2r2core.config import DecodeConfig
 from m2r2core.errors import UnsupportedModel, require
 from m2r2core.exits.routers import LEARNED, RULES, ExitRule, RouterBundle
+from m2r2core.runtime import narrow
 from m2r2core.runtime.decode import forward
 from m2r2core.runtime.hf_compat import DecoderParts
 from m2r2core.runtime.int8 import int8_head
@@ -60,6 +61,7 @@ from m2r2core.trace import SpecRound
 STREAMS = ("fast", "slow", "tuned", "medusa")
 DRAFT_VOCABS = ("full", "sub")
 DRAFT_WEIGHTS = ("model", "int8")
+NARROW_MODES = narrow.MODES
 MAX_DRAFT_LIMIT = 16
 DRAFT_RULES = ("fixed", *RULES)
 
@@ -100,6 +102,11 @@ class SpecConfig:
     against 0.25 of a decoding step at depth 8); int8 drafts may differ from model-dtype ones
     where the top two tokens are close, and verification (always in the model's own weights)
     keeps the output exact either way."""
+    narrow_verify: str = "auto"
+    """How verification multiplies its 2–8 rows by each weight: 'on' as `weight @ rows.T`
+    (runtime/narrow.py: on an AVX2 CPU in float32, verifying one draft costs 1.27 `generate` steps
+    instead of 1.6), 'off' as transformers' own `rows @ weight.T`, 'auto' on for float32 on CPU.
+    The two differ by float32 rounding only; greedy output stays `generate`'s (tests prove it)."""
 
     def validate(self, n_layers: int, fast_depth: int | None, medusa_heads: int | None = None,
                  tuned: bool = False) -> None:
@@ -137,6 +144,8 @@ class SpecConfig:
                 f"one of {DRAFT_WEIGHTS}")
         require(self.draft_rule in DRAFT_RULES, "draft_rule", self.draft_rule,
                 f"one of {DRAFT_RULES}")
+        require(self.narrow_verify in NARROW_MODES, "narrow_verify", self.narrow_verify,
+                f"one of {NARROW_MODES}")
         if self.draft_rule != "fixed":
             require(self.stream != "medusa", "draft_rule", self.draft_rule,
                     "'fixed' for Medusa heads (they have no depth to choose)")
@@ -157,14 +166,19 @@ class SpecLoop(DecodeRun[SpecRound]):
 
     def __init__(self, parts: DecoderParts, proposer: Proposer, prompt_ids: list[int],
                  cfg: DecodeConfig, eos_ids: frozenset[int], token_text, lock,
-                 max_draft: int) -> None:
-        """Prepare a run; nothing is computed until iteration."""
+                 max_draft: int, narrow_verify: bool = False) -> None:
+        """Prepare a run; nothing is computed until iteration.
+
+        Args:
+            narrow_verify: verify with narrow products (SpecConfig.narrow_verify, resolved).
+        """
         if any(t != "full_attention" for t in parts.layer_types):
             raise UnsupportedModel(
                 "Speculative decoding needs full-attention layers only: this model has "
                 "sliding-window layers, whose cache cannot be cropped back after a refused draft.")
         super().__init__(parts, prompt_ids, cfg, eos_ids, lock)
         self.proposer, self.max_draft, self.token_text = proposer, max_draft, token_text
+        self.narrow_verify = narrow_verify
 
     def prefill(self, state: DecodeState) -> tuple[SpecRound, tuple[int, ...]]:
         """The prompt's forward pass chooses the first token (round 0: no drafts)."""
@@ -188,7 +202,7 @@ class SpecLoop(DecodeRun[SpecRound]):
                                                    budget))
         drafted = time.perf_counter()
         verdict = verify(self.parts, state, self.token_ids[-1], draft.tokens, draft.dists,
-                         self.cfg.sampling)
+                         self.cfg.sampling, self.narrow_verify)
         emitted = cut([*draft.tokens[:verdict.accepted], verdict.own], self.eos_ids, remaining)
         verified = time.perf_counter()
         state.carry = verdict.normed

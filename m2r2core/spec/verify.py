@@ -19,6 +19,7 @@ from m2r2core.config import SamplingConfig
 from m2r2core.runtime import hf_compat
 from m2r2core.runtime.decode import forward
 from m2r2core.runtime.hf_compat import DecoderParts
+from m2r2core.runtime.narrow import narrow_products, verified_modules
 from m2r2core.runtime.sampling import filtered_probs
 from m2r2core.runtime.state import DecodeState
 
@@ -37,14 +38,17 @@ class Verdict:
 
 @torch.inference_mode()
 def verify(parts: DecoderParts, state: DecodeState, last: int, drafts: list[int],
-           dists: list[torch.Tensor | None], sampling: SamplingConfig) -> Verdict:
+           dists: list[torch.Tensor | None], sampling: SamplingConfig,
+           narrow: bool = False) -> Verdict:
     """Score `[last] + drafts` with the full model, accept, and crop the cache to the accepted
-    prefix (the model's own token is not yet in the cache; it is fed next round).
+    prefix (the model's own token is not yet in the cache; it is fed next round). With `narrow`,
+    the pass multiplies its few rows as `weight @ rows.T` (runtime/narrow.py).
     """
     before = state.position
     device = parts.embed_tokens.weight.device
     ids = torch.tensor([[last, *drafts]], device=device)
-    out = forward(parts, ids, state, keep_states=False, all_positions=True)
+    with narrow_products(verified_modules(parts), narrow):
+        out = forward(parts, ids, state, keep_states=False, all_positions=True)
     accepted, own = accept(drafts, dists, out.logits, sampling, state.generator)
     hf_compat.crop_cache(state.cache, before + 1 + accepted)
     state.position = before + 1 + accepted
