@@ -30,7 +30,7 @@ from analysis.ledger import exit_ledger
 from analysis.prompts import load_prompts
 from m2r2core.config import DecodeConfig, EngineConfig
 from m2r2core.engine import Engine, environment
-from m2r2core.exits.early_exit import ExitConfig
+from m2r2core.exits.early_exit import NARROW_MODES, ExitConfig
 from m2r2core.exits.routers import LEARNED, RULES, ExitRule
 
 QUALITY_TARGET = 0.9
@@ -118,8 +118,10 @@ def _median_ledger(ledgers: list[dict]) -> dict:
 
 def evaluate(engine: Engine, prompt_sets: list[str], limit: int, max_new_tokens: int,
              rules: list[str], streams: list[str], min_layer: int, kv_fill: str,
-             progress=None) -> dict:
-    """Run the whole evaluation; returns the JSON-ready report."""
+             progress=None, narrow: str = "auto") -> dict:
+    """Run the whole evaluation; returns the JSON-ready report. `narrow`: ExitConfig.narrow
+    (the exit decoder's products of a few rows).
+    """
     n = engine.parts.n_layers
     fast_depth = engine.accel.first + engine.accel.n_fast if engine.accel else 0
     available = engine.capabilities().streams
@@ -142,7 +144,7 @@ def evaluate(engine: Engine, prompt_sets: list[str], limit: int, max_new_tokens:
         done += 2
         for (stream, rule), thresholds in grid.items():
             for threshold in thresholds:
-                cfg = ExitConfig(ExitRule(rule, stream, threshold, min_layer), kv_fill)
+                cfg = ExitConfig(ExitRule(rule, stream, threshold, min_layer), kv_fill, narrow)
                 per_config.setdefault(f"{stream}/{rule}/{threshold}", []).append(
                     {"set": set_name} | _exit_run(engine, prompt, plain_cfg, cfg, full_steps,
                                                    full_ms, full_text))
@@ -155,7 +157,7 @@ def evaluate(engine: Engine, prompt_sets: list[str], limit: int, max_new_tokens:
         gc.collect()
     return _report(engine, tuple(traced_steps), rows, per_config, streams, rules, fast_depth,
                    {"prompt_sets": prompt_sets, "limit": limit, "max_new_tokens": max_new_tokens,
-                    "min_layer": min_layer, "kv_fill": kv_fill})
+                    "min_layer": min_layer, "kv_fill": kv_fill, "narrow": narrow})
 
 
 def _report(engine: Engine, steps: tuple, rows: list[dict], per_config: dict[str, list[dict]],
@@ -208,6 +210,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="tuned: the slow stream read through the tuned lens (when one is loaded)")
     p.add_argument("--min-layer", type=int, default=4)
     p.add_argument("--kv-fill", default="jit", choices=["jit", "copy"])
+    p.add_argument("--narrow", default=ExitConfig.narrow, choices=NARROW_MODES,
+                   help="the exit decoder's products of a few rows (runtime/narrow.py)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/exits.json"))
     p.add_argument("--chart", type=Path, default=None, help="write the Pareto chart (HTML)")
     args = p.parse_args(argv)
@@ -224,7 +228,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     started = time.time()
     report = evaluate(engine, args.prompts, args.limit, args.max_new_tokens, args.rules,
-                      args.streams, args.min_layer, args.kv_fill, progress)
+                      args.streams, args.min_layer, args.kv_fill, progress, args.narrow)
     bar.close()
     report["wall_s"] = round(time.time() - started, 1)
     report["command"] = "python -m analysis.exit_eval " + " ".join(argv or __import__(

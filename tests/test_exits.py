@@ -92,6 +92,21 @@ def test_zero_adapters_make_fast_exits_equal_slow_exits(engines, fill):
         engine.accel = saved
 
 
+@pytest.mark.parametrize("fill", ["jit", "copy"])
+def test_narrow_products_change_no_exit(trained_routers_engine, fill):
+    """The two-row block calls (slow and fast rows, filled rows) with narrow products decide and
+    emit what transformers' own products do (fp32; only rounding differs)."""
+    engine = trained_routers_engine
+    probe = engine.generate_exits(PROMPT, CFG, ExitConfig(ExitRule("confidence", "fast", 1.0, 1)))
+    scores = sorted(s.exit_scores[0] for s in list(probe)[1:])
+    rule = ExitRule("confidence", "fast", scores[len(scores) // 2], 1)  # about half exit
+    on, off = (list(engine.generate_exits(PROMPT, CFG, ExitConfig(rule, fill, narrow)))
+               for narrow in ("on", "off"))
+    assert [s.token_id for s in on] == [s.token_id for s in off]
+    assert [s.exit_layer for s in on] == [s.exit_layer for s in off]
+    assert min(s.exit_layer for s in on[1:]) < engine.parts.n_layers
+
+
 def test_bad_rules_are_refused(engines):
     engine = engines["llama"]
     for rule in (ExitRule(threshold=1.5, stream="slow"), ExitRule(threshold=-0.1, stream="slow"),
@@ -101,6 +116,8 @@ def test_bad_rules_are_refused(engines):
             engine.generate_exits(PROMPT, CFG, ExitConfig(rule))
     with pytest.raises(ConfigError):
         engine.generate_exits(PROMPT, CFG, ExitConfig(ExitRule(stream="slow"), kv_fill="guess"))
+    with pytest.raises(ConfigError, match="narrow"):
+        engine.generate_exits(PROMPT, CFG, ExitConfig(ExitRule(stream="slow"), narrow="fast"))
     if engine.accel is None:
         with pytest.raises(ConfigError, match="no accelerator"):
             engine.generate_exits(PROMPT, CFG, ExitConfig(ExitRule("confidence", "fast")))

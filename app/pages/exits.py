@@ -16,7 +16,7 @@ from app.charts import visible
 from app.components import bundles, calibration, controls, metrics
 from m2r2core.config import DecodeConfig
 from m2r2core.errors import M2R2Error
-from m2r2core.exits.early_exit import KV_FILLS, ExitConfig
+from m2r2core.exits.early_exit import KV_FILLS, NARROW_MODES, ExitConfig
 from m2r2core.exits.routers import LEARNED, RULE_LABELS, RULES, ExitRule
 
 REPORT = "exits_bf16_s26.json"
@@ -94,10 +94,11 @@ def render() -> None:
 
 
 def _rule_controls(engine, prefix: str) -> ExitConfig | None:
-    """Rule, stream, threshold, minimum layer and KV fill; None (with a message) if invalid."""
+    """Rule, stream, threshold, minimum layer, KV fill and block products; None (with a message)
+    if invalid."""
     caps = engine.capabilities()
     streams = list(caps.streams)
-    cols = st.columns(5)
+    cols = st.columns(6)
     rule = cols[0].selectbox("Exit rule", RULES, key=state.keyed(prefix, "rule"),
                              format_func=lambda r: RULE_LABELS[r])
     stream = cols[1].selectbox("Stream", streams, key=state.keyed(prefix, "stream"),
@@ -115,7 +116,16 @@ def _rule_controls(engine, prefix: str) -> ExitConfig | None:
     fill = cols[4].selectbox("Missing KV", KV_FILLS, key=state.keyed(prefix, "fill"),
                              help="jit: computed with the next token that goes deeper; copy: "
                                   "projected from the exit state (CALM).")
-    cfg = ExitConfig(ExitRule(rule, stream, float(threshold), int(min_layer)), fill)
+    products = cols[5].selectbox("Block products", NARROW_MODES,
+                                 key=state.keyed(prefix, "narrow"),
+                                 help="How a block call over a few rows (the token's slow and "
+                                      "fast rows, filled rows) multiplies them by each weight. "
+                                      "on = weight × rowsᵀ, which reads the weights the way a "
+                                      "one-row step does: on an AVX2 CPU in float32 two rows "
+                                      "then cost about 1.2 one-row calls instead of 1.6. off "
+                                      "= transformers' own rows × weightᵀ. auto = on for "
+                                      "float32 on a CPU. Only float32 rounding differs.")
+    cfg = ExitConfig(ExitRule(rule, stream, float(threshold), int(min_layer)), fill, products)
     try:
         cfg.validate(caps.max_depth(stream))
     except M2R2Error as exc:

@@ -23,7 +23,7 @@ import torch
 from m2r2core.config import DecodeConfig
 from m2r2core.errors import require
 from m2r2core.exits.routers import ExitRule, RouterBundle, TokenScorer
-from m2r2core.runtime import hf_compat
+from m2r2core.runtime import hf_compat, narrow
 from m2r2core.runtime.decode import forward
 from m2r2core.runtime.hf_compat import DecoderParts
 from m2r2core.runtime.loop import DecodeRun
@@ -35,6 +35,7 @@ from m2r2core.stream.tuned_lens import TunedLens
 from m2r2core.trace import TokenStep
 
 KV_FILLS = ("jit", "copy")
+NARROW_MODES = narrow.MODES
 
 
 @dataclass(frozen=True)
@@ -43,11 +44,17 @@ class ExitConfig:
 
     rule: ExitRule = ExitRule()
     kv_fill: str = "jit"
+    narrow: str = "auto"
+    """How a block call over a few rows (a token's slow and fast rows, filled rows) multiplies
+    them by each weight: 'on' as `weight @ rows.T` (runtime/narrow.py; on an AVX2 CPU in
+    float32 two rows then cost about 1.2 one-row calls instead of 1.6), 'off' as transformers'
+    own `rows @ weight.T`, 'auto' on for float32 on CPU. Float32 rounding apart, the same."""
 
     def validate(self, max_depth: int) -> None:
         """Raise ConfigError on an out-of-range field."""
         self.rule.validate(max_depth)
         require(self.kv_fill in KV_FILLS, "kv_fill", self.kv_fill, f"one of {KV_FILLS}")
+        require(self.narrow in NARROW_MODES, "narrow", self.narrow, f"one of {NARROW_MODES}")
 
 
 @dataclass
@@ -86,6 +93,7 @@ class ExitLoop(DecodeRun[TokenStep]):
         self.max_depth = accel.max_depth if fast else parts.n_layers
         exit_cfg.validate(self.max_depth)
         self.exit_cfg, self.rule, self.token_text = exit_cfg, exit_cfg.rule, token_text
+        self.narrow = narrow.wanted(exit_cfg.narrow, parts.lm_head.weight)
         self.rows = BlockRows(parts, self.accel)
         self.costs = {"blocks_ms": 0.0, "checks_ms": 0.0, "head_ms": 0.0, "fill_ms": 0.0,
                       "checks": 0}
@@ -127,6 +135,37 @@ class ExitLoop(DecodeRun[TokenStep]):
         scorer = TokenScorer(self.routers, self.rule, self.max_depth, parts)
         if not fast or self.accel.first == 0:
             scorer.start(hidden[0, 0])
+        with narrow.narrow_products(narrow.verified_modules(parts), self.narrow):
+            exit_state, exit_depth, source, scores = self._walk(state, pending, me, fast_hidden,
+                                                                scorer, rotary, lowest)
+        if exit_state is None:
+            exit_state = me.hidden
+        started = time.perf_counter()
+        if self.exit_cfg.kv_fill == "copy" and exit_depth < parts.n_layers:
+            # a tuned-lens exit's keys/values come from the slow state, not its translation
+            self.rows.copy_fill(pending, me.hidden if self.tuned is not None else exit_state,
+                                state)
+        pending[:] = [p for p in pending if p.depth < parts.n_layers]
+        state.position += 1
+        headed = time.perf_counter()
+        logits = parts.lm_head(parts.norm(exit_state))[0, -1].float()
+        token_id = sample_next(logits, self.cfg.sampling, state.generator)
+        self.costs["fill_ms"] += (headed - started) * 1000.0
+        self.costs["head_ms"] += (time.perf_counter() - headed) * 1000.0
+        return TokenStep(
+            position=index, token_id=token_id, text=self.token_text(token_id),
+            token_prob=float(torch.softmax(logits, -1)[token_id]), exit_layer=exit_depth,
+            source=source, latency_ms=0.0, forward_ms=0.0, trace_ms=0.0,
+            stream=self.rule.stream if source == "exit" else "slow",
+            exit_scores=tuple(scores), check_from=self.rule.min_layer), (token_id,)
+
+    def _walk(self, state: DecodeState, pending: list[_Pending], me: _Pending,
+              fast_hidden: torch.Tensor | None, scorer: TokenScorer, rotary, lowest: int
+              ) -> tuple[torch.Tensor | None, int, str, list[float]]:
+        """The token's walk up the blocks until the rule accepts a depth: (exit state or None,
+        exit depth, source, the rule's scores).
+        """
+        parts, fast = self.parts, self.accel is not None
         scores, exit_state, exit_depth, source = [], None, parts.n_layers, "fallback"
         for layer in range(parts.n_layers):
             rows = [p for p in pending if p.depth == layer]
@@ -153,27 +192,7 @@ class ExitLoop(DecodeRun[TokenStep]):
                     if score >= self.rule.threshold:
                         exit_state, exit_depth, source = candidate, depth, "exit"
                         break
-        if exit_state is None:
-            exit_state = me.hidden
-        started = time.perf_counter()
-        if self.exit_cfg.kv_fill == "copy" and exit_depth < parts.n_layers:
-            # a tuned-lens exit's keys/values come from the slow state, not its translation
-            self.rows.copy_fill(pending, me.hidden if self.tuned is not None else exit_state,
-                                state)
-        pending[:] = [p for p in pending if p.depth < parts.n_layers]
-        state.position += 1
-        headed = time.perf_counter()
-        logits = parts.lm_head(parts.norm(exit_state))[0, -1].float()
-        token_id = sample_next(logits, self.cfg.sampling, state.generator)
-        self.costs["fill_ms"] += (headed - started) * 1000.0
-        self.costs["head_ms"] += (time.perf_counter() - headed) * 1000.0
-        return TokenStep(
-            position=index, token_id=token_id, text=self.token_text(token_id),
-            token_prob=float(torch.softmax(logits, -1)[token_id]), exit_layer=exit_depth,
-            source=source, latency_ms=0.0, forward_ms=0.0, trace_ms=0.0,
-            stream=self.rule.stream if source == "exit" else "slow",
-            exit_scores=tuple(scores), check_from=self.rule.min_layer), (token_id,)
-
+        return exit_state, exit_depth, source, scores
 
     def _candidate(self, depth: int, fast_row: torch.Tensor | None, slow_row: torch.Tensor
                    ) -> torch.Tensor | None:
