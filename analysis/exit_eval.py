@@ -118,7 +118,7 @@ def _median_ledger(ledgers: list[dict]) -> dict:
 
 def evaluate(engine: Engine, prompt_sets: list[str], limit: int, max_new_tokens: int,
              rules: list[str], streams: list[str], min_layer: int, kv_fill: str,
-             progress=None, narrow: str = "auto") -> dict:
+             progress=None, narrow: str = ExitConfig.narrow) -> dict:
     """Run the whole evaluation; returns the JSON-ready report. `narrow`: ExitConfig.narrow
     (the exit decoder's products of a few rows).
     """

@@ -44,11 +44,13 @@ class ExitConfig:
 
     rule: ExitRule = ExitRule()
     kv_fill: str = "jit"
-    narrow: str = "auto"
+    narrow: str = "off"
     """How a block call over a few rows (a token's slow and fast rows, filled rows) multiplies
-    them by each weight: 'on' as `weight @ rows.T` (runtime/narrow.py; on an AVX2 CPU in
-    float32 two rows then cost about 1.2 one-row calls instead of 1.6), 'off' as transformers'
-    own `rows @ weight.T`, 'auto' on for float32 on CPU. Float32 rounding apart, the same."""
+    them by each weight: 'on' as `weight @ rows.T` (runtime/narrow.py, which makes the
+    verification pass of speculative decoding 1.3x cheaper on an AVX2 CPU in fp32), 'off' as
+    transformers' own `rows @ weight.T`, 'auto' on for fp32 on CPU. Off by default: in the exit
+    decoder, whose blocks are called one at a time with work between them, it measured no faster
+    (exit_eval, session 34). Float32 rounding apart, the same."""
 
     def validate(self, max_depth: int) -> None:
         """Raise ConfigError on an out-of-range field."""

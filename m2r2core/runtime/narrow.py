@@ -1,5 +1,4 @@
-"""Products of a few rows (verifying 1–7 drafts, a token's slow and fast rows) computed as
-`weight @ rows.T`.
+"""Products of a few rows (verifying 1–7 drafts) computed as `weight @ rows.T`.
 
 `torch.nn.functional.linear` computes `rows @ weight.T`. For one row the BLAS takes its
 matrix-vector path, which streams every weight once; from two rows on it takes the general
@@ -7,10 +6,11 @@ matrix-matrix path, which on an AVX2 CPU in float32 makes a forward of the 135M 
 rows cost 1.6 one-row forwards. Written the other way round, `weight @ rows.T`, the weight stays
 the streamed operand and two rows cost 1.2 (BENCHMARKS, session 34: `python -m
 analysis.dtype_bench --rows 1 2 3 4 5 6 7 8 9 --dtypes float32 --narrow`). The values are the
-same sums in another order: equal to float32 rounding, not bit for bit. So only the passes that
-already differ from a one-row step by rounding use it (verification, the exit decoder's
-multi-row blocks); plain decoding keeps transformers' own kernels, and tests prove greedy output
-stays identical to `generate` with it on.
+same sums in another order: equal to float32 rounding, not bit for bit. So only passes that
+already differ from a one-row step by rounding use it: verification (on by default for fp32 on
+CPU) and, as a switch off by default because it measured no faster there, the exit decoder's
+block calls. Plain decoding keeps transformers' own kernels, and tests prove greedy output stays
+identical to `generate` with it on.
 """
 
 from __future__ import annotations
