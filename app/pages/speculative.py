@@ -23,9 +23,9 @@ from m2r2core.spec.speculative import (
     SpecConfig,
 )
 
+# The committed issue-setting runs, one per machine kind (sessions 34 and 26).
 REPORTS = {"CPU without native bf16 (AVX2), fp32": "spec_fp32_narrow065_s34.json",
-           "CPU with native bf16 (AMX), bf16": "spec_bf16_s26.json"}
-"""The committed issue-setting runs, one per machine kind (sessions 34 and 26)."""
+           "CPU with native bf16 (avx512_bf16), bf16": "spec_bf16_s26.json"}
 RESULT_KEY = "spec_result"
 COMPARE_KEY = "spec_compare_result"
 
