@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from m2r2core.errors import require
 
 MAX_ROWS = 8
-"""Above this many rows the general path is as fast; prompts keep it."""
+"""From 5 rows on the two forms trade places by row count (within ±10%, BENCHMARKS session 34);
+above 8 (prompts) the general path is kept."""
 
 MODES = ("auto", "on", "off")
 """auto: on for float32 on CPU (where it was measured faster), off elsewhere."""
