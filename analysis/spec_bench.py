@@ -52,6 +52,7 @@ from analysis.prompts import select_prompts
 from analysis.speculation import acceptance
 from m2r2core.config import DecodeConfig, EngineConfig
 from m2r2core.engine import Engine, environment
+from m2r2core.runtime import narrow
 from m2r2core.spec.speculative import (
     DRAFT_RULES,
     DRAFT_WEIGHTS,
@@ -240,6 +241,8 @@ def bench(args: argparse.Namespace, progress: Callable[[float, str], None] | Non
             "environment": environment(), "model": engine.info.name,
             "adapters": engine.accel_note, "methods": list(methods), "skipped": skipped,
             "medusa": engine.medusa_note,
+            "narrow_timing": narrow.measure(narrow.verified_modules(engine.parts))
+            if engine.model.device.type == "cpu" else None,
             "spec_configs": {m: vars(spec_config(args, m, engine.medusa.n_heads
                                                  if engine.medusa else None))
                              for m in methods if m in SPEC_METHODS},

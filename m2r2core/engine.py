@@ -209,7 +209,7 @@ class Engine:
                                      self.medusa, self.routers, self.tuned_lens)
         loop = SpecLoop(self.parts, proposer, ids, cfg, self.eos_ids, self.token_text,
                         self._lock, spec.max_draft,
-                        narrow.wanted(spec.narrow_verify, self.parts.lm_head.weight))
+                        narrow.wanted(spec.narrow_verify, narrow.verified_modules(self.parts)))
         return Speculation(self, clean, ids, cfg, spec, loop)
 
     def load_trained(self, folder: str | Path) -> None:

@@ -141,6 +141,37 @@ def test_a_growth_round_adds_fresh_instructions_and_resumes(tmp_path, tiny_engin
     assert len(corpus.finished(folder, "train")) == base + 10
 
 
+def test_a_lost_cache_rebuilds_plans_without_answers_then_one_round(tmp_path, tiny_engine,
+                                                                     monkeypatch):
+    """A lost cache: `corpus --plan-only` rewrites the first build's plan and a growth round's
+    without answering anything (a later round's plan depends on them, and is the same as when
+    every earlier round was answered); answering held-out splits and round 2 alone leaves the
+    first build's train split and round 1 unanswered."""
+    records = [{"id": f"s{n}", "conversations": [{"from": "human", "value": f"Tell me fact {n}."}]}
+               for n in range(40)]
+    _fake_sources(monkeypatch, records, 12)
+    settings = corpus.Settings(max_new_tokens=4, n_wiki=3)
+    model, tok = tiny_engine.model, tiny_engine.tokenizer
+
+    def both(folder, answer):
+        corpus.build(folder, model, tok, "tiny", "fp-tiny", settings, 2, 2,
+                     splits=corpus.SPLITS if answer else ())
+        for round_ in (1, 2):
+            corpus.grow(folder, model, tok, "tiny", "fp-tiny", settings, 4, round_, 2, 2,
+                        answer=answer or round_ == 2)
+
+    full, lost = tmp_path / "full", tmp_path / "lost"
+    both(full, True)
+    both(lost, False)
+    for name in ("plan.jsonl", "plan-grow1.jsonl", "plan-grow2.jsonl"):
+        assert (lost / name).read_text() == (full / name).read_text()
+    answered = sorted(p.name for p in (lost / "chat").glob("*.jsonl"))
+    assert answered and all(name.startswith("train-g2-") for name in answered)
+    assert len(corpus.finished(lost, "train")) == 4
+    corpus.build(lost, model, tok, "tiny", "fp-tiny", settings, 2, 2, splits=("dev", "test"))
+    assert corpus.finished(lost, "dev") and not corpus.finished(lost, "train", growth=False)
+
+
 def _train_ids(count, prefix):
     """Record ids that the split hash puts in the train split."""
     ids = (f"{prefix}{n}" for n in range(1000))

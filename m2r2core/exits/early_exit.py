@@ -48,9 +48,9 @@ class ExitConfig:
     """How a block call over a few rows (a token's slow and fast rows, filled rows) multiplies
     them by each weight: 'on' as `weight @ rows.T` (runtime/narrow.py, which makes the
     verification pass of speculative decoding 1.3x cheaper on an AVX2 CPU in fp32), 'off' as
-    transformers' own `rows @ weight.T`, 'auto' on for fp32 on CPU. Off by default: in the exit
-    decoder, whose blocks are called one at a time with work between them, it measured no faster
-    (exit_eval, session 34). Float32 rounding apart, the same."""
+    transformers' own `rows @ weight.T`, 'auto' whichever times faster on this machine. Off by
+    default: in the exit decoder, whose blocks are called one at a time with work between them, it
+    measured no faster (exit_eval, session 34). Float32 rounding apart, the same."""
 
     def validate(self, max_depth: int) -> None:
         """Raise ConfigError on an out-of-range field."""
@@ -95,7 +95,7 @@ class ExitLoop(DecodeRun[TokenStep]):
         self.max_depth = accel.max_depth if fast else parts.n_layers
         exit_cfg.validate(self.max_depth)
         self.exit_cfg, self.rule, self.token_text = exit_cfg, exit_cfg.rule, token_text
-        self.narrow = narrow.wanted(exit_cfg.narrow, parts.lm_head.weight)
+        self.narrow = narrow.wanted(exit_cfg.narrow, narrow.verified_modules(parts))
         self.rows = BlockRows(parts, self.accel)
         self.costs = {"blocks_ms": 0.0, "checks_ms": 0.0, "head_ms": 0.0, "fill_ms": 0.0,
                       "checks": 0}

@@ -7,15 +7,22 @@ rows cost 1.6 one-row forwards. Written the other way round, `weight @ rows.T`, 
 the streamed operand and two rows cost 1.2 (BENCHMARKS, session 34: `python -m
 analysis.dtype_bench --rows 1 2 3 4 5 6 7 8 9 --dtypes float32 --narrow`). The values are the
 same sums in another order: equal to float32 rounding, not bit for bit. So only passes that
-already differ from a one-row step by rounding use it: verification (on by default for fp32 on
-CPU) and, as a switch off by default because it measured no faster there, the exit decoder's
-block calls. Plain decoding keeps transformers' own kernels, and tests prove greedy output stays
-identical to `generate` with it on.
+already differ from a one-row step by rounding use it: verification (by default where it measures
+faster on this machine, see `wanted`) and, as a switch off by default because it measured no
+faster there, the exit decoder's block calls.
+
+Which form is faster depends on the CPU's BLAS, not on the model: on an Intel Xeon with AVX-512
+and AMX (session 35) the general path handles two rows as fast as one in float32 (32 against
+30 ms a forward) and the narrow form costs twice as much (68 ms). So 'auto' times both forms over
+the pass's own weights once per process and keeps the faster (in bfloat16 on that Xeon the narrow
+form is the faster: 0.76). Plain decoding keeps transformers' own kernels, and tests prove greedy
+output stays identical to `generate` with it on.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 import types
 import weakref
 
@@ -29,7 +36,11 @@ MAX_ROWS = 8
 above 8 (prompts) the general path is kept."""
 
 MODES = ("auto", "on", "off")
-"""auto: on for float32 on CPU (where it was measured faster), off elsewhere."""
+"""auto: on where timing both forms on this machine finds the narrow one faster (CPU only)."""
+
+AUTO_MARGIN = 0.9
+"""auto takes the narrow form only when it times at most this share of the usual one: a form
+that is not clearly faster is not worth leaving transformers' kernels for."""
 
 
 def _narrow_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -43,12 +54,48 @@ def _narrow_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return out.reshape(*x.shape[:-1], self.weight.shape[0])
 
 
-def wanted(mode: str, weight: torch.Tensor) -> bool:
-    """Whether `mode` turns narrow products on for a model whose weights look like `weight`."""
+def wanted(mode: str, modules) -> bool:
+    """Whether `mode` turns narrow products on for a pass through `modules` (for 'auto': on a
+    CPU, when `measure` finds them faster there; off on an accelerator).
+    """
     require(mode in MODES, "narrow_verify", mode, f"one of {MODES}")
-    if mode == "auto":
-        return weight.device.type == "cpu" and weight.dtype == torch.float32
-    return mode == "on"
+    if mode != "auto":
+        return mode == "on"
+    if _linears(modules)[0][0].weight.device.type != "cpu":
+        return False
+    return measure(modules)["narrow_over_plain"] <= AUTO_MARGIN
+
+
+_MEASURED: dict[tuple, dict] = {}
+"""(weight shapes, dtype, threads) -> what `measure` found, once per process."""
+
+
+def measure(modules, rows: int = 2, repeats: int = 5) -> dict:
+    """Time a pass of `rows` rows through every plain nn.Linear under `modules`, the usual way
+    and the narrow way, interleaved; medians in ms and their ratio. Cached per process for the
+    same weights' shapes, dtype and thread count (a few hundred ms the first time).
+    """
+    linears = [linear for linear, _ in _linears(modules)]
+    weight = linears[0].weight
+    key = (tuple(tuple(m.weight.shape) for m in linears), weight.dtype, torch.get_num_threads(),
+           rows)
+    if key not in _MEASURED:
+        inputs = {m.in_features: torch.randn(rows, m.in_features, dtype=weight.dtype)
+                  for m in linears}
+        times: dict[str, list[float]] = {"plain": [], "narrow": []}
+        with torch.inference_mode():
+            for _ in range(repeats + 1):  # the first round warms both up
+                for name, forward in (("plain", lambda m, x: F.linear(x, m.weight, m.bias)),
+                                      ("narrow", _narrow_forward)):
+                    started = time.perf_counter()
+                    for m in linears:
+                        forward(m, inputs[m.in_features])
+                    times[name].append(time.perf_counter() - started)
+        plain = min(times["plain"][1:]) * 1e3
+        narrow = min(times["narrow"][1:]) * 1e3
+        _MEASURED[key] = {"rows": rows, "plain_ms": plain, "narrow_ms": narrow,
+                          "narrow_over_plain": narrow / plain}
+    return _MEASURED[key]
 
 
 _LINEARS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

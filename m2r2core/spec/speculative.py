@@ -105,8 +105,10 @@ class SpecConfig:
     narrow_verify: str = "auto"
     """How verification multiplies its 2–8 rows by each weight: 'on' as `weight @ rows.T`
     (runtime/narrow.py: on an AVX2 CPU in float32, verifying one draft costs 1.27 `generate` steps
-    instead of 1.6), 'off' as transformers' own `rows @ weight.T`, 'auto' on for float32 on CPU.
-    The two differ by float32 rounding only; greedy output stays `generate`'s (tests prove it)."""
+    instead of 1.6; on an AVX-512/AMX Xeon it doubles the cost instead), 'off' as transformers' own
+    `rows @ weight.T`, 'auto' whichever times faster on this machine (runtime/narrow.py's `measure`,
+    once per process; off on an accelerator). The two differ by float32 rounding only; greedy output
+    stays `generate`'s (tests prove it)."""
 
     def validate(self, n_layers: int, fast_depth: int | None, medusa_heads: int | None = None,
                  tuned: bool = False) -> None:

@@ -89,14 +89,20 @@ def cmd_corpus(args: argparse.Namespace) -> None:
                                text_tokens=args.text_tokens, window=args.window, seed=args.seed)
     folder = args.out or work_dir(args.model) / "corpus"
     started = time.time()
+    if args.growth_only and not args.grow:
+        raise corpus.CorpusError("--growth-only answers a growth round alone; say which with "
+                                 "--grow N --grow-round R.")
+    splits = (() if args.plan_only else ("dev", "test") if args.growth_only
+              else corpus.SPLITS)
     manifest = corpus.build(folder, loaded.model, loaded.tokenizer, args.model,
                             fingerprint(loaded.model), settings, args.batch_size,
-                            args.shard_size, progress_bar("answering instructions"))
+                            args.shard_size, progress_bar("answering instructions"), splits)
     if args.grow:
         manifest = corpus.grow(folder, loaded.model, loaded.tokenizer, args.model,
                                fingerprint(loaded.model), settings, args.grow, args.grow_round,
                                args.batch_size, args.shard_size,
-                               progress_bar(f"growth round {args.grow_round}"))
+                               progress_bar(f"growth round {args.grow_round}"),
+                               answer=not args.plan_only)
     counts = {split: sum(len(s.ids) for s in corpus.load(folder, split, with_text=False))
               for split in corpus.SPLITS}
     text = sum(len(s.ids) for s in corpus.load(folder, "train")) - counts["train"]

@@ -72,6 +72,13 @@ def _corpus(s: argparse.ArgumentParser) -> None:
                    "half ShareGPT, half Wikipedia, none planned before), answered the same way")
     s.add_argument("--grow-round", type=int, default=1, metavar="R",
                    help="which growth round --grow builds or resumes (default 1)")
+    s.add_argument("--plan-only", action="store_true",
+                   help="write the plans (and, with --grow, that round's) and answer nothing: a "
+                   "later round's plan depends on every earlier one, so a lost cache rebuilds "
+                   "them first")
+    s.add_argument("--growth-only", action="store_true",
+                   help="with --grow: answer the held-out splits and that growth round, not "
+                   "the first build's train split (fresh data for a continuation)")
 
 
 def _data(s: argparse.ArgumentParser) -> None:

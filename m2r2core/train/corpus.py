@@ -340,8 +340,10 @@ def check_manifest(folder: Path, expected: dict) -> None:
 
 def build(folder: Path, model, tokenizer, model_name: str, model_fingerprint: str,
           settings: Settings, batch_size: int, shard_size: int,
-          progress: Callable[[int, int], None] | None = None) -> dict:
-    """Build (or resume) the corpus in `folder`; returns the manifest."""
+          progress: Callable[[int, int], None] | None = None,
+          splits: tuple[str, ...] = SPLITS) -> dict:
+    """Build (or resume) the corpus in `folder`, answering the instructions of `splits` (none:
+    the plan and the teacher-forced text alone); returns the manifest."""
     folder.mkdir(parents=True, exist_ok=True)
     manifest = {"version": VERSION, "model_name": model_name,
                 "model_fingerprint": model_fingerprint, "settings": asdict(settings)}
@@ -359,6 +361,7 @@ def build(folder: Path, model, tokenizer, model_name: str, model_fingerprint: st
         (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     manifest = json.loads((folder / "manifest.json").read_text())
     planned = [Instruction(**row) for row in read_jsonl(plan_path)]
+    planned = [i for i in planned if i.split in splits]
     _answer_shards(folder, model, tokenizer, shard_plan(planned, tokenizer, shard_size),
                    settings, batch_size, len(planned), progress)
     return manifest
@@ -465,10 +468,11 @@ def _unused_templates(articles: list[dict], earlier: list[Instruction]
 
 def grow(folder: Path, model, tokenizer, model_name: str, model_fingerprint: str,
          settings: Settings, count: int, round_: int, batch_size: int, shard_size: int,
-         progress: Callable[[int, int], None] | None = None) -> dict:
+         progress: Callable[[int, int], None] | None = None, answer: bool = True) -> dict:
     """Add (or resume) growth round `round_` of `count` fresh train instructions to a built
-    corpus; returns the manifest. CorpusError for a corpus not built yet, of another model or
-    settings, or a round already planned with another count.
+    corpus (answer=False: only its plan, which a later round's plan depends on); returns the
+    manifest. CorpusError for a corpus not planned yet, of another model or settings, or a round
+    already planned with another count.
     """
     manifest_path, plan_path = folder / "manifest.json", folder / "plan.jsonl"
     if not plan_path.is_file() or not manifest_path.is_file():
@@ -502,10 +506,11 @@ def grow(folder: Path, model, tokenizer, model_name: str, model_fingerprint: str
         tmp = manifest_path.with_name(manifest_path.name + ".tmp")
         tmp.write_text(json.dumps(manifest, indent=2) + "\n")
         tmp.replace(manifest_path)
-    planned = [Instruction(**row) for row in read_jsonl(path)]
-    _answer_shards(folder, model, tokenizer, shard_plan(planned, tokenizer, shard_size,
-                                                        f"g{round_}-"),
-                   settings, batch_size, len(planned), progress)
+    if answer:
+        planned = [Instruction(**row) for row in read_jsonl(path)]
+        _answer_shards(folder, model, tokenizer, shard_plan(planned, tokenizer, shard_size,
+                                                            f"g{round_}-"),
+                       settings, batch_size, len(planned), progress)
     return manifest
 
 
