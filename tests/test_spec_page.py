@@ -187,3 +187,33 @@ def test_first_divergence_names_the_token_and_both_fates():
     assert part["b"]["draft_text"] == "9"
     assert speculation.kind_differences(a, b) == {2, 3}
     assert speculation.first_divergence(a, a) is None
+
+
+@pytest.mark.parametrize("features, kind", [({"amx_tile", "avx512_bf16"}, "amx"),
+                                            ({"avx512_bf16"}, "avx512_bf16"), (set(), "avx2")])
+def test_the_machine_kind_picks_its_committed_comparison(features, kind, monkeypatch,
+                                                         tiny_model_dir, tiny_trained_dir):
+    """Each machine kind (runtime/environment.py's cpu_kind, from the CPU's features) selects the
+    committed comparison measured on that kind first, and every committed report exists."""
+    import torch
+
+    from app.pages.speculative import REPORTS
+    from m2r2core.runtime import environment
+
+    for feature in ("amx_tile", "avx512_bf16"):
+        monkeypatch.setattr(torch.cpu, f"_is_{feature}_supported",
+                            lambda f=feature: f in features, raising=False)
+    assert environment.cpu_kind() == kind
+    bench = Path(__file__).resolve().parent.parent / "benchmarks"
+    assert all((bench / name).is_file() for _, name in REPORTS.values())
+    monkeypatch.setenv("M2R2_MODEL_DIR", str(tiny_model_dir))
+    monkeypatch.setenv("M2R2_TRAINED_DIR", str(tiny_trained_dir))
+    at = AppTest.from_file(ENTRY, default_timeout=300)
+    at.session_state[state.DTYPE] = "float32"
+    at.run()
+    at.switch_page("app/pages/speculative.py")
+    at = at.run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    chosen = at.radio(key=state.SPEC_REPORT_KIND).value
+    assert REPORTS[chosen][0] == kind
+    assert any(f"({kind})" in r.help for r in at.radio if r.key == state.SPEC_REPORT_KIND)

@@ -12,8 +12,9 @@ import streamlit as st
 from analysis import bundle, compare, ledger, speculation
 from app import charts, resources, spec_ab, spec_charts, state
 from app.components import bundles, controls, metrics
-from m2r2core.config import SamplingConfig, batched_dtype
+from m2r2core.config import SamplingConfig
 from m2r2core.errors import M2R2Error
+from m2r2core.runtime.environment import cpu_kind
 from m2r2core.spec.speculative import (
     DRAFT_RULES,
     DRAFT_VOCABS,
@@ -23,9 +24,13 @@ from m2r2core.spec.speculative import (
     SpecConfig,
 )
 
-# The committed issue-setting runs, one per machine kind (sessions 34 and 26).
-REPORTS = {"CPU without native bf16 (AVX2), fp32": "spec_fp32_narrow065_s34.json",
-           "CPU with native bf16 (avx512_bf16), bf16": "spec_bf16_s26.json"}
+# The committed issue-setting runs, one per machine kind and precision (sessions 34, 26, 35).
+REPORTS = {"CPU without native bf16 (AVX2), fp32": ("avx2", "spec_fp32_narrow065_s34.json"),
+           "CPU with native bf16 (avx512_bf16), bf16": ("avx512_bf16", "spec_bf16_s26.json"),
+           "CPU with AMX (Xeon), bf16": ("amx", "spec_bf16_amx_s35.json"),
+           "CPU with AMX (Xeon), fp32": ("amx", "spec_fp32_amx_s35.json")}
+# label -> (the machine kind it was measured on: runtime/environment.py's cpu_kind, its report);
+# the first of this machine's kind is selected first.
 RESULT_KEY = "spec_result"
 COMPARE_KEY = "spec_compare_result"
 
@@ -307,13 +312,15 @@ def _ledger(s: SpecSession, stats: dict) -> None:
 def _comparison(engine) -> None:
     st.subheader("All methods, side by side")
     kinds = list(REPORTS)
-    native = batched_dtype() == "bfloat16"
-    kind = st.radio("Measured on", kinds, index=1 if native else 0, horizontal=True,
+    here = cpu_kind()
+    first = next((n for n, (k, _) in enumerate(REPORTS.values()) if k == here), 0)
+    kind = st.radio("Measured on", kinds, index=first, horizontal=True,
                     key=state.SPEC_REPORT_KIND,
                     help="Whether speculative decoding pays depends on the CPU: without native "
-                         "bf16 a forward of several rows costs more one-row steps. The machine "
-                         "kind like this one is selected first.")
-    report = resources.benchmark_report(REPORTS[kind])
+                         "bf16 a forward of several rows costs 1.6 one-row steps the usual way; "
+                         "with AMX about one. The kind of machine this one is "
+                         f"({here}) is selected first.")
+    report = resources.benchmark_report(REPORTS[kind][1])
     if report is not None:
         overall = report["summary"]["overall"]
         st.plotly_chart(spec_charts.methods_figure(overall), key=state.SPEC_METHODS_REPORT)

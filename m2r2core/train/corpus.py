@@ -343,7 +343,8 @@ def build(folder: Path, model, tokenizer, model_name: str, model_fingerprint: st
           progress: Callable[[int, int], None] | None = None,
           splits: tuple[str, ...] = SPLITS) -> dict:
     """Build (or resume) the corpus in `folder`, answering the instructions of `splits` (none:
-    the plan and the teacher-forced text alone); returns the manifest."""
+    the plan and the teacher-forced text alone); returns the manifest.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     manifest = {"version": VERSION, "model_name": model_name,
                 "model_fingerprint": model_fingerprint, "settings": asdict(settings)}
