@@ -12,15 +12,20 @@ from app.pages.speculative import COMPARE_KEY, RESULT_KEY
 ENTRY = str(Path(__file__).resolve().parent.parent / "streamlit_app.py")
 
 
-@pytest.fixture
-def app(tiny_model_dir, tiny_trained_dir, monkeypatch):
-    monkeypatch.setenv("M2R2_MODEL_DIR", str(tiny_model_dir))
-    monkeypatch.setenv("M2R2_TRAINED_DIR", str(tiny_trained_dir))
+def open_page(model_dir, trained_dir, monkeypatch) -> AppTest:
+    """The Speculative Decoding page on the tiny model, in fp32."""
+    monkeypatch.setenv("M2R2_MODEL_DIR", str(model_dir))
+    monkeypatch.setenv("M2R2_TRAINED_DIR", str(trained_dir))
     at = AppTest.from_file(ENTRY, default_timeout=300)
     at.session_state[state.DTYPE] = "float32"
     at.run()
     at.switch_page("app/pages/speculative.py")
     return at.run()
+
+
+@pytest.fixture
+def app(tiny_model_dir, tiny_trained_dir, monkeypatch):
+    return open_page(tiny_model_dir, tiny_trained_dir, monkeypatch)
 
 
 def generate(at, layer=1, k=4, budget=12, sampling=False, temperature=0.0, stream="fast"):
@@ -206,13 +211,7 @@ def test_the_machine_kind_picks_its_committed_comparison(features, kind, monkeyp
     assert environment.cpu_kind() == kind
     bench = Path(__file__).resolve().parent.parent / "benchmarks"
     assert all((bench / name).is_file() for _, name in REPORTS.values())
-    monkeypatch.setenv("M2R2_MODEL_DIR", str(tiny_model_dir))
-    monkeypatch.setenv("M2R2_TRAINED_DIR", str(tiny_trained_dir))
-    at = AppTest.from_file(ENTRY, default_timeout=300)
-    at.session_state[state.DTYPE] = "float32"
-    at.run()
-    at.switch_page("app/pages/speculative.py")
-    at = at.run()
+    at = open_page(tiny_model_dir, tiny_trained_dir, monkeypatch)
     assert not at.exception and not at.error, [e.value for e in at.error]
     chosen = at.radio(key=state.SPEC_REPORT_KIND).value
     assert REPORTS[chosen][0] == kind
