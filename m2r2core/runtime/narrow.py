@@ -67,13 +67,14 @@ def wanted(mode: str, modules) -> bool:
 
 
 _MEASURED: dict[tuple, dict] = {}
-"""(weight shapes, dtype, threads) -> what `measure` found, once per process."""
+"""(weight shapes, dtype, threads, rows) -> what `measure` found, once per process."""
 
 
 def measure(modules, rows: int = 2, repeats: int = 5) -> dict:
     """Time a pass of `rows` rows through every plain nn.Linear under `modules`, the usual way
-    and the narrow way, interleaved; medians in ms and their ratio. Cached per process for the
-    same weights' shapes, dtype and thread count (a few hundred ms the first time).
+    and the narrow way, interleaved; the fastest of `repeats` rounds of each in ms (the least
+    disturbed by other work on a shared machine) and their ratio. Cached per process for the
+    same weights' shapes, dtype, thread count and rows (about 0.4 s the first time).
     """
     linears = [linear for linear, _ in _linears(modules)]
     weight = linears[0].weight
