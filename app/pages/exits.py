@@ -123,10 +123,10 @@ def _rule_controls(engine, prefix: str) -> ExitConfig | None:
                                       "fast rows, filled rows) multiplies them by each weight. "
                                       "on = weight × rowsᵀ, which makes speculative "
                                       "verification 1.3x cheaper on an AVX2 CPU in float32; "
-                                      "off = transformers' own rows × weightᵀ; auto = on for "
-                                      "float32 on a CPU. Off by default: here, with work "
-                                      "between one block call and the next, on measured no "
-                                      "faster. Only float32 rounding differs.")
+                                      "off = transformers' own rows × weightᵀ; auto = whichever "
+                                      "times faster on this machine. Off by default: here, "
+                                      "with work between one block call and the next, on "
+                                      "measured no faster. Only float32 rounding differs.")
     cfg = ExitConfig(ExitRule(rule, stream, float(threshold), int(min_layer)), fill, products)
     try:
         cfg.validate(caps.max_depth(stream))

@@ -81,6 +81,9 @@ def cmd_corpus(args: argparse.Namespace) -> None:
     """Build or resume the distillation corpus (ShareGPT and Wikipedia; train/corpus.py)."""
     from m2r2core.train import corpus
 
+    if args.growth_only and not args.grow:
+        raise corpus.CorpusError("--growth-only answers a growth round alone; say which with "
+                                 "--grow N --grow-round R.")
     torch.manual_seed(args.seed)
     loaded = load(EngineConfig(model=args.model, dtype=args.dtype, threads=args.threads,
                                device=args.device))
@@ -89,9 +92,6 @@ def cmd_corpus(args: argparse.Namespace) -> None:
                                text_tokens=args.text_tokens, window=args.window, seed=args.seed)
     folder = args.out or work_dir(args.model) / "corpus"
     started = time.time()
-    if args.growth_only and not args.grow:
-        raise corpus.CorpusError("--growth-only answers a growth round alone; say which with "
-                                 "--grow N --grow-round R.")
     splits = (() if args.plan_only else ("dev", "test") if args.growth_only
               else corpus.SPLITS)
     manifest = corpus.build(folder, loaded.model, loaded.tokenizer, args.model,
