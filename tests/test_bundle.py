@@ -51,6 +51,19 @@ def test_exit_comparison_round_trips(exit_run, owner):
     assert opened.environment["torch"] == torch.__version__
 
 
+def test_a_kept_record_text_makes_the_same_bundle_with_new_settings(exit_run, owner):
+    # pages write the record's text once and only the envelope again when a setting changes
+    text = bundle.record_json("exit", exit_run)
+    fresh = json.loads(bundle.dumps("exit", exit_run, owner, PROMPT, {"view": {"k": 2}}))
+    reused = json.loads(bundle.dumps("exit", exit_run, owner, PROMPT, {"view": {"k": 2}},
+                                     record_text=text))
+    assert list(reused)[-1] == "record" and reused["settings"] == {"view": {"k": 2}}
+    opened = bundle.loads(json.dumps(reused).encode(), "exit", owner)
+    fresh.pop("created"), reused.pop("created")
+    assert reused == fresh
+    assert opened.record.exit_steps == exit_run.exit_steps
+
+
 def test_spec_comparison_round_trips(tiny_engine, owner):
     run = compare.compare_spec(tiny_engine, PROMPT, CFG, SpecConfig(stream="slow", draft_layer=1),
                                sampling=False)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import streamlit as st
 
 from analysis import bundle
@@ -10,14 +12,35 @@ from analysis.bundle import BundleError, Opened, Owner
 
 def download(column, kind: str, record: object, owner: Owner, prompt: str, settings: dict,
              key: str, file_name: str) -> None:
-    """A 'Download bundle' button: the prompt, settings, versions, fingerprints and records."""
+    """A 'Download bundle' button: the prompt, settings, versions, fingerprints and records.
+
+    The file is written with the page (not when pressed): Streamlit's lazy buttons can lose a
+    press that lands between reruns and then spin for ever. The record's text, nearly all of the
+    file, is written once per record and kept in the session; a changed setting rewrites only
+    the envelope.
+    """
+    text = kept(key, record, lambda: bundle.record_json(kind, record))
     column.download_button(
-        "Download bundle (JSON)", data=lambda: bundle.dumps(kind, record, owner, prompt, settings),
+        "Download bundle (JSON)",
+        data=bundle.dumps(kind, record, owner, prompt, settings, record_text=text),
         file_name=file_name, mime="application/json", key=key,
         help="Everything needed to show this run again: prompt, settings, versions, the model's "
              "and trained files' fingerprints and every record. Open it on this page (any "
              "session, any machine with the same model and trained files) to restore the view "
              "without regenerating.")
+
+
+def kept(key: str, record: object, make: Callable[[], str]) -> str:
+    """`make()`, written once per record (the same object) and kept in the session under a key
+    derived from the download button's `key`: a download's data is written with the page, and a
+    rerun that changes nothing about the record must not write it again.
+    """
+    memo_key = f"{key}_kept"
+    memo = st.session_state.get(memo_key)
+    if memo is None or memo[0] is not record:
+        memo = (record, make())
+        st.session_state[memo_key] = memo
+    return memo[1]
 
 
 def open_control(kind: str, owner: Owner, key: str) -> Opened | None:

@@ -306,9 +306,11 @@ def _downloads(trace: RunTrace, engine) -> None:
         bundles.download(middle, "trace", trace, bundle.owner_of(engine), trace.prompt,
                          {"decode": trace.config}, key=state.DOWNLOAD_BUNDLE,
                          file_name=f"m2r2-bundle-{trace.run_id}.json")
-    left.download_button("Trace (JSON)", data=trace.to_json, key=state.DOWNLOAD_TRACE,
+    trace_json = bundles.kept(state.DOWNLOAD_TRACE, trace, trace.to_json)
+    charts_html = bundles.kept(state.DOWNLOAD_CHARTS, trace, lambda: _charts_html(trace))
+    left.download_button("Trace (JSON)", data=trace_json, key=state.DOWNLOAD_TRACE,
                          file_name=f"m2r2-trace-{trace.run_id}.json", mime="application/json")
-    right.download_button("Charts (HTML)", data=lambda: _charts_html(trace),
+    right.download_button("Charts (HTML)", data=charts_html,
                           key=state.DOWNLOAD_CHARTS,
                           file_name=f"m2r2-charts-{trace.run_id}.html", mime="text/html",
                           help="Every heat map and curve in one offline HTML file. For a PNG, "

@@ -96,9 +96,25 @@ def _refused_and_kept(page, label: str, value: str, needle: str, kept_id: str) -
     expect(page.get_by_test_id(ids.ERROR).first).to_contain_text(needle, timeout=30_000)
     expect(page.get_by_test_id(kept_id).first).to_be_visible()
     expect(page.get_by_test_id(ids.EXCEPTION)).to_have_count(0)
-    # the rerun that showed the message may still be drawing: a click on a lazy download
-    # button during it is lost with the rerun's widgets, so wait for the script to finish
+    # the rerun that showed the message may still be drawing: wait for the script to finish
     page.locator(ids.APP_IDLE).wait_for(timeout=90_000)
+
+
+def _download(page, name: str):
+    """Press a download button once the page is idle and return the download.
+
+    The pages write a download's file with the page (app/components/bundles.py): a lazy button,
+    whose file Streamlit writes when pressed, sometimes lost the press and spun for ever (CI saw
+    it twice), so one press must now be enough.
+    """
+    from playwright.sync_api import expect
+
+    page.locator(ids.APP_IDLE).wait_for(timeout=90_000)
+    button = page.get_by_role("button", name=name).first
+    expect(button).to_be_enabled(timeout=30_000)
+    with page.expect_download(timeout=60_000) as download:
+        button.click()
+    return download.value
 
 
 def test_generate_in_browser(streamlit_url, tmp_path):
@@ -154,12 +170,8 @@ def test_exit_debugger_in_browser(streamlit_url, tmp_path):
             _refused_and_kept(page, "Threshold", "1.5", "threshold", ids.EXIT_STRIP)
             # the run's bundle re-opens in a fresh session without generating; a damaged one
             # is refused with a message and the page keeps what it showed
-            download_button = page.get_by_role("button", name="Download bundle (JSON)").first
-            expect(download_button).to_be_enabled(timeout=30_000)
-            with page.expect_download(timeout=90_000) as download:
-                download_button.click()
             saved = tmp_path / "exit-bundle.json"
-            download.value.save_as(saved)
+            _download(page, "Download bundle (JSON)").save_as(saved)
             page.goto(f"{streamlit_url}/exits")
             page.locator('input[type="file"]').first.set_input_files(str(saved))
             expect(page.get_by_test_id(ids.EXIT_STRIP).first).to_be_visible(timeout=60_000)
