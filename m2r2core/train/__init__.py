@@ -277,7 +277,9 @@ def cmd_medusa(args: argparse.Namespace) -> None:
 
 
 def cmd_agreement(args: argparse.Namespace) -> None:
-    """Held-out teacher-forced lens agreement of saved adapters on a corpus split, by depth."""
+    """Teacher-forced lens agreement of saved adapters on a corpus split, by depth (held out
+    for dev and test; on the train split it shows how far the adapters fit what they saw).
+    """
     from m2r2core.stream.accel import load_accelerator
 
     if args.record_tokens and (args.split != "test" or args.limit):

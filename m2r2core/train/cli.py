@@ -128,7 +128,10 @@ def _report(s: argparse.ArgumentParser) -> None:
 
 def _agreement(s: argparse.ArgumentParser) -> None:
     """The held-out agreement measurement."""
-    s.add_argument("--split", default="test", choices=["dev", "test"])
+    s.add_argument("--split", default="test", choices=["dev", "test", "train"],
+                   help="test (held out; the figure that counts), dev (the tuning split) or "
+                        "train (the first build's answers first, then the growth rounds' and "
+                        "the text windows): train against dev is the generalisation gap")
     s.add_argument("--limit", type=int, default=0, help="first N samples (0: all)")
     s.add_argument("--record-tokens", type=int, default=0,
                    help="append these adapters to the committed adapters' history as the state "
