@@ -47,12 +47,15 @@ def test_adapters_then_routers(tmp_path, corpus, tiny_model_dir, monkeypatch):
     assert "held_out_lens_agreement" in card["metrics"]  # the best's test figures, at the end
     # the same measurement on the train split: the generalisation gap
     report = tmp_path / "train-agreement.json"
-    train.main(["agreement", *common, "--adapters", str(out), "--split", "train", "--limit", "3",
-                "--report", str(report)])
+    train.main(["agreement", *common, "--adapters", str(out), "--split", "train", "--skip", "1",
+                "--limit", "3", "--report", str(report)])
     found = json.loads(report.read_text())
-    assert found["split"] == "train" and found["samples"] == 3
+    assert found["split"] == "train" and found["samples"] == 3 and found["skip"] == 1
     assert len(found["agreement"]["fast"]) == len(card["metrics"]["held_out_lens_agreement"]
                                                   ["fast"])
+    with pytest.raises(SystemExit, match="leaves none"):
+        train.main(["agreement", *common, "--adapters", str(out), "--split", "dev",
+                    "--skip", "100000"])
     train.main(["routers", *common, "--check-vocab", "256", "--per-sample", "8",
                 "--epochs", "2"])
     rcard = json.loads((out / ROUTER_CARD).read_text())

@@ -133,6 +133,9 @@ def _agreement(s: argparse.ArgumentParser) -> None:
                         "train (the first build's answers first, then the growth rounds' and "
                         "the text windows): train against dev is the generalisation gap")
     s.add_argument("--limit", type=int, default=0, help="first N samples (0: all)")
+    s.add_argument("--skip", type=int, default=0,
+                   help="start after this many samples (with --split train: 864 skips the first "
+                        "build's answers, to measure on a growth round's)")
     s.add_argument("--record-tokens", type=int, default=0,
                    help="append these adapters to the committed adapters' history as the state "
                         "reached after this many training tokens (cumulative over every run "
