@@ -19,10 +19,10 @@ def download(column, kind: str, record: object, owner: Owner, prompt: str, setti
     file, is written once per record and kept in the session; a changed setting rewrites only
     the envelope.
     """
-    text = kept(key, record, lambda: bundle.record_json(kind, record))
     column.download_button(
         "Download bundle (JSON)",
-        data=bundle.dumps(kind, record, owner, prompt, settings, record_text=text),
+        data=bundle.dumps(kind, record, owner, prompt, settings,
+                         record_text=record_text(kind, record)),
         file_name=file_name, mime="application/json", key=key,
         help="Everything needed to show this run again: prompt, settings, versions, the model's "
              "and trained files' fingerprints and every record. Open it on this page (any "
@@ -30,12 +30,19 @@ def download(column, kind: str, record: object, owner: Owner, prompt: str, setti
              "without regenerating.")
 
 
-def kept(key: str, record: object, make: Callable[[], str]) -> str:
-    """`make()`, written once per record (the same object) and kept in the session under a key
-    derived from the download button's `key`: a download's data is written with the page, and a
-    rerun that changes nothing about the record must not write it again.
+def record_text(kind: str, record: object) -> str:
+    """`bundle.record_json(kind, record)`, written once per record and kept in the session: the
+    bundle's body, and for a trace also the page's "Trace (JSON)" download (the same text).
     """
-    memo_key = f"{key}_kept"
+    return kept(f"bundle_record_{kind}", record, lambda: bundle.record_json(kind, record))
+
+
+def kept(name: str, record: object, make: Callable[[], str]) -> str:
+    """`make()`, written once per record (the same object) and kept in the session under `name`:
+    a download's data is written with the page, and a rerun that changes nothing about the
+    record must not write it again.
+    """
+    memo_key = f"{name}_kept"
     memo = st.session_state.get(memo_key)
     if memo is None or memo[0] is not record:
         memo = (record, make())

@@ -306,7 +306,7 @@ def _downloads(trace: RunTrace, engine) -> None:
         bundles.download(middle, "trace", trace, bundle.owner_of(engine), trace.prompt,
                          {"decode": trace.config}, key=state.DOWNLOAD_BUNDLE,
                          file_name=f"m2r2-bundle-{trace.run_id}.json")
-    trace_json = bundles.kept(state.DOWNLOAD_TRACE, trace, trace.to_json)
+    trace_json = bundles.record_text("trace", trace)  # the bundle's body is the same text
     charts_html = bundles.kept(state.DOWNLOAD_CHARTS, trace, lambda: _charts_html(trace))
     left.download_button("Trace (JSON)", data=trace_json, key=state.DOWNLOAD_TRACE,
                          file_name=f"m2r2-trace-{trace.run_id}.json", mime="application/json")
