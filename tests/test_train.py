@@ -100,6 +100,42 @@ def test_held_out_agreement_of_zero_adapters_is_the_slow_streams(tiny_engine, co
     assert result["slow"][-1] == 1.0
 
 
+def test_adapter_dropout_regularises_training_only(tmp_path, corpus, tiny_engine,
+                                                  tiny_model_dir, monkeypatch):
+    """--adapter-dropout drops adapter inputs while training, never while measuring: held-out
+    agreement is the same with and without it and leaves the adapters' mode as it found it; the
+    card records it, and a share outside [0, 1) is refused before anything is written."""
+    import torch
+
+    from m2r2core.stream.accel import AccelConfig, Accelerator, LowRank
+
+    parts = tiny_engine.parts
+    accel = Accelerator(parts, AccelConfig(rate=2.0, rank=4, margin=0), seed=1)
+    for module in accel.modules():
+        if isinstance(module, LowRank):
+            torch.nn.init.normal_(module.B, std=0.5)
+    samples = distill.load(corpus)[:6]
+    plain = train.held_out_agreement(parts, accel, samples, 48)
+    train.set_dropout(accel, 0.5)
+    assert train.held_out_agreement(parts, accel, samples, 48) == plain and accel.training
+    adapter = next(m for m in accel.modules() if isinstance(m, LowRank))
+    x = torch.randn(3, adapter.A.shape[1])
+    assert not torch.equal(adapter(x), adapter(x))  # a fresh mask per call while training
+    adapter.eval()
+    assert torch.equal(adapter(x), adapter(x))
+
+    monkeypatch.setenv("M2R2_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "trained"
+    common = ["--model", str(tiny_model_dir), "--dtype", "float32", "--seq-len", "48",
+              "--data", str(corpus), "--out", str(out), "--steps", "2", "--batch-size", "4",
+              "--kl-positions", "16", "--rate", "2"]
+    with pytest.raises(SystemExit, match="--adapter-dropout must be in"):
+        train.main(["adapters", *common, "--adapter-dropout", "1"])
+    assert not out.exists()
+    train.main(["adapters", *common, "--adapter-dropout", "0.2", "--run-name", "dropped"])
+    assert json.loads((out / CARD_NAME).read_text())["training"]["adapter_dropout"] == 0.2
+
+
 def test_biased_adapters_with_chosen_kl_depths(tmp_path, corpus, tiny_model_dir, monkeypatch):
     """--bias and --kl-depths train and are recorded in the card with the held-out agreement;
     a KL depth outside the fast stream is refused before anything is written."""

@@ -102,7 +102,13 @@ class AccelConfig:
 
 
 class LowRank(nn.Module):
-    """delta(x) = (alpha / rank) * B A x (+ bias); B and the bias start at zero (LoRA)."""
+    """delta(x) = (alpha / rank) * B A x (+ bias); B and the bias start at zero (LoRA).
+
+    `dropout`: the share of the input's features zeroed (and the rest scaled up) while the
+    module is training; a regulariser of training only (inference and evaluation never drop).
+    """
+
+    dropout: float = 0.0
 
     def __init__(self, in_features: int, out_features: int, rank: int, alpha: float,
                  generator: torch.Generator | None = None, bias: bool = False) -> None:
@@ -117,6 +123,8 @@ class LowRank(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The delta for (..., in) inputs, computed in the input's dtype."""
+        if self.dropout and self.training:
+            x = F.dropout(x, self.dropout)
         out = F.linear(F.linear(x, self.A.to(x.dtype)), self.B.to(x.dtype)) * self.scale
         return out if self.bias is None else out + self.bias.to(x.dtype)
 

@@ -44,6 +44,7 @@ from m2r2core.train.adapters import (  # noqa: F401  (the package's public names
     datasets,
     held_out_agreement,
     init_adapters,
+    set_dropout,
     slow_states,
     training_dtype,
 )

@@ -182,7 +182,19 @@ def held_out_agreement(parts, accel: Accelerator, samples: list[distill.Sample],
                        batch_tokens: int = 4096) -> dict[str, list[float]]:
     """Teacher-forced logit-lens agreement with the full model's top-1 at every depth of both
     streams, over the answer and plain-text positions of samples the adapters never saw.
+    The adapters are measured in eval mode (no dropout) and left in the mode they were in.
     """
+    training = accel.training
+    accel.eval()
+    try:
+        return _agreement(parts, accel, samples, seq_len, batch_tokens)
+    finally:
+        accel.train(training)
+
+
+def _agreement(parts, accel: Accelerator, samples: list[distill.Sample], seq_len: int,
+               batch_tokens: int) -> dict[str, list[float]]:
+    """held_out_agreement's count, with the adapters as they are."""
     device = parts.lm_head.weight.device
     hits = {"fast": torch.zeros(accel.n_fast), "slow": torch.zeros(parts.n_layers)}
     count = 0
@@ -207,6 +219,17 @@ def accel_config(args: argparse.Namespace) -> AccelConfig:
     return AccelConfig(rate=args.rate, rank=args.rank, alpha=2.0 * args.rank,
                        margin=args.margin, branch_layer=args.branch_layer, target=args.target,
                        bias=args.bias, blocks=args.blocks, kv=args.kv)
+
+
+def set_dropout(accel: Accelerator, share: float) -> None:
+    """Dropout on every adapter's input while training (`LowRank.dropout`)."""
+    from m2r2core.stream.accel import LowRank
+
+    if not 0.0 <= share < 1.0:
+        raise M2R2Error(f"--adapter-dropout must be in [0, 1); got {share}.")
+    for module in accel.modules():
+        if isinstance(module, LowRank):
+            module.dropout = share
 
 
 def optimizer(accel: Accelerator, args: argparse.Namespace) -> torch.optim.Optimizer:
@@ -245,6 +268,7 @@ class AdapterTraining:
         if outside:
             raise M2R2Error(f"--kl-depths {outside} are not fast depths; this stream has depths "
                             f"{self.accel.depths.start}..{self.accel.depths.stop - 1}.")
+        set_dropout(self.accel, getattr(args, "adapter_dropout", 0.0))
         self.optim = optimizer(self.accel, args)
         self.run = Run(work_dir(args.model) / (args.run_name or f"adapters-r{args.rate:g}"))
         self.step, self.best, tokens = self.run.resume(self.accel, self.optim, args.restart)
@@ -350,6 +374,7 @@ class AdapterTraining:
         training = {k: getattr(args, k) for k in (
             "steps", "batching", "batch_size", "batch_tokens", "seq_len", "lr", "kl_weight",
             "kl_positions", "kl_every", "kl_depths", "warm_start", "seed", "dtype")}
+        training["adapter_dropout"] = getattr(args, "adapter_dropout", 0.0)
         return AdapterCard(
             config=vars(config) | {"projections": list(config.projections)},
             model_name=args.model, model_fingerprint=self.fingerprint,

@@ -167,6 +167,9 @@ def _adapters(s: argparse.ArgumentParser) -> None:
                    help="also learn a bias on each adapted block's MLP output")
     s.add_argument("--bias-lr-mult", type=float, default=50.0,
                    help="learning-rate multiplier of those biases")
+    s.add_argument("--adapter-dropout", type=float, default=0.0,
+                   help="dropout on each adapter's input while training (a regulariser "
+                        "against fitting the training content; 0: none)")
     s.add_argument("--blocks", default="same", choices=["same", "rate"],
                    help="the base block fast depth d runs: d, or tau(d)")
     s.add_argument("--kv", default="shared", choices=["shared", "own"],
