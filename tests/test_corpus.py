@@ -243,6 +243,11 @@ def test_growth_falls_back_to_follow_ups_and_new_templates(tmp_path, tiny_engine
             for r in corpus.read_jsonl(path) if r["source"] == "sharegpt-followup"]
     loaded = {tuple(s.ids) for s in corpus.grown(folder, "train")}
     assert len(rows) == 5
+    # each sample keeps its source (what `train agreement --source` selects by)
+    grown_sources = [s.source for s in corpus.grown(folder, "train")]
+    assert grown_sources.count("sharegpt-followup") == 5
+    assert set(grown_sources) == {"sharegpt", "sharegpt-followup", "wiki"}
+    assert {s.source for s in corpus.text_samples(folder)} == {"text"}
     for row in rows:
         cut = row["answer_start"] - 8
         assert cut > 0 and tuple(row["ids"][cut:]) in loaded

@@ -56,6 +56,8 @@ def test_adapters_then_routers(tmp_path, corpus, tiny_model_dir, monkeypatch):
     with pytest.raises(SystemExit, match="leaves none"):
         train.main(["agreement", *common, "--adapters", str(out), "--split", "dev",
                     "--skip", "100000"])
+    with pytest.raises(SystemExit, match="has 0 wiki samples"):  # an old-style corpus
+        train.main(["agreement", *common, "--adapters", str(out), "--source", "wiki"])
     train.main(["routers", *common, "--check-vocab", "256", "--per-sample", "8",
                 "--epochs", "2"])
     rcard = json.loads((out / ROUTER_CARD).read_text())

@@ -285,21 +285,24 @@ def cmd_agreement(args: argparse.Namespace) -> None:
 
     if args.skip < 0 or args.limit < 0:
         raise ConfigError("--skip and --limit count samples: 0 or more.")
-    if args.record_tokens and (args.split != "test" or args.limit or args.skip):
+    if args.record_tokens and (args.split != "test" or args.limit or args.skip or args.source):
         raise ConfigError("--record-tokens records the whole test split only.")
     loaded, parts, _ = frozen_model(args)
     folder = args.adapters or default_out(args.model)
     accel, _ = load_accelerator(folder, parts, args.model, fingerprint(loaded.model))
     accel.to(parts.lm_head.weight.device)
     splits, source = datasets(args, fingerprint(loaded.model))
-    samples = splits[args.split][args.skip:args.skip + args.limit if args.limit else None]
+    pool = [s for s in splits[args.split] if not args.source or s.source == args.source]
+    samples = pool[args.skip:args.skip + args.limit if args.limit else None]
     if not samples:
-        raise ConfigError(f"The {args.split} split has {len(splits[args.split])} samples; "
+        which = f"{args.source} samples" if args.source else "samples"
+        raise ConfigError(f"The {args.split} split has {len(pool)} {which}; "
                           f"--skip {args.skip} leaves none.")
     started = time.time()
     found = held_out_agreement(parts, accel, samples, args.seq_len)
     report = {"command": "python -m m2r2core.train " + " ".join(args.argv),
-              "adapters": str(folder), "data": source, "split": args.split, "skip": args.skip,
+              "adapters": str(folder), "data": source, "split": args.split,
+              "sample_source": args.source or "all", "skip": args.skip,
               "samples": len(samples), "dtype": args.dtype, "seq_len": args.seq_len,
               "wall_s": round(time.time() - started, 1), "agreement": found}
     print(json.dumps(report))

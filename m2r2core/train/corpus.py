@@ -545,13 +545,14 @@ def _sample(row: dict) -> Sample:
     cut = 0
     if row.get("source") == "sharegpt-followup":
         cut = max(0, row["answer_start"] - FOLLOW_UP_CONTEXT)
-    return Sample(row["ids"][cut:], row["answer_start"] - cut, "chat")
+    return Sample(row["ids"][cut:], row["answer_start"] - cut, "chat", row.get("source", ""))
 
 
 def text_samples(folder: Path) -> list[Sample]:
     """The teacher-forced text windows (train split only; none before the plan is written)."""
     path = folder / "text.jsonl"
-    return [Sample(**r) for r in read_jsonl(path)] if path.is_file() else []
+    rows = read_jsonl(path) if path.is_file() else []
+    return [Sample(**(r | {"source": r.get("source") or "text"})) for r in rows]
 
 
 def load(folder: Path, split: str, with_text: bool = True,
