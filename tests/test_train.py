@@ -58,11 +58,61 @@ def test_adapters_then_routers(tmp_path, corpus, tiny_model_dir, monkeypatch):
                     "--skip", "100000"])
     with pytest.raises(SystemExit, match="has 0 wiki samples"):  # an old-style corpus
         train.main(["agreement", *common, "--adapters", str(out), "--source", "wiki"])
+    with pytest.raises(SystemExit, match="name their source"):
+        train.main(["gap", *common, "--adapters", str(out)])
     train.main(["routers", *common, "--check-vocab", "256", "--per-sample", "8",
                 "--epochs", "2"])
     rcard = json.loads((out / ROUTER_CARD).read_text())
     assert set(rcard["max_depth"]) == {"arla/fast", "mlp/fast", "arla/slow", "mlp/slow"}
     assert len(rcard["metrics"]["lens_agreement/slow"]) == 4
+
+
+def test_gap_slices_take_each_sources_first_answers():
+    """The gap's slices: the first N answers of each source in the held-out and train splits, in
+    GAP_SLICES order; a source the corpus lacks is left out, text windows are never a slice."""
+    def samples(*sources):
+        return [distill.Sample([1, 2, n], 1, "chat", source) for n, source in enumerate(sources)]
+
+    splits = {"test": samples("wiki", "sharegpt", "wiki", "sharegpt"),
+              "train": samples("sharegpt", "wiki", "sharegpt", "sharegpt", "text")}
+    slices = train.gap_slices(splits, 2)
+    assert [(split, source, [s.ids[-1] for s in chosen]) for split, source, chosen in slices] == [
+        ("test", "sharegpt", [1, 3]), ("test", "wiki", [0, 2]), ("train", "sharegpt", [0, 2]),
+        ("train", "wiki", [1])]
+
+
+def test_gap_measures_each_slice_of_a_corpus(tmp_path, corpus, tiny_engine, tiny_model_dir,
+                                             monkeypatch):
+    """`train gap` on a corpus folder: one row per slice the corpus has, each the agreement
+    `train agreement --source` measures on the same samples."""
+    from m2r2core.runtime.model import fingerprint
+    from m2r2core.train.corpus import write_jsonl
+
+    monkeypatch.setenv("M2R2_CACHE", str(tmp_path / "cache"))
+    windows = distill.load(corpus)
+    folder = tmp_path / "built"
+    (folder / "chat").mkdir(parents=True)
+    (folder / "manifest.json").write_text(json.dumps(
+        {"version": 1, "model_name": "tiny", "model_fingerprint": fingerprint(tiny_engine.model)}))
+    for split, rows in (("test", windows[:6]), ("dev", windows[6:8]), ("train", windows[8:28])):
+        write_jsonl(folder / "chat" / f"{split}-00000.jsonl", [
+            {"ids": w.ids, "answer_start": 4, "kind": "chat", "split": split,
+             "source": ("sharegpt", "wiki")[n % 2]} for n, w in enumerate(rows)])
+    out = tmp_path / "trained"
+    common = ["--model", str(tiny_model_dir), "--dtype", "float32", "--seq-len", "48",
+              "--corpus", str(folder)]
+    train.main(["adapters", *common, "--out", str(out), "--steps", "2", "--batch-size", "4",
+                "--kl-positions", "16", "--rate", "2"])
+    report = tmp_path / "gap.json"
+    train.main(["gap", *common, "--adapters", str(out), "--limit", "3", "--report", str(report)])
+    rows = json.loads(report.read_text())["slices"]
+    assert [(r["split"], r["source"], r["samples"]) for r in rows] == [
+        ("test", "sharegpt", 3), ("test", "wiki", 3), ("train", "sharegpt", 3),
+        ("train", "wiki", 3)]
+    one = tmp_path / "one.json"
+    train.main(["agreement", *common, "--adapters", str(out), "--split", "test", "--source",
+                "wiki", "--report", str(one)])
+    assert json.loads(one.read_text())["agreement"]["fast"] == rows[1]["agreement"]
 
 
 def test_empty_or_corrupt_data_is_refused(tmp_path):

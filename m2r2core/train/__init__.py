@@ -8,6 +8,7 @@
     python -m m2r2core.train lens      # the tuned lens (an affine translator per slow layer)
     python -m m2r2core.train speed     # training tokens per second, before and after
     python -m m2r2core.train agreement # held-out lens agreement of saved adapters, by depth
+    python -m m2r2core.train gap       # the same on trained and held-out answers, by source
     python -m m2r2core.train variants  # the adapters' design variants on an equal budget
 
 Every command takes --out (default: the committed `artifacts/<model>` folder for the
@@ -313,6 +314,59 @@ def cmd_agreement(args: argparse.Namespace) -> None:
         _record_history(args, report, default_out(args.model))
 
 
+GAP_SLICES = (("test", "sharegpt"), ("test", "wiki"), ("train", "sharegpt"), ("train", "wiki"),
+              ("train", "sharegpt-followup"))
+"""The generalisation gap's slices: held-out answers of each kind, then trained ones (the train
+split lists the first build's answers first, so its first N are answers every committed state of
+the adapters trained on), and ShareGPT follow-ups (later turns of train conversations)."""
+
+
+def gap_slices(splits: dict, limit: int) -> list[tuple[str, str, list]]:
+    """(split, source, its first `limit` samples) for each GAP_SLICES slice the corpus has."""
+    out = []
+    for split, source in GAP_SLICES:
+        samples = [s for s in splits.get(split, ()) if s.source == source][:limit]
+        if samples:
+            out.append((split, source, samples))
+    return out
+
+
+def cmd_gap(args: argparse.Namespace) -> None:
+    """Saved adapters' lens agreement on the answers they trained on against held-out answers
+    of the same kinds, by source: how much of what they learned carries over.
+    """
+    from m2r2core.stream.accel import load_accelerator
+
+    if args.limit < 1:
+        raise ConfigError("--limit counts samples per slice: 1 or more.")
+    loaded, parts, _ = frozen_model(args)
+    folder = args.adapters or default_out(args.model)
+    accel, card = load_accelerator(folder, parts, args.model, fingerprint(loaded.model))
+    accel.to(parts.lm_head.weight.device)
+    splits, source = datasets(args, fingerprint(loaded.model))
+    slices = gap_slices(splits, args.limit)
+    if not any(split == "test" for split, _, _ in slices) or \
+            not any(split == "train" for split, _, _ in slices):
+        raise ConfigError("The gap needs held-out and trained answers that name their source: "
+                          "a corpus built by `python -m m2r2core.train corpus` (an old-style "
+                          "--data file has no sources).")
+    started, rows, bar = time.time(), [], progress_bar("measuring slices")
+    for split, kind, samples in slices:
+        found = held_out_agreement(parts, accel, samples, args.seq_len)
+        rows.append({"split": split, "source": kind, "samples": len(samples),
+                     "agreement": found["fast"]})
+        bar(len(rows), len(slices))
+    report = {"command": "python -m m2r2core.train " + " ".join(args.argv),
+              "adapters": str(folder), "data": source, "dtype": args.dtype,
+              "seq_len": args.seq_len, "first_depth": accel.depths.start,
+              "report_depth": card.metrics.get("report_depth"),
+              "wall_s": round(time.time() - started, 1), "slices": rows}
+    print(json.dumps(report))
+    if args.report:
+        args.report.parent.mkdir(parents=True, exist_ok=True)
+        args.report.write_text(json.dumps(report, indent=1) + "\n")
+
+
 def _record_history(args: argparse.Namespace, report: dict, folder: Path) -> None:
     """Append a committed adapter state (cumulative tokens, test agreement) to the history the
     Training page fits its scaling curve to; atomic.
@@ -336,7 +390,7 @@ def main(argv: list[str] | None = None) -> None:
     commands = {"corpus": cmd_corpus, "data": cmd_data, "adapters": cmd_adapters,
                 "routers": cmd_routers,
                 "medusa": cmd_medusa, "lens": cmd_lens, "speed": cmd_speed,
-                "agreement": cmd_agreement, "variants": cmd_variants}
+                "agreement": cmd_agreement, "gap": cmd_gap, "variants": cmd_variants}
     try:
         commands[args.command](args)
     except M2R2Error as err:
