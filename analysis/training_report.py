@@ -161,6 +161,57 @@ def variant_rows(report: dict | None) -> list[dict]:
     return rows
 
 
+GAP_SOURCES = {"sharegpt": "ShareGPT first turns", "wiki": "Wikipedia instructions",
+               "sharegpt-followup": "ShareGPT later turns"}
+"""The corpus sources of `train gap`'s slices, in words."""
+
+
+@dataclass(frozen=True)
+class GapSlice:
+    """One slice of `python -m m2r2core.train gap`: the fast stream's agreement by depth on the
+    first answers of one split and source.
+    """
+
+    split: str
+    source: str
+    samples: int
+    agreement: tuple[float, ...]
+    first_depth: int = 1
+
+    @property
+    def held_out(self) -> bool:
+        """Whether nothing was trained on these answers (dev or test)."""
+        return self.split != "train"
+
+    @property
+    def label(self) -> str:
+        """The slice in words: which answers, and whether the adapters trained on them."""
+        kind = GAP_SOURCES.get(self.source, self.source)
+        if self.source == "sharegpt-followup":
+            return f"{kind} (not trained on; their conversations were)"
+        return f"{kind}, {'held out' if self.held_out else 'trained on'}"
+
+    def at(self, depth: int) -> float | None:
+        """The agreement at one fast depth, or None outside the stream."""
+        index = depth - self.first_depth
+        return self.agreement[index] if 0 <= index < len(self.agreement) else None
+
+
+def gap_slices(report: dict | None) -> list[GapSlice]:
+    """The slices of a `train gap` report (rows that are not well-formed are skipped)."""
+    if not isinstance(report, dict) or not isinstance(report.get("slices"), list):
+        return []
+    first, out = report.get("first_depth", 1), []
+    for row in report["slices"]:
+        try:
+            out.append(GapSlice(str(row["split"]), str(row["source"]), int(row["samples"]),
+                                tuple(float(a) for a in row["agreement"]),
+                                int(first) if isinstance(first, int) else 1))
+        except (KeyError, TypeError, ValueError):
+            continue
+    return out
+
+
 def _read(path: Path, problems: list[str]) -> object | None:
     if not path.is_file():
         return None

@@ -6,7 +6,7 @@ from __future__ import annotations
 import plotly.colors
 import plotly.graph_objects as go
 
-from analysis.training_report import ReadsLike, ScalingFit, TrainingReport
+from analysis.training_report import GapSlice, ReadsLike, ScalingFit, TrainingReport
 from app import palette
 
 DEPTH_COLOURS = plotly.colors.qualitative.D3
@@ -132,6 +132,28 @@ def loss_over_steps(report: TrainingReport) -> go.Figure:
         title={"text": "Training loss"}, xaxis={"title": {"text": "training step"}},
         yaxis={"title": {"text": "loss (sum of 1 - cos terms + λ KL, nats)"}},
         height=320, margin={"l": 60, "r": 20, "t": 50, "b": 50})
+    return fig
+
+
+def gap_figure(slices: list[GapSlice]) -> go.Figure:
+    """The fast stream's agreement by depth on answers it trained on (dashed) against held-out
+    answers of the same kinds (solid), one colour per source."""
+    fig = go.Figure()
+    colours = {}
+    for item in slices:
+        colour = colours.setdefault(item.source, DEPTH_COLOURS[len(colours) % len(DEPTH_COLOURS)])
+        depths = list(range(item.first_depth, item.first_depth + len(item.agreement)))
+        fig.add_trace(go.Scatter(
+            x=depths, y=list(item.agreement), mode="lines+markers", name=item.label,
+            line={"color": colour, "dash": "solid" if item.held_out else "dash"},
+            hovertemplate=(f"{item.label}<br>fast depth %{{x}}<br>agreement %{{y:.3f}}"
+                           f"<br>{item.samples} answers<extra></extra>")))
+    fig.update_layout(
+        title={"text": "What the adapters fit, and what carries over to new answers"},
+        xaxis={"title": {"text": "fast depth"}},
+        yaxis={"title": {"text": "fast-stream top-1 = final top-1 (share of tokens)"},
+               "range": [0, 1]},
+        height=380, margin={"l": 60, "r": 20, "t": 50, "b": 40})
     return fig
 
 

@@ -7,7 +7,13 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from analysis.training_report import scaling_fit, slow_layer_for, training_report, variant_rows
+from analysis.training_report import (
+    gap_slices,
+    scaling_fit,
+    slow_layer_for,
+    training_report,
+    variant_rows,
+)
 from app import state
 
 ENTRY = str(Path(__file__).resolve().parent.parent / "streamlit_app.py")
@@ -91,6 +97,21 @@ def test_variant_rows():
     assert variant_rows(None) == []
 
 
+def test_gap_slices_read_a_gap_report():
+    report = {"first_depth": 1, "slices": [
+        {"split": "test", "source": "sharegpt", "samples": 60, "agreement": [0.1, 0.4, 0.5]},
+        {"split": "train", "source": "sharegpt", "samples": 60, "agreement": [0.2, 0.6, 0.7]},
+        {"split": "train", "source": "sharegpt-followup", "samples": 9, "agreement": [0.1]},
+        {"split": "test", "source": "wiki"}]}  # no figures: skipped
+    slices = gap_slices(report)
+    assert [s.held_out for s in slices] == [True, False, False]
+    assert slices[0].label == "ShareGPT first turns, held out"
+    assert slices[1].label == "ShareGPT first turns, trained on"
+    assert "not trained on" in slices[2].label
+    assert slices[1].at(3) == 0.7 and slices[1].at(4) is None and slices[1].at(0) is None
+    assert gap_slices(None) == [] and gap_slices([1, 2]) == [] and gap_slices({"slices": 3}) == []
+
+
 def test_page_shows_the_committed_cards(tiny_model_dir, tiny_trained_dir, monkeypatch,
                                         tmp_path):
     import shutil
@@ -113,8 +134,10 @@ def test_page_shows_the_committed_cards(tiny_model_dir, tiny_trained_dir, monkey
     assert at.title[0].value == "Training"
     charts = [c.proto.id for c in at.get("plotly_chart")]
     variants = resources.benchmark_report("adapter_variants.json") is not None
-    # by depth, reads like, over steps, agreement against tokens, loss (+ variants)
-    assert len(charts) == 5 + variants, charts
+    gap = bool(gap_slices(resources.benchmark_report("agreement_gap.json")))
+    # by depth, reads like, over steps, agreement against tokens, loss (+ gap, variants)
+    assert len(charts) == 5 + gap + variants, charts
+    assert gap == any(state.TRAIN_GAP in c for c in charts)
     assert any(state.TRAIN_SCALING in c for c in charts)
     assert any(state.TRAIN_READS_LIKE in c for c in charts)
     assert any("reads like" in c.value or "as often as the slow stream" in c.value

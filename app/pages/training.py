@@ -8,10 +8,17 @@ import json
 import pandas as pd
 import streamlit as st
 
-from analysis.training_report import scaling_fit, slow_layer_for, training_report, variant_rows
+from analysis.training_report import (
+    gap_slices,
+    scaling_fit,
+    slow_layer_for,
+    training_report,
+    variant_rows,
+)
 from app import resources, state, training_charts
 
 VARIANTS = "adapter_variants.json"
+GAP = "agreement_gap.json"
 
 INTRO = """Every learned part of M2R2 (the fast stream's adapters, the exit routers, the Medusa
 heads of the peer, the tuned lens) is trained offline by `python -m m2r2core.train …` and
@@ -63,6 +70,7 @@ def render() -> None:
                    "the weighted KL to the final distribution), on training batches: a falling "
                    "loss with a flat held-out curve above means the adapters fit the training "
                    "text without generalising.")
+    _gap(caps)
     _variants()
     _cards(report)
 
@@ -144,6 +152,29 @@ def _scaling(report, caps) -> None:
                + "; ".join(lines) + ". A handful of points from runs with different data and "
                "settings: the trend says how far the target is, not that training will get "
                "there (such curves bend down as they near what rank-limited adapters can learn).")
+
+
+def _gap(caps) -> None:
+    raw = resources.benchmark_report(GAP)
+    slices = gap_slices(raw)
+    if not slices:
+        return
+    st.subheader("What the adapters fit, and what carries over")
+    st.plotly_chart(training_charts.gap_figure(slices), key=state.TRAIN_GAP,
+                    alt="Fast-stream agreement by depth on trained and held-out answers")
+    st.caption("The same measurement as above on answers the adapters trained on (dashed) and on "
+               "held-out answers of the same kind (solid). A wide gap means the adapters learned "
+               "much that is specific to their training content: more passes over it will not "
+               "move the held-out figure; new content or regularisation can. "
+               f"`{raw.get('command', 'python -m m2r2core.train gap')}`, "
+               f"{raw.get('dtype', '')}.")
+    depths = sorted({d for d in (8, _n_over_r(caps)) if 1 <= d <= caps.n_fast})
+    rows = [{"answers": s.label, "samples": s.samples}
+            | {f"depth {d}": s.at(d) for d in depths} for s in slices]
+    st.dataframe(pd.DataFrame(rows), hide_index=True)
+    st.download_button("Download the gap report (JSON)", key=state.TRAIN_GAP_DL,
+                       data=json.dumps(raw, indent=1), file_name=GAP,
+                       mime="application/json")
 
 
 def _variants() -> None:
