@@ -115,6 +115,59 @@ def test_gap_measures_each_slice_of_a_corpus(tmp_path, corpus, tiny_engine, tiny
     assert json.loads(one.read_text())["agreement"]["fast"] == rows[1]["agreement"]
 
 
+def test_greedy_soup_keeps_what_does_not_hurt():
+    """Ingredients join in falling dev order, each only when the average with it scores at least
+    as well; every trial is reported."""
+    from m2r2core.train.soup import greedy_soup
+
+    scores = {"a": 0.40, "b": 0.45, "c": 0.42}
+    by_soup = {("b", "c"): 0.44, ("b", "a"): 0.46}
+    kept, best, trials = greedy_soup(scores, lambda names: by_soup[tuple(names)])
+    assert kept == ["b", "a"] and best == 0.46
+    assert [(t["soup"], t["kept"]) for t in trials] == [
+        (["b"], True), (["b", "c"], False), (["b", "a"], True)]
+
+
+def test_soup_averages_ingredients_and_measures_it(tmp_path, corpus, tiny_model_dir,
+                                                   monkeypatch):
+    """`train soup` writes the average of the ingredients it keeps (as saved: bfloat16), with a
+    card naming them and its dev and test figures; one ingredient, a missing --out or another
+    adapter shape is refused before anything is written."""
+    import torch
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("M2R2_CACHE", str(tmp_path / "cache"))
+    common = ["--model", str(tiny_model_dir), "--dtype", "float32", "--seq-len", "48",
+              "--data", str(corpus)]
+    folders = []
+    for seed, rank in ((1, 4), (2, 4), (3, 8)):
+        folders.append(tmp_path / f"run{seed}")
+        train.main(["adapters", *common, "--out", str(folders[-1]), "--steps", "2",
+                    "--batch-size", "4", "--kl-positions", "16", "--rate", "2", "--rank",
+                    str(rank), "--seed", str(seed), "--lr", "0.05", "--run-name", f"s{seed}"])
+    out = tmp_path / "soup"
+    for bad, message in (([folders[0]], "at least two"), (folders, "another adapter shape")):
+        with pytest.raises(SystemExit, match=message):
+            train.main(["soup", *common, "--out", str(out), "--ingredients", *map(str, bad)])
+    with pytest.raises(SystemExit, match="--out"):
+        train.main(["soup", *common, "--ingredients", *map(str, folders[:2])])
+    assert not out.exists()
+    report = tmp_path / "soup.json"
+    train.main(["soup", *common, "--out", str(out), "--ingredients", *map(str, folders[:2]),
+                "--report", str(report)])
+    found = json.loads(report.read_text())
+    assert set(found["ingredients"]) == {"run1", "run2"} and len(found["trials"]) == 2
+    card = json.loads((out / CARD_NAME).read_text())
+    assert card["training"]["soup"] == found["soup"]
+    assert card["metrics"]["held_out_lens_agreement"]["fast"] == found["test_agreement"]
+    weights = [load_file(str(f / WEIGHTS_NAME)) for f in folders[:2]]
+    kept = [weights[int(name[-1]) - 1] for name in found["soup"]]
+    soup = load_file(str(out / WEIGHTS_NAME))
+    for key, value in soup.items():
+        mean = torch.stack([w[key].float() for w in kept]).mean(0).to(torch.bfloat16)
+        assert torch.equal(value, mean), key
+
+
 def test_empty_or_corrupt_data_is_refused(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")

@@ -9,6 +9,7 @@
     python -m m2r2core.train speed     # training tokens per second, before and after
     python -m m2r2core.train agreement # held-out lens agreement of saved adapters, by depth
     python -m m2r2core.train gap       # the same on trained and held-out answers, by source
+    python -m m2r2core.train soup      # the greedy average of several adapter states
     python -m m2r2core.train variants  # the adapters' design variants on an equal budget
 
 Every command takes --out (default: the committed `artifacts/<model>` folder for the
@@ -59,6 +60,7 @@ from m2r2core.train.common import (  # noqa: F401
 )
 from m2r2core.train.data import head_data
 from m2r2core.train.lens import cmd_lens
+from m2r2core.train.soup import cmd_soup
 from m2r2core.train.speed import cmd_speed
 from m2r2core.train.variants import cmd_variants
 
@@ -390,7 +392,8 @@ def main(argv: list[str] | None = None) -> None:
     commands = {"corpus": cmd_corpus, "data": cmd_data, "adapters": cmd_adapters,
                 "routers": cmd_routers,
                 "medusa": cmd_medusa, "lens": cmd_lens, "speed": cmd_speed,
-                "agreement": cmd_agreement, "gap": cmd_gap, "variants": cmd_variants}
+                "agreement": cmd_agreement, "gap": cmd_gap, "soup": cmd_soup,
+                "variants": cmd_variants}
     try:
         commands[args.command](args)
     except M2R2Error as err:

@@ -9,7 +9,7 @@ from m2r2core.config import batched_dtype
 from m2r2core.train.adapters import training_dtype
 
 COMMANDS = ("corpus", "data", "adapters", "routers", "medusa", "lens", "speed", "agreement",
-            "gap", "variants")
+            "gap", "soup", "variants")
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -19,7 +19,7 @@ def parser(description: str) -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     own = {"corpus": [_corpus], "data": [_data], "routers": [_routers], "medusa": [_medusa],
            "lens": [_lens], "speed": [_report, _adapters], "agreement": [_report, _agreement],
-           "gap": [_report, _gap],
+           "gap": [_report, _gap], "soup": [_report, _soup],
            "adapters": [_adapters], "variants": [_report, _adapters, _variants]}
     for name in COMMANDS:
         s = sub.add_parser(name)
@@ -35,7 +35,7 @@ def parser(description: str) -> argparse.ArgumentParser:
 def _common(s: argparse.ArgumentParser, name: str) -> None:
     """Model, precision, threads, seed, output, sequence length, device."""
     s.add_argument("--model", default="smollm2-135m-instruct")
-    trains = name in ("adapters", "agreement", "gap", "variants")
+    trains = name in ("adapters", "agreement", "gap", "soup", "variants")
     s.add_argument("--dtype", default=training_dtype() if trains else batched_dtype(),
                    choices=["bfloat16", "float32"],
                    help="default: the faster one for this job on this machine")
@@ -125,6 +125,15 @@ def _lens(s: argparse.ArgumentParser) -> None:
 def _report(s: argparse.ArgumentParser) -> None:
     """A JSON report file."""
     s.add_argument("--report", type=Path, default=None, help="write the JSON here")
+
+
+def _soup(s: argparse.ArgumentParser) -> None:
+    """The greedy soup's ingredients and dev measurement."""
+    s.add_argument("--ingredients", type=Path, nargs="+", required=True,
+                   help="adapter folders of one shape and model (e.g. continuations from the "
+                        "committed adapters)")
+    s.add_argument("--eval-samples", type=int, default=48,
+                   help="dev samples the greedy choice is made on")
 
 
 def _gap(s: argparse.ArgumentParser) -> None:
