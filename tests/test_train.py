@@ -2,6 +2,7 @@
 checkpoint, routers train and load, empty or corrupt data is refused without writing anything."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -153,12 +154,21 @@ def test_soup_averages_ingredients_and_measures_it(tmp_path, corpus, tiny_model_
         train.main(["soup", *common, "--ingredients", *map(str, folders[:2])])
     assert not out.exists()
     report = tmp_path / "soup.json"
+    monkeypatch.setattr(Path, "home", lambda: tmp_path)  # paths under home are written as ~
     train.main(["soup", *common, "--out", str(out), "--ingredients", *map(str, folders[:2]),
                 "--report", str(report)])
     found = json.loads(report.read_text())
     assert set(found["ingredients"]) == {"run1", "run2"} and len(found["trials"]) == 2
+    assert "~/run1" in found["command"] and found["out"] == "~/soup"
+    assert str(tmp_path) not in json.dumps(found)  # a committed report names no home folder
+    assert not json.loads(report.read_text())["out"].startswith("/")
     card = json.loads((out / CARD_NAME).read_text())
-    assert card["training"]["soup"] == found["soup"]
+    assert card["training"]["soup"] == found["soup"] and card["training"]["run"] == "soup"
+    runs = [json.loads((f / CARD_NAME).read_text())["training"] for f in folders[:2]]
+    assert card["training"]["tokens_this_run"] == sum(
+        runs[int(n[-1]) - 1]["tokens_this_run"] for n in found["soup"])
+    assert card["training"]["kl_positions"] == 16 and "seed" not in card["training"] or \
+        len(found["soup"]) == 1  # shared settings stay, the seeds differed
     assert card["metrics"]["held_out_lens_agreement"]["fast"] == found["test_agreement"]
     weights = [load_file(str(f / WEIGHTS_NAME)) for f in folders[:2]]
     kept = [weights[int(name[-1]) - 1] for name in found["soup"]]

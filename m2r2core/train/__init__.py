@@ -53,6 +53,7 @@ from m2r2core.train.adapters import (  # noqa: F401  (the package's public names
 from m2r2core.train.common import (  # noqa: F401
     default_out,
     frozen_model,
+    portable,
     progress_bar,
     router_split,
     train_split,
@@ -304,7 +305,7 @@ def cmd_agreement(args: argparse.Namespace) -> None:
     started = time.time()
     found = held_out_agreement(parts, accel, samples, args.seq_len)
     report = {"command": "python -m m2r2core.train " + " ".join(args.argv),
-              "adapters": str(folder), "data": source, "split": args.split,
+              "adapters": portable(str(folder)), "data": source, "split": args.split,
               "sample_source": args.source or "all", "skip": args.skip,
               "samples": len(samples), "dtype": args.dtype, "seq_len": args.seq_len,
               "wall_s": round(time.time() - started, 1), "agreement": found}
@@ -359,7 +360,7 @@ def cmd_gap(args: argparse.Namespace) -> None:
                      "agreement": found["fast"]})
         bar(len(rows), len(slices))
     report = {"command": "python -m m2r2core.train " + " ".join(args.argv),
-              "adapters": str(folder), "data": source, "dtype": args.dtype,
+              "adapters": portable(str(folder)), "data": source, "dtype": args.dtype,
               "seq_len": args.seq_len, "first_depth": accel.depths.start,
               "report_depth": card.metrics.get("report_depth"),
               "wall_s": round(time.time() - started, 1), "slices": rows}

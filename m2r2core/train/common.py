@@ -74,3 +74,10 @@ def labelled_bars():
         bars[label](done, total)
 
     return update
+
+
+def portable(text: str) -> str:
+    """A command line or path as a committed report may hold it: the working folder's paths
+    relative to it, the home folder written as ~ (no path of this machine).
+    """
+    return text.replace(str(Path.cwd()) + "/", "").replace(str(Path.home()) + "/", "~/")

@@ -25,7 +25,7 @@ import torch
 from m2r2core.errors import M2R2Error
 from m2r2core.stream.accel import Accelerator, load_accelerator
 from m2r2core.train.adapters import held_out_agreement
-from m2r2core.train.common import frozen_model
+from m2r2core.train.common import frozen_model, portable
 from m2r2core.train.data import datasets
 
 log = logging.getLogger("m2r2core.train")
@@ -54,6 +54,21 @@ def greedy_soup(scores: dict[str, float], score_of) -> tuple[list[str], float, l
         if score >= best:
             kept, best = kept + [name], score
     return kept, best, trials
+
+
+def soup_training(trainings: list[dict], kept: list[str], scores: dict[str, float],
+                  data: str) -> dict:
+    """The soup card's training record: the settings every kept ingredient shares, what each
+    ingredient was (run, step, tokens), and the tokens they trained on together.
+    """
+    shared = {k: v for k, v in trainings[0].items()
+              if all(t.get(k) == v for t in trainings[1:])
+              and k not in ("run", "step", "tokens_this_run", "wall_s_this_run")}
+    return shared | {
+        "run": "soup", "soup": kept, "ingredients": scores, "data": data,
+        "ingredient_runs": {n: {k: t.get(k) for k in ("run", "step", "tokens_this_run", "init")}
+                            for n, t in zip(kept, trainings, strict=True)},
+        "tokens_this_run": sum(int(t.get("tokens_this_run") or 0) for t in trainings)}
 
 
 def cmd_soup(args: argparse.Namespace) -> None:
@@ -103,8 +118,7 @@ def cmd_soup(args: argparse.Namespace) -> None:
     kept, best, trials = greedy_soup(scores, soup_score)
     soup.load_state_dict(average([states[n] for n in kept]))
     card = cards[kept[0]]
-    card.training = card.training | {"soup": kept, "ingredients": scores,
-                                     "soup_data": source, "run": "soup"}
+    card.training = soup_training([cards[n].training for n in kept], kept, scores, source)
     card.metrics = {"report_depth": depth}
     soup.save(args.out, card)
     # measured as saved (bfloat16 weights), the way every reader will load it
@@ -114,11 +128,11 @@ def cmd_soup(args: argparse.Namespace) -> None:
     card.metrics |= {"dev_lens_agreement": held_out_agreement(parts, saved, dev, args.seq_len),
                      "held_out_lens_agreement": test}
     saved.save(args.out, card)
-    report = {"command": "python -m m2r2core.train " + " ".join(args.argv),
+    report = {"command": portable("python -m m2r2core.train " + " ".join(args.argv)),
               "depth": depth, "dev_samples": len(dev), "test_samples": len(splits["test"]),
               "dtype": args.dtype, "ingredients": scores, "trials": trials, "soup": kept,
               "dev_score": best, "test_agreement": test["fast"],
-              "wall_s": round(time.time() - started, 1), "out": str(args.out)}
+              "wall_s": round(time.time() - started, 1), "out": portable(str(args.out))}
     log.info("soup %s: dev %.4f, test at depth %d %.4f (written to %s)", kept, best, depth,
              test["fast"][index], args.out)
     print(json.dumps(report))
