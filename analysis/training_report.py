@@ -185,11 +185,9 @@ class GapSlice:
 
     @property
     def label(self) -> str:
-        """The slice in words: which answers, and whether the adapters trained on them."""
+        """The slice in words: which answers, and whether they are in the train split."""
         kind = GAP_SOURCES.get(self.source, self.source)
-        if self.source == "sharegpt-followup":
-            return f"{kind} (not trained on; their conversations were)"
-        return f"{kind}, {'held out' if self.held_out else 'trained on'}"
+        return f"{kind}, {'held out' if self.held_out else 'train split'}"
 
     def at(self, depth: int) -> float | None:
         """The agreement at one fast depth, or None outside the stream."""

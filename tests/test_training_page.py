@@ -106,8 +106,8 @@ def test_gap_slices_read_a_gap_report():
     slices = gap_slices(report)
     assert [s.held_out for s in slices] == [True, False, False]
     assert slices[0].label == "ShareGPT first turns, held out"
-    assert slices[1].label == "ShareGPT first turns, trained on"
-    assert "not trained on" in slices[2].label
+    assert slices[1].label == "ShareGPT first turns, train split"
+    assert slices[2].label == "ShareGPT later turns, train split"
     assert slices[1].at(3) == 0.7 and slices[1].at(4) is None and slices[1].at(0) is None
     assert gap_slices(None) == [] and gap_slices([1, 2]) == [] and gap_slices({"slices": 3}) == []
 

@@ -162,10 +162,12 @@ def _gap(caps) -> None:
     st.subheader("What the adapters fit, and what carries over")
     st.plotly_chart(training_charts.gap_figure(slices), key=state.TRAIN_GAP,
                     alt="Fast-stream agreement by depth on trained and held-out answers")
-    st.caption("The same measurement as above on answers the adapters trained on (dashed) and on "
-               "held-out answers of the same kind (solid). A wide gap means the adapters learned "
-               "much that is specific to their training content: more passes over it will not "
-               "move the held-out figure; new content or regularisation can. "
+    st.caption("The same measurement as above on answers of the corpus's train split (dashed: "
+               "the first build's ShareGPT and Wikipedia answers, which every committed state "
+               "trained on, and ShareGPT later turns, which the latest runs did) and on held-out "
+               "answers of the same kind (solid). A wide gap means the adapters learned much that "
+               "is specific to their training content: more passes over it will not move the "
+               "held-out figure; new content can. "
                f"`{raw.get('command', 'python -m m2r2core.train gap')}`, "
                f"{raw.get('dtype', '')}.")
     depths = sorted({d for d in (8, _n_over_r(caps)) if 1 <= d <= caps.n_fast})
