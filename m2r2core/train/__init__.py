@@ -281,21 +281,30 @@ def cmd_medusa(args: argparse.Namespace) -> None:
     log.info("held-out top-1 by head: %s (%.0f s)", [round(a, 3) for a in accuracy], wall)
 
 
+def _saved_adapters(args: argparse.Namespace) -> tuple:
+    """The frozen model's parts, the saved adapters' folder, the adapters (on the model's device)
+    and their card, and the data splits with their description: what `agreement` and `gap`
+    measure.
+    """
+    from m2r2core.stream.accel import load_accelerator
+
+    loaded, parts, _ = frozen_model(args)
+    folder = args.adapters or default_out(args.model)
+    accel, card = load_accelerator(folder, parts, args.model, fingerprint(loaded.model))
+    accel.to(parts.lm_head.weight.device)
+    splits, source = datasets(args, fingerprint(loaded.model))
+    return parts, folder, accel, card, splits, source
+
+
 def cmd_agreement(args: argparse.Namespace) -> None:
     """Teacher-forced lens agreement of saved adapters on a corpus split, by depth (held out
     for dev and test; on the train split it shows how far the adapters fit what they saw).
     """
-    from m2r2core.stream.accel import load_accelerator
-
     if args.skip < 0 or args.limit < 0:
         raise ConfigError("--skip and --limit count samples: 0 or more.")
     if args.record_tokens and (args.split != "test" or args.limit or args.skip or args.source):
         raise ConfigError("--record-tokens records the whole test split only.")
-    loaded, parts, _ = frozen_model(args)
-    folder = args.adapters or default_out(args.model)
-    accel, _ = load_accelerator(folder, parts, args.model, fingerprint(loaded.model))
-    accel.to(parts.lm_head.weight.device)
-    splits, source = datasets(args, fingerprint(loaded.model))
+    parts, folder, accel, _, splits, source = _saved_adapters(args)
     pool = [s for s in splits[args.split] if not args.source or s.source == args.source]
     samples = pool[args.skip:args.skip + args.limit if args.limit else None]
     if not samples:
@@ -338,15 +347,9 @@ def cmd_gap(args: argparse.Namespace) -> None:
     """Saved adapters' lens agreement on the answers they trained on against held-out answers
     of the same kinds, by source: how much of what they learned carries over.
     """
-    from m2r2core.stream.accel import load_accelerator
-
     if args.limit < 1:
         raise ConfigError("--limit counts samples per slice: 1 or more.")
-    loaded, parts, _ = frozen_model(args)
-    folder = args.adapters or default_out(args.model)
-    accel, card = load_accelerator(folder, parts, args.model, fingerprint(loaded.model))
-    accel.to(parts.lm_head.weight.device)
-    splits, source = datasets(args, fingerprint(loaded.model))
+    parts, folder, accel, card, splits, source = _saved_adapters(args)
     slices = gap_slices(splits, args.limit)
     if not any(split == "test" for split, _, _ in slices) or \
             not any(split == "train" for split, _, _ in slices):
