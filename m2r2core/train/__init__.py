@@ -313,7 +313,7 @@ def cmd_agreement(args: argparse.Namespace) -> None:
                           f"--skip {args.skip} leaves none.")
     started = time.time()
     found = held_out_agreement(parts, accel, samples, args.seq_len)
-    report = {"command": "python -m m2r2core.train " + " ".join(args.argv),
+    report = {"command": portable("python -m m2r2core.train " + " ".join(args.argv)),
               "adapters": portable(str(folder)), "data": source, "split": args.split,
               "sample_source": args.source or "all", "skip": args.skip,
               "samples": len(samples), "dtype": args.dtype, "seq_len": args.seq_len,
@@ -362,7 +362,7 @@ def cmd_gap(args: argparse.Namespace) -> None:
         rows.append({"split": split, "source": kind, "samples": len(samples),
                      "agreement": found["fast"]})
         bar(len(rows), len(slices))
-    report = {"command": "python -m m2r2core.train " + " ".join(args.argv),
+    report = {"command": portable("python -m m2r2core.train " + " ".join(args.argv)),
               "adapters": portable(str(folder)), "data": source, "dtype": args.dtype,
               "seq_len": args.seq_len, "first_depth": accel.depths.start,
               "report_depth": card.metrics.get("report_depth"),
