@@ -105,6 +105,10 @@ def test_gap_measures_each_slice_of_a_corpus(tmp_path, corpus, tiny_engine, tiny
     train.main(["adapters", *common, "--out", str(out), "--steps", "2", "--batch-size", "4",
                 "--kl-positions", "16", "--rate", "2"])
     report = tmp_path / "gap.json"
+    with pytest.raises(SystemExit, match="--limit counts samples per slice"):
+        train.main(["gap", *common, "--adapters", str(out), "--limit", "0", "--report",
+                    str(report)])
+    assert not report.exists()
     train.main(["gap", *common, "--adapters", str(out), "--limit", "3", "--report", str(report)])
     rows = json.loads(report.read_text())["slices"]
     assert [(r["split"], r["source"], r["samples"]) for r in rows] == [
