@@ -26,6 +26,7 @@ from pathlib import Path
 from analysis.bench import run_parser
 from analysis.compare import share_of_gain
 from analysis.prompts import select_prompts
+from m2r2core import artifacts
 from m2r2core.config import DecodeConfig
 from m2r2core.engine import environment
 from m2r2core.moe.channel import PRESETS, QUEUES
@@ -186,8 +187,7 @@ def bench(args: argparse.Namespace, progress: Callable[[int, int, str], None] | 
 
 
 def _model(offload: OffloadEngine) -> dict:
-    home = str(Path.home())
-    info = {k: "~" + v[len(home):] if isinstance(v, str) and v.startswith(home + "/") else v
+    info = {k: artifacts.portable(v) if isinstance(v, str) else v
             for k, v in vars(offload.engine.info).items()}  # no path of this machine
     info.update(n_experts=offload.moe.n_experts, top_k=offload.moe.top_k,
                 total_experts=offload.total_experts, accelerator=offload.accel_note)

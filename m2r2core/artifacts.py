@@ -55,6 +55,13 @@ def digest(paths: list[Path]) -> str:
     return sha.hexdigest()[:16] if found else "none"
 
 
+def portable(text: str) -> str:
+    """A command line or path as a committed report may hold it: the working folder's paths
+    relative to it, the home folder written as ~ (no path of this machine).
+    """
+    return text.replace(str(Path.cwd()) + "/", "").replace(str(Path.home()) + "/", "~/")
+
+
 def write_json(path: Path, body: object, indent: int | None = 1) -> None:
     """Write a JSON file atomically (a temporary name, then renamed)."""
     path = Path(path)

@@ -51,9 +51,10 @@ from m2r2core.train.adapters import (  # noqa: F401  (the package's public names
     training_dtype,
 )
 from m2r2core.train.common import (  # noqa: F401
+    command_line,
     default_out,
+    emit_report,
     frozen_model,
-    portable,
     progress_bar,
     router_split,
     train_split,
@@ -313,15 +314,12 @@ def cmd_agreement(args: argparse.Namespace) -> None:
                           f"--skip {args.skip} leaves none.")
     started = time.time()
     found = held_out_agreement(parts, accel, samples, args.seq_len)
-    report = {"command": portable("python -m m2r2core.train " + " ".join(args.argv)),
-              "adapters": portable(str(folder)), "data": source, "split": args.split,
+    report = {"command": command_line(args),
+              "adapters": artifacts.portable(str(folder)), "data": source, "split": args.split,
               "sample_source": args.source or "all", "skip": args.skip,
               "samples": len(samples), "dtype": args.dtype, "seq_len": args.seq_len,
               "wall_s": round(time.time() - started, 1), "agreement": found}
-    print(json.dumps(report))
-    if args.report:
-        args.report.parent.mkdir(parents=True, exist_ok=True)
-        args.report.write_text(json.dumps(report, indent=1) + "\n")
+    emit_report(report, args.report)
     if args.record_tokens:
         _record_history(args, report, default_out(args.model))
 
@@ -362,15 +360,12 @@ def cmd_gap(args: argparse.Namespace) -> None:
         rows.append({"split": split, "source": kind, "samples": len(samples),
                      "agreement": found["fast"]})
         bar(len(rows), len(slices))
-    report = {"command": portable("python -m m2r2core.train " + " ".join(args.argv)),
-              "adapters": portable(str(folder)), "data": source, "dtype": args.dtype,
+    report = {"command": command_line(args),
+              "adapters": artifacts.portable(str(folder)), "data": source, "dtype": args.dtype,
               "seq_len": args.seq_len, "first_depth": accel.depths.start,
               "report_depth": card.metrics.get("report_depth"),
               "wall_s": round(time.time() - started, 1), "slices": rows}
-    print(json.dumps(report))
-    if args.report:
-        args.report.parent.mkdir(parents=True, exist_ok=True)
-        args.report.write_text(json.dumps(report, indent=1) + "\n")
+    emit_report(report, args.report)
 
 
 def _record_history(args: argparse.Namespace, report: dict, folder: Path) -> None:

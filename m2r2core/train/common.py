@@ -5,6 +5,7 @@ and the old corpus's train/router split.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
@@ -76,8 +77,14 @@ def labelled_bars():
     return update
 
 
-def portable(text: str) -> str:
-    """A command line or path as a committed report may hold it: the working folder's paths
-    relative to it, the home folder written as ~ (no path of this machine).
-    """
-    return text.replace(str(Path.cwd()) + "/", "").replace(str(Path.home()) + "/", "~/")
+def command_line(args: argparse.Namespace) -> str:
+    """The command a report was made by, without this machine's paths."""
+    return artifacts.portable("python -m m2r2core.train " + " ".join(args.argv))
+
+
+def emit_report(report: dict, path: Path | None) -> None:
+    """Print a command's JSON report and, given a path, write it there (atomically)."""
+    print(json.dumps(report))
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        artifacts.write_json(path, report)

@@ -15,17 +15,17 @@ ingredients; nothing is written when no ingredient loads.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import time
 
 import torch
 
+from m2r2core.artifacts import portable
 from m2r2core.errors import M2R2Error
 from m2r2core.stream.accel import Accelerator, load_accelerator
 from m2r2core.train.adapters import held_out_agreement
-from m2r2core.train.common import frozen_model, portable
+from m2r2core.train.common import command_line, emit_report, frozen_model
 from m2r2core.train.data import datasets
 
 log = logging.getLogger("m2r2core.train")
@@ -81,18 +81,18 @@ def cmd_soup(args: argparse.Namespace) -> None:
         raise M2R2Error("Say where the soup goes (--out DIR); the committed adapters are "
                         "replaced only by copying a soup that beats them on test.")
     loaded, parts, _ = frozen_model(args)
-    print_ = fingerprint(loaded.model)
+    model_print = fingerprint(loaded.model)
     device = parts.lm_head.weight.device
     accels, cards = {}, {}
     for folder in args.ingredients:
         name = folder.name
         if name in accels:
             raise M2R2Error(f"Two ingredients are named {name}; give distinct folders.")
-        accel, card = load_accelerator(folder, parts, args.model, print_)
+        accel, card = load_accelerator(folder, parts, args.model, model_print)
         if cards and card.config != next(iter(cards.values())).config:
             raise M2R2Error(f"{folder} has another adapter shape than {args.ingredients[0]}.")
         accels[name], cards[name] = accel.to(device), card
-    splits, source = datasets(args, print_)
+    splits, source = datasets(args, model_print)
     dev = splits["dev"][:args.eval_samples]
     first = next(iter(accels.values()))
     depth = min(first.max_depth, math.ceil(parts.n_layers / first.config.rate))
@@ -122,20 +122,17 @@ def cmd_soup(args: argparse.Namespace) -> None:
     card.metrics = {"report_depth": depth}
     soup.save(args.out, card)
     # measured as saved (bfloat16 weights), the way every reader will load it
-    saved, card = load_accelerator(args.out, parts, args.model, print_)
+    saved, card = load_accelerator(args.out, parts, args.model, model_print)
     saved.to(device)
     test = held_out_agreement(parts, saved, splits["test"], args.seq_len)
     card.metrics |= {"dev_lens_agreement": held_out_agreement(parts, saved, dev, args.seq_len),
                      "held_out_lens_agreement": test}
     saved.save(args.out, card)
-    report = {"command": portable("python -m m2r2core.train " + " ".join(args.argv)),
+    report = {"command": command_line(args),
               "depth": depth, "dev_samples": len(dev), "test_samples": len(splits["test"]),
               "dtype": args.dtype, "ingredients": scores, "trials": trials, "soup": kept,
               "dev_score": best, "test_agreement": test["fast"],
               "wall_s": round(time.time() - started, 1), "out": portable(str(args.out))}
     log.info("soup %s: dev %.4f, test at depth %d %.4f (written to %s)", kept, best, depth,
              test["fast"][index], args.out)
-    print(json.dumps(report))
-    if args.report:
-        args.report.parent.mkdir(parents=True, exist_ok=True)
-        args.report.write_text(json.dumps(report, indent=1) + "\n")
+    emit_report(report, args.report)
