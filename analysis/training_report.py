@@ -162,7 +162,8 @@ def variant_rows(report: dict | None) -> list[dict]:
 
 
 GAP_SOURCES = {"sharegpt": "ShareGPT first turns", "wiki": "Wikipedia instructions",
-               "sharegpt-followup": "ShareGPT later turns"}
+               "sharegpt-followup": "ShareGPT later turns",
+               "sharegpt-turn": "ShareGPT later turns asked alone"}
 """The corpus sources of `train gap`'s slices, in words."""
 
 

@@ -254,6 +254,31 @@ def test_growth_falls_back_to_follow_ups_and_new_templates(tmp_path, tiny_engine
         assert "has a long history" in tiny_engine.tokenizer.decode(
             row["ids"][:row["answer_start"]])
 
+    # once the follow-ups run out too: later user turns asked alone, as first turns
+    long = [f"Please explain in plain words how process {n} moves water from sea to land."
+            for n in range(5)]
+    records.append({"id": _train_ids(6, "g")[5], "conversations": [
+        {"from": "gpt", "value": "Hello."}, {"from": "human", "value": long[0]},
+        {"from": "gpt", "value": "Sure."}, {"from": "human", "value": "go on please"},
+        {"from": "gpt", "value": "More."}, {"from": "human", "value": long[0]},  # a repeat
+        {"from": "gpt", "value": "Again."}, {"from": "human", "value": "an evaluation prompt here"},
+        *[t for text in long[1:] for t in ({"from": "gpt", "value": "Ok."},
+                                           {"from": "human", "value": text})]]})
+    heldout = next(f"h{n}" for n in range(1000) if corpus.split_of(f"h{n}") != "train")
+    records.append({"id": heldout, "conversations": [
+        {"from": "gpt", "value": "Hi."}, {"from": "human", "value": long[0] + " Held out."}]})
+    third = grow(10, 3)
+    alone = [i for i in third if i.source == "sharegpt-turn"]
+    assert sum(i.source == "sharegpt-followup" for i in third) == 1  # the last one left
+    assert len(alone) == 4 and {i.text for i in alone} <= set(long)
+    assert len({i.text for i in alone}) == 4 and all("@" in i.id and not i.history
+                                                     for i in alone)
+    assert all(i.text in prompts for i in alone)  # answered alone, not after a conversation
+    # the evaluation copy as a follow-up, then as a turn alone, and the new record's
+    assert json.loads((folder / "manifest.json").read_text())["growth"]["3"][
+        "removed_for_overlap"] == 3
+    assert {s.source for s in corpus.grown(folder, "train")} >= {"sharegpt-turn"}
+
 
 def test_a_corrupt_shard_names_itself(tmp_path):
     folder = tmp_path / "corpus"

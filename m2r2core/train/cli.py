@@ -150,10 +150,12 @@ def _agreement(s: argparse.ArgumentParser) -> None:
                         "train (the first build's answers first, then the growth rounds' and "
                         "the text windows): train against dev is the generalisation gap")
     s.add_argument("--source", default="",
-                   choices=["", "sharegpt", "sharegpt-followup", "wiki", "text"],
+                   choices=["", "sharegpt", "sharegpt-followup", "sharegpt-turn", "wiki",
+                            "text"],
                    help="only the samples from this source (ShareGPT first turns, their later "
-                        "turns, instructions written from Wikipedia, or the teacher-forced text "
-                        "windows), before --skip and --limit (default: all)")
+                        "turns after the conversation or asked alone, instructions written "
+                        "from Wikipedia, or the teacher-forced text windows), before --skip "
+                        "and --limit (default: all)")
     s.add_argument("--limit", type=int, default=0, help="first N samples (0: all)")
     s.add_argument("--skip", type=int, default=0,
                    help="start after this many samples (with --split train: 864 skips the first "

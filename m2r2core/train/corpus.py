@@ -22,7 +22,8 @@ What it holds (one folder, `work_dir(model)/corpus`):
   `chat/train-g<R>-NNNNN.jsonl` shards the same way; trainers read them with the rest of the
   train split. The manifest records each round. Once the first turns run out, the ShareGPT half
   is later user turns answered after the record's conversation so far (`sharegpt-followup`; read
-  back with only FOLLOW_UP_CONTEXT tokens of it before the answer); once every article is taken,
+  back with only FOLLOW_UP_CONTEXT tokens of it before the answer), and once those run out,
+  later user turns asked alone as first turns (`sharegpt-turn`); once every article is taken,
   the Wikipedia half writes from an article again with a template it was not yet asked with.
 
 Every training prompt that matches an MT-Bench turn or an AlpacaEval instruction (normalised
@@ -57,6 +58,9 @@ NEAR_DUPLICATE = 0.5
 FOLLOW_UP_PROMPT_TOKENS = 512
 """The longest templated conversation (history and the follow-up turn) a follow-up may have."""
 FOLLOW_UP_CONTEXT = 96
+MIN_TURN_WORDS = 8
+"""The fewest words a later user turn asked alone may have ("go on", "shorter please" need the
+conversation they were said in)."""
 """Tokens of conversation kept before a follow-up's answer when the corpus is read: a training
 window then starts near the answer instead of spending itself on the history."""
 _ROLES = {"human": "user", "gpt": "assistant"}
@@ -148,7 +152,8 @@ class Instruction:
     id: str
     source: str
     """'sharegpt' (a first user turn), 'sharegpt-followup' (a later user turn, answered after
-    the conversation before it) or 'wiki'."""
+    the conversation before it), 'sharegpt-turn' (a later user turn asked alone, as a first
+    turn) or 'wiki'."""
     split: str
     text: str
     history: list[dict] | None = None
@@ -227,6 +232,40 @@ def _sharegpt_follow_ups(settings: Settings, tokenizer, overlap: OverlapFilter,
             follow_up = Instruction(key, "sharegpt-followup", "train", text, history)
             if prompt_length(tokenizer, follow_up) <= FOLLOW_UP_PROMPT_TOKENS:
                 out.append(follow_up)
+    return out, removed
+
+
+def _sharegpt_later_turns(settings: Settings, tokenizer, overlap: OverlapFilter,
+                          used: set[str], asked: set[str]) -> tuple[list[Instruction], int]:
+    """Later user turns of train-split ShareGPT records asked alone, as first turns
+    (`<record id>@<turn>`, source 'sharegpt-turn'): every user turn but a record's first, not in
+    `used` (by its own key or its follow-up key), ASCII, at least MIN_TURN_WORDS words, within
+    `max_prompt_tokens`, no copy of an evaluation prompt (nor of a record whose first turn is
+    one), and no text (normalised) already in `asked` or taken before in this pool. Returns
+    them and how many turns were dropped for matching an evaluation prompt.
+    """
+    out, removed, seen = [], 0, set(asked)
+    for record in sharegpt_records():
+        turns = [t for t in record.get("conversations") or []
+                 if t.get("from") in _ROLES and t.get("value")]
+        if not turns or split_of(str(record.get("id"))) != "train":
+            continue
+        if turns[0]["from"] == "human" and overlap.overlaps(turns[0]["value"].strip()):
+            continue
+        for k, turn in enumerate(turns[1:], start=1):
+            key, text = f"{record['id']}@{k}", turn["value"].strip()
+            if turn["from"] != "human" or key in used or f"{record['id']}#{k}" in used \
+                    or not text.isascii():
+                continue
+            if overlap.overlaps(text):
+                removed += 1
+                continue
+            norm = normalise(text)
+            if len(text.split()) < MIN_TURN_WORDS or norm in seen or \
+                    len(tokenizer(text)["input_ids"]) > settings.max_prompt_tokens:
+                continue
+            seen.add(norm)
+            out.append(Instruction(key, "sharegpt-turn", "train", text))
     return out, removed
 
 
@@ -413,7 +452,8 @@ def growth_plan(settings: Settings, tokenizer, overlap: OverlapFilter, earlier: 
     """`count` fresh train instructions for growth round `round_`, none in `earlier`.
 
     Half from ShareGPT: first user turns no plan took, then, once those run out, later user
-    turns with their conversation as history (`_sharegpt_follow_ups`). The rest written from
+    turns with their conversation as history (`_sharegpt_follow_ups`), then, once those run
+    out too, later user turns asked alone (`_sharegpt_later_turns`). The rest written from
     Wikipedia train articles: articles no earlier plan wrote from first (the first build's are
     drawn again from its seed; a growth round names its article in the id), then, once every
     article is taken, an article again with a template none of its earlier instructions used.
@@ -431,6 +471,12 @@ def growth_plan(settings: Settings, tokenizer, overlap: OverlapFilter, earlier: 
         follow_ups, dropped_turns = _sharegpt_follow_ups(settings, tokenizer, overlap, used)
         removed += dropped_turns
         out += rng.sample(follow_ups, min(half - len(out), len(follow_ups)))
+    if len(out) < half:
+        alone, dropped_turns = _sharegpt_later_turns(
+            settings, tokenizer, overlap, used | {i.id for i in out},
+            {normalise(i.text) for i in [*earlier, *out]})
+        removed += dropped_turns
+        out += rng.sample(alone, min(half - len(out), len(alone)))
     articles = list(wiki_articles("train"))
     first = random.Random(settings.seed + len("train")).sample(articles,
                                                                 min(settings.n_wiki, len(articles)))

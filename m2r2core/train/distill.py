@@ -31,7 +31,7 @@ class Sample:
     """'chat' (instruction + the base model's greedy answer) or 'text' (plain Wikipedia)."""
     source: str = ""
     """Where a corpus sample's instruction or text came from ('sharegpt', 'sharegpt-followup',
-    'wiki', 'text'); empty for samples of an old-style JSONL corpus."""
+    'sharegpt-turn', 'wiki', 'text'); empty for samples of an old-style JSONL corpus."""
 
 
 def instructions(articles: list[dict], count: int, seed: int) -> list[str]:
