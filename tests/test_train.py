@@ -180,6 +180,30 @@ def test_soup_averages_ingredients_and_measures_it(tmp_path, corpus, tiny_model_
     for key, value in soup.items():
         mean = torch.stack([w[key].float() for w in kept]).mean(0).to(torch.bfloat16)
         assert torch.equal(value, mean), key
+    # a run's checkpoint (where it stopped) is an ingredient too, beside a saved folder
+    run2 = next((tmp_path / "cache").rglob("s2/checkpoint.pt")).parent
+    with pytest.raises(SystemExit, match="at least one saved adapter folder"):
+        train.main(["soup", *common, "--out", str(tmp_path / "x"), "--ingredients",
+                    str(run2), str(run2 / "checkpoint.pt")])
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="Cannot use .*broken.pt"):
+        train.main(["soup", *common, "--out", str(tmp_path / "x"), "--ingredients",
+                    str(folders[0]), str(broken)])
+    assert not (tmp_path / "x").exists()
+    mixed = tmp_path / "mixed"
+    train.main(["soup", *common, "--out", str(mixed), "--ingredients", str(folders[0]),
+                str(run2), "--report", str(report)])
+    found = json.loads(report.read_text())
+    assert set(found["ingredients"]) == {"run1", "s2@2"}
+    card = json.loads((mixed / CARD_NAME).read_text())["training"]
+    assert card["ingredient_runs"].get("s2@2", {"step": 2})["step"] == 2
+    state = torch.load(run2 / "checkpoint.pt", weights_only=False)["adapters"]
+    parts = {"run1": {k: v.float() for k, v in weights[0].items()}, "s2@2": state}
+    soup = load_file(str(mixed / WEIGHTS_NAME))
+    for key, value in soup.items():
+        mean = torch.stack([parts[n][key].float() for n in found["soup"]]).mean(0)
+        assert torch.equal(value, mean.to(torch.bfloat16)), key
 
 
 def test_empty_or_corrupt_data_is_refused(tmp_path):

@@ -131,7 +131,8 @@ def _soup(s: argparse.ArgumentParser) -> None:
     """The greedy soup's ingredients and dev measurement."""
     s.add_argument("--ingredients", type=Path, nargs="+", required=True,
                    help="adapter folders of one shape and model (e.g. continuations from the "
-                        "committed adapters)")
+                        "committed adapters), or training runs' checkpoints (a run folder or "
+                        "its checkpoint.pt: where the run stopped); at least one saved folder")
     s.add_argument("--eval-samples", type=int, default=48,
                    help="dev samples the greedy choice is made on")
 

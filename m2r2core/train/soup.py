@@ -2,6 +2,11 @@
 
     python -m m2r2core.train soup --ingredients DIR [DIR ...] --out DIR [--report FILE]
 
+An ingredient is a saved adapter folder (a run's `-best` folder, the committed adapters) or a
+training run's checkpoint (the run folder or its `checkpoint.pt`: the state where the run
+stopped, which a run saves nowhere else when it never beat its start on dev). At least one must
+be a saved folder: it gives the soup its shape and card.
+
 Continuations from one committed state, trained on different data or with different settings,
 sit close together in weight space; their average often generalises better than any of them
 (the "model soups" of Wortsman et al., 2022). The greedy recipe: measure every ingredient on the
@@ -17,7 +22,9 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import pickle
 import time
+from pathlib import Path
 
 import torch
 
@@ -61,14 +68,73 @@ def soup_training(trainings: list[dict], kept: list[str], scores: dict[str, floa
     """The soup card's training record: the settings every kept ingredient shares, what each
     ingredient was (run, step, tokens), and the tokens they trained on together.
     """
-    shared = {k: v for k, v in trainings[0].items()
-              if all(t.get(k) == v for t in trainings[1:])
+    settled = [t for t in trainings if not t.get("checkpoint")] or [{}]
+    shared = {k: v for k, v in settled[0].items()
+              if all(t.get(k) == v for t in settled[1:])
               and k not in ("run", "step", "tokens_this_run", "wall_s_this_run")}
     return shared | {
         "run": "soup", "soup": kept, "ingredients": scores, "data": data,
         "ingredient_runs": {n: {k: t.get(k) for k in ("run", "step", "tokens_this_run", "init")}
                             for n, t in zip(kept, trainings, strict=True)},
         "tokens_this_run": sum(int(t.get("tokens_this_run") or 0) for t in trainings)}
+
+
+def checkpoint_path(path: Path) -> Path | None:
+    """The training checkpoint an ingredient names (a .pt file, or a run folder holding
+    checkpoint.pt and no saved adapters), or None for a saved adapter folder.
+    """
+    path = Path(path)
+    if path.suffix == ".pt":
+        return path
+    if (path / "checkpoint.pt").is_file() and not (path / "card.json").is_file():
+        return path / "checkpoint.pt"
+    return None
+
+
+def load_checkpoint(path: Path, parts, config) -> tuple[str, Accelerator, dict]:
+    """A run's checkpoint as an ingredient: its name (`<run>@<step>`), the adapters in an
+    Accelerator of `config` on `parts`, and a training record (run, step, tokens).
+    """
+    try:
+        state = torch.load(path, weights_only=False, map_location="cpu")
+        accel = Accelerator(parts, config)
+        accel.load_state_dict({k: v.float() for k, v in state["adapters"].items()})
+    except (OSError, EOFError, KeyError, RuntimeError, TypeError, ValueError,
+            pickle.UnpicklingError) as err:
+        raise M2R2Error(f"Cannot use {path} as a soup ingredient: not a training checkpoint of "
+                        f"this adapter shape ({str(err).splitlines()[0]}).") from err
+    run, step = path.parent.name, int(state.get("step", 0))
+    return f"{run}@{step}", accel, {"run": run, "step": step, "checkpoint": True,
+                                    "tokens_this_run": int(state.get("tokens", 0)),
+                                    "init": None}
+
+
+def _ingredients(paths: list[Path], parts, model_name: str, model_print: str, device
+                 ) -> tuple[dict[str, Accelerator], dict, dict[str, dict], str]:
+    """Load every ingredient: ({name: adapters}, {name: card} of the saved folders,
+    {name: training record}, the name of the first saved folder, whose shape all must share).
+    """
+    accels, cards, trainings = {}, {}, {}
+    checkpoints = [p for p in paths if checkpoint_path(p) is not None]
+    folders = [p for p in paths if checkpoint_path(p) is None]
+    if not folders:
+        raise M2R2Error("A soup needs at least one saved adapter folder among its ingredients "
+                        "(it gives the soup its shape and card); checkpoints alone do not.")
+    for folder in folders:
+        name = folder.name
+        if name in accels:
+            raise M2R2Error(f"Two ingredients are named {name}; give distinct folders.")
+        accel, card = load_accelerator(folder, parts, model_name, model_print)
+        if cards and card.config != next(iter(cards.values())).config:
+            raise M2R2Error(f"{folder} has another adapter shape than {folders[0]}.")
+        accels[name], cards[name], trainings[name] = accel.to(device), card, card.training
+    for path in checkpoints:
+        name, accel, training = load_checkpoint(checkpoint_path(path), parts,
+                                                 accels[folders[0].name].config)
+        if name in accels:
+            raise M2R2Error(f"Two ingredients are named {name}; give distinct checkpoints.")
+        accels[name], trainings[name] = accel.to(device), training
+    return accels, cards, trainings, folders[0].name
 
 
 def cmd_soup(args: argparse.Namespace) -> None:
@@ -83,15 +149,8 @@ def cmd_soup(args: argparse.Namespace) -> None:
     loaded, parts, _ = frozen_model(args)
     model_print = fingerprint(loaded.model)
     device = parts.lm_head.weight.device
-    accels, cards = {}, {}
-    for folder in args.ingredients:
-        name = folder.name
-        if name in accels:
-            raise M2R2Error(f"Two ingredients are named {name}; give distinct folders.")
-        accel, card = load_accelerator(folder, parts, args.model, model_print)
-        if cards and card.config != next(iter(cards.values())).config:
-            raise M2R2Error(f"{folder} has another adapter shape than {args.ingredients[0]}.")
-        accels[name], cards[name] = accel.to(device), card
+    accels, cards, trainings, shape = _ingredients(args.ingredients, parts, args.model,
+                                                   model_print, device)
     splits, source = datasets(args, model_print)
     dev = splits["dev"][:args.eval_samples]
     first = next(iter(accels.values()))
@@ -117,8 +176,8 @@ def cmd_soup(args: argparse.Namespace) -> None:
 
     kept, best, trials = greedy_soup(scores, soup_score)
     soup.load_state_dict(average([states[n] for n in kept]))
-    card = cards[kept[0]]
-    card.training = soup_training([cards[n].training for n in kept], kept, scores, source)
+    card = cards[next((n for n in kept if n in cards), shape)]
+    card.training = soup_training([trainings[n] for n in kept], kept, scores, source)
     card.metrics = {"report_depth": depth}
     soup.save(args.out, card)
     # measured as saved (bfloat16 weights), the way every reader will load it
