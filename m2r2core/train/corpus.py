@@ -58,11 +58,11 @@ NEAR_DUPLICATE = 0.5
 FOLLOW_UP_PROMPT_TOKENS = 512
 """The longest templated conversation (history and the follow-up turn) a follow-up may have."""
 FOLLOW_UP_CONTEXT = 96
+"""Tokens of conversation kept before a follow-up's answer when the corpus is read: a training
+window then starts near the answer instead of spending itself on the history."""
 MIN_TURN_WORDS = 8
 """The fewest words a later user turn asked alone may have ("go on", "shorter please" need the
 conversation they were said in)."""
-"""Tokens of conversation kept before a follow-up's answer when the corpus is read: a training
-window then starts near the answer instead of spending itself on the history."""
 _ROLES = {"human": "user", "gpt": "assistant"}
 SPLITS = ("dev", "test", "train")
 
