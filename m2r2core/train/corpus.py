@@ -200,6 +200,20 @@ def _sharegpt_prompts(settings: Settings, tokenizer, overlap: OverlapFilter,
                               if usable else None)
 
 
+def _train_conversations(overlap: OverlapFilter) -> Iterator[tuple[dict, list[dict]]]:
+    """(record, its user and assistant turns) of the train-split ShareGPT records, leaving out
+    a record whose first turn is a user prompt that copies an evaluation prompt.
+    """
+    for record in sharegpt_records():
+        turns = [t for t in record.get("conversations") or []
+                 if t.get("from") in _ROLES and t.get("value")]
+        if not turns or split_of(str(record.get("id"))) != "train":
+            continue
+        if turns[0]["from"] == "human" and overlap.overlaps(turns[0]["value"].strip()):
+            continue
+        yield record, turns
+
+
 def _sharegpt_follow_ups(settings: Settings, tokenizer, overlap: OverlapFilter,
                          used: set[str]) -> tuple[list[Instruction], int]:
     """Later user turns of train-split ShareGPT records (`<record id>#<turn>`), each with the
@@ -209,13 +223,7 @@ def _sharegpt_follow_ups(settings: Settings, tokenizer, overlap: OverlapFilter,
     dropped for matching an evaluation prompt.
     """
     out, removed = [], 0
-    for record in sharegpt_records():
-        turns = [t for t in record.get("conversations") or []
-                 if t.get("from") in _ROLES and t.get("value")]
-        if len(turns) < 3 or split_of(str(record.get("id"))) != "train":
-            continue
-        if overlap.overlaps(turns[0]["value"].strip()):
-            continue
+    for record, turns in _train_conversations(overlap):
         for k in range(2, len(turns), 2):
             if [t["from"] for t in turns[:k + 1]] != ["human", "gpt"] * (k // 2) + ["human"]:
                 break
@@ -245,13 +253,7 @@ def _sharegpt_later_turns(settings: Settings, tokenizer, overlap: OverlapFilter,
     them and how many turns were dropped for matching an evaluation prompt.
     """
     out, removed, seen = [], 0, set(asked)
-    for record in sharegpt_records():
-        turns = [t for t in record.get("conversations") or []
-                 if t.get("from") in _ROLES and t.get("value")]
-        if not turns or split_of(str(record.get("id"))) != "train":
-            continue
-        if turns[0]["from"] == "human" and overlap.overlaps(turns[0]["value"].strip()):
-            continue
+    for record, turns in _train_conversations(overlap):
         for k, turn in enumerate(turns[1:], start=1):
             key, text = f"{record['id']}@{k}", turn["value"].strip()
             if turn["from"] != "human" or key in used or f"{record['id']}#{k}" in used \
