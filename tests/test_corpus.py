@@ -397,3 +397,19 @@ def test_routers_without_train_answers_say_what_to_run(tmp_path, tiny_model_dir,
                     "--corpus", str(folder), "--out", str(tmp_path / "out"),
                     "--seq-len", "48"])
     assert not (tmp_path / "out").exists()
+
+
+def test_batched_answers_equal_one_at_a_time_and_leave_the_head_as_it_was(tiny_engine):
+    from m2r2core.train.distill import answer_batch
+
+    model, tokenizer = tiny_engine.model, tiny_engine.tokenizer
+    head = model.get_output_embeddings()
+    prompts = ["Name a colour.", "Explain why the sky looks blue at noon on a clear day.",
+               [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                {"role": "user", "content": "Count to three."}]]
+    batched = answer_batch(model, tokenizer, prompts, max_new_tokens=6)
+    alone = [answer_batch(model, tokenizer, [p], max_new_tokens=6)[0] for p in prompts]
+    assert [s.ids for s in batched] == [s.ids for s in alone]
+    assert [s.answer_start for s in batched] == [s.answer_start for s in alone]
+    assert all(len(s.ids) > s.answer_start for s in batched)
+    assert not head._forward_pre_hooks  # the contiguity hook is gone after the call
