@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
+from m2r2core.train.distill import greedy_generate
+
 log = logging.getLogger(__name__)
 
 
@@ -53,9 +55,7 @@ def batched_answers(model, tokenizer, prompts: list[str], max_new_tokens: int) -
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])
-    with torch.inference_mode():
-        out = model.generate(ids, attention_mask=mask, do_sample=False, pad_token_id=pad,
-                             max_new_tokens=max_new_tokens)
+    out = greedy_generate(model, ids, mask, max_new_tokens, pad)
     answers = []
     for row in out[:, width:].tolist():
         cut = next((i for i, t in enumerate(row) if t in eos), len(row))
