@@ -382,3 +382,26 @@ def test_gpu_script_continues_the_committed_adapters_in_their_shape():
     assert int(words[words.index("--margin") + 1]) == card["config"]["margin"]
     assert ("--bias" in words) == card["config"]["bias"]
     assert re.search(r"--device cuda", block)
+
+
+def test_teacher_kl_equals_kl_div_in_value_and_gradient():
+    import torch
+    from torch.nn import functional as F
+
+    from m2r2core.train.adapters import Teacher, top_token
+
+    gen = torch.Generator().manual_seed(0)
+    teacher_logits = torch.randn(7, 50, generator=gen) * 3
+    student_logits = torch.randn(7, 50, generator=gen, requires_grad=True)
+    teacher = Teacher.of(teacher_logits)
+    ours = teacher.kl(F.log_softmax(student_logits, -1))
+    (ours_grad,) = torch.autograd.grad(ours, student_logits)
+    reference = F.kl_div(F.log_softmax(student_logits, -1), F.log_softmax(teacher_logits, -1),
+                         log_target=True, reduction="batchmean")
+    (reference_grad,) = torch.autograd.grad(reference, student_logits)
+    assert torch.allclose(ours, reference, atol=1e-6)
+    assert torch.allclose(ours_grad, reference_grad, atol=1e-7)
+    assert float(teacher.kl(teacher.log_probs)) == pytest.approx(0.0, abs=1e-6)
+    assert torch.equal(teacher.top, teacher_logits.argmax(-1))
+    ties = torch.tensor([[1.0, 3.0, 3.0], [2.0, 2.0, 0.0]])
+    assert top_token(ties).tolist() == [1, 0]  # the first maximum, as argmax

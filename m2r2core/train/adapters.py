@@ -21,6 +21,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -61,6 +62,37 @@ def training_dtype() -> str:
     from m2r2core.config import batched_dtype
 
     return batched_dtype()
+
+
+def top_token(logits: torch.Tensor) -> torch.Tensor:
+    """The argmax over the last dimension: `max(-1).indices`, the same first maximum, which torch
+    2.13's CPU kernel finds in half the time of `argmax` over a 49,152-token vocabulary.
+    """
+    return logits.max(-1).indices
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """The full model's distribution at a step's KL positions, computed once for every exit
+    depth: its probabilities and negative entropy make each depth's KL(p || q) one product and
+    a sum, where `F.kl_div` would redo the exponent and the difference at every depth.
+    """
+
+    log_probs: torch.Tensor
+    probs: torch.Tensor
+    neg_entropy: torch.Tensor
+    top: torch.Tensor
+
+    @classmethod
+    def of(cls, logits: torch.Tensor) -> Teacher:
+        """From the teacher's (P, V) logits (no gradients)."""
+        log_probs = F.log_softmax(logits, -1)
+        probs = log_probs.exp()
+        return cls(log_probs, probs, (probs * log_probs).sum() / len(logits), top_token(logits))
+
+    def kl(self, student_log_probs: torch.Tensor) -> torch.Tensor:
+        """KL(teacher || student), the mean over positions (`F.kl_div`'s "batchmean")."""
+        return self.neg_entropy - (self.probs * student_log_probs).sum() / len(self.probs)
 
 
 def slow_states(parts, ids: torch.Tensor) -> tuple[list[torch.Tensor], tuple]:
@@ -106,8 +138,8 @@ def adapter_loss(parts, accel: Accelerator, ids: torch.Tensor, lengths: torch.Te
     pick = flat_valid[torch.randperm(len(flat_valid), generator=generator)[:kl_positions]]
     pick = pick.to(device)
     with torch.no_grad():
-        teacher = F.log_softmax(
-            parts.lm_head(parts.norm(slow[n].reshape(-1, slow[n].shape[-1])[pick])).float(), -1)
+        teacher = Teacher.of(
+            parts.lm_head(parts.norm(slow[n].reshape(-1, slow[n].shape[-1])[pick])).float())
     exit_depths = [d for d in accel.depths if d in kl_depths] if kl_depths else [
         d for d in accel.depths if (d - accel.first) % kl_every == 0 or d == accel.max_depth]
     for depth, state in zip(accel.depths, fast, strict=True):
@@ -118,10 +150,10 @@ def adapter_loss(parts, accel: Accelerator, ids: torch.Tensor, lengths: torch.Te
         if depth in exit_depths:
             student = F.log_softmax(parts.lm_head(parts.norm(
                 state.reshape(-1, state.shape[-1])[pick])).float(), -1)
-            kl = F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+            kl = teacher.kl(student)
             kl_terms.append(kl)
             metrics[f"kl@{depth}"] = float(kl.detach())
-            metrics[f"agree@{depth}"] = float((student.argmax(-1) == teacher.argmax(-1))
+            metrics[f"agree@{depth}"] = float((top_token(student.detach()) == teacher.top)
                                               .float().mean())
     loss = torch.stack(cos_terms).sum()
     if kl_terms:
@@ -205,10 +237,10 @@ def _agreement(parts, accel: Accelerator, samples: list[distill.Sample], seq_len
         fast = train_fast_states(parts, accel, slow, rotary)
         steps = torch.arange(ids.shape[1], device=device)[None]
         keep = (steps < lengths[:, None]) & (steps >= starts[:, None])  # answers and text
-        final = parts.lm_head(parts.norm(slow[-1][keep])).argmax(-1)
+        final = top_token(parts.lm_head(parts.norm(slow[-1][keep])))
         for stream, states in (("slow", slow[1:]), ("fast", fast)):
             for depth, state in enumerate(states):  # one head call per depth keeps memory flat
-                top = parts.lm_head(parts.norm(state[keep])).argmax(-1)
+                top = top_token(parts.lm_head(parts.norm(state[keep])))
                 hits[stream][depth] += float((top == final).sum())
         count += len(final)
     return {stream: [round(float(h) / max(count, 1), 4) for h in v] for stream, v in hits.items()}
