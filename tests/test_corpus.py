@@ -413,3 +413,43 @@ def test_batched_answers_equal_one_at_a_time_and_leave_the_head_as_it_was(tiny_e
     assert [s.answer_start for s in batched] == [s.answer_start for s in alone]
     assert all(len(s.ids) > s.answer_start for s in batched)
     assert not head._forward_pre_hooks  # the contiguity hook is gone after the call
+
+
+def test_greedy_answers_equal_generate_while_finished_rows_leave(tiny_engine, monkeypatch):
+    import torch
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    from m2r2core.runtime.prompt import encode
+    from m2r2core.train.distill import greedy_answers
+    from tests.conftest import tiny_config
+
+    config = tiny_config("llama")
+    config.tie_word_embeddings = False  # a random head of its own: varied tokens, not one
+    torch.manual_seed(3)
+    model, tokenizer = AutoModelForCausalLM.from_config(config).eval(), tiny_engine.tokenizer
+    texts = ["Name a colour.", "Explain why the sky looks blue at noon on a clear day.",
+             "Hi", "List three rivers of Europe and say which is longest.", "Why?",
+             "Write one sentence about the moon."]
+    encoded = [encode(tokenizer, t) for t in texts]
+    width = max(map(len, encoded))
+    ids = torch.tensor([[0] * (width - len(e)) + e for e in encoded])
+    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
+    generation = model.generation_config
+    monkeypatch.setattr(generation, "eos_token_id", [model.config.vocab_size - 1])
+    unstopped = greedy_answers(model, ids, mask, 10)
+    assert all(len(a) == 10 for a in unstopped)
+    stop = next(t for t in unstopped[0] if any(t not in a for a in unstopped[1:]))
+    monkeypatch.setattr(generation, "eos_token_id", [stop])
+    selects = []
+    real_select = DynamicCache.batch_select_indices
+    monkeypatch.setattr(DynamicCache, "batch_select_indices",
+                        lambda self, index: (selects.append(index.tolist()),
+                                             real_select(self, index))[1])
+    ours = greedy_answers(model, ids, mask, 10)
+    reference = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
+                               max_new_tokens=10, pad_token_id=0)[:, width:].tolist()
+    cut = [row[:row.index(stop) + 1] if stop in row else row for row in reference]
+    assert ours == cut
+    assert len(ours[0]) < 10 and any(len(a) == 10 for a in ours)  # some leave, some run on
+    assert selects  # finished rows did leave the batch
+    assert not model.get_output_embeddings()._forward_pre_hooks

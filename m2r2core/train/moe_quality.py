@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from m2r2core.train.distill import greedy_generate
+from m2r2core.train.distill import eos_ids, greedy_answers
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +53,9 @@ def batched_answers(model, tokenizer, prompts: list[str], max_new_tokens: int) -
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    eos = model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos])
-    out = greedy_generate(model, ids, mask, max_new_tokens, pad)
-    answers = []
-    for row in out[:, width:].tolist():
-        cut = next((i for i, t in enumerate(row) if t in eos), len(row))
-        answers.append(row[:cut])
-    return answers
+    eos = eos_ids(model)
+    return [answer[:-1] if answer and answer[-1] in eos else answer
+            for answer in greedy_answers(model, ids, mask, max_new_tokens)]
 
 
 def router_agreement(moe, tokenizer, texts: list[str], seq_len: int = 256) -> dict:
