@@ -85,6 +85,19 @@ def test_dtype_bench_times_narrow_products(tiny_model_dir, tmp_path):
     assert "bf16_over_fp32" not in table[0]
 
 
+def test_answer_bench_compares_generate_with_the_corpus_loop(tiny_model_dir, tmp_path):
+    from analysis import answer_bench
+    out = tmp_path / "a.json"
+    answer_bench.main(["--model", str(tiny_model_dir), "--dtype", "float32", "--batch", "3",
+                       "--skip", "0", "--max-new-tokens", "5", "--repeats", "1",
+                       "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["batch"] == 3 and report["identical_rows"] == 3
+    assert report["answer_tokens"] == 15 and report["answers_at_cap"] == 3  # no EOS: 5 each
+    assert set(report["answer_tokens_per_s"]) == {"generate", "greedy_answers"}
+    assert all(len(s) == 1 and s[0] > 0 for s in report["seconds"].values())
+
+
 def test_committed_reports_are_strict_json():
     """Every committed report parses without NaN or Infinity, which strict JSON readers refuse."""
     from pathlib import Path
