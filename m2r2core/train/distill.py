@@ -119,7 +119,7 @@ def greedy_answers(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens:
 
 def answer_batch(model, tokenizer, prompts: list[str | list[dict]], max_new_tokens: int
                  ) -> list[Sample]:
-    """The base model's greedy answers to a batch of instructions (left-padded, one call); a
+    """The base model's greedy answers to a batch of instructions (left-padded, one batch); a
     prompt is a user turn, or a conversation (chat messages ending with the user turn).
     """
     from m2r2core.runtime.prompt import encode, encode_messages
