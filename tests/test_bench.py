@@ -86,7 +86,7 @@ def test_dtype_bench_times_narrow_products(tiny_model_dir, tmp_path):
 
 
 def test_answer_bench_compares_generate_with_the_corpus_loop(tiny_model_dir, tmp_path):
-    from analysis import answer_bench
+    from m2r2core.train import answer_bench
     out = tmp_path / "a.json"
     answer_bench.main(["--model", str(tiny_model_dir), "--dtype", "float32", "--batch", "3",
                        "--skip", "0", "--max-new-tokens", "5", "--repeats", "1",

@@ -1,9 +1,9 @@
-r"""`python -m analysis.answer_bench`: what answering the distillation corpus's instructions costs,
+r"""`python -m m2r2core.train.answer_bench`: what answering the distillation corpus costs,
 transformers' greedy `generate` against the corpus's own loop (`distill.greedy_answers`: the LM
 head fed a contiguous input, finished rows leaving the batch), on the same batch, in one process,
 interleaved; medians over repeats, and whether every answer is the same token for token.
 
-    python -m analysis.answer_bench --threads 1 --batch 96 --repeats 2 \
+    python -m m2r2core.train.answer_bench --threads 1 --batch 96 --repeats 2 \
         --out benchmarks/answer_speed.json
 
 The batch is instructions written from the Wikipedia train split with the corpus's templates
@@ -47,7 +47,7 @@ METHODS = {"generate": generate_answers, "greedy_answers": distill.greedy_answer
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point."""
-    p = argparse.ArgumentParser(prog="python -m analysis.answer_bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m m2r2core.train.answer_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=EngineConfig.model)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     tokens = sum(map(len, answers["generate"]))
     medians = {name: statistics.median(s) for name, s in seconds.items()}
     report = {
-        "command": "python -m analysis.answer_bench " + " ".join(
+        "command": "python -m m2r2core.train.answer_bench " + " ".join(
             sys.argv[1:] if argv is None else argv),
         "environment": environment(), "dtype": args.dtype, "threads": args.threads,
         "batch": len(encoded), "prompt_tokens": [len(encoded[0]), width],
