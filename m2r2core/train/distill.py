@@ -80,6 +80,7 @@ def greedy_answers(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens:
     hook = model.get_output_embeddings().register_forward_pre_hook(
         lambda _module, inputs: (inputs[0].contiguous(), *inputs[1:]))
     try:
+        ids, mask = ids.to(model.device), mask.to(model.device)
         cache = DynamicCache(config=model.config)
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
@@ -87,7 +88,6 @@ def greedy_answers(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens:
         answers: list[list[int]] = [[] for _ in range(len(ids))]
         rows = list(range(len(ids)))  # the batch's row r is prompt rows[r]
         position = positions[:, -1]
-        done = 0
         for step in range(max_new_tokens):
             tokens = logits[:, -1].max(-1).indices
             finished = []
@@ -98,12 +98,12 @@ def greedy_answers(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens:
                 answers[row].append(token)
                 if token in eos:
                     finished.append(r)
-            done = len(finished)
-            if step == max_new_tokens - 1 or done == len(rows):
+            if step == max_new_tokens - 1 or len(finished) == len(rows):
                 break
-            if done >= COMPACT_SHARE * len(rows):
-                keep = [r for r in range(len(rows)) if r not in set(finished)]
-                index = torch.tensor(keep)
+            if len(finished) >= COMPACT_SHARE * len(rows):
+                gone = set(finished)
+                keep = [r for r in range(len(rows)) if r not in gone]
+                index = torch.tensor(keep, device=tokens.device)
                 cache.batch_select_indices(index)
                 rows = [rows[r] for r in keep]
                 tokens, mask, position = tokens[index], mask[index], position[index]
