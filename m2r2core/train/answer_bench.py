@@ -66,9 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     texts = distill.instructions(distill.wiki_articles("train"), 4 * (args.batch + args.skip), 0)
     encoded = sorted((encode(tokenizer, t) for t in texts), key=len)[args.skip:]
     encoded = encoded[:args.batch]
-    width = max(map(len, encoded))
-    ids = torch.tensor([[0] * (width - len(e)) + e for e in encoded])
-    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
+    ids, mask = distill.left_padded(encoded, 0)
     seconds: dict[str, list[float]] = {name: [] for name in METHODS}
     answers: dict[str, list[list[int]]] = {}
     for repeat in range(args.repeats):
@@ -83,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         "command": "python -m m2r2core.train.answer_bench " + " ".join(
             sys.argv[1:] if argv is None else argv),
         "environment": environment(), "dtype": args.dtype, "threads": args.threads,
-        "batch": len(encoded), "prompt_tokens": [len(encoded[0]), width],
+        "batch": len(encoded), "prompt_tokens": [len(encoded[0]), ids.shape[1]],
         "max_new_tokens": args.max_new_tokens, "answer_tokens": tokens,
         "answers_at_cap": sum(len(a) >= args.max_new_tokens for a in answers["generate"]),
         "seconds": {name: [round(x, 2) for x in s] for name, s in seconds.items()},

@@ -61,6 +61,14 @@ def eos_ids(model) -> set[int]:
     return set(eos if isinstance(eos, list) else [eos])
 
 
+def left_padded(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows as one left-padded batch: (ids, attention mask)."""
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
 @torch.inference_mode()
 def greedy_answers(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int
                    ) -> list[list[int]]:
@@ -126,11 +134,8 @@ def answer_batch(model, tokenizer, prompts: list[str | list[dict]], max_new_toke
 
     encoded = [encode(tokenizer, p) if isinstance(p, str) else encode_messages(tokenizer, p)
                for p in prompts]
-    width = max(len(e) for e in encoded)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
-    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
-    answers = greedy_answers(model, ids, mask, max_new_tokens)
+    answers = greedy_answers(model, *left_padded(encoded, pad), max_new_tokens)
     return [Sample(prompt_ids + answer, len(prompt_ids), "chat")
             for prompt_ids, answer in zip(encoded, answers, strict=True)]
 

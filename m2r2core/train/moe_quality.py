@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from m2r2core.train.distill import eos_ids, greedy_answers
+from m2r2core.train.distill import eos_ids, greedy_answers, left_padded
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +49,10 @@ def batched_answers(model, tokenizer, prompts: list[str], max_new_tokens: int) -
     from m2r2core.runtime import prompt as prompt_mod
 
     rows = [prompt_mod.encode(tokenizer, text, True, None) for text in prompts]
-    width = max(len(r) for r in rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
     eos = eos_ids(model)
     return [answer[:-1] if answer and answer[-1] in eos else answer
-            for answer in greedy_answers(model, ids, mask, max_new_tokens)]
+            for answer in greedy_answers(model, *left_padded(rows, pad), max_new_tokens)]
 
 
 def router_agreement(moe, tokenizer, texts: list[str], seq_len: int = 256) -> dict:
