@@ -24,10 +24,10 @@ from m2r2core.spec.speculative import (
     SpecConfig,
 )
 
-# The committed issue-setting runs, one per machine kind and precision (sessions 34, 26, 35).
+# The committed issue-setting runs, one per machine kind and precision (sessions 34, 26, 40, 35).
 REPORTS = {"CPU without native bf16 (AVX2), fp32": ("avx2", "spec_fp32_narrow065_s34.json"),
            "CPU with native bf16 (avx512_bf16), bf16": ("avx512_bf16", "spec_bf16_s26.json"),
-           "CPU with AMX (Xeon), bf16": ("amx", "spec_bf16_amx_k1medusa_s35.json"),
+           "CPU with AMX (Xeon), bf16": ("amx", "spec_bf16_amx_s40.json"),
            "CPU with AMX (Xeon), fp32": ("amx", "spec_fp32_amx_k2_s35.json")}
 # label -> (the machine kind it was measured on: runtime/environment.py's cpu_kind, its report);
 # the first of this machine's kind is selected first.
