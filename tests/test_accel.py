@@ -113,6 +113,30 @@ def test_merged_blocks_equal_blocks_plus_deltas(engines, family, bias):
         assert acc.merged_block(index, bp) is acc.merged_block(index, bp)  # built once
 
 
+def test_fused_adapters_on_the_last_rows_of_a_bf16_block_input(engines):
+    """Decoding's fused adapters, fed the strided last row of a bf16 block input (as the exit
+    decoder feeds them), give the training adapters' deltas in the input's dtype."""
+    from m2r2core.stream.blocks import GROUPS, FusedAdapters
+
+    parts = engines["llama"].parts
+    acc = _random_adapters(parts, bias=True)
+    adapters = acc.block(acc.first)
+    fused = FusedAdapters(adapters)
+    gen = torch.Generator().manual_seed(3)
+    for group, names in GROUPS.items():
+        present = [n for n in names if n in adapters]
+        if not present:
+            continue
+        width = adapters[present[0]].A.shape[1]
+        rows = torch.randn(1, 3, width, generator=gen).to(torch.bfloat16)
+        got = fused.deltas(group, rows[:, -1:])
+        assert set(got) == set(present)
+        for name in present:
+            want = adapters[name](rows[:, -1:].float())
+            assert got[name].dtype == torch.bfloat16 and got[name].shape == want.shape
+            torch.testing.assert_close(got[name].float(), want, atol=2e-2, rtol=2e-2)
+
+
 def test_rate_target_and_shape():
     cfg = AccelConfig(rate=2.0, margin=2)
     assert cfg.fast_layers(30) == 17

@@ -9,7 +9,7 @@ from m2r2core.config import DecodeConfig, EngineConfig
 from m2r2core.engine import Engine
 from m2r2core.errors import ConfigError
 from m2r2core.exits.early_exit import ExitConfig
-from m2r2core.exits.routers import RULES, ExitRule, TokenScorer, scores_offline
+from m2r2core.exits.routers import RULES, ExitRule, TokenScorer, rule_scores, scores_offline
 from m2r2core.stream.accel import AccelConfig, Accelerator
 
 from .conftest import FAMILIES
@@ -145,3 +145,20 @@ def test_every_rule_scores_the_same_online_and_offline(trained_routers_engine, r
                 assert score == pytest.approx(float(offline[token, d - 1]), abs=1e-5), (token, d)
             else:
                 assert score is None
+
+
+def test_the_mlp_rule_reads_the_state_alone(trained_routers_engine, monkeypatch):
+    """The MLP router takes no lens features, so its check never pays for the sub-vocabulary
+    head (which costs more than the router itself); its scores are the router's on the state."""
+    engine = trained_routers_engine
+    parts, bundle = engine.parts, engine.routers
+    states = torch.randn(2, 3, parts.config.hidden_size, generator=torch.Generator().manual_seed(4))
+    depths = torch.tensor([1, 2, 3])
+    want = torch.sigmoid(bundle.net("mlp", "slow")(parts.norm(states), None, depths)[0])
+
+    def refuse(_normed):
+        raise AssertionError("the MLP rule computed lens features")
+
+    monkeypatch.setattr(bundle.check, "features", refuse)
+    got = rule_scores(bundle, parts, "mlp", "slow", states, states[:, 0], depths, 30)
+    torch.testing.assert_close(got, want)

@@ -108,13 +108,13 @@ class RouterNet(nn.Module):
             width = latent
         self.head = nn.Sequential(nn.Linear(width, latent), nn.GELU(), nn.Linear(latent, 1))
 
-    def forward(self, normed: torch.Tensor, lens: torch.Tensor, depths: torch.Tensor
+    def forward(self, normed: torch.Tensor, lens: torch.Tensor | None, depths: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits for every depth of a batch of trajectories, and ARLA's attention weights.
 
         Args:
             normed: (P, D, H) normed states at depths `depths`.
-            lens: (P, D, 3) lens features.
+            lens: (P, D, 3) lens features (ARLA only; the MLP takes None).
             depths: (D,) the depth of each column.
 
         Returns:
@@ -221,6 +221,8 @@ def rule_scores(bundle: RouterBundle, parts: DecoderParts, rule: str, stream: st
         before = torch.cat([previous[:, None], states[:, :-1]], dim=1)
         return F.cosine_similarity(states.float(), before.float(), dim=-1)
     normed = parts.norm(states) if normed is None else normed
+    if rule == "mlp":  # the state alone: no lens features (a sub-vocabulary head) to pay for
+        return torch.sigmoid(bundle.net(rule, stream)(normed, None, depths)[0])
     lens = bundle.check.features(normed) if lens is None else lens  # (T, D, 3)
     if rule in ("confidence", "entropy"):
         return lens[..., 0 if rule == "confidence" else 1]

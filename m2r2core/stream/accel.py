@@ -172,14 +172,16 @@ class Accelerator(nn.Module):
         return self.blocks[offset] if 0 <= offset < self.n_fast else None
 
     def inference_block(self, index: int) -> FusedAdapters | None:
-        """The fused, model-dtype adapters of block `index` for decoding (built once)."""
+        """The fused adapters of block `index` for decoding (built once per dtype and device of
+        the adapters).
+        """
         offset = index - self.first
         if not 0 <= offset < self.n_fast:
             return None
         cache = self.__dict__.setdefault("_fused", {})
-        dtype = next(iter(self.blocks[offset].values())).A.dtype
-        if offset not in cache or cache[offset][0] != dtype:
-            cache[offset] = (dtype, FusedAdapters(self.blocks[offset], dtype))
+        a = next(iter(self.blocks[offset].values())).A
+        if offset not in cache or cache[offset][0] != (a.dtype, a.device):
+            cache[offset] = ((a.dtype, a.device), FusedAdapters(self.blocks[offset]))
         return cache[offset][1]
 
     def merged_block(self, index: int, bp: BlockParts) -> BlockParts:

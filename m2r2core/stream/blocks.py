@@ -22,11 +22,13 @@ GROUPS = {"qkv": ("q", "k", "v"), "o": ("o",), "gate_up": ("gate", "up"), "down"
 
 class FusedAdapters:
     """Inference form of one block's adapters: per input group, the A matrices stacked and the
-    scaled B matrices block-diagonal, in the model's dtype. Two small matmuls per group instead
-    of two per projection plus casts (on CPU, op overhead dominates these tiny products).
+    scaled B matrices block-diagonal, kept in float32. Two small matmuls per group instead of two
+    per projection (on CPU, op overhead dominates these tiny products). float32 because at a few
+    rows torch's CPU bf16 matmuls of this size cost 2-4x float32's (session 40, AMX Xeon); the
+    deltas are cast to the model's dtype when added.
     """
 
-    def __init__(self, adapters: nn.ModuleDict, dtype: torch.dtype) -> None:
+    def __init__(self, adapters: nn.ModuleDict) -> None:
         """Fuse a block's LowRank adapters."""
         self.groups: dict[str, tuple[tuple[str, ...], torch.Tensor, torch.Tensor,
                                      torch.Tensor | None, list[int]]] = {}
@@ -35,22 +37,25 @@ class FusedAdapters:
                 present = tuple(n for n in names if n in adapters)
                 if not present:
                     continue
-                a = torch.cat([adapters[n].A for n in present]).to(dtype)
+                a = torch.cat([adapters[n].A for n in present]).float()
                 b = torch.block_diag(*[adapters[n].B * adapters[n].scale for n in present])
                 sizes = [adapters[n].B.shape[0] for n in present]
                 bias = None
                 if any(adapters[n].bias is not None for n in present):
-                    bias = torch.cat([torch.zeros(size) if adapters[n].bias is None
+                    bias = torch.cat([torch.zeros(size, device=a.device) if adapters[n].bias is None
                                       else adapters[n].bias.float()
-                                      for n, size in zip(present, sizes, strict=True)]).to(dtype)
-                self.groups[group] = (present, a, b.to(dtype), bias, sizes)
+                                      for n, size in zip(present, sizes, strict=True)])
+                self.groups[group] = (present, a, b.float(), bias, sizes)
 
     def deltas(self, group: str, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """{projection: delta} for the (B, R, in) inputs of one group."""
         if group not in self.groups:
             return {}
         names, a, b, bias, sizes = self.groups[group]
-        out = F.linear(F.linear(x, a), b, bias)
+        # 2-D and contiguous: a strided (B, R, in) view (the last rows of a block's input) sends
+        # F.linear to a batched matmul that copies the weight per batch entry.
+        flat = x.reshape(-1, x.shape[-1]).float()
+        out = F.linear(F.linear(flat, a), b, bias).to(x.dtype).view(*x.shape[:-1], -1)
         return dict(zip(names, out.split(sizes, dim=-1), strict=True))
 
 
