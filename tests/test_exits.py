@@ -45,6 +45,47 @@ def test_a_rule_that_never_fires_is_the_full_model(engines, family, fill):
     assert all(s.exit_layer == engine.parts.n_layers for s in gen.steps)
 
 
+def test_the_slow_row_beside_the_fast_row_is_the_slow_row_alone_in_bf16(real_model_dir):
+    """The exit decoder runs a token's slow and fast rows in one block call, each row attending
+    to the past and its own key without a mask, so the slow row is bitwise what the block gives
+    it alone (what the full model computes). With one masked attention over both rows it was not:
+    the fused kernel rounds a hidden key differently from an absent one, 1 ulp in about one bf16
+    block in 30 on the real model, enough to flip near-tied greedy tokens of a run that never
+    exits. Checked where this CPU's bf16 products give one row alone what they give it in a pair
+    (on AMX; skipped elsewhere, since that part is the kernel's, not ours)."""
+    from m2r2core.runtime import hf_compat
+    from m2r2core.stream.blocks import block_rows
+
+    engine = Engine.load(EngineConfig(dtype="bfloat16", threads=1))
+    parts = engine.parts
+    gen = torch.Generator().manual_seed(0)
+    hidden, heads = parts.config.hidden_size, parts.config.num_key_value_heads
+    dim = hidden // parts.config.num_attention_heads
+    q_proj = hf_compat.block_parts(parts, 0).q_proj
+    pair = torch.randn(2, hidden, generator=gen).to(torch.bfloat16)
+    if not torch.equal(q_proj(pair[:1]), q_proj(pair)[:1]):
+        pytest.skip("this CPU's bf16 products round one row differently from a pair")
+    acc = Accelerator(parts, AccelConfig(rate=2.0, rank=8, margin=0), seed=2)
+    with torch.no_grad():
+        for p in acc.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    acc.to(torch.bfloat16)
+    for past in (17, 64, 129, 150, 200):
+        keys = torch.randn(1, heads, past, dim, generator=gen).to(torch.bfloat16)
+        values = torch.randn(1, heads, past, dim, generator=gen).to(torch.bfloat16)
+        rows = (torch.randn(1, 2, hidden, generator=gen) * 3).to(torch.bfloat16)
+        cos, sin = parts.rotary_emb(rows[:, :1], torch.tensor([[past]]))
+        for layer in range(acc.first, acc.first + acc.n_fast):
+            bp = hf_compat.block_parts(parts, layer)
+            alone, k1, _ = block_rows(bp, None, rows[:, :1], cos, sin, keys, values, None, 0)
+            both, k2, _ = block_rows(bp, acc.inference_block(layer), rows,
+                                     cos.expand(-1, 2, -1), sin.expand(-1, 2, -1), keys, values,
+                                     None, 1, own_keys=True)
+            assert torch.equal(alone[:, 0], both[:, 0]), (past, layer)
+            assert torch.equal(k1[:, :, 0], k2[:, :, 0])
+            assert not torch.equal(both[:, 0], both[:, 1])  # the fast row got its adapters
+
+
 @pytest.mark.parametrize("family", ["llama", "mistral"])
 def test_jit_fill_keeps_the_slow_stream_exact(engines, family):
     """With JIT filling every position's slow stream is the base model's, so any token that ran

@@ -220,9 +220,6 @@ class BlockRows:
         self.device = parts.embed_tokens.weight.device
         self.blocks = [hf_compat.block_parts(parts, i) for i in range(parts.n_layers)]
         self.blocks_run = 0
-        # [slow row, fast row] x [slow key, fast key] of the current position
-        self._pair = torch.eye(2, dtype=torch.bool, device=self.device)
-        self._ones_cache = torch.ones(2, 0, dtype=torch.bool, device=self.device)
 
     def run(self, layer: int, rows: list[_Pending], fast_hidden: torch.Tensor | None,
             state: DecodeState, rotary: tuple[torch.Tensor, torch.Tensor], lowest: int
@@ -284,22 +281,16 @@ class BlockRows:
         if fast_hidden is None:
             out, keys, values = block_rows(bp, None, row.hidden, cos, sin, past_k, past_v,
                                            None, 0)
-        else:
-            stored = 0 if past_k is None else past_k.shape[2]
-            mask = torch.cat([self._ones(stored), self._pair], dim=1)
+        else:  # each row sees the past and its own key: the slow row's attention stays the
+            # full model's, bit for bit
             out, keys, values = block_rows(
                 bp, self.accel.inference_block(layer), torch.cat([row.hidden, fast_hidden], 1),
-                cos.expand(-1, 2, -1), sin.expand(-1, 2, -1), past_k, past_v, mask, 1)
+                cos.expand(-1, 2, -1), sin.expand(-1, 2, -1), past_k, past_v, None, 1,
+                own_keys=True)
         self.blocks_run += 1
         hf_compat.append_keys_values(state.cache, layer, keys[:, :, :1], values[:, :, :1])
         row.hidden, row.depth = out[:, :1], layer + 1
         return out[:, 1:] if fast_hidden is not None else None
-
-    def _ones(self, stored: int) -> torch.Tensor:
-        if self._ones_cache.shape[1] < stored:
-            self._ones_cache = torch.ones(2, 2 * stored + 64, dtype=torch.bool,
-                                          device=self.device)
-        return self._ones_cache[:, :stored]
 
     def copy_fill(self, pending: list[_Pending], exit_state: torch.Tensor,
                    state: DecodeState) -> None:

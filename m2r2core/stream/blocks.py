@@ -118,8 +118,8 @@ def _projections(group: str, linears: tuple[nn.Linear, ...], x: torch.Tensor,
 def block_rows(bp: BlockParts, adapters: nn.ModuleDict | FusedAdapters | None,
                hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                past_keys: torch.Tensor | None, past_values: torch.Tensor | None,
-               mask: torch.Tensor | None, n_fast: int, exact: bool = True
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               mask: torch.Tensor | None, n_fast: int, exact: bool = True,
+               own_keys: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One decoder block over a set of rows, the last n_fast of which are fast rows.
 
     Args:
@@ -133,6 +133,11 @@ def block_rows(bp: BlockParts, adapters: nn.ModuleDict | FusedAdapters | None,
         exact: attention by torch's fused kernel (matches transformers' blocks). False: plain
             matmuls in the model's dtype, about 4x cheaper for a few rows on CPU (drafting,
             where verification makes small rounding differences harmless).
+        own_keys: every row sees the past keys and its own key only (a token's slow row beside
+            its fast row; `mask` is then ignored). Attention runs row by row without a mask, so
+            each row's is bitwise the one-row product a plain decoder computes: the fused kernel
+            with a mask that hides a key rounds differently from the kernel without that key
+            (in bf16, 1 ulp in about one block in 30), which flips near-tied greedy tokens.
 
     Returns:
         The (B, R, H) outputs, and the rows' own (B, kv, R, D) rotated keys and values (for the
@@ -144,22 +149,40 @@ def block_rows(bp: BlockParts, adapters: nn.ModuleDict | FusedAdapters | None,
     q, k, v = (t.view(shape).transpose(1, 2) for t in _projections(
         "qkv", (bp.q_proj, bp.k_proj, bp.v_proj), x, adapters, n_fast))
     q, k = hf_compat.rotate(q, cos, sin), hf_compat.rotate(k, cos, sin)
-    keys = k if past_keys is None else torch.cat([past_keys, k], dim=2)
-    values = v if past_values is None else torch.cat([past_values, v], dim=2)
+    if own_keys and exact:
+        gqa = bp.n_heads != bp.n_kv_heads
+        attn = torch.cat([F.scaled_dot_product_attention(
+            q[:, :, r:r + 1], _with_past(past_keys, k[:, :, r:r + 1]),
+            _with_past(past_values, v[:, :, r:r + 1]), scale=bp.scaling, enable_gqa=gqa)
+            for r in range(rows)], dim=2)
+        return _block_tail(bp, adapters, hidden, attn, n_fast), k, v
+    keys = _with_past(past_keys, k)
+    values = _with_past(past_values, v)
     if exact:
         attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=bp.scaling,
                                               enable_gqa=bp.n_heads != bp.n_kv_heads)
     else:
         attn = _matmul_attention(q, keys, values, mask, bp.scaling)
+    return _block_tail(bp, adapters, hidden, attn, n_fast), k, v
+
+
+def _with_past(past: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
+    return new if past is None else torch.cat([past, new], dim=2)
+
+
+def _block_tail(bp: BlockParts, adapters: nn.ModuleDict | FusedAdapters | None,
+                hidden: torch.Tensor, attn: torch.Tensor, n_fast: int) -> torch.Tensor:
+    """A block after its attention: output projection, residual, MLP, residual."""
+    batch, rows, _ = hidden.shape
     attn = attn.transpose(1, 2).reshape(batch, rows, -1)
     hidden = hidden + _projections("o", (bp.o_proj,), attn, adapters, n_fast)[0]
     x = bp.post_norm(hidden)
     if bp.mlp_proj is None:
-        return hidden + bp.mlp(x), k, v
+        return hidden + bp.mlp(x)
     gate, up, down = bp.mlp_proj
     g, u = _projections("gate_up", (gate, up), x, adapters, n_fast)
     inner = bp.act_fn(g) * u
-    return hidden + _projections("down", (down,), inner, adapters, n_fast)[0], k, v
+    return hidden + _projections("down", (down,), inner, adapters, n_fast)[0]
 
 
 def _matmul_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
