@@ -105,10 +105,11 @@ def _rule_controls(engine, prefix: str) -> ExitConfig | None:
                                help="fast = M2R2's accelerated stream; slow = plain early exit; "
                                     "tuned = the slow stream read through the tuned lens (the "
                                     "distance-based baseline; heuristic rules only).")
-    threshold = cols[2].number_input("Threshold", value=0.9, step=0.05,
+    threshold = cols[2].number_input("Threshold", value=0.9, step=0.05, format="%.3f",
                                      key=state.keyed(prefix, "thr"),
                                      help="0 to 1; a token exits at the first depth whose "
-                                          "score reaches it.")
+                                          "score reaches it. Quality close to the full model's "
+                                          "needs strict thresholds (0.99 and above).")
     shallow = caps.n_fast or caps.n_layers - 1
     min_layer = cols[3].number_input("Minimum layer", value=min(4, shallow), step=1,
                                      key=state.keyed(prefix, "min"),
@@ -219,7 +220,7 @@ def _redecide(engine, s: ExitSession) -> None:
                              index=rules.index(used.rule) if used.rule in rules else 0,
                              format_func=lambda x: RULE_LABELS[x])
     threshold = cols[2].slider("Threshold ", 0.0, 1.0, float(min(1.0, s.rule.rule.threshold)),
-                               0.01, key=state.EXIT_RE_THR)
+                               0.001, format="%.3f", key=state.EXIT_RE_THR)
     min_layer = cols[3].slider("Minimum layer ", 1, n - 1, min(s.rule.rule.min_layer, n - 1),
                                key=state.EXIT_RE_MIN)
     decisions = ex.decide_all(steps, stream, rule, threshold, min_layer, n)
