@@ -19,7 +19,7 @@ from m2r2core.errors import M2R2Error
 from m2r2core.exits.early_exit import KV_FILLS, NARROW_MODES, ExitConfig
 from m2r2core.exits.routers import LEARNED, RULE_LABELS, RULES, ExitRule
 
-REPORT = "exits_bf16_s26.json"
+REPORT = "exits_bf16_s40.json"
 RESULT_KEY = "exit_result"
 
 INTRO = """

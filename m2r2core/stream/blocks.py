@@ -134,10 +134,11 @@ def block_rows(bp: BlockParts, adapters: nn.ModuleDict | FusedAdapters | None,
             matmuls in the model's dtype, about 4x cheaper for a few rows on CPU (drafting,
             where verification makes small rounding differences harmless).
         own_keys: every row sees the past keys and its own key only (a token's slow row beside
-            its fast row; `mask` is then ignored). Attention runs row by row without a mask, so
-            each row's is bitwise the one-row product a plain decoder computes: the fused kernel
-            with a mask that hides a key rounds differently from the kernel without that key
-            (in bf16, 1 ulp in about one block in 30), which flips near-tied greedy tokens.
+            its fast row; `mask` and `exact` are then ignored). Attention runs row by row with
+            the fused kernel and no mask, so each row's is bitwise the one-row product a plain
+            decoder computes: the kernel with a mask that hides a key rounds differently from
+            the kernel without that key (in bf16, 1 ulp in about one block in 30), which flips
+            near-tied greedy tokens.
 
     Returns:
         The (B, R, H) outputs, and the rows' own (B, kv, R, D) rotated keys and values (for the
@@ -149,7 +150,7 @@ def block_rows(bp: BlockParts, adapters: nn.ModuleDict | FusedAdapters | None,
     q, k, v = (t.view(shape).transpose(1, 2) for t in _projections(
         "qkv", (bp.q_proj, bp.k_proj, bp.v_proj), x, adapters, n_fast))
     q, k = hf_compat.rotate(q, cos, sin), hf_compat.rotate(k, cos, sin)
-    if own_keys and exact:
+    if own_keys:  # always the fused kernel: the point is to be the one-row call
         gqa = bp.n_heads != bp.n_kv_heads
         attn = torch.cat([F.scaled_dot_product_attention(
             q[:, :, r:r + 1], _with_past(past_keys, k[:, :, r:r + 1]),
