@@ -150,40 +150,33 @@ def block_rows(bp: BlockParts, adapters: nn.ModuleDict | FusedAdapters | None,
     q, k, v = (t.view(shape).transpose(1, 2) for t in _projections(
         "qkv", (bp.q_proj, bp.k_proj, bp.v_proj), x, adapters, n_fast))
     q, k = hf_compat.rotate(q, cos, sin), hf_compat.rotate(k, cos, sin)
+    gqa = bp.n_heads != bp.n_kv_heads
     if own_keys:  # always the fused kernel: the point is to be the one-row call
-        gqa = bp.n_heads != bp.n_kv_heads
         attn = torch.cat([F.scaled_dot_product_attention(
             q[:, :, r:r + 1], _with_past(past_keys, k[:, :, r:r + 1]),
             _with_past(past_values, v[:, :, r:r + 1]), scale=bp.scaling, enable_gqa=gqa)
             for r in range(rows)], dim=2)
-        return _block_tail(bp, adapters, hidden, attn, n_fast), k, v
-    keys = _with_past(past_keys, k)
-    values = _with_past(past_values, v)
-    if exact:
-        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=bp.scaling,
-                                              enable_gqa=bp.n_heads != bp.n_kv_heads)
+    elif exact:
+        attn = F.scaled_dot_product_attention(q, _with_past(past_keys, k),
+                                              _with_past(past_values, v), attn_mask=mask,
+                                              scale=bp.scaling, enable_gqa=gqa)
     else:
-        attn = _matmul_attention(q, keys, values, mask, bp.scaling)
-    return _block_tail(bp, adapters, hidden, attn, n_fast), k, v
-
-
-def _with_past(past: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
-    return new if past is None else torch.cat([past, new], dim=2)
-
-
-def _block_tail(bp: BlockParts, adapters: nn.ModuleDict | FusedAdapters | None,
-                hidden: torch.Tensor, attn: torch.Tensor, n_fast: int) -> torch.Tensor:
-    """A block after its attention: output projection, residual, MLP, residual."""
-    batch, rows, _ = hidden.shape
+        attn = _matmul_attention(q, _with_past(past_keys, k), _with_past(past_values, v), mask,
+                                 bp.scaling)
     attn = attn.transpose(1, 2).reshape(batch, rows, -1)
     hidden = hidden + _projections("o", (bp.o_proj,), attn, adapters, n_fast)[0]
     x = bp.post_norm(hidden)
     if bp.mlp_proj is None:
-        return hidden + bp.mlp(x)
+        return hidden + bp.mlp(x), k, v
     gate, up, down = bp.mlp_proj
     g, u = _projections("gate_up", (gate, up), x, adapters, n_fast)
     inner = bp.act_fn(g) * u
-    return hidden + _projections("down", (down,), inner, adapters, n_fast)[0]
+    return hidden + _projections("down", (down,), inner, adapters, n_fast)[0], k, v
+
+
+def _with_past(past: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
+    """The new (B, kv, R, D) keys or values after the cached ones."""
+    return new if past is None else torch.cat([past, new], dim=2)
 
 
 def _matmul_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
