@@ -299,6 +299,64 @@ def test_biased_adapters_with_chosen_kl_depths(tmp_path, corpus, tiny_model_dir,
     assert "kl@2" in first and "kl@1" not in first
 
 
+def test_kl_depth_weights_scale_each_depths_kl(tiny_engine, corpus):
+    """--kl-depth-weights multiply each exit depth's KL in the loss (weight 0 leaves that depth's
+    KL out of the gradient, while its metrics are still logged); a count that does not match
+    --kl-depths is an error."""
+    import torch
+
+    from m2r2core.stream.accel import AccelConfig, Accelerator, LowRank
+    from m2r2core.train.adapters import adapter_loss
+    from m2r2core.train.data import batches
+
+    parts = tiny_engine.parts
+    accel = Accelerator(parts, AccelConfig(rate=2.0, rank=4, margin=0), seed=1)
+    for module in accel.modules():
+        if isinstance(module, LowRank):
+            torch.nn.init.normal_(module.B, std=0.5)
+    ids, lengths, starts = next(batches(distill.load(corpus), 4, 48, 0))
+
+    def loss(depths, weights=()):
+        return adapter_loss(parts, accel, ids, lengths, 1.0, 16, 1,
+                            torch.Generator().manual_seed(0), starts, depths,
+                            kl_depth_weights=weights)
+
+    both, metrics = loss((1, 2))
+    alone, _ = loss((1,))
+    assert torch.allclose(loss((1, 2), (1.0, 0.0))[0], alone)
+    doubled, _ = loss((1, 2), (1.0, 2.0))
+    assert torch.allclose(doubled - both, torch.tensor(metrics["kl@2"]), atol=1e-5)
+    with pytest.raises(ValueError):
+        loss((1, 2), (1.0,))
+
+
+def test_selection_depths_choose_the_best_and_are_recorded(tmp_path, corpus, tiny_model_dir,
+                                                           monkeypatch):
+    """--select-depths makes the dev score the mean agreement at those depths (logged and in the
+    card); weights that do not match --kl-depths, or a selection depth outside the fast stream,
+    are refused before anything is written."""
+    monkeypatch.setenv("M2R2_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "trained"
+    common = ["--model", str(tiny_model_dir), "--dtype", "float32", "--seq-len", "48",
+              "--data", str(corpus), "--out", str(out), "--steps", "2", "--batch-size", "4",
+              "--kl-positions", "16", "--rate", "2", "--kl-depths", "1", "2"]
+    with pytest.raises(SystemExit, match="gives 1 weights for 2 --kl-depths"):
+        train.main(["adapters", *common, "--kl-depth-weights", "2"])
+    with pytest.raises(SystemExit, match="--select-depths \\[7\\] are not fast depths"):
+        train.main(["adapters", *common, "--select-depths", "1", "7"])
+    assert not out.exists()
+    train.main(["adapters", *common, "--kl-depth-weights", "3", "1", "--select-depths", "1", "2",
+                "--eval-every", "1", "--run-name", "selected"])
+    card = json.loads((out / CARD_NAME).read_text())
+    assert card["training"]["kl_depth_weights"] == [3.0, 1.0]
+    assert card["training"]["select_depths"] == [1, 2]
+    rows = [json.loads(line) for line in (train.work_dir(str(tiny_model_dir)) / "selected"
+                                          / "eval.jsonl").read_text().splitlines()]
+    for row in rows:
+        fast = row["dev_lens_agreement"]["fast"]
+        assert row["dev_score"] == pytest.approx((fast[0] + fast[1]) / 2)
+
+
 def test_a_run_from_init_must_beat_its_start_to_replace_it(tmp_path, corpus, tiny_model_dir,
                                                             monkeypatch):
     """Continuing from saved adapters, the adapters started from are evaluated first (step 0)

@@ -114,13 +114,14 @@ def slow_states(parts, ids: torch.Tensor) -> tuple[list[torch.Tensor], tuple]:
 def adapter_loss(parts, accel: Accelerator, ids: torch.Tensor, lengths: torch.Tensor,
                  kl_weight: float, kl_positions: int, kl_every: int, generator: torch.Generator,
                  answer_starts: torch.Tensor | None = None,
-                 kl_depths: tuple[int, ...] = (), local: bool = False
-                 ) -> tuple[torch.Tensor, dict]:
+                 kl_depths: tuple[int, ...] = (), local: bool = False,
+                 kl_depth_weights: tuple[float, ...] = ()) -> tuple[torch.Tensor, dict]:
     """The method note's loss: sum over fast depths of (1 - cos(h^f_d, sg h^s_tau(d))), plus
     kl_weight * KL(p^s_N || p^f_d) at exit depths, on a sample of positions.
 
     Exit depths: `kl_depths` where given (each step's cost grows with their number: one LM-head
-    pass per depth), else every kl_every-th fast depth and the deepest one. `local`: each fast
+    pass per depth), else every kl_every-th fast depth and the deepest one; `kl_depth_weights`,
+    one per `kl_depths` entry, multiply their KL terms (default: 1 each). `local`: each fast
     block starts from its input depth's slow target (block-by-block warm start).
 
     The KL positions are drawn from the answers (chat samples; from `answer_starts`) and the
@@ -140,6 +141,7 @@ def adapter_loss(parts, accel: Accelerator, ids: torch.Tensor, lengths: torch.Te
     with torch.no_grad():
         teacher = Teacher.of(
             parts.lm_head(parts.norm(slow[n].reshape(-1, slow[n].shape[-1])[pick])).float())
+    weights = dict(zip(kl_depths, kl_depth_weights, strict=True)) if kl_depth_weights else {}
     exit_depths = [d for d in accel.depths if d in kl_depths] if kl_depths else [
         d for d in accel.depths if (d - accel.first) % kl_every == 0 or d == accel.max_depth]
     for depth, state in zip(accel.depths, fast, strict=True):
@@ -151,7 +153,7 @@ def adapter_loss(parts, accel: Accelerator, ids: torch.Tensor, lengths: torch.Te
             student = F.log_softmax(parts.lm_head(parts.norm(
                 state.reshape(-1, state.shape[-1])[pick])).float(), -1)
             kl = teacher.kl(student)
-            kl_terms.append(kl)
+            kl_terms.append(kl * weights.get(depth, 1.0))
             metrics[f"kl@{depth}"] = float(kl.detach())
             metrics[f"agree@{depth}"] = float((top_token(student.detach()) == teacher.top)
                                               .float().mean())
@@ -300,6 +302,12 @@ class AdapterTraining:
         if outside:
             raise M2R2Error(f"--kl-depths {outside} are not fast depths; this stream has depths "
                             f"{self.accel.depths.start}..{self.accel.depths.stop - 1}.")
+        weights = getattr(args, "kl_depth_weights", None)
+        if weights and len(weights) != len(args.kl_depths):
+            raise M2R2Error(f"--kl-depth-weights gives {len(weights)} weights for "
+                            f"{len(args.kl_depths)} --kl-depths; give one per depth.")
+        if weights and min(weights) < 0:
+            raise M2R2Error("--kl-depth-weights must not be negative.")
         set_dropout(self.accel, getattr(args, "adapter_dropout", 0.0))
         self.optim = optimizer(self.accel, args)
         self.run = Run(work_dir(args.model) / (args.run_name or f"adapters-r{args.rate:g}"))
@@ -310,6 +318,11 @@ class AdapterTraining:
         self.out = args.out or default_out(args.model)
         self.report_depth = min(self.accel.max_depth,
                                 math.ceil(self.parts.n_layers / args.rate))
+        self.select_depths = tuple(getattr(args, "select_depths", None) or (self.report_depth,))
+        outside = sorted(set(self.select_depths) - set(self.accel.depths))
+        if outside:
+            raise M2R2Error(f"--select-depths {outside} are not fast depths; this stream has "
+                            f"depths {self.accel.depths.start}..{self.accel.depths.stop - 1}.")
         self.started, self.tokens, self.last = time.time(), tokens, {}
         self.resumed_tokens = tokens
         """Tokens trained before this process started (a resumed run's)."""
@@ -351,7 +364,8 @@ class AdapterTraining:
             group["lr"] = lr * group.get("lr_mult", 1.0)
         loss, metrics = adapter_loss(self.parts, self.accel, ids, lengths, args.kl_weight,
                                      args.kl_positions, args.kl_every, generator, starts,
-                                     tuple(args.kl_depths), local=self.step < args.warm_start)
+                                     tuple(args.kl_depths), local=self.step < args.warm_start,
+                                     kl_depth_weights=tuple(args.kl_depth_weights or ()))
         self.optim.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.accel.parameters(), 1.0)
@@ -371,11 +385,12 @@ class AdapterTraining:
         args = self.args
         dev = held_out_agreement(self.parts, self.accel, self.data["dev"][:args.eval_samples],
                                  args.seq_len)
-        score = dev["fast"][self.report_depth - self.accel.depths.start]
+        score = sum(dev["fast"][d - self.accel.depths.start]
+                    for d in self.select_depths) / len(self.select_depths)
         self.run.log({"step": self.step, "dev_lens_agreement": dev, "dev_score": score,
                       "elapsed_s": round(time.time() - self.started, 1)}, evaluation=True)
-        log.info("step %d: dev agreement at depth %d = %.4f (best %.4f)", self.step,
-                 self.report_depth, score, self.best)
+        log.info("step %d: dev agreement at depths %s = %.4f (best %.4f)", self.step,
+                 "+".join(map(str, self.select_depths)), score, self.best)
         if not save:
             self.best = max(self.best, score)
         elif score > self.best:
@@ -406,6 +421,8 @@ class AdapterTraining:
         training = {k: getattr(args, k) for k in (
             "steps", "batching", "batch_size", "batch_tokens", "seq_len", "lr", "kl_weight",
             "kl_positions", "kl_every", "kl_depths", "warm_start", "seed", "dtype")}
+        training["kl_depth_weights"] = getattr(args, "kl_depth_weights", None)
+        training["select_depths"] = list(self.select_depths)
         training["adapter_dropout"] = getattr(args, "adapter_dropout", 0.0)
         return AdapterCard(
             config=vars(config) | {"projections": list(config.projections)},

@@ -188,6 +188,12 @@ def _adapters(s: argparse.ArgumentParser) -> None:
     s.add_argument("--kl-every", type=int, default=3)
     s.add_argument("--kl-depths", type=int, nargs="*", default=[],
                    help="the fast depths with the KL term (default: every --kl-every)")
+    s.add_argument("--kl-depth-weights", type=float, nargs="+", default=None,
+                   help="one weight per --kl-depths entry, multiplying that depth's KL "
+                        "(default: 1 each)")
+    s.add_argument("--select-depths", type=int, nargs="+", default=None,
+                   help="the best adapters are those with the highest mean dev agreement "
+                        "at these fast depths (default: depth N/r alone)")
     s.add_argument("--bias", action="store_true",
                    help="also learn a bias on each adapted block's MLP output")
     s.add_argument("--bias-lr-mult", type=float, default=50.0,
