@@ -113,6 +113,38 @@ def test_merged_blocks_equal_blocks_plus_deltas(engines, family, bias):
         assert acc.merged_block(index, bp) is acc.merged_block(index, bp)  # built once
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_folded_adapters_keep_the_slow_rows_and_add_the_fast_rows_deltas(engines, family):
+    """Folding the A matrices into the block's own projections: the slow rows of a block call
+    are the unfolded call's bit for bit (where this CPU's products allow it; otherwise a group is
+    left unfolded), and the fast rows get the same deltas to rounding."""
+    from m2r2core.stream.blocks import FoldedAdapters
+
+    parts = engines[family].parts
+    acc = _random_adapters(parts, bias=True)
+    gen = torch.Generator().manual_seed(4)
+    hidden, heads = parts.config.hidden_size, parts.config.num_key_value_heads
+    dim = hidden // parts.config.num_attention_heads
+    for index in range(acc.first, acc.first + acc.n_fast):
+        bp = hf_compat.block_parts(parts, index)
+        folded = acc.inference_block(index, bp)
+        assert isinstance(folded, FoldedAdapters) and acc.inference_block(index, bp) is folded
+        assert folded.folded, "no group folded: this CPU's products differ by shape"
+        for rows in (1, 2, 5):
+            x = torch.randn(1, rows, hidden, generator=gen)
+            keys, values = (torch.randn(1, heads, 7, dim, generator=gen) for _ in range(2))
+            cos, sin = parts.rotary_emb(x, torch.arange(7, 7 + rows)[None])
+            mask = torch.cat([torch.ones(rows, 7, dtype=torch.bool),
+                              visible(torch.arange(rows), torch.arange(rows), None)], dim=1)
+            plain = block_rows(bp, acc.inference_block(index), x, cos, sin, keys, values, mask, 1)
+            got = block_rows(bp, folded, x, cos, sin, keys, values, mask, 1)
+            assert torch.equal(got[0][:, :-1], plain[0][:, :-1])
+            assert torch.equal(got[1][:, :, :-1], plain[1][:, :, :-1])
+            assert torch.equal(got[2][:, :, :-1], plain[2][:, :, :-1])
+            for a, b in zip(got, plain, strict=True):
+                torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
 def test_fused_adapters_on_the_last_rows_of_a_bf16_block_input(engines):
     """Decoding's fused adapters, fed the strided last row of a bf16 block input (as the exit
     decoder feeds them), give the training adapters' deltas in the input's dtype."""

@@ -78,12 +78,13 @@ def test_the_slow_row_beside_the_fast_row_is_the_slow_row_alone_in_bf16(real_mod
         for layer in range(acc.first, acc.first + acc.n_fast):
             bp = hf_compat.block_parts(parts, layer)
             alone, k1, _ = block_rows(bp, None, rows[:, :1], cos, sin, keys, values, None, 0)
-            both, k2, _ = block_rows(bp, acc.inference_block(layer), rows,
-                                     cos.expand(-1, 2, -1), sin.expand(-1, 2, -1), keys, values,
-                                     None, 1, own_keys=True)
-            assert torch.equal(alone[:, 0], both[:, 0]), (past, layer)
-            assert torch.equal(k1[:, :, 0], k2[:, :, 0])
-            assert not torch.equal(both[:, 0], both[:, 1])  # the fast row got its adapters
+            for fused in (acc.inference_block(layer), acc.inference_block(layer, bp)):
+                both, k2, _ = block_rows(bp, fused, rows, cos.expand(-1, 2, -1),
+                                         sin.expand(-1, 2, -1), keys, values, None, 1,
+                                         own_keys=True)
+                assert torch.equal(alone[:, 0], both[:, 0]), (past, layer, type(fused))
+                assert torch.equal(k1[:, :, 0], k2[:, :, 0])
+                assert not torch.equal(both[:, 0], both[:, 1])  # the fast row got its adapters
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral"])

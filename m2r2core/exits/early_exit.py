@@ -259,7 +259,7 @@ class BlockRows:
             mask = slow_mask
         hidden = torch.cat(parts_h, dim=1)
         cos, sin = cos_all[:, index], sin_all[:, index]
-        adapters = self.accel.inference_block(layer) if n_fast else None
+        adapters = self.accel.inference_block(layer, bp) if n_fast else None
         out, keys, values = block_rows(bp, adapters, hidden, cos, sin, past_k, past_v, mask,
                                        n_fast)
         self.blocks_run += 1
@@ -284,7 +284,7 @@ class BlockRows:
         else:  # each row sees the past and its own key: the slow row's attention stays the
             # full model's, bit for bit
             out, keys, values = block_rows(
-                bp, self.accel.inference_block(layer), torch.cat([row.hidden, fast_hidden], 1),
+                bp, self.accel.inference_block(layer, bp), torch.cat([row.hidden, fast_hidden], 1),
                 cos.expand(-1, 2, -1), sin.expand(-1, 2, -1), past_k, past_v, None, 1,
                 own_keys=True)
         self.blocks_run += 1

@@ -22,7 +22,14 @@ from m2r2core import artifacts
 from m2r2core.errors import AdapterError, ConfigError, require
 from m2r2core.runtime import hf_compat
 from m2r2core.runtime.hf_compat import BlockParts, DecoderParts
-from m2r2core.stream.blocks import FusedAdapters, block_rows, keys_values, merged_block, visible
+from m2r2core.stream.blocks import (
+    FoldedAdapters,
+    FusedAdapters,
+    block_rows,
+    keys_values,
+    merged_block,
+    visible,
+)
 
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 TARGETS = ("rate", "final")
@@ -171,18 +178,23 @@ class Accelerator(nn.Module):
         offset = index - self.first
         return self.blocks[offset] if 0 <= offset < self.n_fast else None
 
-    def inference_block(self, index: int) -> FusedAdapters | None:
+    def inference_block(self, index: int, bp: BlockParts | None = None
+                        ) -> FusedAdapters | None:
         """The fused adapters of block `index` for decoding (built once per dtype and device of
-        the adapters).
+        the adapters and of `bp`'s weights). With `bp`, the block's own projections: the A
+        matrices are folded into them (FoldedAdapters; a copy of the block's weights).
         """
         offset = index - self.first
         if not 0 <= offset < self.n_fast:
             return None
         cache = self.__dict__.setdefault("_fused", {})
         a = next(iter(self.blocks[offset].values())).A
-        if offset not in cache or cache[offset][0] != (a.dtype, a.device):
-            cache[offset] = ((a.dtype, a.device), FusedAdapters(self.blocks[offset]))
-        return cache[offset][1]
+        key = (offset, None if bp is None else (bp.q_proj.weight.dtype, id(bp.q_proj.weight)))
+        if key not in cache or cache[key][0] != (a.dtype, a.device):
+            fused = (FusedAdapters(self.blocks[offset]) if bp is None
+                     else FoldedAdapters(self.blocks[offset], bp))
+            cache[key] = ((a.dtype, a.device), fused)
+        return cache[key][1]
 
     def merged_block(self, index: int, bp: BlockParts) -> BlockParts:
         """Block `index` with its adapters folded into the weights (built once; see
@@ -315,7 +327,7 @@ def fast_trajectory(parts: DecoderParts, accel: Accelerator, start: torch.Tensor
         key_pos = torch.arange(total - stored, total, device=start.device)
         mask = torch.cat([visible(positions[0], key_pos, bp.sliding_window, strict=True),
                           torch.ones(1, 1, dtype=torch.bool, device=start.device)], dim=1)
-        hidden, _, _ = block_rows(bp, accel.inference_block(index), hidden, cos, sin, keys,
+        hidden, _, _ = block_rows(bp, accel.inference_block(index, bp), hidden, cos, sin, keys,
                                   values, mask, n_fast=1)
         states.append(hidden)
     return states

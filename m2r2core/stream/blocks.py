@@ -59,6 +59,84 @@ class FusedAdapters:
         return dict(zip(names, out.split(sizes, dim=-1), strict=True))
 
 
+class FoldedAdapters(FusedAdapters):
+    """FusedAdapters with each group's stacked A folded into the block's own projections: one
+    product [W_1; ...; W_n; A] over every row gives the base outputs of all rows and the fast
+    rows' low-rank codes, then each projection's B (float32, no block-diagonal zeros) maps the
+    codes to its delta. A block call with a fast row then reads the A matrices once in the
+    model's dtype inside the base product, instead of running two more float32 products over a
+    block-diagonal B (session 41: the adapters' float32 bytes were most of the fast row's cost).
+
+    The slow rows stay the plain model's only if this CPU's product of the concatenated weight
+    gives the base rows the bits of the separate products. That is checked once per group when
+    built, for one to eight rows; a group that fails keeps the unfolded path.
+    Memory: the folded groups hold a copy of the block's base weights.
+    """
+
+    def __init__(self, adapters: nn.ModuleDict, bp: BlockParts) -> None:
+        """Fuse `adapters` and fold each group's A into `bp`'s projections where bitwise safe."""
+        super().__init__(adapters)
+        self.folded: dict[str, tuple[torch.Tensor, torch.Tensor | None, list[int],
+                                     list[torch.Tensor], list[torch.Tensor | None], int]] = {}
+        linears = {"qkv": (bp.q_proj, bp.k_proj, bp.v_proj), "o": (bp.o_proj,)}
+        if bp.mlp_proj is not None:
+            gate, up, down = bp.mlp_proj
+            linears |= {"gate_up": (gate, up), "down": (down,)}
+        with torch.no_grad():
+            for group, (names, a, _, _, sizes) in self.groups.items():
+                bases = linears.get(group)
+                if (bases is None or len(bases) != len(names) or len(names) != len(GROUPS[group])
+                        or not all(type(b) is nn.Linear for b in bases)):
+                    continue
+                dtype = bases[0].weight.dtype
+                weight = torch.cat([b.weight for b in bases] + [a.to(dtype)]).contiguous()
+                bias = None
+                if any(b.bias is not None for b in bases):
+                    bias = torch.cat([torch.zeros(b.out_features, dtype=dtype, device=a.device)
+                                      if b.bias is None else b.bias for b in bases]
+                                     + [torch.zeros(a.shape[0], dtype=dtype, device=a.device)])
+                rank = a.shape[0] // len(names)
+                # (rank, out): codes @ B^T by mm is about twice as fast as F.linear(codes, B)
+                # at one row in float32 on CPU (session 41)
+                bs = [(adapters[n].B * adapters[n].scale).float().t().contiguous() for n in names]
+                biases = [None if adapters[n].bias is None else adapters[n].bias.float()
+                          for n in names]
+                if _same_bits(bases, weight, bias, sum(sizes)):
+                    self.folded[group] = (weight, bias, sizes, bs, biases, rank)
+
+    def outputs(self, group: str, x: torch.Tensor, n_fast: int) -> list[torch.Tensor] | None:
+        """The group's projections of x (B, R, in), deltas added on the last n_fast rows; None
+        where the group is not folded.
+        """
+        if group not in self.folded:
+            return None
+        weight, bias, sizes, bs, biases, rank = self.folded[group]
+        out = F.linear(x, weight, bias)
+        base = sum(sizes)
+        codes = out[:, -n_fast:, base:].reshape(-1, out.shape[-1] - base).float()
+        start = 0
+        for i, (size, b_t, extra) in enumerate(zip(sizes, bs, biases, strict=True)):
+            delta = torch.mm(codes[:, i * rank:(i + 1) * rank], b_t)
+            if extra is not None:
+                delta += extra
+            out[:, -n_fast:, start:start + size] += delta.to(out.dtype).view(
+                out.shape[0], n_fast, size)
+            start += size
+        return list(out[..., :base].split(sizes, dim=-1))
+
+
+def _same_bits(bases: tuple[nn.Linear, ...], weight: torch.Tensor, bias: torch.Tensor | None,
+               width: int) -> bool:
+    """Whether the product with the folded weight gives every row the separate products' bits."""
+    gen = torch.Generator().manual_seed(0)
+    for rows in range(1, 9):
+        x = torch.randn(1, rows, weight.shape[1], generator=gen).to(weight)
+        separate = torch.cat([b(x) for b in bases], dim=-1)
+        if not torch.equal(F.linear(x, weight, bias)[..., :width], separate):
+            return False
+    return True
+
+
 PROJECTIONS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}
 """Adapter name -> BlockParts attribute, for the attention projections (the MLP's: mlp_proj)."""
 
@@ -95,6 +173,10 @@ def _projections(group: str, linears: tuple[nn.Linear, ...], x: torch.Tensor,
                  adapters: nn.ModuleDict | FusedAdapters | None, n_fast: int
                  ) -> list[torch.Tensor]:
     """The group's projections of x (B, R, in), adapters added on the last n_fast rows."""
+    if isinstance(adapters, FoldedAdapters) and n_fast:
+        folded = adapters.outputs(group, x, n_fast)
+        if folded is not None:
+            return folded
     outs = [linear(x) for linear in linears]
     if adapters is None or n_fast == 0:
         return outs
