@@ -453,3 +453,20 @@ def test_greedy_answers_equal_generate_while_finished_rows_leave(tiny_engine, mo
     assert len(ours[0]) < 10 and any(len(a) == 10 for a in ours)  # some leave, some run on
     assert selects  # finished rows did leave the batch
     assert not model.get_output_embeddings()._forward_pre_hooks
+
+
+def test_quality_answers_to_ids_are_the_batched_answers_and_tuning_needs_a_corpus(
+        tiny_engine, tmp_path, monkeypatch):
+    """The MoE quality check's tuning split answers already-templated prompt ids as its reported
+    split answers prompt texts; without a distillation corpus it says how to build one."""
+    from m2r2core.runtime.prompt import encode
+    from m2r2core.train import corpus, moe_quality
+
+    model, tokenizer = tiny_engine.model, tiny_engine.tokenizer
+    prompts = ["Name a colour.", "Explain why the sky looks blue at noon on a clear day."]
+    rows = [encode(tokenizer, p, True, None) for p in prompts]
+    assert (moe_quality.answers_to_ids(model, tokenizer, rows, 5)
+            == moe_quality.batched_answers(model, tokenizer, prompts, 5))
+    monkeypatch.setenv("M2R2_CACHE", str(tmp_path))
+    with pytest.raises(corpus.CorpusError, match="build it with"):
+        moe_quality.tuning_sets(4, 2)

@@ -13,6 +13,10 @@ Measured in float32 on sets nothing was fitted, distilled or tuned on:
 
 Each MoE is the plain MoEfication and, when there is one, the distillation; the figures also go
 into the distilled card, which the Expert Loading page shows.
+
+`--split tuning` measures the same on sets that may be used to choose between MoEs: the
+distillation's dev lead sections (moe_distill.dev_texts) and the prompts of the distillation
+corpus's dev split (instructions no train answer came from). It never writes the card.
 """
 
 from __future__ import annotations
@@ -49,6 +53,12 @@ def batched_answers(model, tokenizer, prompts: list[str], max_new_tokens: int) -
     from m2r2core.runtime import prompt as prompt_mod
 
     rows = [prompt_mod.encode(tokenizer, text, True, None) for text in prompts]
+    return answers_to_ids(model, tokenizer, rows, max_new_tokens)
+
+
+def answers_to_ids(model, tokenizer, rows: list[list[int]], max_new_tokens: int
+                   ) -> list[list[int]]:
+    """Greedy answers to already-templated prompt ids, in one left-padded batch; cut at EOS."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     eos = eos_ids(model)
     return [answer[:-1] if answer and answer[-1] in eos else answer
@@ -88,11 +98,29 @@ def router_agreement(moe, tokenizer, texts: list[str], seq_len: int = 256) -> di
     return {"mean": round(sum(by_layer.values()) / len(by_layer), 4), "by_layer": by_layer}
 
 
+def tuning_sets(n_texts: int, n_prompts: int) -> tuple[list[str], list[list[int]]]:
+    """The tuning split: the distillation's dev lead sections and the templated prompts of the
+    corpus's dev chat samples (the dense model's fingerprint checked).
+    """
+    from m2r2core.runtime.model import DEFAULT_MODEL
+    from m2r2core.train import corpus
+    from m2r2core.train.common import work_dir
+    from m2r2core.train.moe_distill import dev_texts
+
+    samples = corpus.load(work_dir(DEFAULT_MODEL) / "corpus", "dev", with_text=False)
+    rows = [s.ids[:s.answer_start] for s in samples if s.kind == "chat" and s.answer_start]
+    if len(rows) < n_prompts:
+        raise corpus.CorpusError(f"The corpus's dev split has {len(rows)} chat prompts; "
+                                 f"--prompts asks for {n_prompts}.")
+    return dev_texts(n_texts), rows[:n_prompts]
+
+
 def measure(trained: Path, n_texts: int, n_prompts: int, max_new_tokens: int, threads: int,
-            progress=print) -> dict:
+            progress=print, split: str = "reported") -> dict:
     """Perplexity, answers and router agreement of the dense model and each MoE of `trained`
     (a MoEfication folder: the committed one, or another, such as a fit of another structure,
-    which builds into its own cache folder).
+    which builds into its own cache folder). `split`: the reported sets, or the tuning ones
+    (tuning_sets).
     """
     from analysis.exits import rouge_l
     from analysis.prompts import load_prompts
@@ -102,19 +130,25 @@ def measure(trained: Path, n_texts: int, n_prompts: int, max_new_tokens: int, th
     from m2r2core.train.moe import heldout_texts, perplexity
 
     torch.set_num_threads(threads)
-    texts = heldout_texts(n_texts)
-    prompts = [p.text for p in load_prompts("mt-bench")[:n_prompts]]
+    if split == "tuning":
+        texts, prompt_ids = tuning_sets(n_texts, n_prompts)
+        prompts = [""] * len(prompt_ids)
+    else:
+        texts, prompt_ids = heldout_texts(n_texts), None
+        prompts = [p.text for p in load_prompts("mt-bench")[:n_prompts]]
     folders = {"moefied": moefy.build(trained, distilled=False)}
     if distilled.exists(trained):
         folders["distilled"] = moefy.build(trained)
-    report: dict = {"trained": trained.name, "ppl_texts": len(texts), "prompts": len(prompts),
-                    "max_new_tokens": max_new_tokens, "models": {}}
+    report: dict = {"trained": trained.name, "split": split, "ppl_texts": len(texts),
+                    "prompts": len(prompts), "max_new_tokens": max_new_tokens, "models": {}}
     dense_answers = None
     for name, folder in [("dense", DEFAULT_MODEL), *folders.items()]:
         progress(f"measuring {name}")
         loaded = load(EngineConfig(model=str(folder), dtype="float32", threads=threads))
         model, tokenizer = loaded.model, loaded.tokenizer
-        answers = batched_answers(model, tokenizer, prompts, max_new_tokens)
+        answers = (batched_answers(model, tokenizer, prompts, max_new_tokens)
+                   if prompt_ids is None else
+                   answers_to_ids(model, tokenizer, prompt_ids, max_new_tokens))
         reps = [repetition(a) for a in answers]
         row = {"ppl": round(perplexity(model, tokenizer, texts), 3),
                "repeated_4grams_mean": round(sum(reps) / len(reps), 4),
@@ -127,7 +161,8 @@ def measure(trained: Path, n_texts: int, n_prompts: int, max_new_tokens: int, th
             scores = [rouge_l(d, ref) for d, ref in zip(decoded, dense_answers)]
             row |= {"rouge_l_vs_dense": round(sum(scores) / len(scores), 4),
                     "router_agreement": router_agreement(model, tokenizer, texts),
-                    "sample": {"prompt": prompts[0][:200], "dense": dense_answers[0],
+                    "sample": {"prompt": (prompts[0] or tokenizer.decode(prompt_ids[0]))[:200],
+                               "dense": dense_answers[0],
                                "moe": decoded[0]}}
         report["models"][name] = row
         del loaded, model
@@ -143,13 +178,14 @@ def cmd_quality(args: argparse.Namespace) -> None:
     from m2r2core.moe import distilled, moefy
 
     trained = Path(args.trained or moefy.TRAINED_DIR)
-    report = measure(trained, args.texts, args.prompts, args.max_new_tokens, args.threads)
+    report = measure(trained, args.texts, args.prompts, args.max_new_tokens, args.threads,
+                     split=args.split)
     text = json.dumps(report, indent=2)
     print(text)
     if args.report:
         Path(args.report).parent.mkdir(parents=True, exist_ok=True)
         Path(args.report).write_text(text + "\n")
-    if "distilled" in report["models"]:
+    if "distilled" in report["models"] and args.split == "reported":
         card = artifacts.read_card(trained, distilled.CARD, "distilled MoE",
                                    distilled.DISTILL)
         card["metrics"]["quality"] = {
@@ -322,6 +358,10 @@ def add_parser(sub) -> None:
     q.add_argument("--report", type=Path, default=None)
     q.add_argument("--trained", type=Path, default=None, help="the MoEfication folder to "
                    "measure (default: the committed one, artifacts/smollm2-135m-moe)")
+    q.add_argument("--split", default="reported", choices=("reported", "tuning"),
+                   help="reported: held-out leads and MT-Bench (written into the card); "
+                        "tuning: the distillation's dev leads and the corpus's dev prompts, "
+                        "to choose between MoEs (never written into the card)")
     q.set_defaults(func=cmd_quality)
     s = _probe_parser(sub, "sensitivity", cmd_sensitivity,
                       "perplexity with the costliest MoE layers made dense")
