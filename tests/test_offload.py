@@ -514,15 +514,24 @@ def test_minibatch_fits_learn_the_routes_and_bad_losses_are_refused(offload):
 
 def test_fit_accel_keeps_its_states_in_the_cache_and_rereads_them(tmp_path, monkeypatch):
     """--states-cache: the second call with the same settings reads the file instead of the
-    model; other settings, or a corrupt file, read again."""
+    model; other settings, another MoE's files (a distillation of the same MoEfication: the
+    model fingerprint, the base model's, cannot tell them apart), or a corrupt file, read
+    again."""
     import argparse
 
+    from m2r2core.moe import distilled as distilled_mod
+    from m2r2core.moe import moefy
     from m2r2core.train import moe_accel
 
-    monkeypatch.setattr("m2r2core.train.common.default_cache_dir", lambda: tmp_path)
+    monkeypatch.setattr("m2r2core.train.common.default_cache_dir", lambda: tmp_path / "cache")
     monkeypatch.setattr("m2r2core.runtime.model.fingerprint", lambda model: "fp")
+    trained = tmp_path / "moe"
+    trained.mkdir()
+    (trained / moefy.WEIGHTS).write_bytes(b"moefication")
+    (trained / distilled_mod.CARD).write_text("{}")
+    (trained / distilled_mod.WEIGHTS).write_bytes(b"distillation 1")
     args = argparse.Namespace(states_cache=True, tokens=100, answers=0, answer_tokens=8,
-                              corpus_answers=0, seed=0)
+                              corpus_answers=0, seed=0, trained=str(trained))
     calls = []
 
     def read():
@@ -532,16 +541,19 @@ def test_fit_accel_keeps_its_states_in_the_cache_and_rereads_them(tmp_path, monk
     first = moe_accel._cached(args, None, "train", read)
     again = moe_accel._cached(args, None, "train", read)
     assert len(calls) == 1 and torch.equal(first[0][0], again[0][0])
-    args.tokens = 200
+    (trained / distilled_mod.WEIGHTS).write_bytes(b"distillation 2")
     moe_accel._cached(args, None, "train", read)
     assert len(calls) == 2
+    args.tokens = 200
+    moe_accel._cached(args, None, "train", read)
+    assert len(calls) == 3
     for path in tmp_path.rglob("accel-states-*.pt"):
         path.write_bytes(b"not a torch file")
     moe_accel._cached(args, None, "train", read)
-    assert len(calls) == 3
+    assert len(calls) == 4
     args.states_cache = False
     moe_accel._cached(args, None, "train", read)
-    assert len(calls) == 4 and not list(tmp_path.rglob("*.tmp"))
+    assert len(calls) == 5 and not list(tmp_path.rglob("*.tmp"))
 
 
 @pytest.mark.parametrize("gap", [None, 0.0, 0.4])

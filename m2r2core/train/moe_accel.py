@@ -159,7 +159,7 @@ def _held_states(args: argparse.Namespace, model, tokenizer, text) -> dict:
 
 
 def _cached(args: argparse.Namespace, model, part: str, read):
-    """`read()`, or what it returned before with the same MoE and data settings when
+    """`read()`, or what it returned before with the same MoE files and data settings when
     --states-cache is on (kept in the model cache, written atomically): reading 100k tokens
     costs minutes, and a refit with other training settings needs the same states.
     """
@@ -168,10 +168,12 @@ def _cached(args: argparse.Namespace, model, part: str, read):
 
     if not getattr(args, "states_cache", False):
         return read()
-    key = {"part": part, "moe": fingerprint(model), "tokens": args.tokens,
-           "answers": args.answers, "answer_tokens": args.answer_tokens,
+    # the model's fingerprint is the base model's (architecture and head): every MoE cut from
+    # it shares it, so the MoE's own files (MoEfication and distillation) are in the key too
+    key = {"part": part, "moe": fingerprint(model), "moe_files": files_digest(Path(args.trained)),
+           "tokens": args.tokens, "answers": args.answers, "answer_tokens": args.answer_tokens,
            "corpus_answers": args.corpus_answers if part == "train" else 0, "seed": args.seed,
-           "version": 1}
+           "version": 2}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     path = work_dir(DEFAULT_MODEL) / f"accel-states-{part}-{digest}.pt"
     if path.is_file():
