@@ -66,6 +66,8 @@ class FoldedAdapters(FusedAdapters):
     codes to its delta. A block call with a fast row then reads the A matrices once in the
     model's dtype inside the base product, instead of running two more float32 products over a
     block-diagonal B (session 41: the adapters' float32 bytes were most of the fast row's cost).
+    The codes come out in the model's dtype, so in bf16 the fast row rounds a little differently
+    from FusedAdapters' float32 codes.
 
     The slow rows stay the plain model's only if this CPU's product of the concatenated weight
     gives the base rows the bits of the separate products. That is checked once per group when
