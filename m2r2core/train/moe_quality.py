@@ -100,7 +100,7 @@ def router_agreement(moe, tokenizer, texts: list[str], seq_len: int = 256) -> di
 
 def tuning_sets(n_texts: int, n_prompts: int) -> tuple[list[str], list[list[int]]]:
     """The tuning split: the distillation's dev lead sections and the templated prompts of the
-    corpus's dev chat samples (the dense model's fingerprint checked).
+    corpus's dev chat samples.
     """
     from m2r2core.runtime.model import DEFAULT_MODEL
     from m2r2core.train import corpus
@@ -132,22 +132,23 @@ def measure(trained: Path, n_texts: int, n_prompts: int, max_new_tokens: int, th
     torch.set_num_threads(threads)
     if split == "tuning":
         texts, prompt_ids = tuning_sets(n_texts, n_prompts)
-        prompts = [""] * len(prompt_ids)
+        prompts: list[str] | None = None
     else:
         texts, prompt_ids = heldout_texts(n_texts), None
         prompts = [p.text for p in load_prompts("mt-bench")[:n_prompts]]
+    count = len(prompts if prompts is not None else prompt_ids)
     folders = {"moefied": moefy.build(trained, distilled=False)}
     if distilled.exists(trained):
         folders["distilled"] = moefy.build(trained)
     report: dict = {"trained": trained.name, "split": split, "ppl_texts": len(texts),
-                    "prompts": len(prompts), "max_new_tokens": max_new_tokens, "models": {}}
+                    "prompts": count, "max_new_tokens": max_new_tokens, "models": {}}
     dense_answers = None
     for name, folder in [("dense", DEFAULT_MODEL), *folders.items()]:
         progress(f"measuring {name}")
         loaded = load(EngineConfig(model=str(folder), dtype="float32", threads=threads))
         model, tokenizer = loaded.model, loaded.tokenizer
         answers = (batched_answers(model, tokenizer, prompts, max_new_tokens)
-                   if prompt_ids is None else
+                   if prompts is not None else
                    answers_to_ids(model, tokenizer, prompt_ids, max_new_tokens))
         reps = [repetition(a) for a in answers]
         row = {"ppl": round(perplexity(model, tokenizer, texts), 3),
@@ -161,9 +162,9 @@ def measure(trained: Path, n_texts: int, n_prompts: int, max_new_tokens: int, th
             scores = [rouge_l(d, ref) for d, ref in zip(decoded, dense_answers)]
             row |= {"rouge_l_vs_dense": round(sum(scores) / len(scores), 4),
                     "router_agreement": router_agreement(model, tokenizer, texts),
-                    "sample": {"prompt": (prompts[0] or tokenizer.decode(prompt_ids[0]))[:200],
-                               "dense": dense_answers[0],
-                               "moe": decoded[0]}}
+                    "sample": {"prompt": (prompts[0] if prompts is not None
+                                          else tokenizer.decode(prompt_ids[0]))[:200],
+                               "dense": dense_answers[0], "moe": decoded[0]}}
         report["models"][name] = row
         del loaded, model
     dense_ppl = report["models"]["dense"]["ppl"]
