@@ -58,6 +58,18 @@ class FusedAdapters:
         out = F.linear(F.linear(flat, a), b, bias).to(x.dtype).view(*x.shape[:-1], -1)
         return dict(zip(names, out.split(sizes, dim=-1), strict=True))
 
+    def project(self, group: str, linears: tuple[nn.Linear, ...], x: torch.Tensor,
+                n_fast: int) -> list[torch.Tensor]:
+        """The group's projections of x (B, R, in), the deltas added in place on the last
+        n_fast rows.
+        """
+        outs = [linear(x) for linear in linears]
+        deltas = self.deltas(group, x[:, -n_fast:])
+        for name, out in zip(GROUPS[group], outs, strict=True):
+            if name in deltas:
+                out[:, -n_fast:] += deltas[name]
+        return outs
+
 
 class FoldedAdapters(FusedAdapters):
     """FusedAdapters with each group's stacked A folded into the block's own projections: one
@@ -106,12 +118,13 @@ class FoldedAdapters(FusedAdapters):
                 if _same_bits(bases, weight, bias, sum(sizes)):
                     self.folded[group] = (weight, bias, sizes, bs, biases, rank)
 
-    def outputs(self, group: str, x: torch.Tensor, n_fast: int) -> list[torch.Tensor] | None:
-        """The group's projections of x (B, R, in), deltas added on the last n_fast rows; None
-        where the group is not folded.
+    def project(self, group: str, linears: tuple[nn.Linear, ...], x: torch.Tensor,
+                n_fast: int) -> list[torch.Tensor]:
+        """As FusedAdapters.project, by one product with the folded weight where the group is
+        folded.
         """
         if group not in self.folded:
-            return None
+            return super().project(group, linears, x, n_fast)
         weight, bias, sizes, bs, biases, rank = self.folded[group]
         out = F.linear(x, weight, bias)
         base = sum(sizes)
@@ -175,22 +188,13 @@ def _projections(group: str, linears: tuple[nn.Linear, ...], x: torch.Tensor,
                  adapters: nn.ModuleDict | FusedAdapters | None, n_fast: int
                  ) -> list[torch.Tensor]:
     """The group's projections of x (B, R, in), adapters added on the last n_fast rows."""
-    if isinstance(adapters, FoldedAdapters) and n_fast:
-        folded = adapters.outputs(group, x, n_fast)
-        if folded is not None:
-            return folded
+    if isinstance(adapters, FusedAdapters) and n_fast:  # decoding: no autograd, in place
+        return adapters.project(group, linears, x, n_fast)
     outs = [linear(x) for linear in linears]
     if adapters is None or n_fast == 0:
         return outs
-    names = GROUPS[group]
-    if isinstance(adapters, FusedAdapters):  # decoding: no autograd, add in place
-        deltas = adapters.deltas(group, x[:, -n_fast:])
-        for name, out in zip(names, outs, strict=True):
-            if name in deltas:
-                out[:, -n_fast:] += deltas[name]
-        return outs
     result = []
-    for name, out in zip(names, outs, strict=True):  # training: differentiable, no in-place
+    for name, out in zip(GROUPS[group], outs, strict=True):  # training: differentiable
         if name in adapters:
             delta = adapters[name](x[:, -n_fast:])
             out = out + delta if n_fast == x.shape[1] else torch.cat(
