@@ -11,6 +11,10 @@ model's own output and against the set's reference answers, teacher-forced token
 mean exit layer, the measured speedup (median over prompts of plain time / exit time per
 token, same prompts, dtype and threads), and its break-even line (analysis/ledger.py: the exit
 distribution and unit costs, the speedup they predict, the mean exit depth 1.0x would need).
+
+`--check-depths 8 12 15 17` adds, for the streams of `--check-streams` (the fast stream by
+default), each rule checked only at those depths (ExitRule.depths) beside the same rule checked at
+every depth; such a setting is labelled `rule@8,12,15,17` in the report's curves.
 """
 
 from __future__ import annotations
@@ -59,12 +63,18 @@ def _timed(generation) -> tuple[list, float]:
     return steps, generation.ms_per_token
 
 
-def _break_even(generation, steps: list, full_ms: float, ms: float, min_layer: int) -> dict:
+def setting_label(rule: str, depths) -> str:
+    """A rule's name with its check depths when it has them: 'mlp' or 'mlp@8,12,15,17'."""
+    return f"{rule}@{','.join(str(d) for d in depths)}" if depths else rule
+
+
+def _break_even(generation, steps: list, full_ms: float, ms: float, rule: ExitRule) -> dict:
     """The run's ledger (analysis/ledger.py): its exit distribution and unit costs as fractions
     of a full-model step, the speedup they predict beside the measured one, and the mean exit
     depth 1.0x would need at those costs (None: out of reach even at depth 1).
     """
-    book = exit_ledger(steps, generation.loop.ledger_costs, full_ms, ms, min_layer)
+    book = exit_ledger(steps, generation.loop.ledger_costs, full_ms, ms, rule.min_layer,
+                       rule.depths)
     return {"mean_depth": book.mean_depth, "checks_per_token": book.checks_per_token,
             "block_cost": book.block_cost, "check_cost": book.check_cost,
             "head_cost": book.head_cost, "fill_cost": book.fill_cost,
@@ -86,17 +96,18 @@ def _exit_run(engine: Engine, prompt, plain_cfg: DecodeConfig, cfg: ExitConfig, 
         "mean_exit_layer": float(np.mean([s.exit_layer for s in steps[1:]]))
         if len(steps) > 1 else float(engine.parts.n_layers),
         "identical": [s.token_id for s in steps] == [s.token_id for s in full_steps],
-        "ledger": _break_even(generation, steps, full_ms, ms, cfg.rule.min_layer),
+        "ledger": _break_even(generation, steps, full_ms, ms, cfg.rule),
     }
 
 
-def _summarise(key: str, runs: list[dict], steps: tuple, min_layer: int, n: int) -> dict:
+def _summarise(key: ExitRule, runs: list[dict], steps: tuple, n: int) -> dict:
     """One setting's figures over every prompt, with its offline (re-decided) agreement."""
-    stream, rule, threshold = key.split("/")
-    offline = ex.summary(ex.decide_all(steps, stream, rule, float(threshold), min_layer, n), n)
+    offline = ex.summary(ex.decide_all(steps, key.stream, key.rule, key.threshold, key.min_layer,
+                                       n, key.depths), n)
     refs = [r["rouge_ref"] for r in runs if r["rouge_ref"] is not None]
     return {
-        "stream": stream, "rule": rule, "threshold": float(threshold),
+        "stream": key.stream, "rule": key.rule, "threshold": key.threshold,
+        "depths": list(key.depths),
         "speedup": statistics.median(r["speedup"] for r in runs),
         "rouge_full": float(np.mean([r["rouge_full"] for r in runs])),
         "rouge_ref": float(np.mean(refs)) if refs else None,
@@ -120,9 +131,12 @@ def _median_ledger(ledgers: list[dict]) -> dict:
 
 def evaluate(engine: Engine, prompt_sets: list[str], limit: int, max_new_tokens: int,
              rules: list[str], streams: list[str], min_layer: int, kv_fill: str,
-             progress=None, narrow: str = ExitConfig.narrow) -> dict:
+             progress=None, narrow: str = ExitConfig.narrow,
+             check_depths: tuple[int, ...] = (), check_streams: tuple[str, ...] = ("fast",)
+             ) -> dict:
     """Run the whole evaluation; returns the JSON-ready report. `narrow`: ExitConfig.narrow
-    (the exit decoder's products of a few rows).
+    (the exit decoder's products of a few rows). `check_depths`: on `check_streams`, each rule
+    also checked only at those depths (ExitRule.depths).
     """
     n = engine.parts.n_layers
     fast_depth = engine.accel.first + engine.accel.n_fast if engine.accel else 0
@@ -130,13 +144,20 @@ def evaluate(engine: Engine, prompt_sets: list[str], limit: int, max_new_tokens:
     streams = [s for s in streams if s in available]
     grid = {k: v for k, v in default_grid(fast_depth, n).items()
             if k[0] in streams and k[1] in rules}
+    settings = [ExitRule(rule, stream, threshold, min_layer, depths)
+                for (stream, rule), thresholds in grid.items()
+                for depths in ((), tuple(check_depths))
+                if not depths or (check_depths and stream in check_streams)
+                for threshold in thresholds]
+    for setting in settings:  # a bad depth is refused before the first prompt, not mid-run
+        setting.validate(fast_depth if setting.stream == "fast" else n)
     plain_cfg = DecodeConfig(max_new_tokens=max_new_tokens, trace=False)
     traced_cfg = DecodeConfig(max_new_tokens=max_new_tokens, capture_residuals=False)
     prompts = [(name, p) for name in prompt_sets for p in load_prompts(name, limit)]
-    total = len(prompts) * (2 + sum(len(v) for v in grid.values()))
+    total = len(prompts) * (2 + len(settings))
     done = 0
     traced_steps, rows = [], []
-    per_config: dict[str, list[dict]] = {}
+    per_config: dict[ExitRule, list[dict]] = {}
     for set_name, prompt in prompts:
         traced = engine.run(prompt.text, traced_cfg).trace
         traced_steps.extend(traced.steps[1:])  # the first token comes from the prefill
@@ -144,38 +165,41 @@ def evaluate(engine: Engine, prompt_sets: list[str], limit: int, max_new_tokens:
         full_text = engine.tokenizer.decode([s.token_id for s in full_steps],
                                             skip_special_tokens=True)
         done += 2
-        for (stream, rule), thresholds in grid.items():
-            for threshold in thresholds:
-                cfg = ExitConfig(ExitRule(rule, stream, threshold, min_layer), kv_fill, narrow)
-                per_config.setdefault(f"{stream}/{rule}/{threshold}", []).append(
-                    {"set": set_name} | _exit_run(engine, prompt, plain_cfg, cfg, full_steps,
-                                                   full_ms, full_text))
-                done += 1
-                if progress:
-                    progress(done, total)
+        for setting in settings:
+            cfg = ExitConfig(setting, kv_fill, narrow)
+            per_config.setdefault(setting, []).append(
+                {"set": set_name} | _exit_run(engine, prompt, plain_cfg, cfg, full_steps,
+                                               full_ms, full_text))
+            done += 1
+            if progress:
+                progress(done, total)
         rows.append({"set": set_name, "prompt_id": prompt.id, "full_ms_per_token": full_ms,
                      "full_rouge_ref": ex.rouge_l(full_text, prompt.reference)
                      if prompt.reference else None})
         gc.collect()
     return _report(engine, tuple(traced_steps), rows, per_config, streams, rules, fast_depth,
                    {"prompt_sets": prompt_sets, "limit": limit, "max_new_tokens": max_new_tokens,
-                    "min_layer": min_layer, "kv_fill": kv_fill, "narrow": narrow})
+                    "min_layer": min_layer, "kv_fill": kv_fill, "narrow": narrow,
+                    "check_depths": list(check_depths),
+                    "check_streams": list(check_streams) if check_depths else []})
 
 
-def _report(engine: Engine, steps: tuple, rows: list[dict], per_config: dict[str, list[dict]],
-            streams: list[str], rules: list[str], fast_depth: int, settings: dict) -> dict:
+def _report(engine: Engine, steps: tuple, rows: list[dict],
+            per_config: dict[ExitRule, list[dict]], streams: list[str], rules: list[str],
+            fast_depth: int, settings: dict) -> dict:
     """The JSON-ready report of an evaluation from its traced steps and per-setting runs."""
     n, min_layer = engine.parts.n_layers, settings["min_layer"]
-    configs = [_summarise(key, runs, steps, min_layer, n) for key, runs in per_config.items()]
-    curves = {}
-    for stream in streams:
-        for rule in rules:
-            pts = [c for c in configs if c["stream"] == stream and c["rule"] == rule]
-            if pts:
-                curves[f"{stream}/{rule}"] = ex.speedup_at_quality(pts, QUALITY_TARGET)
-    sweeps = {f"{stream}/{rule}": ex.threshold_sweep(steps, stream, rule, min_layer, n)
-              for stream, rs in ex.available_rules(steps).items() for rule in rs
-              if rule in rules and stream in streams}
+    configs = [_summarise(key, runs, steps, n) for key, runs in per_config.items()]
+    curves, sweeps = {}, {}
+    variants = sorted({(c["stream"], c["rule"], tuple(c["depths"])) for c in configs})
+    for stream, rule, depths in variants:
+        pts = [c for c in configs if (c["stream"], c["rule"], tuple(c["depths"]))
+               == (stream, rule, depths)]
+        curves[f"{stream}/{setting_label(rule, depths)}"] = ex.speedup_at_quality(
+            pts, QUALITY_TARGET)
+        if rule in ex.available_rules(steps).get(stream, ()):
+            sweeps[f"{stream}/{setting_label(rule, depths)}"] = ex.threshold_sweep(
+                steps, stream, rule, min_layer, n, depths=depths)
     refs = [r["full_rouge_ref"] for r in rows if r["full_rouge_ref"] is not None]
     return {
         "environment": environment() | {"dtype": engine.info.dtype},
@@ -211,6 +235,12 @@ def main(argv: list[str] | None = None) -> dict:
                    choices=["fast", "slow", "tuned"],
                    help="tuned: the slow stream read through the tuned lens (when one is loaded)")
     p.add_argument("--min-layer", type=int, default=4)
+    p.add_argument("--check-depths", nargs="+", type=int, default=[],
+                   help="also run each rule checked only at these depths (e.g. the fast "
+                        "stream's KL depths 8 12 15 17), beside every depth from --min-layer")
+    p.add_argument("--check-streams", nargs="+", default=["fast"],
+                   choices=["fast", "slow", "tuned"],
+                   help="the streams --check-depths applies to")
     p.add_argument("--kv-fill", default="jit", choices=["jit", "copy"])
     p.add_argument("--narrow", default=ExitConfig.narrow, choices=NARROW_MODES,
                    help="the exit decoder's products of a few rows (runtime/narrow.py)")
@@ -230,7 +260,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     started = time.time()
     report = evaluate(engine, args.prompts, args.limit, args.max_new_tokens, args.rules,
-                      args.streams, args.min_layer, args.kv_fill, progress, args.narrow)
+                      args.streams, args.min_layer, args.kv_fill, progress, args.narrow,
+                      tuple(args.check_depths), tuple(args.check_streams))
     bar.close()
     report["wall_s"] = round(time.time() - started, 1)
     report["command"] = "python -m analysis.exit_eval " + " ".join(argv or __import__(
@@ -244,7 +275,7 @@ def main(argv: list[str] | None = None) -> dict:
         pareto_figure(report["configs"]).write_html(args.chart, include_plotlyjs="cdn")
     for key, value in report["speedup_at_rouge_0.9"].items():
         shown = "none reaches it" if value is None else f"{value:.2f}"
-        print(f"{key:22s} speedup at ROUGE-L {QUALITY_TARGET}: {shown}")
+        print(f"{key:28s} speedup at ROUGE-L {QUALITY_TARGET}: {shown}")
     print("lens agreement at depth", {k: [round(x, 2) for x in v]
                                       for k, v in report["lens_agreement_by_layer"].items()})
     return report

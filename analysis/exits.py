@@ -6,6 +6,8 @@ A traced run records every rule's score at every depth of both streams (TokenSte
 plus each depth's logit-lens top-1, so a threshold can be re-decided without regenerating: the
 token exits at the first depth >= min_layer whose score reaches the threshold and would have
 become that depth's lens top-1 (teacher-forced: the context is the full model's own output).
+A rule may also be checked only at named depths (ExitRule.depths): `depths` below, empty for
+every depth from min_layer.
 """
 
 from __future__ import annotations
@@ -48,14 +50,22 @@ def lens_agrees(step: TokenStep, stream: str) -> tuple[bool, ...]:
     return record.lens_agrees if record is not None else ()
 
 
+def checked_depths(min_layer: int, last: int, depths: tuple[int, ...] = ()) -> list[int]:
+    """The depths a rule decides at, up to the stream's `last` checked depth: every depth from
+    min_layer, or only the named `depths` from min_layer on.
+    """
+    every = range(max(1, min_layer), last + 1)
+    return [d for d in every if d in depths] if depths else list(every)
+
+
 def decide(step: TokenStep, stream: str, rule: str, threshold: float, min_layer: int,
-           n_layers: int) -> Decision:
+           n_layers: int, depths: tuple[int, ...] = ()) -> Decision:
     """Re-decide one traced token's exit."""
     scores = step.rule_scores.of(stream, rule)
     if not scores:
         return Decision(n_layers, step.token_id, True, False)
     last = len(scores) if stream == "fast" else min(len(scores), n_layers - 1)
-    for depth in range(max(1, min_layer), last + 1):
+    for depth in checked_depths(min_layer, last, depths):
         if scores[depth - 1] >= threshold:
             token = lens_top1(step, stream, depth)
             return Decision(depth, token, token == step.token_id, True)
@@ -63,9 +73,9 @@ def decide(step: TokenStep, stream: str, rule: str, threshold: float, min_layer:
 
 
 def decide_all(steps: tuple[TokenStep, ...], stream: str, rule: str, threshold: float,
-               min_layer: int, n_layers: int) -> list[Decision]:
+               min_layer: int, n_layers: int, depths: tuple[int, ...] = ()) -> list[Decision]:
     """Decisions for every traced token (untraced tokens count as full-depth)."""
-    return [decide(s, stream, rule, threshold, min_layer, n_layers) for s in steps]
+    return [decide(s, stream, rule, threshold, min_layer, n_layers, depths) for s in steps]
 
 
 def summary(decisions: list[Decision], n_layers: int) -> dict:
@@ -81,11 +91,13 @@ def summary(decisions: list[Decision], n_layers: int) -> dict:
 
 
 def threshold_sweep(steps: tuple[TokenStep, ...], stream: str, rule: str, min_layer: int,
-                    n_layers: int, thresholds: np.ndarray | None = None) -> list[dict]:
+                    n_layers: int, thresholds: np.ndarray | None = None,
+                    depths: tuple[int, ...] = ()) -> list[dict]:
     """summary() at each threshold (default: 21 from 0 to 1)."""
     grid = np.linspace(0.0, 1.0, 21) if thresholds is None else thresholds
     return [{"threshold": float(t)} | summary(
-        decide_all(steps, stream, rule, float(t), min_layer, n_layers), n_layers) for t in grid]
+        decide_all(steps, stream, rule, float(t), min_layer, n_layers, depths), n_layers)
+        for t in grid]
 
 
 def available_rules(steps: tuple[TokenStep, ...]) -> dict[str, list[str]]:
@@ -180,11 +192,14 @@ def break_even_rows(configs: list[dict]) -> list[dict]:
     shallow enough). Settings measured before reports carried the line are left out.
     """
     rows = []
-    for c in sorted(configs, key=lambda c: (c["stream"], c["rule"], c["threshold"])):
+    for c in sorted(configs, key=lambda c: (c["stream"], c["rule"], tuple(c.get("depths") or ()),
+                                            c["threshold"])):
         line = c.get("break_even")
         if not line:
             continue
-        rows.append({"stream": c["stream"], "rule": c["rule"], "threshold": c["threshold"],
+        rows.append({"stream": c["stream"], "rule": c["rule"],
+                     "checked_at": ",".join(map(str, c.get("depths") or ())) or "every depth",
+                     "threshold": c["threshold"],
                      "rouge_full": c["rouge_full"], "measured": line["measured"],
                      "predicted": line["predicted"], "mean_depth": line["mean_depth"],
                      "checks_per_token": line["checks_per_token"],
@@ -194,11 +209,13 @@ def break_even_rows(configs: list[dict]) -> list[dict]:
     return rows
 
 
-def checks_made(decisions: list[Decision], min_layer: int, last_depth: int) -> list[int]:
-    """How many exit checks each re-decided token made: from min_layer to its exit depth, or to
-    the stream's last checked depth when the rule never fired.
+def checks_made(decisions: list[Decision], min_layer: int, last_depth: int,
+                depths: tuple[int, ...] = ()) -> list[int]:
+    """How many exit checks each re-decided token made: its checked depths up to its exit
+    depth, or up to the stream's last checked depth when the rule never fired.
     """
-    return [max(0, (d.depth if d.exited else last_depth) - max(1, min_layer) + 1)
+    checked = checked_depths(min_layer, last_depth, depths)
+    return [sum(1 for c in checked if c <= (d.depth if d.exited else last_depth))
             for d in decisions]
 
 

@@ -127,6 +127,8 @@ class ExitLedger:
     fill_cost: float
     min_layer: int
     time_ms: dict
+    depths: tuple[int, ...] = ()
+    """The rule's check depths (ExitRule.depths; empty: every depth from min_layer)."""
 
     @property
     def measured_speedup(self) -> float:
@@ -154,13 +156,17 @@ class ExitLedger:
         at depth 1).
         """
         budget = 1.0 / target - self.head_cost - self.fill_cost
+        if self.depths:  # checks at named depths: this run's number of them per token
+            budget -= self.checks_per_token * self.check_cost
+            depth = budget / self.block_cost if self.block_cost else 0
+            return depth if depth >= 1 else None
         per_depth = self.block_cost + self.check_cost
         depth = (budget + (self.min_layer - 1) * self.check_cost) / per_depth if per_depth else 0
         return depth if depth >= 1 else None
 
 
 def exit_ledger(steps: list[TokenStep], costs: dict, plain_ms: float, exit_ms: float,
-                min_layer: int) -> ExitLedger:
+                min_layer: int, depths: tuple[int, ...] = ()) -> ExitLedger:
     """The ledger of an early-exit run (its TokenSteps, ExitLoop.costs) against the full model."""
     decoded = [s for s in steps if s.position > 0]
     n = max(1, len(decoded))
@@ -176,7 +182,7 @@ def exit_ledger(steps: list[TokenStep], costs: dict, plain_ms: float, exit_ms: f
         block_cost=parts["blocks"] / calls / per,
         check_cost=parts["exit checks"] / max(1, checks) / per,
         head_cost=parts["head"] / n / per, fill_cost=parts["kv fill"] / n / per,
-        min_layer=min_layer,
+        min_layer=min_layer, depths=tuple(depths),
         time_ms=parts | {"the rest": max(0.0, total - sum(parts.values()))})
 
 

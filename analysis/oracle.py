@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from analysis.exits import Decision, decide_all, lens_agrees
+from analysis.exits import Decision, checked_depths, decide_all, lens_agrees
 from m2r2core.trace import TokenStep
 
 VERDICTS = ("right", "late", "premature")
@@ -82,14 +82,15 @@ def gap_summary(rows: list[GapRow], n_layers: int) -> dict:
 
 
 def gap_sweep(steps: tuple[TokenStep, ...], stream: str, rule: str, min_layer: int,
-              n_layers: int, thresholds: np.ndarray | None = None) -> list[dict]:
+              n_layers: int, thresholds: np.ndarray | None = None,
+              depths: tuple[int, ...] = ()) -> list[dict]:
     """gap_summary at each threshold (default: 21 from 0 to 1): layers wasted against tokens
     lost as the threshold moves.
     """
     grid = np.linspace(0.0, 1.0, 21) if thresholds is None else thresholds
     out = []
     for t in grid:
-        decisions = decide_all(steps, stream, rule, float(t), min_layer, n_layers)
+        decisions = decide_all(steps, stream, rule, float(t), min_layer, n_layers, depths)
         out.append({"threshold": float(t)}
                    | gap_summary(gap_rows(steps, decisions, stream, n_layers), n_layers))
     return out
@@ -113,14 +114,16 @@ class Reliability:
 
 
 def reliability(steps: tuple[TokenStep, ...], stream: str, rule: str, min_layer: int,
-                n_layers: int, n_bins: int = 10) -> Reliability:
-    """The rule's scores against how often exiting there was right, from min_layer on."""
+                n_layers: int, n_bins: int = 10, depths: tuple[int, ...] = ()) -> Reliability:
+    """The rule's scores against how often exiting there was right, at the depths it checks
+    (from min_layer on, or the named `depths`).
+    """
     scores, right, depths = [], [], []
     for step in steps:
         values = step.rule_scores.of(stream, rule)
         agrees = lens_agrees(step, stream)
         last = len(values) if stream == "fast" else min(len(values), n_layers - 1)
-        for depth in range(max(1, min_layer), last + 1):
+        for depth in checked_depths(min_layer, last, depths):
             if depth < len(agrees):
                 scores.append(float(values[depth - 1]))
                 right.append(bool(agrees[depth]))

@@ -22,17 +22,19 @@ def pareto_figure(configs: list[dict], current: dict | None = None,
                   x: str = "speedup", y: str = "rouge_full") -> go.Figure:
     """Quality against speed, one line per rule and stream; the current setting as a star."""
     fig = go.Figure()
-    keys = sorted({(c["stream"], c["rule"]) for c in configs})
-    for stream, rule in keys:
-        pts = sorted((c for c in configs if c["stream"] == stream and c["rule"] == rule),
-                     key=lambda c: c[x])
+    keys = sorted({(c["stream"], c["rule"], tuple(c.get("depths") or ())) for c in configs})
+    for stream, rule, depths in keys:
+        pts = sorted((c for c in configs if (c["stream"], c["rule"], tuple(c.get("depths") or ()))
+                      == (stream, rule, depths)), key=lambda c: c[x])
+        label = f"{rule}@{','.join(map(str, depths))}" if depths else rule
         fig.add_trace(go.Scatter(
             x=[c[x] for c in pts], y=[c[y] for c in pts], mode="lines+markers",
-            name=f"{rule} · {stream}", line={"color": RULE_COLOURS.get(rule),
-                                             "dash": STREAM_DASH[stream]},
+            name=f"{label} · {stream}", line={"color": RULE_COLOURS.get(rule),
+                                              "dash": STREAM_DASH[stream]},
+            marker={"symbol": "diamond" if depths else "circle"},
             customdata=[[c["threshold"], c.get("mean_exit_layer", c.get("mean_depth", 0))]
                         for c in pts],
-            hovertemplate=(f"{rule} on the {stream} stream<br>threshold %{{customdata[0]:.3f}}"
+            hovertemplate=(f"{label} on the {stream} stream<br>threshold %{{customdata[0]:.3f}}"
                            f"<br>{x} %{{x:.2f}}<br>{y} %{{y:.3f}}<br>mean exit layer "
                            "%{customdata[1]:.1f}<extra></extra>")))
     if current:
@@ -42,7 +44,8 @@ def pareto_figure(configs: list[dict], current: dict | None = None,
             hovertemplate=f"current setting<br>{x} %{{x:.2f}}<br>{y} %{{y:.3f}}<extra></extra>"))
     fig.update_layout(
         title={"text": "Quality against speed for every exit rule (solid: fast stream, "
-                       "dotted: slow stream, dashed: tuned lens)"},
+                       "dotted: slow stream, dashed: tuned lens; ◆: checked only at the named "
+                       "depths)"},
         xaxis={"title": {"text": "speedup vs the full model" if x == "speedup"
                          else "layer ratio N / mean exit depth"}},
         yaxis={"title": {"text": "ROUGE-L vs the full model's output" if y == "rouge_full"

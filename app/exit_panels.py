@@ -12,12 +12,18 @@ from app import charts, oracle_charts, state
 from app.components import metrics
 from m2r2core.exits.routers import RULE_LABELS
 
+DEPTHS_HELP = ("A check costs time whether or not it fires. Checked only at a few depths (the "
+               "fast stream's KL-trained depths, say), a rule pays for fewer checks and cannot "
+               "exit where the stream is not trained to be read; empty: every depth from the "
+               "minimum layer. A predicted speedup counts the checks the setting makes.")
+
 
 def ledger(s) -> None:
     """Where early exit's time went, its predicted speedup, and what a target needs."""
     if not s.costs:
         return  # a bundle made before the ledger existed
-    book = ledgers.exit_ledger(s.exit_steps, s.costs, s.plain_ms, s.exit_ms, s.rule.rule.min_layer)
+    book = ledgers.exit_ledger(s.exit_steps, s.costs, s.plain_ms, s.exit_ms, s.rule.rule.min_layer,
+                               s.rule.rule.depths)
     with st.expander("Speedup ledger: where the time went, and what 1.5x would need"):
         target = metrics.ledger_panel(
             "The speedup this run's exit distribution predicts: one over the mean cost of a "
@@ -38,7 +44,7 @@ def ledger(s) -> None:
 
 
 def oracle_gap(steps, decisions, stream: str, rule: str, threshold: float, min_layer: int,
-                n: int) -> None:
+               n: int, depths: tuple[int, ...] = ()) -> None:
     st.subheader("The oracle gap")
     st.caption("The oracle exits each token at the first depth from which the stream's lens "
                "agrees with the full model and never changes its mind. Against it, an exit is "
@@ -59,13 +65,13 @@ def oracle_gap(steps, decisions, stream: str, rule: str, threshold: float, min_l
                "the oracle depth; × where the rule exits (green right, orange late, red "
                "premature). Hover for the layers wasted.")
     left, right = st.columns(2)
-    sweep = oracle.gap_sweep(steps, stream, rule, min_layer, n)
+    sweep = oracle.gap_sweep(steps, stream, rule, min_layer, n, depths=depths)
     left.plotly_chart(oracle_charts.gap_sweep_figure(sweep, threshold),
                       key=state.EXIT_ORACLE_SWEEP)
     left.caption("Every threshold from 0 to 1: lowering it loses tokens, raising it wastes "
                  "layers. The star is the threshold above; the best threshold sits at the "
                  "corner you can afford.")
-    rel = oracle.reliability(steps, stream, rule, min_layer, n)
+    rel = oracle.reliability(steps, stream, rule, min_layer, n, depths=depths)
     right.plotly_chart(oracle_charts.reliability_figure(rel, RULE_LABELS[rule]),
                        key=state.EXIT_RELIABILITY)
     right.caption("The rule's scores in ten bins against how often the lens was right at those "
@@ -97,12 +103,14 @@ def ab(engine, s, steps, n: int) -> None:
                                   key=state.keyed(prefix, "thr"))
             min_layer = st.slider(f"{name}: minimum layer", 1, n - 1, min(4, n - 1),
                                   key=state.keyed(prefix, "min"))
-        decisions = ex.decide_all(steps, stream, rule, threshold, min_layer, n)
+            depths = tuple(st.multiselect(f"{name}: decide only at depths", range(1, n),
+                                          key=state.keyed(prefix, "depths"), help=DEPTHS_HELP))
+        decisions = ex.decide_all(steps, stream, rule, threshold, min_layer, n, depths)
         last = len(steps[0].rule_scores[f"{stream}/{rule}"]) if stream == "fast" else n - 1
         picked.append((name, stream, rule, threshold, min_layer, decisions,
-                       ex.checks_made(decisions, min_layer, last)))
+                       ex.checks_made(decisions, min_layer, last, depths)))
     book = (ledgers.exit_ledger(s.exit_steps, s.costs, s.plain_ms, s.exit_ms,
-                                s.rule.rule.min_layer) if s.costs else None)
+                                s.rule.rule.min_layer, s.rule.rule.depths) if s.costs else None)
     for column, (name, stream, rule, _, _, decisions, checks) in zip(st.columns(2), picked,
                                                                         strict=True):
         summ = ex.summary(decisions, n)

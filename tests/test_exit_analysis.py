@@ -12,6 +12,7 @@ from analysis import exits as ex
 from analysis.attribution import explain_exit
 from m2r2core.config import DecodeConfig, EngineConfig
 from m2r2core.engine import Engine
+from m2r2core.errors import ConfigError
 from m2r2core.exits.early_exit import ExitConfig
 from m2r2core.exits.routers import RULES, ExitRule
 
@@ -84,6 +85,42 @@ def test_offline_decisions_match_real_exit_decisions(trained_engine, traced, str
     real = list(gen)[1]
     assert real.exit_layer == offline.depth
     assert real.token_id == offline.token_id
+
+
+def test_offline_decisions_with_check_depths_match_the_decoder(trained_engine, traced):
+    """Re-deciding with named check depths gives the decoder's depth, and counts its checks."""
+    n = trained_engine.parts.n_layers
+    steps = traced.trace.steps[1:]
+    for depths in ((2,), (1, 3)):
+        offline = ex.decide_all(steps[:1], "slow", "confidence", 0.0, 1, n, depths)
+        assert offline[0].depth == depths[0] and offline[0].exited
+        gen = trained_engine.generate_exits(
+            PROMPT, DecodeConfig(max_new_tokens=2, trace=False),
+            ExitConfig(ExitRule("confidence", "slow", 0.0, 1, depths)))
+        assert list(gen)[1].exit_layer == depths[0]
+    never = ex.decide_all(steps, "slow", "confidence", 1.01, 1, n, (1, 3))
+    assert ex.checks_made(never, 1, n - 1, (1, 3)) == [2] * len(steps)
+    assert ex.checks_made(never, 1, n - 1) == [n - 1] * len(steps)
+    assert ex.checked_depths(2, 3, (1, 3)) == [3]  # below the minimum layer: not checked
+
+
+def test_evaluation_runs_check_depth_variants_beside_every_depth(trained_engine):
+    report = exit_eval.evaluate(trained_engine, ["vicuna"], 1, 4, ["confidence"], ["fast"], 1,
+                                "jit", check_depths=(2,))
+    plain = [c for c in report["configs"] if not c["depths"]]
+    named = [c for c in report["configs"] if c["depths"] == [2]]
+    assert plain and len(named) == len(plain)
+    assert set(report["speedup_at_rouge_0.9"]) == {"fast/confidence", "fast/confidence@2"}
+    assert set(report["offline_sweeps"]) == {"fast/confidence", "fast/confidence@2"}
+    for config in named:
+        for run in config["runs"]:  # one check a token at most: only depth 2 is asked
+            assert run["ledger"]["checks_per_token"] <= 1.0
+    assert report["check_depths"] == [2]
+    rows = ex.break_even_rows(report["configs"])
+    assert {r["checked_at"] for r in rows} == {"every depth", "2"}
+    with pytest.raises(ConfigError, match="depths"):  # refused before the first prompt
+        exit_eval.evaluate(trained_engine, ["vicuna"], 1, 4, ["confidence"], ["fast"], 1, "jit",
+                           check_depths=(99,))
 
 
 def test_evaluation_writes_a_report(trained_engine, tmp_path):

@@ -170,3 +170,31 @@ def test_ab_shows_both_settings_and_where_they_part(app):
     at.slider(key="ab_B_min").set_value(at.slider(key="ab_A_min").value)
     at = at.run()
     assert any("same way" in x.value for x in at.success)
+
+
+def test_check_depths_reach_the_decoder_and_the_redecisions(app):
+    app.multiselect(key="exit_gen_depths").set_value([2])
+    at = generate(app, rule="confidence", stream="slow", threshold=0.0, budget=4)
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    session = at.session_state[RESULT_KEY]
+    assert session.rule.rule.depths == (2,)
+    assert {s.exit_layer for s in session.exit_steps[1:]} == {2}
+    assert any("checked only at depths 2" in c.value for c in at.caption)
+    assert at.multiselect(key=state.EXIT_RE_DEPTHS).value == [2]  # the run's depths to start
+    at.slider(key="exit_re_thr").set_value(0.0)
+    at.multiselect(key=state.EXIT_RE_DEPTHS).set_value([3])
+    at = at.run()
+    assert not at.exception, at.exception
+    redecided = [m.value for m in at.metric if m.label == "Mean exit depth"][1]  # [0]: the run's
+    assert redecided == "3.0"
+
+
+def test_a_check_depth_below_the_minimum_layer_is_refused_and_keeps_results(app):
+    at = generate(app, rule="confidence", stream="slow", threshold=0.5, budget=4)
+    first = at.session_state[RESULT_KEY]
+    at.multiselect(key="exit_gen_depths").set_value([1])
+    at.number_input(key="exit_gen_min").set_value(3)
+    at.button(key="exit_generate").click()
+    at = at.run()
+    assert any("depths" in e.value for e in at.error), [e.value for e in at.error]
+    assert at.session_state[RESULT_KEY] is first

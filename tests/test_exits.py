@@ -117,6 +117,26 @@ def test_every_token_exits_at_the_minimum_when_the_threshold_is_zero(engines):
     assert all(len(s.exit_scores) == 1 and s.check_from == 2 for s in steps[1:])
 
 
+def test_a_rule_with_check_depths_decides_only_there(engines):
+    """ExitRule.depths: a rule that always fires exits at the first named depth, and makes one
+    check per named depth it passes (the decoder pays for no other check)."""
+    engine = engines["llama"]
+    for depths, first in (((3,), 3), ((2, 3), 2)):
+        rule = ExitRule("entropy", "slow", 0.0, 1, depths)
+        steps = list(engine.generate_exits(PROMPT, CFG, ExitConfig(rule)))
+        assert {s.exit_layer for s in steps[1:]} == {first}
+        assert {len(s.exit_scores) for s in steps[1:]} == {1}
+    never = engine.generate_exits(PROMPT, CFG, ExitConfig(ExitRule("entropy", "slow", 1.0, 1,
+                                                                   (1, 3))))
+    assert {len(s.exit_scores) for s in list(never)[1:]} == {2}
+    assert never.loop.costs["checks"] == 2 * (len(never.steps) - 1)
+    assert ExitRule(depths=[3, 2, 3]).depths == (2, 3)  # a rule read back from JSON
+    for bad in ((99,), (0,), (1,)):  # beyond the stream, not a depth, below the minimum layer
+        with pytest.raises(ConfigError, match="depths"):
+            engine.generate_exits(PROMPT, CFG, ExitConfig(ExitRule("entropy", "slow", 0.5, 2,
+                                                                   bad)))
+
+
 @pytest.mark.parametrize("fill", ["jit", "copy"])
 def test_zero_adapters_make_fast_exits_equal_slow_exits(engines, fill):
     engine = engines["llama"]

@@ -6,7 +6,7 @@ import pytest
 from analysis import compare, ledger
 from m2r2core.config import DecodeConfig
 from m2r2core.spec.speculative import SpecConfig
-from m2r2core.trace import SpecRound
+from m2r2core.trace import SpecRound, TokenStep
 
 
 def _round(index: int, drafts: int, accepted: int, draft_ms: float, verify_ms: float):
@@ -63,3 +63,20 @@ def test_an_early_exit_run(tiny_engine):
     depth = book.needed_depth(book.predicted_speedup)
     assert depth == pytest.approx(book.mean_depth, rel=0.35)  # checks modelled as linear
     assert book.needed_depth(1000.0) is None
+
+
+def test_check_depths_change_what_a_target_needs():
+    """With checks at named depths, the depth a target needs keeps this run's checks per token;
+    with a check at every depth, each shallower depth also saves a check."""
+    costs = {"blocks_ms": 300.0, "checks_ms": 20.0, "head_ms": 10.0, "fill_ms": 0.0,
+             "block_calls": 300, "checks": 40, "decode_ms": 330.0}
+    steps = [TokenStep(position=i, token_id=1, text="a", token_prob=1.0, exit_layer=30,
+                       source="fallback", latency_ms=0.0, forward_ms=0.0, trace_ms=0.0)
+             for i in range(11)]
+    every = ledger.exit_ledger(steps, costs, 30.0, 33.0, 4)
+    named = ledger.exit_ledger(steps, costs, 30.0, 33.0, 4, (8, 12, 15, 17))
+    assert named.depths == (8, 12, 15, 17) and every.depths == ()
+    # 4 checks a token at 1/60 of a step each, the head 1/30, a block 1/30
+    budget = 1.0 - 1 / 30 - 4 / 60
+    assert named.needed_depth(1.0) == pytest.approx(budget * 30)
+    assert every.needed_depth(1.0) == pytest.approx((1.0 - 1 / 30 + 3 / 60) / (1 / 30 + 1 / 60))

@@ -58,7 +58,8 @@ LESSON = """
 ExitSession = compare.ExitComparison  # what one Generate press produced (analysis/compare.py)
 
 # The re-decide controls a bundle restores.
-VIEW_KEYS = (state.EXIT_RE_STREAM, state.EXIT_RE_RULE, state.EXIT_RE_THR, state.EXIT_RE_MIN)
+VIEW_KEYS = (state.EXIT_RE_STREAM, state.EXIT_RE_RULE, state.EXIT_RE_THR, state.EXIT_RE_MIN,
+             state.EXIT_RE_DEPTHS)
 
 
 def render() -> None:
@@ -128,7 +129,11 @@ def _rule_controls(engine, prefix: str) -> ExitConfig | None:
                                       "times faster on this machine. Off by default: here, "
                                       "with work between one block call and the next, on "
                                       "measured no faster. Only float32 rounding differs.")
-    cfg = ExitConfig(ExitRule(rule, stream, float(threshold), int(min_layer)), fill, products)
+    deepest = max(caps.max_depth(s) for s in streams)
+    depths = st.multiselect("Decide only at depths", range(1, deepest + 1),
+                            key=state.keyed(prefix, "depths"), help=exit_panels.DEPTHS_HELP)
+    cfg = ExitConfig(ExitRule(rule, stream, float(threshold), int(min_layer),
+                              tuple(int(d) for d in depths)), fill, products)
     try:
         cfg.validate(caps.max_depth(stream))
     except M2R2Error as exc:
@@ -195,8 +200,10 @@ def _live_summary(engine, s: ExitSession) -> None:
     cols[2].metric("Mean exit depth", f"{sum(depths) / len(depths):.1f} / {n}")
     cols[3].metric("ROUGE-L vs full output", f"{ex.rouge_l(s.exit_text, s.plain_text):.3f}")
     r = s.rule.rule
+    checked = (f"checked only at depths {', '.join(map(str, r.depths))}" if r.depths
+               else f"minimum layer {r.min_layer}")
     st.caption(f"Generated with {RULE_LABELS[r.rule]} on the {r.stream} stream, threshold "
-               f"{r.threshold:g}, minimum layer {r.min_layer}, KV fill {s.rule.kv_fill}.")
+               f"{r.threshold:g}, {checked}, KV fill {s.rule.kv_fill}.")
 
 
 def _redecide(engine, s: ExitSession) -> None:
@@ -223,7 +230,10 @@ def _redecide(engine, s: ExitSession) -> None:
                                0.001, format="%.3f", key=state.EXIT_RE_THR)
     min_layer = cols[3].slider("Minimum layer ", 1, n - 1, min(s.rule.rule.min_layer, n - 1),
                                key=state.EXIT_RE_MIN)
-    decisions = ex.decide_all(steps, stream, rule, threshold, min_layer, n)
+    depths = tuple(st.multiselect("Decide only at depths ", range(1, n),
+                                  default=[d for d in used.depths if d < n],
+                                  key=state.EXIT_RE_DEPTHS, help=exit_panels.DEPTHS_HELP))
+    decisions = ex.decide_all(steps, stream, rule, threshold, min_layer, n, depths)
     summ = ex.summary(decisions, n)
     metrics.metric_row([
         ("Agreement with the full model", f"{summ['agreement']:.1%}"),
@@ -244,11 +254,11 @@ def _redecide(engine, s: ExitSession) -> None:
     left.caption("Where tokens leave. A tall bar at depth N means the rule rarely fires.")
     with right:
         _pareto(s, {"stream": stream, "rule": rule, "threshold": threshold,
-                    "min_layer": min_layer} | summ)
-    exit_panels.oracle_gap(steps, decisions, stream, rule, threshold, min_layer, n)
+                    "min_layer": min_layer, "depths": depths} | summ)
+    exit_panels.oracle_gap(steps, decisions, stream, rule, threshold, min_layer, n, depths)
     exit_panels.ab(engine, s, steps, n)
     _disagreements(engine, s, steps, decisions, stream, rule)
-    _downloads(engine, s, steps, decisions, stream, rule, threshold, min_layer)
+    _downloads(engine, s, steps, decisions, stream, rule, threshold, min_layer, depths)
 
 
 def _pareto(session: ExitSession | None, current: dict | None) -> None:
@@ -257,7 +267,8 @@ def _pareto(session: ExitSession | None, current: dict | None) -> None:
         point = None
         if current:
             same = [c for c in report["configs"] if c["stream"] == current["stream"]
-                    and c["rule"] == current["rule"]]
+                    and c["rule"] == current["rule"]
+                    and tuple(c.get("depths") or ()) == tuple(current["depths"])]
             if same:
                 near = min(same, key=lambda c: abs(c["threshold"] - current["threshold"]))
                 point = {"speedup": near["speedup"], "rouge_full": near["rouge_full"]}
@@ -272,7 +283,8 @@ def _pareto(session: ExitSession | None, current: dict | None) -> None:
         n = session.traced.trace.n_layers
         sweeps = [dict(stream=st_, rule=r, **row)
                   for st_, rules in ex.available_rules(steps).items() for r in rules
-                  for row in ex.threshold_sweep(steps, st_, r, current["min_layer"], n)]
+                  for row in ex.threshold_sweep(steps, st_, r, current["min_layer"], n,
+                                                depths=current["depths"])]
         st.plotly_chart(exit_charts.pareto_figure(
             sweeps, {"layer_ratio": current["layer_ratio"], "agreement": current["agreement"]},
             x="layer_ratio", y="agreement"), key=state.EXIT_PARETO_SESSION)
@@ -375,8 +387,8 @@ def _attribution(engine, s: ExitSession, index: int, stream: str, rule: str, dep
     cols[1].bar_chart(depth_table, x="depth", y="attribution")
 
 
-def _downloads(engine, s: ExitSession, steps, decisions, stream, rule, threshold, min_layer
-               ) -> None:
+def _downloads(engine, s: ExitSession, steps, decisions, stream, rule, threshold, min_layer,
+               depths: tuple[int, ...] = ()) -> None:
     table = pd.DataFrame([{
         "position": st_.position, "token": st_.text, "exit_depth": d.depth,
         "exit_token_id": d.token_id, "agrees": d.agrees} for st_, d in zip(steps, decisions,
@@ -387,7 +399,7 @@ def _downloads(engine, s: ExitSession, steps, decisions, stream, rule, threshold
         file_name=f"exits-{stream}-{rule}-{threshold:.2f}-min{min_layer}.csv",
         key=state.EXIT_DL_CSV)
     trace = s.traced.trace
-    view = dict(zip(VIEW_KEYS, (stream, rule, threshold, min_layer), strict=True))
+    view = dict(zip(VIEW_KEYS, (stream, rule, threshold, min_layer, list(depths)), strict=True))
     bundles.download(cols[1], "exit", s, bundle.owner_of(engine), trace.prompt,
                      {"decode": trace.config, "exit": dataclasses.asdict(s.rule), "view": view},
                      key=state.EXIT_DL_JSON, file_name=f"exit-bundle-{trace.run_id}.json")

@@ -185,7 +185,7 @@ class ExitLoop(DecodeRun[TokenStep]):
                 scorer.start(me.hidden[0, 0])
             candidate = self._candidate(depth, fast_hidden if run_fast else None, me.hidden)
             if candidate is not None:
-                decide = depth >= self.rule.min_layer
+                decide = self.rule.decides(depth)
                 score = scorer.step(candidate[0, 0], depth, decide)
                 self.costs["checks_ms"] += (time.perf_counter() - checked) * 1000.0
                 self.costs["checks"] += decide

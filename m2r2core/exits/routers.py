@@ -3,7 +3,8 @@ trajectory plus logit-lens features) and its baselines — softmax confidence (C
 entropy, hidden-state saturation, a static exit layer, and an MLP on the current state.
 
 Every rule scores a token's state at depth d in [0, 1]; a token exits at the first depth
-d >= min_layer whose score reaches the threshold. Every rule works on the fast and the slow
+d >= min_layer whose score reaches the threshold (or, where the rule names its check depths, the
+first of those). Every rule works on the fast and the slow
 stream; the heuristic ones also on the `tuned` stream (slow states through the tuned lens).
 
 Lens features come from a check head: the LM head restricted to the most frequent tokens of the
@@ -53,6 +54,18 @@ class ExitRule:
     stream: str = "fast"
     threshold: float = 0.9
     min_layer: int = 4
+    depths: tuple[int, ...] = ()
+    """The only depths where the rule may decide (each also >= min_layer); empty: every depth
+    from min_layer. A check costs time whether or not it fires, so a rule checked only where the
+    stream is trained to be read (the fast stream's KL depths) pays for fewer checks."""
+
+    def __post_init__(self) -> None:
+        # a rule read back from JSON carries a list; sorted, so equal sets compare equal
+        object.__setattr__(self, "depths", tuple(sorted(set(self.depths))))
+
+    def decides(self, depth: int) -> bool:
+        """Whether the rule is asked to decide at `depth`."""
+        return depth >= self.min_layer and (not self.depths or depth in self.depths)
 
     def validate(self, max_depth: int) -> None:
         """Raise ConfigError unless every field is in range for a stream of max_depth layers."""
@@ -62,6 +75,9 @@ class ExitRule:
                 "threshold", self.threshold, "0 to 1 (scores are probabilities or cosines)")
         require(1 <= self.min_layer <= max_depth, "min_layer", self.min_layer,
                 f"1..{max_depth}")
+        require(all(isinstance(d, int) and self.min_layer <= d <= max_depth
+                    for d in self.depths), "depths", self.depths,
+                f"depths from the minimum layer {self.min_layer} to {max_depth}")
 
 
 class CheckHead(nn.Module):

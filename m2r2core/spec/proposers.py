@@ -198,7 +198,7 @@ class StreamProposer(Proposer):
                                       exact=False)
             side.append(layer, k, v)
             if scorer is not None and layer + 1 < len(self.blocks):
-                decide = layer + 1 >= self.rule.min_layer
+                decide = self.rule.decides(layer + 1)
                 seen = hidden if self.tuned is None else self.tuned.translate(layer + 1, hidden)
                 score = scorer.step(seen[0, -1], layer + 1, decide)
                 if decide and score >= self.rule.threshold:
