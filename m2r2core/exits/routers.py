@@ -60,7 +60,9 @@ class ExitRule:
     stream is trained to be read (the fast stream's KL depths) pays for fewer checks."""
 
     def __post_init__(self) -> None:
-        # a rule read back from JSON carries a list; sorted, so equal sets compare equal
+        """Depths as a sorted tuple: a rule read back from JSON carries a list, and equal sets
+        of depths compare equal.
+        """
         object.__setattr__(self, "depths", tuple(sorted(set(self.depths))))
 
     def decides(self, depth: int) -> bool:
