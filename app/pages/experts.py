@@ -22,7 +22,7 @@ from m2r2core.moe.experts import READS
 from m2r2core.moe.offload import OffloadConfig, OffloadEngine
 from m2r2core.moe.prefetch import PREDICTORS
 
-REPORT = "moe_fp32_s41.json"  # the distilled MoE (the page's default model), sweeps included
+REPORT = "moe_fp32_s42.json"  # the distilled MoE (the page's default model), sweeps included
 RESULT_KEY = "experts_result"
 MODEL_KEY = "experts_model"
 
@@ -42,10 +42,10 @@ CHOICES = """
 always-on shared expert (the 768 neurons that matter most on average) and 8 routed experts of 96
 neurons clustered by co-activation, a router per layer picks the top 2, and the down projections
 are refitted by least squares. Layer 0 stays dense. Cutting the MLPs costs quality (held-out
-perplexity 2.5x the dense model's; the 1.9x after distillation is in the panel below), so by
+perplexity 2.5x the dense model's; the 1.85x after distillation is in the panel below), so by
 default the page runs the **distilled** MoE: the same experts and routers fine-tuned against
 the dense model's distributions (`python -m m2r2core.train.moe distill`; small low-rank
-corrections and new routers, committed beside the MoEfication; 880k tokens so far, still far
+corrections and new routers, committed beside the MoEfication; 1.76M tokens so far, still far
 from the dense model, so its answers still loop more often than the dense model's). Both
 are stored as standard Qwen2-MoE checkpoints; the same engine runs Mixtral and Qwen2-MoE folders
 (give one below). Their quality against the dense model is in the panel below the model field.
