@@ -63,11 +63,6 @@ def _timed(generation) -> tuple[list, float]:
     return steps, generation.ms_per_token
 
 
-def setting_label(rule: str, depths) -> str:
-    """A rule's name with its check depths when it has them: 'mlp' or 'mlp@8,12,15,17'."""
-    return f"{rule}@{','.join(str(d) for d in depths)}" if depths else rule
-
-
 def _break_even(generation, steps: list, full_ms: float, ms: float, rule: ExitRule) -> dict:
     """The run's ledger (analysis/ledger.py): its exit distribution and unit costs as fractions
     of a full-model step, the speedup they predict beside the measured one, and the mean exit
@@ -177,7 +172,7 @@ def evaluate(engine: Engine, prompt_sets: list[str], limit: int, max_new_tokens:
                      "full_rouge_ref": ex.rouge_l(full_text, prompt.reference)
                      if prompt.reference else None})
         gc.collect()
-    return _report(engine, tuple(traced_steps), rows, per_config, streams, rules, fast_depth,
+    return _report(engine, tuple(traced_steps), rows, per_config, fast_depth,
                    {"prompt_sets": prompt_sets, "limit": limit, "max_new_tokens": max_new_tokens,
                     "min_layer": min_layer, "kv_fill": kv_fill, "narrow": narrow,
                     "check_depths": list(check_depths),
@@ -185,8 +180,7 @@ def evaluate(engine: Engine, prompt_sets: list[str], limit: int, max_new_tokens:
 
 
 def _report(engine: Engine, steps: tuple, rows: list[dict],
-            per_config: dict[ExitRule, list[dict]], streams: list[str], rules: list[str],
-            fast_depth: int, settings: dict) -> dict:
+            per_config: dict[ExitRule, list[dict]], fast_depth: int, settings: dict) -> dict:
     """The JSON-ready report of an evaluation from its traced steps and per-setting runs."""
     n, min_layer = engine.parts.n_layers, settings["min_layer"]
     configs = [_summarise(key, runs, steps, n) for key, runs in per_config.items()]
@@ -195,10 +189,10 @@ def _report(engine: Engine, steps: tuple, rows: list[dict],
     for stream, rule, depths in variants:
         pts = [c for c in configs if (c["stream"], c["rule"], tuple(c["depths"]))
                == (stream, rule, depths)]
-        curves[f"{stream}/{setting_label(rule, depths)}"] = ex.speedup_at_quality(
+        curves[f"{stream}/{ex.setting_label(rule, depths)}"] = ex.speedup_at_quality(
             pts, QUALITY_TARGET)
         if rule in ex.available_rules(steps).get(stream, ()):
-            sweeps[f"{stream}/{setting_label(rule, depths)}"] = ex.threshold_sweep(
+            sweeps[f"{stream}/{ex.setting_label(rule, depths)}"] = ex.threshold_sweep(
                 steps, stream, rule, min_layer, n, depths=depths)
     refs = [r["full_rouge_ref"] for r in rows if r["full_rouge_ref"] is not None]
     return {

@@ -50,6 +50,11 @@ def lens_agrees(step: TokenStep, stream: str) -> tuple[bool, ...]:
     return record.lens_agrees if record is not None else ()
 
 
+def setting_label(rule: str, depths) -> str:
+    """A rule's name with its check depths when it has them: 'mlp' or 'mlp@8,12,15,17'."""
+    return f"{rule}@{','.join(str(d) for d in depths)}" if depths else rule
+
+
 def checked_depths(min_layer: int, last: int, depths: tuple[int, ...] = ()) -> list[int]:
     """The depths a rule decides at, up to the stream's `last` checked depth: every depth from
     min_layer, or only the named `depths` from min_layer on.

@@ -8,7 +8,7 @@ import numpy as np
 import plotly.colors
 import plotly.graph_objects as go
 
-from analysis.exits import Decision, lens_top1
+from analysis.exits import Decision, lens_top1, setting_label
 from app import palette
 from app.charts import token_labels, visible
 from m2r2core.exits.routers import RULE_LABELS
@@ -26,7 +26,7 @@ def pareto_figure(configs: list[dict], current: dict | None = None,
     for stream, rule, depths in keys:
         pts = sorted((c for c in configs if (c["stream"], c["rule"], tuple(c.get("depths") or ()))
                       == (stream, rule, depths)), key=lambda c: c[x])
-        label = f"{rule}@{','.join(map(str, depths))}" if depths else rule
+        label = setting_label(rule, depths)
         fig.add_trace(go.Scatter(
             x=[c[x] for c in pts], y=[c[y] for c in pts], mode="lines+markers",
             name=f"{label} · {stream}", line={"color": RULE_COLOURS.get(rule),
