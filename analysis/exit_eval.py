@@ -141,8 +141,8 @@ def evaluate(engine: Engine, prompt_sets: list[str], limit: int, max_new_tokens:
             if k[0] in streams and k[1] in rules}
     settings = [ExitRule(rule, stream, threshold, min_layer, depths)
                 for (stream, rule), thresholds in grid.items()
-                for depths in ((), tuple(check_depths))
-                if not depths or (check_depths and stream in check_streams)
+                for depths in [()] + ([tuple(check_depths)] if stream in check_streams
+                                      and check_depths else [])
                 for threshold in thresholds]
     for setting in settings:  # a bad depth is refused before the first prompt, not mid-run
         setting.validate(fast_depth if setting.stream == "fast" else n)

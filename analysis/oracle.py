@@ -118,7 +118,7 @@ def reliability(steps: tuple[TokenStep, ...], stream: str, rule: str, min_layer:
     """The rule's scores against how often exiting there was right, at the depths it checks
     (from min_layer on, or the named `depths`).
     """
-    scores, right, depths = [], [], []
+    scores, right, seen_at = [], [], []
     for step in steps:
         values = step.rule_scores.of(stream, rule)
         agrees = lens_agrees(step, stream)
@@ -127,9 +127,9 @@ def reliability(steps: tuple[TokenStep, ...], stream: str, rule: str, min_layer:
             if depth < len(agrees):
                 scores.append(float(values[depth - 1]))
                 right.append(bool(agrees[depth]))
-                depths.append(depth)
+                seen_at.append(depth)
     edges = np.linspace(0.0, 1.0, n_bins + 1)
-    s, r, d = np.clip(np.array(scores, float), 0, 1), np.array(right, float), np.array(depths)
+    s, r, d = np.clip(np.array(scores, float), 0, 1), np.array(right, float), np.array(seen_at)
     ece, conf, acc, counts = _calibration(s, r, edges)
     by_depth = {int(x): _calibration(s[d == x], r[d == x], edges)[0] for x in np.unique(d)}
     return Reliability(tuple(edges.tolist()), conf, acc, counts, ece, by_depth)

@@ -127,6 +127,8 @@ def test_evaluation_writes_a_report(trained_engine, tmp_path):
     report = exit_eval.evaluate(trained_engine, ["vicuna"], 1, 6, ["confidence", "arla"],
                                 ["fast", "slow"], 1, "jit")
     assert {c["rule"] for c in report["configs"]} == {"confidence", "arla"}
+    for config in report["configs"]:  # each setting decoded once per prompt
+        assert len(config["runs"]) == 1 and config["depths"] == []
     assert all(c["speedup"] > 0 and 0 <= c["rouge_full"] <= 1 for c in report["configs"])
     assert set(report["lens_agreement_by_layer"]) == {"fast", "slow", "tuned"}
     for config in report["configs"]:  # a break-even line per setting, from its own runs

@@ -77,6 +77,11 @@ def test_reliability_bins_and_ece():
                                                       rel.ece_by_depth.values())
 
 
+def test_reliability_reads_only_the_check_depths():
+    rel = oracle.reliability(STEPS, "slow", "confidence", 1, N, n_bins=2, depths=(2,))
+    assert set(rel.ece_by_depth) == {2} and sum(rel.counts) == len(STEPS)
+
+
 @pytest.mark.parametrize("stream", ["fast", "slow", "tuned"])
 def test_on_a_real_traced_run(tiny_model_dir, tiny_trained_dir, stream):
     engine = Engine.load(EngineConfig(model=str(tiny_model_dir), dtype="float32"))
