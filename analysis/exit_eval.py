@@ -184,16 +184,13 @@ def _report(engine: Engine, steps: tuple, rows: list[dict],
     """The JSON-ready report of an evaluation from its traced steps and per-setting runs."""
     n, min_layer = engine.parts.n_layers, settings["min_layer"]
     configs = [_summarise(key, runs, steps, n) for key, runs in per_config.items()]
-    curves, sweeps = {}, {}
-    variants = sorted({(c["stream"], c["rule"], tuple(c["depths"])) for c in configs})
-    for stream, rule, depths in variants:
-        pts = [c for c in configs if (c["stream"], c["rule"], tuple(c["depths"]))
-               == (stream, rule, depths)]
-        curves[f"{stream}/{ex.setting_label(rule, depths)}"] = ex.speedup_at_quality(
-            pts, QUALITY_TARGET)
-        if rule in ex.available_rules(steps).get(stream, ()):
-            sweeps[f"{stream}/{ex.setting_label(rule, depths)}"] = ex.threshold_sweep(
-                steps, stream, rule, min_layer, n, depths=depths)
+    curves, sweeps, recorded = {}, {}, ex.available_rules(steps)
+    for stream, rule, depths in sorted({ex.config_key(c) for c in configs}):
+        key = f"{stream}/{ex.setting_label(rule, depths)}"
+        pts = [c for c in configs if ex.config_key(c) == (stream, rule, depths)]
+        curves[key] = ex.speedup_at_quality(pts, QUALITY_TARGET)
+        if rule in recorded.get(stream, ()):
+            sweeps[key] = ex.threshold_sweep(steps, stream, rule, min_layer, n, depths=depths)
     refs = [r["full_rouge_ref"] for r in rows if r["full_rouge_ref"] is not None]
     return {
         "environment": environment() | {"dtype": engine.info.dtype},

@@ -50,6 +50,13 @@ def lens_agrees(step: TokenStep, stream: str) -> tuple[bool, ...]:
     return record.lens_agrees if record is not None else ()
 
 
+def config_key(config: dict) -> tuple[str, str, tuple[int, ...]]:
+    """An exit_eval setting's (stream, rule, check depths); reports from before check depths
+    existed have none.
+    """
+    return config["stream"], config["rule"], tuple(config.get("depths") or ())
+
+
 def setting_label(rule: str, depths) -> str:
     """A rule's name with its check depths when it has them: 'mlp' or 'mlp@8,12,15,17'."""
     return f"{rule}@{','.join(str(d) for d in depths)}" if depths else rule
@@ -197,13 +204,12 @@ def break_even_rows(configs: list[dict]) -> list[dict]:
     shallow enough). Settings measured before reports carried the line are left out.
     """
     rows = []
-    for c in sorted(configs, key=lambda c: (c["stream"], c["rule"], tuple(c.get("depths") or ()),
-                                            c["threshold"])):
+    for c in sorted(configs, key=lambda c: (*config_key(c), c["threshold"])):
         line = c.get("break_even")
         if not line:
             continue
         rows.append({"stream": c["stream"], "rule": c["rule"],
-                     "checked_at": ",".join(map(str, c.get("depths") or ())) or "every depth",
+                     "checked_at": ",".join(map(str, config_key(c)[2])) or "every depth",
                      "threshold": c["threshold"],
                      "rouge_full": c["rouge_full"], "measured": line["measured"],
                      "predicted": line["predicted"], "mean_depth": line["mean_depth"],

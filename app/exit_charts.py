@@ -8,7 +8,7 @@ import numpy as np
 import plotly.colors
 import plotly.graph_objects as go
 
-from analysis.exits import Decision, lens_top1, setting_label
+from analysis.exits import Decision, config_key, lens_top1, setting_label
 from app import palette
 from app.charts import token_labels, visible
 from m2r2core.exits.routers import RULE_LABELS
@@ -22,10 +22,9 @@ def pareto_figure(configs: list[dict], current: dict | None = None,
                   x: str = "speedup", y: str = "rouge_full") -> go.Figure:
     """Quality against speed, one line per rule and stream; the current setting as a star."""
     fig = go.Figure()
-    keys = sorted({(c["stream"], c["rule"], tuple(c.get("depths") or ())) for c in configs})
-    for stream, rule, depths in keys:
-        pts = sorted((c for c in configs if (c["stream"], c["rule"], tuple(c.get("depths") or ()))
-                      == (stream, rule, depths)), key=lambda c: c[x])
+    for stream, rule, depths in sorted({config_key(c) for c in configs}):
+        pts = sorted((c for c in configs if config_key(c) == (stream, rule, depths)),
+                     key=lambda c: c[x])
         label = setting_label(rule, depths)
         fig.add_trace(go.Scatter(
             x=[c[x] for c in pts], y=[c[y] for c in pts], mode="lines+markers",

@@ -134,10 +134,7 @@ def _rule_controls(engine, prefix: str) -> ExitConfig | None:
                                       "with work between one block call and the next, on "
                                       "measured no faster. Only float32 rounding differs.")
     deepest = max(caps.max_depth(s) for s in streams)
-    # the fast stream's KL depths by default: checked only there, every fast rule measured
-    # faster at the same quality (exit_eval, session 42)
-    trained = [d for d in (engine.accel_card.training.get("kl_depths") or ()
-                           if engine.accel_card and "fast" in streams else ()) if d <= deepest]
+    trained = _trained_depths(engine, streams, deepest)
     depths = st.multiselect("Decide only at depths", range(1, deepest + 1), default=trained,
                             key=state.keyed(prefix, "depths"), help=exit_panels.DEPTHS_HELP + (
                                 f" The fast stream's adapters were trained to be read at "
@@ -155,6 +152,14 @@ def _rule_controls(engine, prefix: str) -> ExitConfig | None:
                  "`python -m m2r2core.train routers`.")
         return None
     return cfg
+
+
+def _trained_depths(engine, streams: list[str], deepest: int) -> list[int]:
+    """The fast stream's KL depths from its adapters' card, the check depths' default: checked
+    only there, every fast rule measured faster at the same quality (exit_eval, session 42).
+    """
+    card = engine.accel_card if "fast" in streams else None
+    return [d for d in (card.training.get("kl_depths") or ()) if d <= deepest] if card else []
 
 
 def _generate(engine, text, cfg, exit_cfg: ExitConfig) -> None:
@@ -277,9 +282,8 @@ def _pareto(session: ExitSession | None, current: dict | None) -> None:
     if report is not None:
         point = None
         if current:
-            same = [c for c in report["configs"] if c["stream"] == current["stream"]
-                    and c["rule"] == current["rule"]
-                    and tuple(c.get("depths") or ()) == tuple(current["depths"])]
+            wanted = (current["stream"], current["rule"], tuple(current["depths"]))
+            same = [c for c in report["configs"] if ex.config_key(c) == wanted]
             if same:
                 near = min(same, key=lambda c: abs(c["threshold"] - current["threshold"]))
                 point = {"speedup": near["speedup"], "rouge_full": near["rouge_full"]}

@@ -169,9 +169,12 @@ class ExitLoop(DecodeRun[TokenStep]):
         """
         parts, fast = self.parts, self.accel is not None
         scores, exit_state, exit_depth, source = [], None, parts.n_layers, "fallback"
+        # past the rule's last check depth nothing reads the fast row or the scorer again
+        last_check = max(self.rule.depths, default=parts.n_layers)
         for layer in range(parts.n_layers):
             rows = [p for p in pending if p.depth == layer]
-            run_fast = fast_hidden is not None and self.accel.block(layer) is not None
+            run_fast = (fast_hidden is not None and layer < last_check
+                        and self.accel.block(layer) is not None)
             started = time.perf_counter()
             fast_out = self.rows.run(layer, rows, fast_hidden if run_fast else None, state,
                                      rotary, lowest)
@@ -183,7 +186,8 @@ class ExitLoop(DecodeRun[TokenStep]):
             elif fast and self.accel.first == depth:
                 fast_hidden = me.hidden  # branch point reached
                 scorer.start(me.hidden[0, 0])
-            candidate = self._candidate(depth, fast_hidden if run_fast else None, me.hidden)
+            candidate = (self._candidate(depth, fast_hidden if run_fast else None, me.hidden)
+                         if depth <= last_check else None)
             if candidate is not None:
                 decide = self.rule.decides(depth)
                 score = scorer.step(candidate[0, 0], depth, decide)
